@@ -1,0 +1,26 @@
+# Everything runs inside .venv, created on first use. Nothing is downloaded at run time.
+PYTHON_SYSTEM ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): setup.py
+	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(INSTALLED)
+
+test: $(INSTALLED)
+	$(PY) -m pytest -q tests
+
+demo: $(INSTALLED)
+	$(PY) -m gift demo
+
+bench: $(INSTALLED)
+	$(PY) -m pytest -q bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,96 @@
+"""`GIFTConfig`: every choice that shapes a GIFT generator, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+BLOCK_TYPES = ("paca", "paca_attn", "identity")
+CLUSTER_ACTIVATIONS = ("sigmoid", "softmax")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class GIFTConfig:
+    """Configuration of a GIFT generator (see GIFT_SPEC.md, sections 2 and 3).
+
+    Args:
+        rank: width r of the hyper-Transformer (the rank of every generated residual).
+        block: ``"paca"`` (PaCa + FFN), ``"paca_attn"`` (PaCa only) or ``"identity"`` (no block).
+        num_blocks: hyper-Transformer blocks (ignored by ``"identity"``).
+        num_clusters: M, the clusters of Parameter-to-Cluster Attention.
+        num_heads: attention heads of PaCa; must divide ``rank``.
+        mlp_ratio: FFN hidden width is ``round(mlp_ratio * rank)``.
+        cluster_activation: ``"sigmoid"`` (sigmoid, then / N) or ``"softmax"`` over the N tokens.
+        target_modules: module-name suffixes of the adapted ``nn.Linear`` layers (PEFT-style).
+        in_projection_bias / out_projection_bias: biases on phi / psi.
+        dtype: compute dtype of the generator ("float32", "float64", "bfloat16", "float16").
+    """
+
+    rank: int = 16
+    block: str = "paca"
+    num_blocks: int = 1
+    num_clusters: int = 64
+    num_heads: int = 1
+    mlp_ratio: float = 2.0
+    cluster_activation: str = "sigmoid"
+    target_modules: tuple[str, ...] = field(default_factory=lambda: ("attn.proj",))
+    in_projection_bias: bool = False
+    out_projection_bias: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        self.target_modules = tuple(self.target_modules)
+        for name in ("rank", "num_blocks", "num_clusters", "num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"GIFTConfig.{name} must be an int, got {type(value).__name__} {value!r}.")
+            if value <= 0:
+                raise ValueError(f"GIFTConfig.{name} must be a positive integer, got {value}.")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"GIFTConfig.mlp_ratio must be positive, got {self.mlp_ratio}.")
+        if self.block not in BLOCK_TYPES:
+            raise ValueError(f"GIFTConfig.block={self.block!r} is unknown; choose one of {BLOCK_TYPES}.")
+        if self.cluster_activation not in CLUSTER_ACTIVATIONS:
+            raise ValueError(
+                f"GIFTConfig.cluster_activation={self.cluster_activation!r} is unknown; "
+                f"choose one of {CLUSTER_ACTIVATIONS}."
+            )
+        if self.rank % self.num_heads != 0:
+            raise ValueError(
+                f"GIFTConfig.rank={self.rank} is not divisible by num_heads={self.num_heads}; "
+                f"pick a rank that is a multiple of num_heads (e.g. rank={self.num_heads * max(1, self.rank // self.num_heads)})."
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"GIFTConfig.dtype={self.dtype!r} is unknown; choose one of {tuple(DTYPES)}.")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"GIFTConfig.target_modules must be non-empty module-name suffixes, got {self.target_modules!r}.")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(round(self.mlp_ratio * self.rank))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GIFTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GIFTConfig.from_dict got unknown keys {unknown}; known keys are {sorted(known)}.")
+        return cls(**dict(d))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
