@@ -3,7 +3,9 @@ authors' checkpoint layout (GIFT_SPEC.md, sections 1 and 5)."""
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import tempfile
 import pickle
 import warnings
 from collections import OrderedDict
@@ -17,6 +19,22 @@ from .config import GIFTConfig
 from .generator import Hypernet
 
 GIFT_PREFIXES = ("in_projections.", "hypernets.", "out_projections.")
+ADAPTER_WEIGHTS = "gift_adapter.safetensors"
+ADAPTER_CONFIG = "gift_config.json"
+
+
+def atomic_write(path: str, write) -> None:
+    """Write a file through ``write(tmp_path)`` then rename it over ``path``: a crash leaves the old file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def target_key(suffix: str) -> str:
@@ -258,6 +276,56 @@ class GIFTModelBase(nn.Module):
         with torch.no_grad():
             for k in own:
                 targets[k].copy_(given_gift[k])
+
+    # ------------------------------------------------------------------ adapters (PEFT-style)
+    def _target_shapes(self) -> dict[str, list[int]]:
+        return {g.key: [len(g), g.out_features, g.in_features] for g in self.target_groups}
+
+    def save_adapter(self, directory: str | os.PathLike) -> None:
+        """Write ``gift_adapter.safetensors`` (GIFT weights and the head) and ``gift_config.json``,
+        each atomically (temp file, then rename). The frozen backbone is never written."""
+        from safetensors.torch import save_file
+
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.gift_state_dict().items()}
+        meta = {"format": "gift-adapter-v1", "config": self.config.to_dict(), "targets": self._target_shapes(),
+                "head": self.head_name, "backbone_class": type(self.backbone).__name__}
+        atomic_write(os.path.join(directory, ADAPTER_WEIGHTS), lambda tmp: save_file(tensors, tmp))
+
+        def write_json(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2, sort_keys=True)
+
+        atomic_write(os.path.join(directory, ADAPTER_CONFIG), write_json)
+
+    @staticmethod
+    def read_adapter_config(directory: str | os.PathLike) -> dict:
+        path = os.path.join(os.fspath(directory), ADAPTER_CONFIG)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path!r} does not exist: is {os.fspath(directory)!r} a directory written by save_adapter()?")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def load_adapter(self, directory: str | os.PathLike) -> None:
+        """Restore what `save_adapter` wrote. Raises ``ValueError`` when the adapter was made for another
+        backbone shape or another GIFT config, naming both."""
+        meta = self.read_adapter_config(directory)
+        saved = GIFTConfig.from_dict(meta["config"])
+        if saved != self.config:
+            raise ValueError(f"Adapter in {os.fspath(directory)!r} was saved with {saved}, but this model has "
+                             f"{self.config}. Build the model with GIFTConfig.from_dict(<gift_config.json>['config']).")
+        if meta["targets"] != self._target_shapes():
+            raise ValueError(f"Adapter in {os.fspath(directory)!r} is for targets {meta['targets']} (layers, out, in) "
+                             f"but this backbone has {self._target_shapes()}: wrong backbone model.")
+        self.load_gift_state_dict(os.path.join(os.fspath(directory), ADAPTER_WEIGHTS))
+
+    @classmethod
+    def from_adapter(cls, backbone: nn.Module, directory: str | os.PathLike, **kwargs):
+        """Build this wrapper around ``backbone`` with the saved config and load the saved weights."""
+        model = cls(backbone, GIFTConfig.from_dict(cls.read_adapter_config(directory)["config"]), **kwargs)
+        model.load_adapter(directory)
+        return model
 
     def extra_repr(self) -> str:
         groups = ", ".join(f"{g.key}: {len(g)}x({g.out_features}x{g.in_features})" for g in self.target_groups)

@@ -1,0 +1,59 @@
+"""The residual-weight projection of one adapted linear layer.
+
+    y = x W^T + b + (x psi) T^T          x: (..., d_in)   W: (d_out, d_in)   b: (d_out,)
+                                        psi: (d_in, r)   T: (d_out, r)        y: (..., d_out)
+
+which equals ``x (W + T psi^T)^T + b`` without ever building the dense ``d_out x d_in`` residual.
+W and b are frozen: backward returns gradients for x, psi and T only, and saves x and ``x psi``
+(the same activations a LoRA layer saves), never a copy of W.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def lowrank_residual_linear_reference(x, weight, bias, psi, tokens):
+    """Plain-torch reference: the dense merged weight in one GEMM."""
+    return F.linear(x, weight + tokens @ psi.transpose(0, 1), bias)
+
+
+class LowRankResidualLinear(torch.autograd.Function):
+    """Torch-path autograd Function; backward written out by hand."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, psi, tokens):
+        x2 = x.reshape(-1, x.shape[-1])
+        x_psi = x2 @ psi                                                   # (B, r)
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y = y.addmm_(x_psi, tokens.t())
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, x_psi, weight, psi, tokens)
+        ctx.x_shape = x.shape
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, x_psi, weight, psi, tokens = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])                           # (B, d_out)
+        g_tokens = g @ tokens                                              # (B, r)
+        grad_x = grad_psi = grad_tokens = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addmm(g @ weight, g_tokens, psi.t()).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_psi = x2.t() @ g_tokens                                   # (d_in, r)
+        if ctx.needs_input_grad[4]:
+            grad_tokens = g.t() @ x_psi                                    # (d_out, r)
+        return grad_x, None, None, grad_psi, grad_tokens
+
+
+def lowrank_residual_linear(x, weight, bias, psi, tokens):
+    """``x W^T + b + (x psi) T^T`` for any leading dims of x; see the module docstring for shapes.
+
+    All tensors must share one dtype; reconcile dtypes before calling.
+    """
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("lowrank_residual_linear treats W and b as frozen; call .requires_grad_(False) on them.")
+    dtypes = {t.dtype for t in (x, weight, psi, tokens) if t is not None} | ({bias.dtype} if bias is not None else set())
+    if len(dtypes) != 1:
+        raise TypeError(f"lowrank_residual_linear needs one dtype for x, W, b, psi and T, got {sorted(map(str, dtypes))}.")
+    return LowRankResidualLinear.apply(x, weight, bias, psi, tokens)

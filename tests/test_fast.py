@@ -1,0 +1,257 @@
+"""FastGIFT agrees with GIFTReference and has the deployment and memory features of a PEFT adapter."""
+import copy
+import os
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gift import FastGIFT, GIFTConfig, GIFTReference
+from gift.fast import GIFTLinear
+from gift_kernels import lowrank_residual_linear, lowrank_residual_linear_reference
+from gift_kernels.testing import assert_agree
+
+from conftest import ToyViT, randomize_gift_
+
+
+def outputs_and_grads(model, x, target=None):
+    """{'output': logits, name: grad} for one forward/backward of a cross-entropy-like loss."""
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    (out * weights).sum().backward()
+    result = {"output": out.detach()}
+    result.update({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    return result
+
+
+def twin_models(backbone, cfg, dtype=torch.float32, **fast_kwargs):
+    ref = GIFTReference(copy.deepcopy(backbone), cfg).to(dtype)
+    randomize_gift_(ref, seed=7, scale=0.2)
+    fast = FastGIFT(copy.deepcopy(backbone), cfg, **fast_kwargs)
+    fast = fast if dtype == torch.float32 else fast.to(dtype)
+    fast.load_gift_state_dict(ref.gift_state_dict())
+    return ref, fast
+
+
+# ---------------------------------------------------------------- the residual op
+@pytest.mark.parametrize("bias", [True, False])
+def test_lowrank_residual_gradcheck(bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, dtype=torch.float64) if bias else None
+    psi = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, p, t: lowrank_residual_linear(x, w, b, p, t), (x, psi, tokens))
+
+
+def test_lowrank_residual_matches_dense_reference_and_its_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, 13, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(11, 13, dtype=torch.float64), torch.randn(11, dtype=torch.float64)
+    psi = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    got, want = lowrank_residual_linear(x, w, b, psi, tokens), lowrank_residual_linear_reference(x, w, b, psi, tokens)
+    g = torch.randn_like(got)
+    grads_got = torch.autograd.grad(got, (x, psi, tokens), g)
+    grads_want = torch.autograd.grad(want, (x, psi, tokens), g)
+    assert_agree({"y": got, "dx": grads_got[0], "dpsi": grads_got[1], "dT": grads_got[2]},
+                 {"y": want, "dx": grads_want[0], "dpsi": grads_want[1], "dT": grads_want[2]}, torch.float64)
+
+
+def test_lowrank_residual_refuses_trainable_weight_and_mixed_dtypes():
+    x, psi, t = torch.randn(2, 4), torch.randn(4, 2), torch.randn(3, 2)
+    with pytest.raises(ValueError, match="treats W and b as frozen"):
+        lowrank_residual_linear(x, torch.randn(3, 4, requires_grad=True), None, psi, t)
+    with pytest.raises(TypeError, match="needs one dtype"):
+        lowrank_residual_linear(x, torch.randn(3, 4, dtype=torch.float64), None, psi, t)
+
+
+# ---------------------------------------------------------------- agreement with the reference
+RAGGED = {
+    "ragged_heads": GIFTConfig(rank=24, num_heads=3, num_clusters=5),
+    "two_blocks": GIFTConfig(rank=8, num_clusters=5, num_blocks=2),
+    "identity": GIFTConfig(rank=8, block="identity"),
+    "paca_attn_softmax": GIFTConfig(rank=6, num_heads=2, num_clusters=3, block="paca_attn", cluster_activation="softmax"),
+    "two_keys_with_biases": GIFTConfig(rank=6, num_clusters=5, target_modules=("attn.proj", "mlp.fc2"),
+                                       in_projection_bias=True, out_projection_bias=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RAGGED))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_agrees_with_reference_on_ragged_configs(name, dtype):
+    cfg = RAGGED[name]
+    if dtype == torch.float64:
+        cfg = GIFTConfig.from_dict({**cfg.to_dict(), "dtype": "float64"})
+    torch.manual_seed(0)
+    ref, fast = twin_models(ToyViT(dim=12, depth=3, hidden=20), cfg, dtype)  # 12: not a multiple of 8
+    x = torch.randn(3, 7, 12, dtype=dtype)
+    got, want = outputs_and_grads(fast, x), outputs_and_grads(ref, x)
+    assert got["output"].dtype == dtype
+    assert set(got) == set(want) and len(got) > 3
+    if dtype == torch.float64:
+        assert_agree(got, want, dtype)
+    else:  # both fp32 paths against the exact answer; fast may be off by 1e-5 plus twice the reference's own error
+        exact = outputs_and_grads(copy.deepcopy(ref).to(torch.float64), x.double())
+        assert_agree(got, exact, dtype, baseline=want)
+
+
+def test_fast_keeps_the_parameter_names_and_storage_of_the_backbone():
+    backbone = ToyViT()
+    names = [n for n, _ in backbone.named_parameters()]
+    weight = backbone.blocks[0].attn.proj.weight
+    fast = FastGIFT(backbone, GIFTConfig(rank=4, num_clusters=3))
+    assert [n[len("backbone."):] for n, _ in fast.named_parameters() if n.startswith("backbone.")] == names
+    assert isinstance(fast.backbone.blocks[0].attn.proj, GIFTLinear)
+    assert fast.backbone.blocks[0].attn.proj.weight is weight
+    ref = GIFTReference(ToyViT(), GIFTConfig(rank=4, num_clusters=3))
+    assert list(fast.gift_state_dict()) == list(ref.gift_state_dict())
+
+
+def test_zero_initialised_fast_model_equals_backbone(toy_vit):
+    bare = copy.deepcopy(toy_vit)
+    fast = FastGIFT(toy_vit, GIFTConfig(rank=4, num_clusters=3))
+    x = torch.randn(2, 5, 12)
+    assert torch.equal(fast(x), bare(x))
+
+
+# ---------------------------------------------------------------- merge / unmerge
+def test_merge_unmerge_and_merge_and_unload():
+    torch.manual_seed(0)
+    fast = randomize_gift_(FastGIFT(ToyViT(), GIFTConfig(rank=4, num_clusters=3, target_modules=("attn.proj", "fc2"))))
+    original = {k: v.clone() for k, v in fast.backbone.state_dict().items()}
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        before = fast(x)
+        fast.merge()
+        merged = fast(x)
+        assert all(m.merged for g in fast.target_groups for m in g.modules)
+        with pytest.raises(RuntimeError, match="already merged"):
+            fast.merge()
+    with pytest.raises(RuntimeError, match="call unmerge\\(\\) before training"):
+        fast(x)
+    with torch.no_grad():
+        fast.unmerge()
+        after = fast(x)
+    torch.testing.assert_close(merged, before, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-7)
+    for k, v in fast.backbone.state_dict().items():
+        torch.testing.assert_close(v, original[k], rtol=0, atol=1e-6)
+    plain = fast.merge_and_unload()
+    assert not any(isinstance(m, GIFTLinear) for m in plain.modules())
+    assert type(plain.blocks[0].attn.proj) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_refuses_non_finite_weights_and_changes_nothing():
+    fast = randomize_gift_(FastGIFT(ToyViT(), GIFTConfig(rank=4, block="identity")))
+    with torch.no_grad():
+        fast.out_projections["attn:proj"].weight[0, 0] = float("inf")
+    before = {k: v.clone() for k, v in fast.backbone.state_dict().items()}
+    with pytest.raises(ValueError, match=r"Merging GIFT into 'blocks\.0\.attn\.proj' gives non-finite weights"):
+        fast.merge()
+    assert all(torch.equal(v, before[k]) for k, v in fast.backbone.state_dict().items())
+    assert fast._merged_tokens is None
+
+
+# ---------------------------------------------------------------- adapters
+def test_adapter_round_trip_is_small_and_atomic(tmp_path):
+    cfg = GIFTConfig(rank=6, num_clusters=5, num_heads=2)
+    torch.manual_seed(0)
+    src = randomize_gift_(FastGIFT(ToyViT(), cfg))
+    src.save_adapter(tmp_path / "adapter")
+    files = sorted(os.listdir(tmp_path / "adapter"))
+    assert files == ["gift_adapter.safetensors", "gift_config.json"]  # no temp files left
+    torch.manual_seed(0)
+    dst = FastGIFT.from_adapter(ToyViT(), tmp_path / "adapter")
+    x = torch.randn(2, 5, 12)
+    assert torch.equal(src(x), dst(x))
+    torch.manual_seed(0)
+    ref = GIFTReference.from_adapter(ToyViT(), tmp_path / "adapter")  # same format for both wrappers
+    torch.testing.assert_close(ref(x), src(x), rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_for_another_backbone_is_refused(tmp_path):
+    FastGIFT(ToyViT(dim=12), GIFTConfig(rank=4, num_clusters=3)).save_adapter(tmp_path)
+    with pytest.raises(ValueError, match=r"is for targets \{'attn:proj': \[2, 12, 12\]\}.*\[2, 16, 16\]\}: wrong backbone"):
+        FastGIFT(ToyViT(dim=16), GIFTConfig(rank=4, num_clusters=3)).load_adapter(tmp_path)
+    with pytest.raises(ValueError, match="was saved with GIFTConfig"):
+        FastGIFT(ToyViT(dim=12), GIFTConfig(rank=8, num_clusters=3)).load_adapter(tmp_path)
+    with pytest.raises(FileNotFoundError, match="gift_config.json' does not exist"):
+        FastGIFT(ToyViT(dim=12), GIFTConfig(rank=4, num_clusters=3)).load_adapter(tmp_path / "nowhere")
+
+
+def test_failed_atomic_write_leaves_the_old_file(tmp_path):
+    from gift.base import atomic_write
+
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+
+    def crash(tmp):
+        open(tmp, "w").write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(path), crash)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+
+
+# ---------------------------------------------------------------- memory, precision, compile
+def tiny_timm_vit(**kw):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3, num_classes=4, **kw)
+
+
+def test_memory_modes_and_timm_grad_checkpointing_give_the_same_gradients():
+    cfg = GIFTConfig(rank=8, num_clusters=5)
+    ref, fast = twin_models(tiny_timm_vit(), cfg)
+    x = torch.randn(2, 3, 32, 32)
+    want = outputs_and_grads(fast, x)
+    for memory in ("mlp", "block"):
+        fast.set_memory(memory)
+        assert_agree(outputs_and_grads(fast.train(), x), want, torch.float32)
+    fast.set_memory("none")
+    fast.backbone.set_grad_checkpointing(True)
+    assert_agree(outputs_and_grads(fast, x), want, torch.float32)
+    with pytest.raises(ValueError, match="memory='huge' is unknown"):
+        fast.set_memory("huge")
+    with pytest.raises(ValueError, match="need backbone.blocks"):
+        FastGIFT(nn.Sequential(nn.Linear(4, 4)), GIFTConfig(rank=2, target_modules=("0",)), memory="block")
+
+
+def test_autocast_bf16_keeps_the_generator_in_fp32():
+    ref, fast = twin_models(tiny_timm_vit(), GIFTConfig(rank=8, num_clusters=5))
+    x = torch.randn(2, 3, 32, 32)
+    want = outputs_and_grads(ref, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast(x)
+    assert out.dtype == torch.bfloat16
+    out.float().mul(torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in fast.gift_parameters())
+    torch.testing.assert_close(out.float(), want["output"], rtol=0.1, atol=0.1)
+
+
+def test_backbone_weights_stored_in_bf16():
+    ref, fast = twin_models(tiny_timm_vit(), GIFTConfig(rank=8, num_clusters=5), backbone_dtype=torch.bfloat16)
+    assert fast.backbone.blocks[0].attn.proj.weight.dtype == torch.bfloat16
+    assert fast.backbone.head.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in fast.gift_parameters())
+    x = torch.randn(2, 3, 32, 32)
+    got = outputs_and_grads(fast, x)
+    grads = [g for k, g in got.items() if k != "output"]
+    assert len(grads) > 3 and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(got["output"].float(), outputs_and_grads(ref, x)["output"], rtol=0.1, atol=0.1)
+
+
+def test_torch_compile_matches_eager():
+    _, fast = twin_models(ToyViT(), GIFTConfig(rank=8, num_clusters=5))
+    x = torch.randn(2, 5, 12)
+    want = outputs_and_grads(fast, x)
+    compiled = torch.compile(fast)
+    got = outputs_and_grads(compiled, x)
+    got = {k.replace("_orig_mod.", ""): v for k, v in got.items()}
+    assert_agree(got, want, torch.float32)
