@@ -17,10 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gift_kernels import lowrank_residual_linear
+from gift_kernels import PacaParams, l2_mlp_residual, lowrank_residual_linear, paca_attention
 
 from .base import GIFTModelBase, TargetGroup
 from .config import GIFTConfig
+from .generator import Hypernet, PaCa
 
 MEMORY_MODES = ("none", "mlp", "block")
 
@@ -70,6 +71,24 @@ class GIFTLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", merged" if self.merged else "")
+
+
+def paca_params(attn: PaCa) -> PacaParams:
+    """The parameters of a `PaCa` module in the order the fused op takes them."""
+    return PacaParams(attn.cluster.cluster.weight, attn.cluster.cluster.bias, attn.q.weight, attn.q.bias,
+                      attn.k.weight, attn.k.bias, attn.v.weight, attn.v.bias, attn.proj.weight, attn.proj.bias)
+
+
+def run_hypernet(hypernet: Hypernet, tokens: torch.Tensor) -> torch.Tensor:
+    """`Hypernet.forward` for tokens ``(L, N, r)``, each half of each block as one op with a
+    hand-written backward (few saved tensors)."""
+    for block in hypernet.blocks:
+        attn = block.attn
+        tokens = paca_attention(tokens, paca_params(attn), attn.num_heads, attn.cluster_activation)
+        if block.mlp is not None:
+            mlp = block.mlp
+            tokens = l2_mlp_residual(tokens, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    return tokens
 
 
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -154,7 +173,7 @@ class FastGIFT(GIFTModelBase):
         phi, dtype = self.in_projections[key], self.generator_dtype(key)
         with torch.autocast(device_type=phi.weight.device.type, enabled=False):
             tokens = torch.stack([phi(m.weight.to(dtype)) for m in group.modules])
-            return self.hypernets[key](tokens)
+            return run_hypernet(self.hypernets[key], tokens)
 
     def _out_projection(self, key: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """psi (d_in x r') and tokens (..., d_out, r') such that dW = tokens psi^T (bias folded in)."""
