@@ -20,7 +20,7 @@ demo: $(INSTALLED)
 	$(PY) -m gift demo
 
 bench: $(INSTALLED)
-	$(PY) -m pytest -q bench
+	$(PY) -m pytest -q bench -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -109,7 +109,7 @@ class Provider:
         """One training step: forward, backward, AdamW step."""
         if self.input_requires_grad:
             x = x.detach().requires_grad_(True)
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype not in (None, torch.float32)):
+        with _autocast(x, dtype):
             loss = F.cross_entropy(self.model(x).float(), y)
         loss.backward()
         if self.optimizer is not None:
@@ -143,9 +143,10 @@ def build_provider(name: str, backbone: nn.Module, rank: int, gift_state: dict |
         return Provider(name, model, torch.optim.AdamW(_trainable(model), lr=1e-4))
     if name == "reference":
         model = gift.GIFTReference(backbone, gift_config(rank))
-    elif name.startswith("fast_torch"):
+    elif name.startswith(("fast_torch", "fast_triton")):
         memory = name.split("+")[1] if "+" in name else "none"
-        model = gift.FastGIFT(backbone, gift_config(rank), memory=memory)
+        backend = "triton" if name.startswith("fast_triton") else "torch"
+        model = gift.FastGIFT(backbone, gift_config(rank), memory=memory, kernels=backend)
     else:
         raise ValueError(f"unknown provider {name!r}; known: {PROVIDERS}")
     if gift_state is not None:
@@ -153,38 +154,58 @@ def build_provider(name: str, backbone: nn.Module, rank: int, gift_state: dict |
     return Provider(name, model, torch.optim.AdamW(_trainable(model), lr=1e-4), gift_model=model)
 
 
-def saved_bytes_of_step(provider: Provider, x: torch.Tensor, y: torch.Tensor) -> int:
+def randomize_gift_state(backbone: nn.Module, rank: int, seed: int = 0, scale: float = 0.02) -> dict:
+    """GIFT weights (and head) with every tensor random, psi included, so that all gradients are non-zero."""
+    model = gift.GIFTReference(copy.deepcopy(backbone), gift_config(rank))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.gift_parameters():
+            fan_in = p.shape[-1] if p.dim() > 1 else 1
+            p.copy_((torch.randn(p.shape, generator=g) * (scale if p is model.out_projections["attn:proj"].weight
+                                                            else fan_in ** -0.5)).to(p))
+    return model.gift_state_dict()
+
+
+def _autocast(x: torch.Tensor, dtype: torch.dtype | None):
+    return torch.autocast(x.device.type, dtype=dtype, enabled=dtype not in (None, torch.float32, torch.float64))
+
+
+def saved_bytes_of_step(provider: Provider, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None) -> int:
     """Bytes saved for backward by one forward (activations; parameters and buffers not counted)."""
     if provider.input_requires_grad:
         x = x.detach().requires_grad_(True)
-    with SavedTensorCounter(exclude=provider.model) as counter:
-        loss = F.cross_entropy(provider.model(x), y)
+    with SavedTensorCounter(exclude=provider.model) as counter, _autocast(x, dtype):
+        loss = F.cross_entropy(provider.model(x).float(), y)
     loss.backward()
     provider.model.zero_grad(set_to_none=True)
     return counter.bytes
 
 
-def outputs_and_gift_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Logits and the gradient of every GIFT parameter (and the head) for one cross-entropy loss."""
+def outputs_and_gift_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                           dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Logits and the gradient of every trainable parameter (GIFT and head) for one cross-entropy loss."""
     model.zero_grad(set_to_none=True)
-    out = model(x)
-    F.cross_entropy(out, y).backward()
+    with _autocast(x, dtype):
+        out = model(x)
+    F.cross_entropy(out.to(torch.promote_types(out.dtype, torch.float32)), y).backward()
     result = {"output": out.detach()}
     result.update({k: p.grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad})
     model.zero_grad(set_to_none=True)
     return result
 
 
-def agreement(provider: Provider, exact: dict, reference: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
+def agreement(provider: Provider, exact: dict, reference: dict, x: torch.Tensor, y: torch.Tensor,
+              dtype: torch.dtype = torch.float32) -> dict:
     """Max abs and max relative error of the provider's outputs and GIFT gradients vs the float64
-    reference, beside the fp32 reference's own; ``ok`` applies `gift_kernels.testing.assert_agree`."""
+    reference, beside the reference's own in the same dtype; ``ok`` applies
+    `gift_kernels.testing.assert_agree` with the reference as baseline."""
     from gift_kernels.testing import assert_agree
 
-    got = outputs_and_gift_grads(provider.model, x, y)
+    got = outputs_and_gift_grads(provider.model, x, y, dtype)
     errs = relative_errors(got, exact)
     ref_errs = relative_errors(reference, exact)
     try:
-        assert_agree(got, exact, torch.float32, baseline=reference)
+        assert_agree(got, exact, dtype, baseline=reference)
         ok, why = True, ""
     except AssertionError as e:
         ok, why = False, str(e)

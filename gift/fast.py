@@ -45,6 +45,7 @@ class GIFTLinear(nn.Linear):
         new.bias = linear.bias
         new.set_residual(None, None)
         new.merged = False
+        new.kernels = None
         return new
 
     def set_residual(self, psi: torch.Tensor | None, tokens: torch.Tensor | None) -> None:
@@ -67,7 +68,7 @@ class GIFTLinear(nn.Linear):
             dtype = self.weight.dtype
         weight, bias = self.weight.to(dtype), (None if self.bias is None else self.bias.to(dtype))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return lowrank_residual_linear(x.to(dtype), weight, bias, self.gift_psi.to(dtype), self.gift_tokens.to(dtype))
+            return lowrank_residual_linear(x.to(dtype), weight, bias, self.gift_psi, self.gift_tokens, backend=self.kernels)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", merged" if self.merged else "")
@@ -79,12 +80,12 @@ def paca_params(attn: PaCa) -> PacaParams:
                       attn.k.weight, attn.k.bias, attn.v.weight, attn.v.bias, attn.proj.weight, attn.proj.bias)
 
 
-def run_hypernet(hypernet: Hypernet, tokens: torch.Tensor) -> torch.Tensor:
+def run_hypernet(hypernet: Hypernet, tokens: torch.Tensor, kernels: str | None = None) -> torch.Tensor:
     """`Hypernet.forward` for tokens ``(L, N, r)``, each half of each block as one op with a
     hand-written backward (few saved tensors)."""
     for block in hypernet.blocks:
         attn = block.attn
-        tokens = paca_attention(tokens, paca_params(attn), attn.num_heads, attn.cluster_activation)
+        tokens = paca_attention(tokens, paca_params(attn), attn.num_heads, attn.cluster_activation, backend=kernels)
         if block.mlp is not None:
             mlp = block.mlp
             tokens = l2_mlp_residual(tokens, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
@@ -113,16 +114,21 @@ class FastGIFT(GIFTModelBase):
         backbone_dtype: store the frozen backbone weights in this dtype (e.g. ``torch.bfloat16``);
             forward then runs the backbone under autocast in that dtype. The head and the generator
             keep their own dtypes.
+        kernels: ``"auto" | "torch" | "triton"`` for the fused ops (default: ``GIFT_KERNELS``, else
+            auto: Triton on CUDA); see `gift_kernels.dispatch`.
     """
 
     def __init__(self, backbone: nn.Module, config: GIFTConfig | None = None, memory: str = "none",
-                 backbone_dtype: torch.dtype | None = None):
+                 backbone_dtype: torch.dtype | None = None, kernels: str | None = None):
         super().__init__(backbone, config)
+        self.kernels = kernels
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory={memory!r} is unknown; choose one of {MEMORY_MODES}.")
         groups = []
         for group in self.target_groups:
             wrapped = tuple(GIFTLinear.wrap(m) for m in group.modules)
+            for module in wrapped:
+                module.kernels = kernels
             for name, module in zip(group.names, wrapped):
                 _replace_module(self.backbone, name, module)
             groups.append(TargetGroup(group.key, group.names, wrapped))
@@ -173,7 +179,7 @@ class FastGIFT(GIFTModelBase):
         phi, dtype = self.in_projections[key], self.generator_dtype(key)
         with torch.autocast(device_type=phi.weight.device.type, enabled=False):
             tokens = torch.stack([phi(m.weight.to(dtype)) for m in group.modules])
-            return run_hypernet(self.hypernets[key], tokens)
+            return run_hypernet(self.hypernets[key], tokens, self.kernels)
 
     def _out_projection(self, key: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """psi (d_in x r') and tokens (..., d_out, r') such that dW = tokens psi^T (bias folded in)."""

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .dispatch import resolve_backend
+
 EPS = 1e-12  # l2 normalisation: x / max(||x||, EPS), torch F.normalize semantics
 
 
@@ -167,12 +169,24 @@ class PacaAttentionTorch(torch.autograd.Function):
         return (dt, None, None, *grads)
 
 
-def paca_attention(t: torch.Tensor, params: PacaParams, num_heads: int, activation: str = "sigmoid") -> torch.Tensor:
-    """``T + PaCa(l2(T))`` for tokens ``t`` of shape ``(L, N, r)``; see the module docstring."""
+def paca_attention(t: torch.Tensor, params: PacaParams, num_heads: int, activation: str = "sigmoid",
+                   backend: str | None = None) -> torch.Tensor:
+    """``T + PaCa(l2(T))`` for tokens ``t`` of shape ``(L, N, r)``; see the module docstring.
+
+    ``backend``: ``"auto" | "torch" | "triton"`` (default: the ``GIFT_KERNELS`` variable, see `dispatch`).
+    """
     if t.dim() != 3:
         raise ValueError(f"paca_attention expects tokens of shape (L, N, r), got {tuple(t.shape)}.")
     if t.shape[-1] % num_heads:
         raise ValueError(f"paca_attention: r={t.shape[-1]} is not divisible by num_heads={num_heads}.")
     if activation not in ("sigmoid", "softmax"):
         raise ValueError(f"paca_attention: activation {activation!r} is not 'sigmoid' or 'softmax'.")
+    dtypes = {t.dtype} | {p.dtype for p in params}
+    if len(dtypes) != 1:
+        raise TypeError(f"paca_attention needs one dtype for tokens and parameters, got {sorted(map(str, dtypes))}.")
+    unsupported = "the Triton PaCa kernels implement the sigmoid assignment only" if activation != "sigmoid" else None
+    if resolve_backend(t.device, t.dtype, backend, "paca_attention", unsupported) == "triton":
+        from .paca_triton import PacaAttentionTriton
+
+        return PacaAttentionTriton.apply(t, num_heads, *params)
     return PacaAttentionTorch.apply(t, num_heads, activation, *params)

@@ -4,6 +4,8 @@
                                         psi: (d_in, r)   T: (d_out, r)        y: (..., d_out)
 
 which equals ``x (W + T psi^T)^T + b`` without ever building the dense ``d_out x d_in`` residual.
+x, W and b share the compute dtype (e.g. bf16); psi and T may be kept in another (e.g. fp32 GIFT
+weights): they are cast to the compute dtype for the products and get gradients in their own dtype.
 W and b are frozen: backward returns gradients for x, psi and T only, and saves x and ``x psi``
 (the same activations a LoRA layer saves), never a copy of W.
 """
@@ -12,10 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dispatch import resolve_backend
+
 
 def lowrank_residual_linear_reference(x, weight, bias, psi, tokens):
     """Plain-torch reference: the dense merged weight in one GEMM."""
-    return F.linear(x, weight + tokens @ psi.transpose(0, 1), bias)
+    return F.linear(x, weight + (tokens @ psi.transpose(0, 1)).to(weight.dtype), bias)
 
 
 class LowRankResidualLinear(torch.autograd.Function):
@@ -23,6 +27,8 @@ class LowRankResidualLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, psi, tokens):
+        ctx.gift_dtypes = (psi.dtype, tokens.dtype)
+        psi, tokens = psi.to(x.dtype), tokens.to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         x_psi = x2 @ psi                                                   # (B, r)
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
@@ -40,20 +46,25 @@ class LowRankResidualLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.addmm(g @ weight, g_tokens, psi.t()).reshape(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            grad_psi = x2.t() @ g_tokens                                   # (d_in, r)
+            grad_psi = (x2.t() @ g_tokens).to(ctx.gift_dtypes[0])          # (d_in, r)
         if ctx.needs_input_grad[4]:
-            grad_tokens = g.t() @ x_psi                                    # (d_out, r)
+            grad_tokens = (g.t() @ x_psi).to(ctx.gift_dtypes[1])           # (d_out, r)
         return grad_x, None, None, grad_psi, grad_tokens
 
 
-def lowrank_residual_linear(x, weight, bias, psi, tokens):
+def lowrank_residual_linear(x, weight, bias, psi, tokens, backend: str | None = None):
     """``x W^T + b + (x psi) T^T`` for any leading dims of x; see the module docstring for shapes.
 
-    All tensors must share one dtype; reconcile dtypes before calling.
+    x, W and b share one dtype; psi and T may be in another. ``backend``: see `dispatch`.
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("lowrank_residual_linear treats W and b as frozen; call .requires_grad_(False) on them.")
-    dtypes = {t.dtype for t in (x, weight, psi, tokens) if t is not None} | ({bias.dtype} if bias is not None else set())
+    dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
     if len(dtypes) != 1:
-        raise TypeError(f"lowrank_residual_linear needs one dtype for x, W, b, psi and T, got {sorted(map(str, dtypes))}.")
+        raise TypeError(f"lowrank_residual_linear needs one dtype for x, W and b, got {sorted(map(str, dtypes))}; "
+                        f"cast them (or run under torch.autocast) first.")
+    if resolve_backend(x.device, x.dtype, backend, "lowrank_residual_linear") == "triton":
+        from .residual_triton import LowRankResidualLinearTriton
+
+        return LowRankResidualLinearTriton.apply(x, weight, bias, psi, tokens)
     return LowRankResidualLinear.apply(x, weight, bias, psi, tokens)

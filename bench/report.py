@@ -1,0 +1,117 @@
+"""Turn the bench's rows into results.csv, results.md and results.png, and the README's section."""
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import re
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+COLUMNS = ["kernel", "x", "provider", "mode", "metric", "value", "device", "dtype", "torch", "triton"]
+
+
+def _pivot(rows, kernel):
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        if r["kernel"] == kernel:
+            table.setdefault((r["x"], r["provider"]), {})[r["metric"]] = r["value"]
+    return table
+
+
+def _fmt(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+def markdown(rows) -> str:
+    device = rows[0]["device"]
+    lines = [f"Device: `{device}`, dtype {rows[0]['dtype']}, torch {rows[0]['torch']}, triton {rows[0]['triton']}. "
+             "Ratios are medians of interleaved runs in one process; saved MiB counts tensors saved for backward "
+             "(unique storages, parameters and buffers excluded); agreement is the max relative error of outputs / "
+             "GIFT gradients vs a float64 reference (the fp32 reference's own error in brackets).", ""]
+    steps = _pivot(rows, "train_step")
+    if steps:
+        lines += ["| model | provider | step ms | x no_adapter | x reference | saved MiB | x LoRA saved | agreement out / grad |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        for (x, provider), m in steps.items():
+            agree = ""
+            if "agree_out_rel" in m:
+                agree = (f"{m['agree_out_rel']:.1e} / {m['agree_grad_rel']:.1e} ({m['reference_own_grad_rel']:.1e})"
+                         + ("" if m["agree_ok"] else " FAIL"))
+            lines.append(f"| {x} | {provider} | {_fmt(m.get('time_ms_p50'), '.1f')} | {_fmt(m.get('ratio_vs_no_adapter'), '.3f')} "
+                         f"| {_fmt(m.get('ratio_vs_reference'), '.3f')} | {_fmt(m.get('saved_mib'), '.1f')} "
+                         f"| {_fmt(m.get('saved_vs_lora'), '.3f')} | {agree} |")
+        lines.append("")
+    for kernel in ("paca_step", "residual_linear"):
+        ops = _pivot(rows, kernel)
+        if not ops:
+            continue
+        lines += [f"**{kernel}** (forward + backward)", "",
+                  "| shape | provider | ms | x reference | saved MiB | agreement out / grad |", "|---|---|---:|---:|---:|---|"]
+        for (x, provider), m in ops.items():
+            agree = f"{m['agree_out_rel']:.1e} / {m['agree_grad_rel']:.1e}" if "agree_out_rel" in m else ""
+            lines.append(f"| {x} | {provider} | {_fmt(m.get('time_ms_p50'), '.2f')} | {_fmt(m.get('ratio_vs_reference'), '.3f')} "
+                         f"| {_fmt(m.get('saved_mib'), '.1f')} | {agree} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def bar_chart(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = _pivot(rows, "train_step")
+    models = sorted({x for x, _ in steps})
+    providers = [p for p in dict.fromkeys(p for _, p in steps)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(len(providers), 1)
+    for ax, metric, title in ((axes[0], "ratio_vs_no_adapter", "training step time / no_adapter"),
+                              (axes[1], "saved_mib", "activation MiB saved for backward")):
+        for i, provider in enumerate(providers):
+            values = [steps.get((m, provider), {}).get(metric) or 0.0 for m in models]
+            ax.bar([j + i * width for j in range(len(models))], values, width, label=provider)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models, fontsize=8)
+        ax.set_title(title)
+        if metric == "ratio_vs_no_adapter":
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_ylim(0.8, None)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"gift bench on {rows[0]['device']} ({rows[0]['dtype']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(rows, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r.get(k) for k in COLUMNS})
+    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(markdown(rows) + "\n")
+    if any(r["kernel"] == "train_step" for r in rows):
+        bar_chart(rows, os.path.join(out_dir, "results.png"))
+
+
+def update_readme(results_root: str, readme: str) -> None:
+    """Rewrite the README between the bench markers from every ``results/<device>/results.md``."""
+    if not os.path.isfile(readme):
+        return
+    parts = []
+    for md in sorted(glob.glob(os.path.join(results_root, "*", "results.md"))):
+        device = os.path.basename(os.path.dirname(md))
+        with open(md, encoding="utf-8") as f:
+            parts.append(f"#### `{device}`\n\n" + f.read().strip()
+                         + f"\n\n![bench chart](bench/results/{device}/results.png)\n")
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    if START not in text or END not in text:
+        return
+    body = "\n".join(parts) if parts else "No bench results yet: run `make bench`."
+    generated = f"{START}\n<!-- generated by `make bench` from bench/results/*/results.md; do not edit by hand -->\n{body}\n{END}"
+    text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: generated, text, flags=re.S)
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write(text)
