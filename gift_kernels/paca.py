@@ -102,6 +102,25 @@ def _probs(u, kq, cq, num_heads):
     return torch.softmax(torch.baddbmm(cq, u, kq.transpose(-1, -2)).unflatten(-1, (num_heads, -1)), dim=-1)
 
 
+def _cluster_side_backward(z, p_norm, p: PacaParams, num_heads, scale, kh, vh, wq_h, wp_h, dkq, dcq, dvp):
+    """Backward of `_cluster_side` and of Z = l2(P): from dKq, dcq (L, hM) and dVp to dP (L, M, r) and
+    the gradients of Wq, bq, Wk, bk, Wv, bv, Wp (the other fields of the returned PacaParams are None)."""
+    L, M, r = z.shape
+    h, d = num_heads, r // num_heads
+    dkq_h, dvp_h, dcq_h = dkq.view(L, h, -1, r), dvp.view(L, h, -1, r), dcq.view(L, h, -1, 1)
+    dkh = (dkq_h @ wq_h.transpose(-1, -2) + dcq_h * p.q_b.view(1, h, 1, d)) * scale
+    d_q_w = (kh.transpose(-1, -2) @ dkq_h).sum(0).reshape(r, r) * scale
+    d_q_b = (kh * dcq_h).sum((0, 2)).reshape(r) * scale
+    dvh = dvp_h @ wp_h.transpose(-1, -2)                                  # (L, h, M, d)
+    d_proj_w = (vh.transpose(-1, -2) @ dvp_h).sum(0).permute(2, 0, 1).reshape(r, r)
+    dk, dv = _merge(dkh).reshape(L * M, r), _merge(dvh).reshape(L * M, r)
+    z2 = z.reshape(L * M, r)
+    dz = (dk @ p.k_w + dv @ p.v_w).view(L, M, r)
+    dp = _l2_backward(dz, z, p_norm)                                      # (L, M, r)
+    grads = PacaParams(None, None, d_q_w, d_q_b, dk.t() @ z2, dk.sum(0), dv.t() @ z2, dv.sum(0), d_proj_w, None)
+    return dp, grads
+
+
 class PacaAttentionTorch(torch.autograd.Function):
     """Torch path: hand-written backward, probabilities recomputed from the saved log-sum-exp."""
 
@@ -125,7 +144,6 @@ class PacaAttentionTorch(torch.autograd.Function):
         p = PacaParams(*params)
         h, scale = ctx.num_heads, ctx.scale
         L, N, r = t.shape
-        d = r // h
         u = t / t_norm.clamp_min(EPS)
         c, sig = _assignment(u, p, ctx.activation)
         kh, vh, wq_h, wp_h, kq, cq, vp = _cluster_side(z, p, h, scale)
@@ -142,16 +160,7 @@ class PacaAttentionTorch(torch.autograd.Function):
         dkq = dlogits.transpose(-1, -2) @ u                               # (L, hM, r)
         du = dlogits @ kq                                                 # (L, N, r)
         dcq = dlogits.sum(1)                                              # (L, hM)
-        # the cluster side: M rows
-        dkq_h, dvp_h, dcq_h = dkq.view(L, h, -1, r), dvp.view(L, h, -1, r), dcq.view(L, h, -1, 1)
-        dkh = (dkq_h @ wq_h.transpose(-1, -2) + dcq_h * p.q_b.view(1, h, 1, d)) * scale
-        d_q_w = (kh.transpose(-1, -2) @ dkq_h).sum(0).reshape(r, r) * scale
-        d_q_b = (kh * dcq_h).sum((0, 2)).reshape(r) * scale
-        dvh = dvp_h @ wp_h.transpose(-1, -2)                              # (L, h, M, d)
-        d_proj_w = (vh.transpose(-1, -2) @ dvp_h).sum(0).permute(2, 0, 1).reshape(r, r)
-        dk, dv = _merge(dkh), _merge(dvh)                                 # (L, M, r)
-        dz = dk @ p.k_w + dv @ p.v_w
-        dp = _l2_backward(dz, z, p_norm)                                  # (L, M, r)
+        dp, cluster_grads = _cluster_side_backward(z, p_norm, p, h, scale, kh, vh, wq_h, wp_h, dkq, dcq, dvp)
         dc = u @ dp.transpose(-1, -2)                                     # (L, N, M)
         if ctx.activation == "softmax":
             dlogits_c = c * (dc - (dc * c).sum(-2, keepdim=True))
@@ -159,13 +168,8 @@ class PacaAttentionTorch(torch.autograd.Function):
             dlogits_c = torch.ops.aten.sigmoid_backward(dc, sig).div_(N)
         du = du.baddbmm_(c, dp).baddbmm_(dlogits_c, p.cluster_w.expand(L, -1, -1))
         dt = grad_out + _l2_backward(du, u, t_norm)
-        grads = PacaParams(
-            flat(dlogits_c).t() @ flat(u), flat(dlogits_c).sum(0),
-            d_q_w, d_q_b,
-            flat(dk).t() @ flat(z), flat(dk).sum(0),
-            flat(dv).t() @ flat(z), flat(dv).sum(0),
-            d_proj_w, flat(grad_out).sum(0),
-        )
+        grads = cluster_grads._replace(cluster_w=flat(dlogits_c).t() @ flat(u), cluster_b=flat(dlogits_c).sum(0),
+                                       proj_b=flat(grad_out).sum(0))
         return (dt, None, None, *grads)
 
 
@@ -189,4 +193,6 @@ def paca_attention(t: torch.Tensor, params: PacaParams, num_heads: int, activati
         from .paca_triton import PacaAttentionTriton
 
         return PacaAttentionTriton.apply(t, num_heads, *params)
+    if t.dtype in (torch.float16, torch.bfloat16):  # the torch path computes 16-bit inputs in fp32
+        return PacaAttentionTorch.apply(t.float(), num_heads, activation, *(x.float() for x in params)).to(t.dtype)
     return PacaAttentionTorch.apply(t, num_heads, activation, *params)

@@ -1,0 +1,335 @@
+"""Triton kernels for `paca_attention` (sigmoid assignment), forward and backward.
+
+Launches (per call, all L layers at once):
+  forward   1. `_paca_cluster_fwd`: one program per layer; one pass over N pools the cluster tokens
+               (logits, sigmoid, /N, C^T U accumulated on chip, l2 over r), then derives the folded
+               cluster keys Kq, biases cq and values Vp (see `paca._cluster_side`).
+            2. `_paca_attn_fwd`: programs over (layer, block of N rows): logits U Kq^T + cq, softmax over
+               the M clusters on chip, A Vp + bp + T in the epilogue; the fp32 log-sum-exp is saved.
+  backward  3. `_paca_attn_bwd`: programs over (layer x head, split of N): probabilities recomputed from
+               the log-sum-exp; dU (attention path) per row, and per-split partial sums of dVp, dKq, dcq.
+            -  torch: sum of the partials in a fixed order, then the (M x r)-sized cluster-side backward.
+            4. `_paca_cluster_bwd`: programs over (layer, split of N): dC = U dP^T, the sigmoid backward,
+               dU (cluster path), the l2 backward to dT, per-split partials of dWc, dbc.
+Every reduction over N is a fixed-order loop or a fixed-order sum of per-split partials: no atomics,
+so two runs give bitwise equal results. fp32 inputs use IEEE-precision dots (no TF32).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .paca import EPS, PacaParams, _cluster_side, _cluster_side_backward
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+
+
+@triton.jit
+def _dot16(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
+    """Dot in the input precision: IEEE fp32, or 16-bit operands (``DT``) with fp32 accumulation."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def _load_rows(ptr, offs_n, offs_r, N, R, stride_n, EVEN_N: tl.constexpr, EVEN_R: tl.constexpr):
+    ptrs = ptr + offs_n[:, None] * stride_n + offs_r[None, :]
+    if EVEN_N and EVEN_R:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, x, offs_n, offs_r, N, R, stride_n, EVEN_N: tl.constexpr, EVEN_R: tl.constexpr):
+    ptrs = ptr + offs_n[:, None] * stride_n + offs_r[None, :]
+    if EVEN_N and EVEN_R:
+        tl.store(ptrs, x.to(ptr.dtype.element_ty))
+    else:
+        tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_r[None, :] < R))
+
+
+@triton.jit
+def _l2_rows(t):
+    norm = tl.sqrt(tl.sum(t * t, axis=1))
+    return t / tl.maximum(norm, 1e-12)[:, None], norm
+
+
+@triton.heuristics({
+    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
+    "EVEN_M": lambda a: a["M"] == a["BLOCK_M"],
+    "EVEN_R": lambda a: a["R"] == a["BLOCK_R"],
+})
+@triton.jit
+def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, KQ, CQ, VP,
+                      N, M, R, inv_n, scale,
+                      H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_R: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr,
+                      EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
+    layer = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    wc = _load_rows(Wc, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)                  # (M, R)
+    if EVEN_M:
+        bc = tl.load(Bc + offs_m).to(tl.float32)
+    else:
+        bc = tl.load(Bc + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)
+    pooled = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    t_layer = T + layer * N * R
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        u, _ = _l2_rows(_load_rows(t_layer, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R))
+        logits = _dot16(u, tl.trans(wc), IEEE, DT) + bc[None, :]
+        c = tl.sigmoid(logits) * inv_n
+        if not EVEN_N:
+            c = tl.where(offs_n[:, None] < N, c, 0.0)
+        pooled += _dot16(tl.trans(c), u, IEEE, DT)
+    z, pnorm = _l2_rows(pooled)
+    _store_rows(Z + layer * M * R, z, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    if EVEN_M:
+        tl.store(PNORM + layer * M + offs_m, pnorm)
+    else:
+        tl.store(PNORM + layer * M + offs_m, pnorm, mask=offs_m < M)
+    # cluster side (M rows): K, V, then per head the folded keys/values
+    offs_rr = tl.arange(0, BLOCK_R)
+    wk = _load_rows(Wk, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)                 # (out, in)
+    wv = _load_rows(Wv, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+    wq = _load_rows(Wq, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+    wp = _load_rows(Wp, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+    bk = tl.load(Bk + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    bv = tl.load(Bv + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    bq = tl.load(Bq + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    k = _dot(z, tl.trans(wk), True) + bk[None, :]
+    v = _dot(z, tl.trans(wv), True) + bv[None, :]
+    for j in tl.static_range(H):
+        in_head = (offs_r >= j * D) & (offs_r < (j + 1) * D)
+        kj = tl.where(in_head[None, :], k, 0.0)
+        vj = tl.where(in_head[None, :], v, 0.0)
+        kq = _dot(kj, wq, True) * scale                                             # (M, R)
+        cq = tl.sum(kj * bq[None, :], axis=1) * scale                               # (M,)
+        vp = _dot(vj, tl.trans(wp), True)                                           # (M, R)
+        base = (layer * H + j) * M
+        _store_rows(KQ + base * R, kq, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+        _store_rows(VP + base * R, vp, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+        tl.store(CQ + base + offs_m, cq, mask=offs_m < M)
+
+
+@triton.jit
+def _head_probs(u, kq, cq, offs_m, M, IEEE: tl.constexpr, DT: tl.constexpr, EVEN_M: tl.constexpr):
+    logits = _dot16(u, tl.trans(kq), IEEE, DT) + cq[None, :]
+    if not EVEN_M:
+        logits = tl.where(offs_m[None, :] < M, logits, float("-inf"))
+    return logits
+
+
+@triton.heuristics({
+    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
+    "EVEN_M": lambda a: a["M"] == a["BLOCK_M"],
+    "EVEN_R": lambda a: a["R"] == a["BLOCK_R"],
+})
+@triton.jit
+def _paca_attn_fwd(T, KQ, CQ, VP, Bp, OUT, LSE, N, M, R,
+                   H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                   IEEE: tl.constexpr, DT: tl.constexpr,
+                   EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
+    layer = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    t = _load_rows(T + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
+    u, _ = _l2_rows(t)
+    bp = tl.load(Bp + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    out = t + bp[None, :]
+    for j in tl.static_range(H):
+        base = (layer * H + j) * M
+        kq = _load_rows(KQ + base * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+        vp = _load_rows(VP + base * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+        cq = tl.load(CQ + base + offs_m, mask=offs_m < M, other=0.0)
+        logits = _head_probs(u, kq, cq, offs_m, M, IEEE, DT, EVEN_M)
+        row_max = tl.max(logits, axis=1)
+        e = tl.exp(logits - row_max[:, None])
+        row_sum = tl.sum(e, axis=1)
+        out += _dot16(e / row_sum[:, None], vp, IEEE, DT)
+        lse_ptrs = LSE + (layer * H + j) * N + offs_n
+        if EVEN_N:
+            tl.store(lse_ptrs, row_max + tl.log(row_sum))
+        else:
+            tl.store(lse_ptrs, row_max + tl.log(row_sum), mask=offs_n < N)
+    _store_rows(OUT + layer * N * R, out, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
+
+
+@triton.heuristics({
+    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
+    "EVEN_M": lambda a: a["M"] == a["BLOCK_M"],
+    "EVEN_R": lambda a: a["R"] == a["BLOCK_R"],
+})
+@triton.jit
+def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M, R, blocks_per_split,
+                   H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                   IEEE: tl.constexpr, DT: tl.constexpr,
+                   EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
+    layer_head = tl.program_id(0)          # layer * H + head
+    split = tl.program_id(1)
+    layer = layer_head // H
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    base = layer_head * M
+    kq = _load_rows(KQ + base * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    vp = _load_rows(VP + base * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    cq = tl.load(CQ + base + offs_m, mask=offs_m < M, other=0.0)
+    dkq = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dvp = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dcq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for b in range(0, blocks_per_split):
+        offs_n = (split * blocks_per_split + b) * BLOCK_N + tl.arange(0, BLOCK_N)
+        u, _ = _l2_rows(_load_rows(T + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R))
+        g = _load_rows(G + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
+        lse = tl.load(LSE + layer_head * N + offs_n, mask=offs_n < N, other=0.0)
+        a = tl.exp(_head_probs(u, kq, cq, offs_m, M, IEEE, DT, EVEN_M) - lse[:, None])
+        if not EVEN_N:
+            a = tl.where(offs_n[:, None] < N, a, 0.0)
+        da = _dot16(g, tl.trans(vp), IEEE, DT)                                     # (BLOCK_N, M)
+        dlogits = a * (da - tl.sum(da * a, axis=1)[:, None])
+        dvp += _dot16(tl.trans(a), g, IEEE, DT)
+        dkq += _dot16(tl.trans(dlogits), u, IEEE, DT)
+        dcq += tl.sum(dlogits, axis=0)
+        du = _dot16(dlogits, kq, IEEE, DT)
+        _store_rows(DU + layer_head * N * R, du, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
+    part = (split * tl.num_programs(0) + layer_head) * M
+    _store_rows(DKQ_PART + part * R, dkq, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    _store_rows(DVP_PART + part * R, dvp, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    tl.store(DCQ_PART + part + offs_m, dcq, mask=offs_m < M)
+
+
+@triton.heuristics({
+    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
+    "EVEN_M": lambda a: a["M"] == a["BLOCK_M"],
+    "EVEN_R": lambda a: a["R"] == a["BLOCK_R"],
+})
+@triton.jit
+def _paca_cluster_bwd(T, G, DU, DP, Wc, Bc, DT_OUT, DWC_PART, DBC_PART, N, M, R, inv_n, blocks_per_split,
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                      IEEE: tl.constexpr, DT: tl.constexpr,
+                      EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
+    layer = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    wc = _load_rows(Wc, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    bc = tl.load(Bc + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)
+    dp = _load_rows(DP + layer * M * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    dwc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dbc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for b in range(0, blocks_per_split):
+        offs_n = (split * blocks_per_split + b) * BLOCK_N + tl.arange(0, BLOCK_N)
+        u, norm = _l2_rows(_load_rows(T + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R))
+        g = _load_rows(G + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
+        du = _load_rows(DU + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
+        sig = tl.sigmoid(_dot16(u, tl.trans(wc), IEEE, DT) + bc[None, :])
+        keep = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        c = tl.where(keep, sig * inv_n, 0.0)
+        dc = _dot16(u, tl.trans(dp), IEEE, DT)
+        ds = tl.where(keep, dc * sig * (1.0 - sig) * inv_n, 0.0)
+        du += _dot16(c, dp, IEEE, DT) + _dot16(ds, wc, IEEE, DT)
+        dwc += _dot16(tl.trans(ds), u, IEEE, DT)
+        dbc += tl.sum(ds, axis=0)
+        dot = tl.sum(du * u, axis=1) * (norm >= 1e-12).to(tl.float32)
+        dt = g + (du - u * dot[:, None]) / tl.maximum(norm, 1e-12)[:, None]
+        _store_rows(DT_OUT + layer * N * R, dt, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
+    part = split * tl.num_programs(0) + layer
+    _store_rows(DWC_PART + part * M * R, dwc, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    tl.store(DBC_PART + part * M + offs_m, dbc, mask=offs_m < M)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+def _launch_config(t: torch.Tensor, M: int, num_heads: int) -> dict:
+    L, N, R = t.shape
+    interpret = t.device.type != "cuda"
+    block_n = 16 if interpret else (64 if R <= 64 and M <= 64 else 32)
+    n_blocks = triton.cdiv(N, block_n)
+    target = 1 if interpret else 2 * torch.cuda.get_device_properties(t.device).multi_processor_count
+    splits = max(1, min(n_blocks, triton.cdiv(target, L * num_heads)))
+    blocks_per_split = triton.cdiv(n_blocks, splits)
+    splits = triton.cdiv(n_blocks, blocks_per_split)
+    dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(t.dtype, tl.float32)
+    return dict(BLOCK_N=block_n, BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_R=max(16, triton.next_power_of_2(R)),
+                IEEE=t.dtype == torch.float32, DT=dt, splits=splits, blocks_per_split=blocks_per_split,
+                num_warps=4 if not interpret else 1)
+
+
+def paca_attention_triton_forward(t: torch.Tensor, p: PacaParams, num_heads: int):
+    """Returns ``out (L, N, r)`` and what backward needs: Z, ||P||, Kq, cq, Vp, lse."""
+    L, N, R = t.shape
+    M = p.cluster_w.shape[0]
+    cfg = _launch_config(t, M, num_heads)
+    t = t.contiguous()
+    f32 = dict(device=t.device, dtype=torch.float32)
+    z, pnorm = torch.empty(L, M, R, **f32), torch.empty(L, M, **f32)
+    kq, vp, cq = torch.empty(L, num_heads * M, R, **f32), torch.empty(L, num_heads * M, R, **f32), torch.empty(L, num_heads * M, **f32)
+    lse = torch.empty(L, num_heads, N, **f32)
+    out = torch.empty_like(t)
+    scale = 1.0 / math.sqrt(R // num_heads)
+    blocks = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], IEEE=cfg["IEEE"], DT=cfg["DT"],
+                  num_warps=cfg["num_warps"])
+    params = [x.contiguous() for x in p]
+    _paca_cluster_fwd[(L,)](t, *params[:9], z, pnorm, kq, cq, vp, N, M, R, 1.0 / N, scale,
+                            H=num_heads, D=R // num_heads, **blocks)
+    _paca_attn_fwd[(L, triton.cdiv(N, cfg["BLOCK_N"]))](t, kq, cq, vp, params[9], out, lse, N, M, R,
+                                                         H=num_heads, **blocks)
+    return out, (z, pnorm, kq, cq, vp, lse, cfg)
+
+
+class PacaAttentionTriton(torch.autograd.Function):
+    """Triton path of `paca_attention` (sigmoid assignment)."""
+
+    @staticmethod
+    def forward(ctx, t, num_heads, *params):
+        out, (z, pnorm, kq, cq, vp, lse, cfg) = paca_attention_triton_forward(t, PacaParams(*params), num_heads)
+        ctx.save_for_backward(t, z, pnorm, lse, *params)
+        ctx.num_heads, ctx.cfg = num_heads, cfg
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        t, z, pnorm, lse, *params = ctx.saved_tensors
+        p = PacaParams(*params)
+        h, cfg = ctx.num_heads, ctx.cfg
+        L, N, R = t.shape
+        M = z.shape[1]
+        scale = 1.0 / math.sqrt(R // h)
+        t, g = t.contiguous(), grad_out.contiguous()
+        # the cluster side in fp32 from the saved Z (cheap, M rows), as the forward kernel derived it
+        p32 = PacaParams(*(x.float() for x in p))
+        kh, vh, wq_h, wp_h, kq, cq, vp = _cluster_side(z, p32, h, scale)
+        kq, vp, cq = kq.contiguous(), vp.contiguous(), cq.reshape(L, h * M).contiguous()
+        f32 = dict(device=t.device, dtype=torch.float32)
+        splits, bps = cfg["splits"], cfg["blocks_per_split"]
+        du_heads = torch.empty(L * h, N, R, **f32)
+        dkq_part, dvp_part = torch.empty(splits, L * h, M, R, **f32), torch.empty(splits, L * h, M, R, **f32)
+        dcq_part = torch.empty(splits, L * h, M, **f32)
+        blocks = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], IEEE=cfg["IEEE"], DT=cfg["DT"],
+                      num_warps=cfg["num_warps"])
+        _paca_attn_bwd[(L * h, splits)](t, g, kq, cq, vp, lse, du_heads, dkq_part, dcq_part, dvp_part, N, M, R, bps,
+                                        H=h, **blocks)
+        dkq = dkq_part.sum(0).view(L, h * M, R)
+        dvp = dvp_part.sum(0).view(L, h * M, R)
+        dcq = dcq_part.sum(0).view(L, h * M)
+        du = du_heads.view(L, h, N, R).sum(1) if h > 1 else du_heads.view(L, N, R)
+        dp, grads = _cluster_side_backward(z, pnorm.unsqueeze(-1), p32, h, scale, kh, vh, wq_h, wp_h, dkq, dcq, dvp)
+        dt = torch.empty_like(t)
+        dwc_part, dbc_part = torch.empty(splits, L, M, R, **f32), torch.empty(splits, L, M, **f32)
+        _paca_cluster_bwd[(L, splits)](t, g, du.contiguous(), dp.contiguous(), p.cluster_w.contiguous(),
+                                       p.cluster_b.contiguous(), dt, dwc_part, dbc_part, N, M, R, 1.0 / N, bps, **blocks)
+        grads = grads._replace(cluster_w=dwc_part.sum((0, 1)), cluster_b=dbc_part.sum((0, 1)),
+                               proj_b=g.float().sum((0, 1)))
+        return (dt, None, *(gr.to(x.dtype) for gr, x in zip(grads, p)))

@@ -1,0 +1,126 @@
+"""Triton path of `lowrank_residual_linear`: a GEMM with a fused low-rank epilogue.
+
+    out = A @ B + P @ Q^T (+ bias)        A: (M, K)  B: (K, N)  P: (M, R)  Q: (N, R)
+
+forward:  y  = x W^T + b + (x psi) T^T     A = x, B = W^T (strided view), P = x psi, Q = T
+backward: dx = g W + (g T) psi^T           A = g, B = W,                  P = g T,   Q = psi
+The skinny products x psi, g T, x^T (g T) and g^T (x psi) stay with the vendor BLAS. The low-rank
+term is added on chip, so y (or dx) is written once. x and W may be 16-bit while psi and T are fp32:
+P and Q are cast to the GEMM's operand dtype for the epilogue dot.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.heuristics({
+    "EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
+    "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
+    "EVEN_R": lambda a: a["R"] == a["BLOCK_R"],
+})
+@triton.jit
+def _matmul_lowrank_epilogue(A, B, P, Q, BIAS, OUT, M, N, K, R,
+                             stride_am, stride_ak, stride_bk, stride_bn, stride_pm, stride_qn, stride_om,
+                             HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                             GROUP_M: tl.constexpr,
+                             EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, EVEN_R: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)                  # grouped ordering: neighbouring programs share B tiles
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size)
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_M and EVEN_N and EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (k0 + offs_k[None, :] < K), other=0.0)
+            b = tl.load(b_ptrs, mask=(k0 + offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        if IEEE:
+            acc += tl.dot(a, b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    offs_r = tl.arange(0, BLOCK_R)
+    p_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+    q_mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
+    p = tl.load(P + offs_m[:, None] * stride_pm + offs_r[None, :], mask=p_mask, other=0.0)
+    q = tl.load(Q + offs_n[:, None] * stride_qn + offs_r[None, :], mask=q_mask, other=0.0)
+    if IEEE:
+        acc += tl.dot(p.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
+    else:
+        acc += tl.dot(p.to(A.dtype.element_ty), tl.trans(q.to(A.dtype.element_ty)))
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = OUT + offs_m[:, None] * stride_om + offs_n[None, :]
+    if EVEN_M and EVEN_N:
+        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty))
+    else:
+        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def _blocks(a: torch.Tensor, M: int, N: int, R: int) -> dict:
+    if a.device.type != "cuda":  # interpreter: small tiles keep it quick
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=1)
+    big = a.dtype != torch.float32
+    return dict(BLOCK_M=128, BLOCK_N=128 if big else 64, BLOCK_K=64 if big else 32, GROUP_M=8,
+                num_warps=8 if big else 4, num_stages=3)
+
+
+def matmul_lowrank_epilogue(a, b, p, q, bias=None):
+    """``a @ b + p @ q^T (+ bias)`` in one kernel; ``b`` may be any 2-D strided view. Returns (M, N) in a's dtype."""
+    M, K = a.shape
+    N = b.shape[1]
+    R = p.shape[1]
+    if a.stride(1) != 1 and a.stride(0) != 1:
+        a = a.contiguous()
+    p, q = p.contiguous(), q.contiguous()
+    out = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    cfg = _blocks(a, M, N, R)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _matmul_lowrank_epilogue[grid](
+        a, b, p, q, bias if bias is not None else out, out, M, N, K, R,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), p.stride(0), q.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, BLOCK_R=max(16, triton.next_power_of_2(R)), **cfg)
+    return out
+
+
+class LowRankResidualLinearTriton(torch.autograd.Function):
+    """Same contract as `residual.LowRankResidualLinear`; the two full-size GEMMs fuse their low-rank term."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, psi, tokens):
+        ctx.gift_dtypes = (psi.dtype, tokens.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        x_psi = x2 @ psi.to(x.dtype)                                              # (B, r)
+        y = matmul_lowrank_epilogue(x2, weight.t(), x_psi, tokens, bias)
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, x_psi, weight, psi, tokens)
+        ctx.x_shape = x.shape
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, x_psi, weight, psi, tokens = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        g_tokens = g @ tokens.to(g.dtype)                                          # (B, r)
+        grad_x = grad_psi = grad_tokens = None
+        if ctx.needs_input_grad[0]:
+            grad_x = matmul_lowrank_epilogue(g, weight, g_tokens, psi).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_psi = (x2.t() @ g_tokens).to(ctx.gift_dtypes[0])
+        if ctx.needs_input_grad[4]:
+            grad_tokens = (g.t() @ x_psi).to(ctx.gift_dtypes[1])
+        return grad_x, None, None, grad_psi, grad_tokens

@@ -1,0 +1,187 @@
+"""gift_kernels ops, each backend against the float64 torch reference, outputs and every gradient.
+
+Triton runs on CPU tensors under TRITON_INTERPRET=1 (set in conftest.py). bf16 is not tested here:
+the interpreter's bf16 tl.dot returns garbage without an error; bench/gpu_check.sh tests it on a GPU.
+"""
+import pytest
+import torch
+
+import gift_kernels
+from gift_kernels import PacaParams, l2_mlp_residual, l2_mlp_residual_reference, paca_attention, paca_attention_reference
+from gift_kernels.testing import assert_agree
+
+BACKENDS = ["torch", "triton"]
+# (L, N, M, r, heads): every N in {1, 7, 100, 197}, M in {1, 5, 64}, r in {8, 24, 64}, heads in {1, 3}, L in {1, 3}
+PACA_SHAPES = [
+    (1, 1, 1, 8, 1),
+    (3, 7, 5, 8, 1),
+    (1, 7, 64, 24, 3),
+    (3, 100, 5, 24, 3),
+    (1, 100, 64, 64, 1),
+    (3, 197, 5, 64, 1),
+    (1, 197, 1, 24, 1),
+    (3, 1, 64, 24, 3),
+]
+
+
+def _paca_case(shape, seed=0):
+    L, N, M, r, h = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s, scale=1.0):
+        return torch.randn(*s, generator=g, dtype=torch.float64) * scale
+
+    t = rnd(L, N, r)
+    params = [rnd(M, r, scale=r ** -0.5), rnd(M, scale=0.3)]
+    for _ in range(4):
+        params += [rnd(r, r, scale=r ** -0.5), rnd(r, scale=0.3)]
+    return t, params, rnd(L, N, r)
+
+
+def _paca_run(t, params, grad, heads, dtype, backend, activation="sigmoid"):
+    leaves = [x.to(dtype).requires_grad_(True) for x in [t, *params]]
+    fn = paca_attention_reference if backend == "reference" else paca_attention
+    kwargs = {} if backend == "reference" else {"backend": backend}
+    out = fn(leaves[0], PacaParams(*leaves[1:]), heads, activation, **kwargs)
+    grads = torch.autograd.grad(out, leaves, grad.to(dtype))
+    names = ["t", *PacaParams._fields]
+    return {"output": out.detach(), **{f"d_{n}": gr for n, gr in zip(names, grads)}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", PACA_SHAPES, ids=lambda s: "L{}-N{}-M{}-r{}-h{}".format(*s))
+def test_paca_attention_matches_float64_reference(shape, backend, dtype):
+    t, params, grad = _paca_case(shape)
+    heads = shape[4]
+    exact = _paca_run(t, params, grad, heads, torch.float64, "reference")
+    baseline = _paca_run(t, params, grad, heads, dtype, "reference")
+    got = _paca_run(t, params, grad, heads, dtype, backend)
+    assert got["output"].dtype == dtype and got["d_cluster_w"].dtype == dtype
+    assert_agree(got, exact, dtype, baseline=baseline)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_paca_attention_torch_path_gradcheck(activation):
+    t, params, _ = _paca_case((2, 7, 5, 6, 3), seed=3)
+    leaves = [x.requires_grad_(True) for x in [t, *params]]
+    assert torch.autograd.gradcheck(
+        lambda t, *p: paca_attention(t, PacaParams(*p), 3, activation, backend="torch"), tuple(leaves))
+
+
+def test_paca_attention_float64_is_exact_on_the_torch_path():
+    t, params, grad = _paca_case((3, 100, 5, 24, 3))
+    exact = _paca_run(t, params, grad, 3, torch.float64, "reference")
+    assert_agree(_paca_run(t, params, grad, 3, torch.float64, "torch"), exact, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paca_attention_is_deterministic(backend):
+    t, params, grad = _paca_case((3, 197, 64, 64, 1))
+    first = _paca_run(t, params, grad, 1, torch.float32, backend)
+    second = _paca_run(t, params, grad, 1, torch.float32, backend)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_softmax_assignment_falls_back_to_torch_under_auto_and_is_refused_by_triton():
+    t, params, grad = _paca_case((1, 7, 5, 8, 1))
+    p = PacaParams(*(x.float() for x in params))
+    with pytest.raises(RuntimeError, match="sigmoid assignment only"):
+        paca_attention(t.float(), p, 1, "softmax", backend="triton")
+    out = paca_attention(t.float(), p, 1, "softmax", backend="auto")
+    torch.testing.assert_close(out, paca_attention_reference(t.float(), p, 1, "softmax"), rtol=1e-5, atol=1e-5)
+
+
+def test_paca_attention_rejects_bad_inputs():
+    t, params, _ = _paca_case((1, 7, 5, 8, 1))
+    p = PacaParams(*(x.float() for x in params))
+    with pytest.raises(ValueError, match=r"expects tokens of shape \(L, N, r\)"):
+        paca_attention(t.float()[0], p, 1)
+    with pytest.raises(ValueError, match="r=8 is not divisible by num_heads=3"):
+        paca_attention(t.float(), p, 3)
+    with pytest.raises(TypeError, match="needs one dtype"):
+        paca_attention(t, p, 1)
+
+
+# ------------------------------------------------------------------------------------ l2 MLP residual
+def test_l2_mlp_residual_gradcheck_and_reference():
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(True)
+              for s in [(3, 5, 6), (10, 6), (10,), (6, 10), (6,)]]
+    assert torch.autograd.gradcheck(l2_mlp_residual, tuple(leaves))
+    torch.testing.assert_close(l2_mlp_residual(*leaves), l2_mlp_residual_reference(*leaves), rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ dispatch
+def test_dispatch_point(monkeypatch):
+    monkeypatch.setenv("GIFT_KERNELS", "torch")
+    assert gift_kernels.active_backend("cpu") == "torch"
+    monkeypatch.setenv("GIFT_KERNELS", "auto")
+    assert gift_kernels.active_backend("cpu") == "torch"  # auto: torch on CPU, even with the interpreter
+    monkeypatch.setenv("GIFT_KERNELS", "triton")
+    assert gift_kernels.active_backend("cpu") == "triton"  # TRITON_INTERPRET=1 in this suite
+    with pytest.raises(RuntimeError, match="GIFT_KERNELS=triton was asked for, but the Triton kernels take"):
+        gift_kernels.resolve_backend(torch.device("cpu"), torch.float64, op="paca_attention")
+    assert gift_kernels.resolve_backend(torch.device("cpu"), torch.float64, backend="auto") == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CPU tensors need TRITON_INTERPRET=1"):
+        gift_kernels.resolve_backend(torch.device("cpu"), torch.float32)
+    monkeypatch.setenv("GIFT_KERNELS", "fast")
+    with pytest.raises(ValueError, match="GIFT_KERNELS / backend='fast' is unknown"):
+        gift_kernels.active_backend("cpu")
+
+
+# ------------------------------------------------------------------------------------ residual projection
+# (rows of x, d_in, d_out, r): ragged everywhere
+RESIDUAL_SHAPES = [(1, 8, 8, 8), (7, 24, 40, 5), (100, 64, 24, 24), (197, 40, 64, 64)]
+
+
+def _residual_run(x, w, b, psi, tokens, grad, dtype, backend, gift_dtype=None):
+    gift_dtype = gift_dtype or dtype
+    xs = x.to(dtype).requires_grad_(True)
+    wb = [w.to(dtype), None if b is None else b.to(dtype)]
+    lr = [psi.to(gift_dtype).requires_grad_(True), tokens.to(gift_dtype).requires_grad_(True)]
+    if backend == "reference":
+        out = gift_kernels.lowrank_residual_linear_reference(xs, *wb, *(t.to(dtype) for t in lr))
+    else:
+        out = gift_kernels.lowrank_residual_linear(xs, *wb, *lr, backend=backend)
+    dx, dpsi, dt = torch.autograd.grad(out, [xs, *lr], grad.to(out.dtype))
+    return {"output": out.detach(), "dx": dx, "dpsi": dpsi, "dT": dt}
+
+
+def _residual_case(shape, bias=True):
+    rows, d_in, d_out, r = shape
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return (rnd(2, rows, d_in), rnd(d_out, d_in) * d_in ** -0.5, rnd(d_out) if bias else None,
+            rnd(d_in, r) * 0.1, rnd(d_out, r), rnd(2, rows, d_out))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", RESIDUAL_SHAPES, ids=lambda s: "rows{}-in{}-out{}-r{}".format(*s))
+def test_lowrank_residual_matches_float64_reference(shape, backend, dtype):
+    x, w, b, psi, tokens, grad = _residual_case(shape, bias=shape[0] != 7)
+    exact = _residual_run(x, w, b, psi, tokens, grad, torch.float64, "reference")
+    baseline = _residual_run(x, w, b, psi, tokens, grad, dtype, "reference")
+    got = _residual_run(x, w, b, psi, tokens, grad, dtype, backend)
+    assert got["output"].dtype == dtype
+    assert_agree(got, exact, dtype, baseline=baseline)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lowrank_residual_takes_16bit_weights_with_fp32_gift_weights(backend):
+    x, w, b, psi, tokens, grad = _residual_case((100, 64, 24, 24))
+    exact = _residual_run(x, w, b, psi, tokens, grad, torch.float64, "reference")
+    got = _residual_run(x, w, b, psi, tokens, grad, torch.float16, backend, gift_dtype=torch.float32)
+    assert got["output"].dtype == torch.float16 and got["dpsi"].dtype == torch.float32 and got["dT"].dtype == torch.float32
+    baseline = _residual_run(x, w, b, psi, tokens, grad, torch.float16, "reference")
+    assert_agree(got, exact, torch.float16, baseline=baseline)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lowrank_residual_is_deterministic(backend):
+    x, w, b, psi, tokens, grad = _residual_case((197, 40, 64, 64))
+    first = _residual_run(x, w, b, psi, tokens, grad, torch.float32, backend)
+    second = _residual_run(x, w, b, psi, tokens, grad, torch.float32, backend)
+    assert all(torch.equal(first[k], second[k]) for k in first)
