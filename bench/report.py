@@ -46,11 +46,12 @@ def markdown(rows) -> str:
         if not ops:
             continue
         lines += [f"**{kernel}** (forward + backward)", "",
-                  "| shape | provider | ms | x reference | saved MiB | agreement out / grad |", "|---|---|---:|---:|---:|---|"]
+                  "| shape | provider | ms | x reference | x torch path | saved MiB | agreement out / grad |",
+                  "|---|---|---:|---:|---:|---:|---|"]
         for (x, provider), m in ops.items():
             agree = f"{m['agree_out_rel']:.1e} / {m['agree_grad_rel']:.1e}" if "agree_out_rel" in m else ""
             lines.append(f"| {x} | {provider} | {_fmt(m.get('time_ms_p50'), '.2f')} | {_fmt(m.get('ratio_vs_reference'), '.3f')} "
-                         f"| {_fmt(m.get('saved_mib'), '.1f')} | {agree} |")
+                         f"| {_fmt(m.get('ratio_vs_torch_path'), '.3f')} | {_fmt(m.get('saved_mib'), '.1f')} | {agree} |")
         lines.append("")
     return "\n".join(lines)
 

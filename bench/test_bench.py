@@ -152,7 +152,8 @@ def test_train_step(benchmark, bench_config, model_index, provider):
 
 
 # ------------------------------------------------------------------------------------------ op level
-OP_SHAPES = {"paca_step": [(12, 384, 64, 64), (12, 768, 64, 64)], "residual_linear": [(2 * 197, 384), (8 * 197, 768)]}
+OP_SHAPES = {"paca_step": [(12, 384, 64, 64), (12, 768, 64, 64), (32, 1280, 64, 64)],
+             "residual_linear": [(2 * 197, 384), (8 * 197, 768), (8 * 257, 1280)]}  # third: ViT-H/14, --bench-large
 
 
 def _op_inputs(kernel, shape, device, dtype):
@@ -201,10 +202,12 @@ def _run_op(kernel, provider, inputs, params):
 
 
 @pytest.mark.parametrize("provider", ["no_adapter", "reference", "fast_torch", "fast_triton"])
-@pytest.mark.parametrize("shape_index", [0, 1])
+@pytest.mark.parametrize("shape_index", [0, 1, 2])
 @pytest.mark.parametrize("kernel", sorted(OP_SHAPES))
 def test_op(benchmark, bench_config, kernel, shape_index, provider):
     device, dtype = bench_config["device"], bench_config["dtype"]
+    if shape_index == 2 and not bench_config["large"]:
+        pytest.skip("the ViT-H/14-sized op runs with --bench-large (default on CUDA)")
     if kernel == "paca_step" and provider == "no_adapter":
         pytest.skip("no_adapter has no PaCa step")
     reason = _unavailable_reason(provider, device)
@@ -224,6 +227,7 @@ def test_op(benchmark, bench_config, kernel, shape_index, provider):
         out, tensors = _run_op(kernel, provider, inputs, params)
     metrics = {"time_ms_p50": 1e3 * statistics.median(times[provider]),
                "ratio_vs_reference": median_ratios(times, "reference")[provider],
+               "ratio_vs_torch_path": median_ratios(times, "fast_torch").get(provider),
                "saved_mib": (counter.bytes - sum(t.numel() * t.element_size() for t in params)) / 2**20}
     if provider != "no_adapter":
         got = {"output": out.detach(), **{f"grad{i}": t.grad for i, t in enumerate(tensors) if t.grad is not None}}

@@ -1,3 +1,4 @@
+import copy
 import os
 
 # Triton kernels run on CPU tensors under the interpreter; it must be set before they are defined.
@@ -6,6 +7,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 import torch.nn as nn
+
+from gift import FastGIFT, GIFTReference
 
 
 class ToyAttention(nn.Module):
@@ -55,6 +58,34 @@ class ToyViT(nn.Module):
 def toy_vit():
     torch.manual_seed(0)
     return ToyViT()
+
+
+def tiny_timm_vit(**kw):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3, num_classes=4, **kw)
+
+
+def outputs_and_grads(model, x):
+    """{'output': logits, name: grad} for one forward/backward of a cross-entropy-like loss."""
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
+    (out * weights).sum().backward()
+    result = {"output": out.detach()}
+    result.update({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    return result
+
+
+def twin_models(backbone, cfg, dtype=torch.float32, **fast_kwargs):
+    """A GIFTReference with random GIFT weights and a FastGIFT holding the same weights."""
+    ref = GIFTReference(copy.deepcopy(backbone), cfg).to(dtype)
+    randomize_gift_(ref, seed=7, scale=0.2)
+    fast = FastGIFT(copy.deepcopy(backbone), cfg, **fast_kwargs)
+    fast = fast if dtype == torch.float32 else fast.to(dtype)
+    fast.load_gift_state_dict(ref.gift_state_dict())
+    return ref, fast
 
 
 def randomize_gift_(model, seed: int = 1, scale: float = 0.1):

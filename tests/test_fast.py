@@ -13,27 +13,7 @@ from gift.fast import GIFTLinear
 from gift_kernels import lowrank_residual_linear, lowrank_residual_linear_reference
 from gift_kernels.testing import assert_agree
 
-from conftest import ToyViT, randomize_gift_
-
-
-def outputs_and_grads(model, x, target=None):
-    """{'output': logits, name: grad} for one forward/backward of a cross-entropy-like loss."""
-    model.zero_grad(set_to_none=True)
-    out = model(x)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
-    (out * weights).sum().backward()
-    result = {"output": out.detach()}
-    result.update({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    return result
-
-
-def twin_models(backbone, cfg, dtype=torch.float32, **fast_kwargs):
-    ref = GIFTReference(copy.deepcopy(backbone), cfg).to(dtype)
-    randomize_gift_(ref, seed=7, scale=0.2)
-    fast = FastGIFT(copy.deepcopy(backbone), cfg, **fast_kwargs)
-    fast = fast if dtype == torch.float32 else fast.to(dtype)
-    fast.load_gift_state_dict(ref.gift_state_dict())
-    return ref, fast
+from conftest import ToyViT, outputs_and_grads, randomize_gift_, tiny_timm_vit, twin_models
 
 
 # ---------------------------------------------------------------- the residual op
@@ -201,11 +181,6 @@ def test_failed_atomic_write_leaves_the_old_file(tmp_path):
 
 
 # ---------------------------------------------------------------- memory, precision, compile
-def tiny_timm_vit(**kw):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3, num_classes=4, **kw)
-
-
 def test_memory_modes_and_timm_grad_checkpointing_give_the_same_gradients():
     cfg = GIFTConfig(rank=8, num_clusters=5)
     ref, fast = twin_models(tiny_timm_vit(), cfg)

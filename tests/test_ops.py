@@ -11,6 +11,16 @@ from gift_kernels import PacaParams, l2_mlp_residual, l2_mlp_residual_reference,
 from gift_kernels.testing import assert_agree
 
 BACKENDS = ["torch", "triton"]
+# CPU always (Triton there under the interpreter); CUDA when present (bench/gpu_check.sh), with bf16
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _skip_unsupported(device, backend, dtype):
+    if backend == "triton" and not gift_kernels.triton_available(device):
+        pytest.skip(f"Triton cannot run on {device} here (CPU needs TRITON_INTERPRET=1)")
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("bf16 is tested on CUDA only: the interpreter's bf16 tl.dot returns garbage")
 # (L, N, M, r, heads): every N in {1, 7, 100, 197}, M in {1, 5, 64}, r in {8, 24, 64}, heads in {1, 3}, L in {1, 3}
 PACA_SHAPES = [
     (1, 1, 1, 8, 1),
@@ -38,25 +48,27 @@ def _paca_case(shape, seed=0):
     return t, params, rnd(L, N, r)
 
 
-def _paca_run(t, params, grad, heads, dtype, backend, activation="sigmoid"):
-    leaves = [x.to(dtype).requires_grad_(True) for x in [t, *params]]
+def _paca_run(t, params, grad, heads, dtype, backend, activation="sigmoid", device="cpu"):
+    leaves = [x.to(device=device, dtype=dtype).requires_grad_(True) for x in [t, *params]]
     fn = paca_attention_reference if backend == "reference" else paca_attention
     kwargs = {} if backend == "reference" else {"backend": backend}
     out = fn(leaves[0], PacaParams(*leaves[1:]), heads, activation, **kwargs)
-    grads = torch.autograd.grad(out, leaves, grad.to(dtype))
+    grads = torch.autograd.grad(out, leaves, grad.to(device=device, dtype=dtype))
     names = ["t", *PacaParams._fields]
-    return {"output": out.detach(), **{f"d_{n}": gr for n, gr in zip(names, grads)}}
+    return {"output": out.detach().cpu(), **{f"d_{n}": gr.cpu() for n, gr in zip(names, grads)}}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", PACA_SHAPES, ids=lambda s: "L{}-N{}-M{}-r{}-h{}".format(*s))
-def test_paca_attention_matches_float64_reference(shape, backend, dtype):
+def test_paca_attention_matches_float64_reference(shape, device, backend, dtype):
+    _skip_unsupported(device, backend, dtype)
     t, params, grad = _paca_case(shape)
     heads = shape[4]
     exact = _paca_run(t, params, grad, heads, torch.float64, "reference")
-    baseline = _paca_run(t, params, grad, heads, dtype, "reference")
-    got = _paca_run(t, params, grad, heads, dtype, backend)
+    baseline = _paca_run(t, params, grad, heads, dtype, "reference", device=device)
+    got = _paca_run(t, params, grad, heads, dtype, backend, device=device)
     assert got["output"].dtype == dtype and got["d_cluster_w"].dtype == dtype
     assert_agree(got, exact, dtype, baseline=baseline)
 
@@ -76,10 +88,12 @@ def test_paca_attention_float64_is_exact_on_the_torch_path():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_paca_attention_is_deterministic(backend):
+@pytest.mark.parametrize("device", DEVICES)
+def test_paca_attention_is_deterministic(device, backend):
+    _skip_unsupported(device, backend, torch.float32)
     t, params, grad = _paca_case((3, 197, 64, 64, 1))
-    first = _paca_run(t, params, grad, 1, torch.float32, backend)
-    second = _paca_run(t, params, grad, 1, torch.float32, backend)
+    first = _paca_run(t, params, grad, 1, torch.float32, backend, device=device)
+    second = _paca_run(t, params, grad, 1, torch.float32, backend, device=device)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
@@ -114,6 +128,9 @@ def test_l2_mlp_residual_gradcheck_and_reference():
 
 # ------------------------------------------------------------------------------------ dispatch
 def test_dispatch_point(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only decisions")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("GIFT_KERNELS", "torch")
     assert gift_kernels.active_backend("cpu") == "torch"
     monkeypatch.setenv("GIFT_KERNELS", "auto")
@@ -136,17 +153,17 @@ def test_dispatch_point(monkeypatch):
 RESIDUAL_SHAPES = [(1, 8, 8, 8), (7, 24, 40, 5), (100, 64, 24, 24), (197, 40, 64, 64)]
 
 
-def _residual_run(x, w, b, psi, tokens, grad, dtype, backend, gift_dtype=None):
+def _residual_run(x, w, b, psi, tokens, grad, dtype, backend, gift_dtype=None, device="cpu"):
     gift_dtype = gift_dtype or dtype
-    xs = x.to(dtype).requires_grad_(True)
-    wb = [w.to(dtype), None if b is None else b.to(dtype)]
-    lr = [psi.to(gift_dtype).requires_grad_(True), tokens.to(gift_dtype).requires_grad_(True)]
+    xs = x.to(device=device, dtype=dtype).requires_grad_(True)
+    wb = [w.to(device=device, dtype=dtype), None if b is None else b.to(device=device, dtype=dtype)]
+    lr = [t.to(device=device, dtype=gift_dtype).requires_grad_(True) for t in (psi, tokens)]
     if backend == "reference":
         out = gift_kernels.lowrank_residual_linear_reference(xs, *wb, *(t.to(dtype) for t in lr))
     else:
         out = gift_kernels.lowrank_residual_linear(xs, *wb, *lr, backend=backend)
-    dx, dpsi, dt = torch.autograd.grad(out, [xs, *lr], grad.to(out.dtype))
-    return {"output": out.detach(), "dx": dx, "dpsi": dpsi, "dT": dt}
+    dx, dpsi, dt = torch.autograd.grad(out, [xs, *lr], grad.to(device=device, dtype=out.dtype))
+    return {"output": out.detach().cpu(), "dx": dx.cpu(), "dpsi": dpsi.cpu(), "dT": dt.cpu()}
 
 
 def _residual_case(shape, bias=True):
@@ -157,31 +174,38 @@ def _residual_case(shape, bias=True):
             rnd(d_in, r) * 0.1, rnd(d_out, r), rnd(2, rows, d_out))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", RESIDUAL_SHAPES, ids=lambda s: "rows{}-in{}-out{}-r{}".format(*s))
-def test_lowrank_residual_matches_float64_reference(shape, backend, dtype):
+def test_lowrank_residual_matches_float64_reference(shape, device, backend, dtype):
+    _skip_unsupported(device, backend, dtype)
     x, w, b, psi, tokens, grad = _residual_case(shape, bias=shape[0] != 7)
     exact = _residual_run(x, w, b, psi, tokens, grad, torch.float64, "reference")
-    baseline = _residual_run(x, w, b, psi, tokens, grad, dtype, "reference")
-    got = _residual_run(x, w, b, psi, tokens, grad, dtype, backend)
+    baseline = _residual_run(x, w, b, psi, tokens, grad, dtype, "reference", device=device)
+    got = _residual_run(x, w, b, psi, tokens, grad, dtype, backend, device=device)
     assert got["output"].dtype == dtype
     assert_agree(got, exact, dtype, baseline=baseline)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lowrank_residual_takes_16bit_weights_with_fp32_gift_weights(backend):
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_residual_takes_16bit_weights_with_fp32_gift_weights(device, backend, dtype):
+    _skip_unsupported(device, backend, dtype)
     x, w, b, psi, tokens, grad = _residual_case((100, 64, 24, 24))
     exact = _residual_run(x, w, b, psi, tokens, grad, torch.float64, "reference")
-    got = _residual_run(x, w, b, psi, tokens, grad, torch.float16, backend, gift_dtype=torch.float32)
-    assert got["output"].dtype == torch.float16 and got["dpsi"].dtype == torch.float32 and got["dT"].dtype == torch.float32
-    baseline = _residual_run(x, w, b, psi, tokens, grad, torch.float16, "reference")
-    assert_agree(got, exact, torch.float16, baseline=baseline)
+    got = _residual_run(x, w, b, psi, tokens, grad, dtype, backend, gift_dtype=torch.float32, device=device)
+    assert got["output"].dtype == dtype and got["dpsi"].dtype == torch.float32 and got["dT"].dtype == torch.float32
+    baseline = _residual_run(x, w, b, psi, tokens, grad, dtype, "reference", device=device)
+    assert_agree(got, exact, dtype, baseline=baseline)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lowrank_residual_is_deterministic(backend):
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_residual_is_deterministic(device, backend):
+    _skip_unsupported(device, backend, torch.float32)
     x, w, b, psi, tokens, grad = _residual_case((197, 40, 64, 64))
-    first = _residual_run(x, w, b, psi, tokens, grad, torch.float32, backend)
-    second = _residual_run(x, w, b, psi, tokens, grad, torch.float32, backend)
+    first = _residual_run(x, w, b, psi, tokens, grad, torch.float32, backend, device=device)
+    second = _residual_run(x, w, b, psi, tokens, grad, torch.float32, backend, device=device)
     assert all(torch.equal(first[k], second[k]) for k in first)
