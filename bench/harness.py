@@ -22,13 +22,14 @@ PROVIDERS = ("no_adapter", "reference", "fast_torch", "fast_torch+mlp", "fast_to
 
 class SavedTensorCounter:
     """Counts the bytes of tensors autograd saves for backward inside the ``with`` block, once per
-    unique storage, leaving out the storages of ``exclude``'s parameters and buffers."""
+    unique storage, leaving out the storages of ``exclude``: a module's parameters and buffers, or tensors."""
 
-    def __init__(self, exclude: nn.Module | None = None):
+    def __init__(self, exclude: nn.Module | list[torch.Tensor] | None = None):
         self._excluded = set()
-        if exclude is not None:
-            for t in list(exclude.parameters()) + list(exclude.buffers()):
-                self._excluded.add(t.untyped_storage().data_ptr())
+        if isinstance(exclude, nn.Module):
+            exclude = list(exclude.parameters()) + list(exclude.buffers())
+        for t in exclude or []:
+            self._excluded.add(t.untyped_storage().data_ptr())
         self._seen: dict[int, int] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 

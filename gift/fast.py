@@ -97,6 +97,21 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
+def _identity(x):
+    return x
+
+
+def _is_prenorm_block(block: nn.Module) -> bool:
+    """timm's pre-norm ViT blocks compute ``x + ls2(mlp(norm2(x)))``: norm2 feeds mlp and nothing else."""
+    from timm.models.vision_transformer import Block
+
+    try:
+        from timm.models.eva import EvaBlock
+    except ImportError:
+        EvaBlock = Block
+    return type(block) in (Block, EvaBlock) and isinstance(getattr(block, "norm2", None), nn.Module)
+
+
 def _checkpointed(forward, *args, **kwargs):
     if torch.is_grad_enabled():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
@@ -159,17 +174,27 @@ class FastGIFT(GIFTModelBase):
         for module in self._checkpointed_modules:
             del module.forward
         self._checkpointed_modules = []
+        patched = []
         if memory == "mlp":
-            modules = [block.mlp for block in self._blocks() if isinstance(getattr(block, "mlp", None), nn.Module)]
-            if not modules:
+            blocks = [b for b in self._blocks() if isinstance(getattr(b, "mlp", None), nn.Module)]
+            if not blocks:
                 raise ValueError("memory='mlp' needs blocks with an .mlp submodule (timm ViT); use 'block' or 'none'.")
+            for block in blocks:
+                mlp_forward = type(block.mlp).forward.__get__(block.mlp)
+                if _is_prenorm_block(block):
+                    # recompute norm2 too: y = mlp(norm2(x)) becomes mlp'(x), norm2' = identity
+                    norm_forward = type(block.norm2).forward.__get__(block.norm2)
+                    block.mlp.forward = functools.partial(_checkpointed, lambda x, n=norm_forward, f=mlp_forward: f(n(x)))
+                    block.norm2.forward = _identity
+                    patched += [block.mlp, block.norm2]
+                else:
+                    block.mlp.forward = functools.partial(_checkpointed, mlp_forward)
+                    patched.append(block.mlp)
         elif memory == "block":
-            modules = self._blocks()
-        else:
-            modules = []
-        for module in modules:
-            module.forward = functools.partial(_checkpointed, type(module).forward.__get__(module))
-        self._checkpointed_modules = modules
+            for block in self._blocks():
+                block.forward = functools.partial(_checkpointed, type(block).forward.__get__(block))
+                patched.append(block)
+        self._checkpointed_modules = patched
         self.memory = memory
 
     # ------------------------------------------------------------------ the generator
