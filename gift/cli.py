@@ -1,56 +1,59 @@
-"""The ``gift`` command line (``python -m gift``)."""
+"""The ``gift`` command line (``python -m gift``): ``finetune``, ``demo``.
+
+Bad input ends with one line on stderr and exit status 2 (the traceback only with ``--debug``).
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .data import DataError
+from .train import UsageError, add_finetune_arguments
 
-def _demo(args: argparse.Namespace) -> int:
-    """A short forward/backward/AdamW run of a GIFT-wrapped ViT on project-made images, offline."""
-    import time
 
-    import timm
-    import torch
-    from tqdm import tqdm
+def _finetune(args) -> int:
+    from .train import finetune
 
-    import gift
-
-    torch.manual_seed(args.seed)
-    backbone = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
-    model = gift.GIFTReference(backbone, gift.GIFTConfig(rank=args.rank))
-    print(f"{args.model} (random init, nothing downloaded) wrapped with GIFT, block=paca, rank={args.rank}\n")
-    print(model.parameter_table(), "\n")
-    size = backbone.pretrained_cfg.get("input_size", (3, 224, 224))
-    images = torch.randn(args.batch_size, *size)
-    labels = torch.randint(0, args.num_classes, (args.batch_size,))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-    for step in tqdm(range(args.steps), desc="train steps"):
-        start = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        tqdm.write(f"step {step}: loss {loss.item():.4f}  ({time.perf_counter() - start:.2f} s)")
+    summary = finetune(args)
+    print(f"done: {summary['method']}, {summary['trainable_parameters']:,} trainable parameters, "
+          f"val top-1 {summary['top1']:.4f}; outputs in {summary['output']}")
     return 0
 
 
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gift", description="GIFT fine-tuning for timm Vision Transformers.")
+    from .demo import add_demo_arguments
+
+    parser = argparse.ArgumentParser(prog="gift", description="GIFT fine-tuning for timm Vision Transformers (offline).")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="short offline training run of a GIFT-wrapped ViT (what `make demo` runs)")
-    demo.add_argument("--model", default="vit_tiny_patch16_224")
-    demo.add_argument("--rank", type=int, default=16)
-    demo.add_argument("--steps", type=int, default=3)
-    demo.add_argument("--batch-size", type=int, default=4)
-    demo.add_argument("--num-classes", type=int, default=10)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+    p = sub.add_parser("finetune", help="fine-tune a timm ViT with GIFT or a baseline")
+    add_finetune_arguments(p)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for bad input")
+    p.set_defaults(func=_finetune)
+    p = sub.add_parser("demo", help="pretrain a small ViT on the embedded data, then compare GIFT, linear probe, LoRA")
+    add_demo_arguments(p)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for bad input")
+    p.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (UsageError, DataError) as e:
+        if args.debug:
+            raise
+        print(f"gift {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

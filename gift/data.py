@@ -1,0 +1,171 @@
+"""Data for `gift finetune`: the embedded synthetic dataset and ImageFolder trees, with clear errors.
+
+The embedded dataset (`SyntheticShapes`) is made at run time, deterministic by seed, nothing
+downloaded: each image holds one object (a circle, square, triangle or cross) filled with one of four
+patterns (solid, horizontal stripes, vertical stripes, checker) in a random colour, on a smooth random
+background, and comes with its per-pixel object mask. Two labelings of the same kind of images:
+``task="shape"`` (the pretraining task) and ``task="pattern"`` (the downstream task).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+SHAPES = ("circle", "square", "triangle", "cross")
+PATTERNS = ("solid", "stripes_h", "stripes_v", "checker")
+TASKS = {"shape": SHAPES, "pattern": PATTERNS}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Bad input data: the message says what and where."""
+
+
+def _shape_mask(kind: int, xx, yy, cx, cy, r):
+    dx, dy = xx - cx, yy - cy
+    if kind == 0:
+        return dx * dx + dy * dy <= r * r
+    if kind == 1:
+        return np.maximum(np.abs(dx), np.abs(dy)) <= 0.8 * r
+    if kind == 2:
+        top, bottom = cy - r, cy + 0.75 * r
+        return (yy >= top) & (yy <= bottom) & (np.abs(dx) <= 0.65 * (yy - top))
+    arm = r / 3.0
+    return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+
+
+def _pattern(kind: int, xx, yy, period: int):
+    if kind == 0:
+        return np.ones_like(xx, dtype=bool)
+    if kind == 1:
+        return (yy // period) % 2 == 0
+    if kind == 2:
+        return (xx // period) % 2 == 0
+    return ((xx // period) + (yy // period)) % 2 == 0
+
+
+def make_shapes(num_images: int, image_size: int = 32, seed: int = 0):
+    """``images`` uint8 (N, 3, S, S), ``masks`` bool (N, S, S), ``shapes`` and ``patterns`` int64 (N,)."""
+    rng = np.random.default_rng(seed)
+    s = image_size
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    images = np.empty((num_images, 3, s, s), dtype=np.uint8)
+    masks = np.empty((num_images, s, s), dtype=bool)
+    shapes = rng.integers(0, len(SHAPES), num_images)
+    patterns = rng.integers(0, len(PATTERNS), num_images)
+    period = max(1, s // 16)
+    for i in range(num_images):
+        # smooth background: a random linear gradient between two muted colours, plus faint noise
+        c0, c1 = rng.uniform(0.1, 0.6, 3), rng.uniform(0.1, 0.6, 3)
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = ((np.cos(angle) * xx + np.sin(angle) * yy) / s + 1.0) / 2.0
+        img = c0[:, None, None] * (1 - ramp) + c1[:, None, None] * ramp + rng.normal(0, 0.03, (3, s, s))
+        r = rng.uniform(0.22, 0.34) * s
+        cx, cy = rng.uniform(r + 1, s - r - 1, 2)
+        mask = _shape_mask(int(shapes[i]), xx, yy, cx, cy, r)
+        fg = rng.uniform(0.55, 1.0, 3)
+        bg = fg * rng.uniform(0.0, 0.35)
+        on = _pattern(int(patterns[i]), xx.astype(int), yy.astype(int), period)
+        colour = np.where(on[None], fg[:, None, None], bg[:, None, None])
+        img = np.where(mask[None], colour, img)
+        images[i] = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        masks[i] = mask
+    return torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(shapes), torch.from_numpy(patterns)
+
+
+class SyntheticShapes(Dataset):
+    """The embedded dataset: ``(image float (3, S, S) normalised, label)``; ``.masks[i]`` is the object mask.
+
+    Args:
+        num_images: how many images; ``seed`` makes them (different seeds: disjoint draws).
+        task: ``"shape"`` or ``"pattern"`` labels.
+        mean, std: per-channel normalisation (the model's, e.g. timm's data config).
+    """
+
+    def __init__(self, num_images: int, image_size: int = 32, seed: int = 0, task: str = "pattern",
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+        if task not in TASKS:
+            raise DataError(f"unknown task {task!r}; the embedded dataset has {sorted(TASKS)}")
+        self.images, self.masks, self.shapes, self.patterns = make_shapes(num_images, image_size, seed)
+        self.task = task
+        self.classes = list(TASKS[task])
+        self.labels = self.shapes if task == "shape" else self.patterns
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def raw_image(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+    def __getitem__(self, i: int):
+        x = (self.images[i].float() / 255.0 - self.mean) / self.std
+        return x, int(self.labels[i])
+
+
+@dataclass
+class ScanResult:
+    files: list[tuple[str, int]]
+    classes: list[str]
+    skipped: list[str]
+
+
+def scan_image_folder(root: str, skip_bad_images: bool = False) -> ScanResult:
+    """List ``root/<class>/<image>`` files and check that every image opens.
+
+    Raises `DataError` for a missing or empty folder, a class folder with no images, or (unless
+    ``skip_bad_images``) an unreadable image, naming it.
+    """
+    from PIL import Image
+
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root!r} does not exist")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise DataError(f"data folder {root!r} has no class folders (expected {root}/<class>/<image files>)")
+    files, skipped = [], []
+    for label, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        images = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not images:
+            raise DataError(f"class folder {folder!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        for f in images:
+            path = os.path.join(folder, f)
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except Exception as e:  # PIL raises many types for broken files
+                if not skip_bad_images:
+                    raise DataError(f"cannot read image {path!r} ({type(e).__name__}: {e}); "
+                                    f"fix or remove it, or pass --skip-bad-images") from None
+                skipped.append(path)
+                continue
+            files.append((path, label))
+    return ScanResult(files, classes, skipped)
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>`` resized to ``image_size`` and normalised with ``mean``/``std``."""
+
+    def __init__(self, scan: ScanResult, image_size: int, mean, std):
+        self.files, self.classes = scan.files, scan.classes
+        self.image_size = image_size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path, label = self.files[i]
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
+            x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        return (x - self.mean) / self.std, label
