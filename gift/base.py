@@ -234,6 +234,31 @@ class GIFTModelBase(nn.Module):
     def generator_dtype(self, key: str) -> torch.dtype:
         return self.in_projections[key].weight.dtype
 
+    @torch.no_grad()
+    def cluster_assignments(self, key: str | None = None, block: int = 0) -> torch.Tensor:
+        """The explainer's clusters (GIFT_SPEC.md section 4) for every layer of ``key``: ``(L, d_out, M)``.
+
+        C = sigmoid(S) of PaCa block ``block`` (before the 1/N; softmax over tokens if so configured),
+        computed from the frozen weights. With the ``identity`` block: the r columns of T = W phi^T.
+        """
+        group = self.target_groups[0] if key is None else next((g for g in self.target_groups if g.key == key), None)
+        if group is None:
+            raise KeyError(f"No target key {key!r}; this model has {[g.key for g in self.target_groups]}.")
+        if any(getattr(m, "merged", False) for m in group.modules):
+            raise RuntimeError("the model is merged: its weights hold W + dW; call unmerge() before explaining.")
+        phi, dtype = self.in_projections[group.key], self.generator_dtype(group.key)
+        tokens = torch.stack([phi(m.weight.to(dtype)) for m in group.modules])
+        blocks = self.hypernets[group.key].blocks
+        if len(blocks) == 0:
+            return tokens
+        if not 0 <= block < len(blocks):
+            raise ValueError(f"block={block} is out of range: this generator has {len(blocks)} block(s).")
+        for b in blocks[:block]:
+            tokens = b(tokens)
+        from .generator import l2_normalize
+
+        return blocks[block].attn.cluster_assignment(l2_normalize(tokens), divide_by_n=False)
+
     # ------------------------------------------------------------------ checkpoints
     def _is_gift_key(self, key: str) -> bool:
         return key.startswith(GIFT_PREFIXES) or (
@@ -281,16 +306,17 @@ class GIFTModelBase(nn.Module):
     def _target_shapes(self) -> dict[str, list[int]]:
         return {g.key: [len(g), g.out_features, g.in_features] for g in self.target_groups}
 
-    def save_adapter(self, directory: str | os.PathLike) -> None:
+    def save_adapter(self, directory: str | os.PathLike, run: dict | None = None) -> None:
         """Write ``gift_adapter.safetensors`` (GIFT weights and the head) and ``gift_config.json``,
-        each atomically (temp file, then rename). The frozen backbone is never written."""
+        each atomically (temp file, then rename). The frozen backbone is never written; ``run`` (e.g.
+        the timm model name and the local pretrained file) is kept in the JSON for tools like ``gift explain``."""
         from safetensors.torch import save_file
 
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.gift_state_dict().items()}
         meta = {"format": "gift-adapter-v1", "config": self.config.to_dict(), "targets": self._target_shapes(),
-                "head": self.head_name, "backbone_class": type(self.backbone).__name__}
+                "head": self.head_name, "backbone_class": type(self.backbone).__name__, "run": run or {}}
         atomic_write(os.path.join(directory, ADAPTER_WEIGHTS), lambda tmp: save_file(tensors, tmp))
 
         def write_json(tmp):

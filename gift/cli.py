@@ -1,4 +1,4 @@
-"""The ``gift`` command line (``python -m gift``): ``finetune``, ``demo``.
+"""The ``gift`` command line (``python -m gift``): ``finetune``, ``demo``, ``explain``.
 
 Bad input ends with one line on stderr and exit status 2 (the traceback only with ``--debug``).
 """
@@ -26,8 +26,15 @@ def _demo(args) -> int:
     return run_demo(args)
 
 
+def _explain(args) -> int:
+    from .explain_cli import run_explain
+
+    return run_explain(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_arguments
+    from .explain_cli import add_explain_arguments
 
     parser = argparse.ArgumentParser(prog="gift", description="GIFT fine-tuning for timm Vision Transformers (offline).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
@@ -40,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(p)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for bad input")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("explain", help="PNG cluster maps (the built-in explainer) of images for a GIFT adapter")
+    add_explain_arguments(p)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for bad input")
+    p.set_defaults(func=_explain)
     return parser
 
 

@@ -346,12 +346,14 @@ def finetune(args, keep_model: bool = False) -> dict:
             print(f"resumed from {ckpt_path} at epoch {start_epoch + 1}, step {start_step}")
     local = args.batch_size // d.world
     epoch, step = start_epoch, start_step
+    run_info = {"model": args.model, "num_classes": len(classes), "classes": list(classes),
+                "pretrained_file": os.path.abspath(args.pretrained_file) if args.pretrained_file else None}
 
     def checkpoint(epoch_, step_, partial_):
         if d.main:
             save_checkpoint(ckpt_path, model, optimizer, scheduler, identity, epoch_, step_, history, partial_)
             if gift_model is not None:
-                gift_model.save_adapter(os.path.join(args.output, "adapter"))
+                gift_model.save_adapter(os.path.join(args.output, "adapter"), run=run_info)
 
     try:
         for epoch in range(start_epoch, args.epochs):
