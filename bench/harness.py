@@ -72,11 +72,12 @@ def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int, warmup:
 
 
 def median_ratios(times: dict[str, list[float]], baseline: str) -> dict[str, float]:
-    """Median time of each provider over the baseline's median time."""
+    """Each provider's time over the baseline's, as the median over rounds of the ratio within a round
+    (the two calls of a pair ran next to each other, so slow drifts of the machine cancel)."""
     if baseline not in times:
         return {}
-    base = statistics.median(times[baseline])
-    return {name: statistics.median(t) / base for name, t in times.items()}
+    base = times[baseline]
+    return {name: statistics.median(a / b for a, b in zip(t, base)) for name, t in times.items()}
 
 
 def device_slug(device: torch.device) -> str:

@@ -105,7 +105,7 @@ def measure_model(name: str, batch: int, cfg: dict) -> dict:
             torch.cuda.synchronize(device)
             peak[p] = torch.cuda.max_memory_allocated(device)
     # rounds: small models are noisier and cheaper, so they get more
-    rounds = cfg["rounds"] or (20 if device.type == "cuda" or batch * size[-1] ** 2 < 4 * 224 ** 2 else 5)
+    rounds = cfg["rounds"] or (20 if device.type == "cuda" else 30 if batch * size[-1] ** 2 < 4 * 224 ** 2 else 5)
     times = interleaved_times({p: (lambda prov=prov: prov.step(x, y, dtype)) for p, prov in providers.items()},
                               rounds=rounds, warmup=2, sync=_sync(device))
     result = dict(providers=providers, skipped=skipped, x=x, y=y, times=times, saved=saved, peak=peak, agree=agree,

@@ -22,19 +22,26 @@ def lowrank_residual_linear_reference(x, weight, bias, psi, tokens):
     return F.linear(x, weight + (tokens @ psi.transpose(0, 1)).to(weight.dtype), bias)
 
 
+def matmul_lowrank_torch(a, b, p, q, bias=None):
+    """``a @ b + p @ q^T (+ bias)`` with the vendor BLAS: two GEMMs, the second accumulated in place."""
+    out = torch.addmm(bias, a, b) if bias is not None else a @ b
+    return out.addmm_(p, q.t())
+
+
 class LowRankResidualLinear(torch.autograd.Function):
-    """Torch-path autograd Function; backward written out by hand."""
+    """Backward written out by hand; ``matmul_lowrank(a, b, p, q, bias)`` computes the two full-size
+    products ``x W^T + (x psi) T^T + b`` and ``g W + (g T) psi^T`` (torch: `matmul_lowrank_torch`;
+    Triton: `residual_triton.matmul_lowrank_epilogue`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, psi, tokens):
+    def forward(ctx, x, weight, bias, psi, tokens, matmul_lowrank):
         ctx.gift_dtypes = (psi.dtype, tokens.dtype)
         psi, tokens = psi.to(x.dtype), tokens.to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         x_psi = x2 @ psi                                                   # (B, r)
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        y = y.addmm_(x_psi, tokens.t())
+        y = matmul_lowrank(x2, weight.t(), x_psi, tokens, bias)
         ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, x_psi, weight, psi, tokens)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.matmul_lowrank = x.shape, matmul_lowrank
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -44,12 +51,12 @@ class LowRankResidualLinear(torch.autograd.Function):
         g_tokens = g @ tokens                                              # (B, r)
         grad_x = grad_psi = grad_tokens = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addmm(g @ weight, g_tokens, psi.t()).reshape(ctx.x_shape)
+            grad_x = ctx.matmul_lowrank(g, weight, g_tokens, psi).reshape(ctx.x_shape)
         if ctx.needs_input_grad[3]:
             grad_psi = (x2.t() @ g_tokens).to(ctx.gift_dtypes[0])          # (d_in, r)
         if ctx.needs_input_grad[4]:
             grad_tokens = (g.t() @ x_psi).to(ctx.gift_dtypes[1])           # (d_out, r)
-        return grad_x, None, None, grad_psi, grad_tokens
+        return grad_x, None, None, grad_psi, grad_tokens, None
 
 
 def lowrank_residual_linear(x, weight, bias, psi, tokens, backend: str | None = None):
@@ -63,8 +70,7 @@ def lowrank_residual_linear(x, weight, bias, psi, tokens, backend: str | None = 
     if len(dtypes) != 1:
         raise TypeError(f"lowrank_residual_linear needs one dtype for x, W and b, got {sorted(map(str, dtypes))}; "
                         f"cast them (or run under torch.autocast) first.")
+    matmul_lowrank = matmul_lowrank_torch
     if resolve_backend(x.device, x.dtype, backend, "lowrank_residual_linear") == "triton":
-        from .residual_triton import LowRankResidualLinearTriton
-
-        return LowRankResidualLinearTriton.apply(x, weight, bias, psi, tokens)
-    return LowRankResidualLinear.apply(x, weight, bias, psi, tokens)
+        from .residual_triton import matmul_lowrank_epilogue as matmul_lowrank
+    return LowRankResidualLinear.apply(x, weight, bias, psi, tokens, matmul_lowrank)

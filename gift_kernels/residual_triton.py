@@ -1,4 +1,5 @@
-"""Triton path of `lowrank_residual_linear`: a GEMM with a fused low-rank epilogue.
+"""Triton path of `lowrank_residual_linear`: a GEMM with a fused low-rank epilogue, used by
+`residual.LowRankResidualLinear` for its two full-size products.
 
     out = A @ B + P @ Q^T (+ bias)        A: (M, K)  B: (K, N)  P: (M, R)  Q: (N, R)
 
@@ -96,31 +97,3 @@ def matmul_lowrank_epilogue(a, b, p, q, bias=None):
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), p.stride(0), q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, BLOCK_R=max(16, triton.next_power_of_2(R)), **cfg)
     return out
-
-
-class LowRankResidualLinearTriton(torch.autograd.Function):
-    """Same contract as `residual.LowRankResidualLinear`; the two full-size GEMMs fuse their low-rank term."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, psi, tokens):
-        ctx.gift_dtypes = (psi.dtype, tokens.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        x_psi = x2 @ psi.to(x.dtype)                                              # (B, r)
-        y = matmul_lowrank_epilogue(x2, weight.t(), x_psi, tokens, bias)
-        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, x_psi, weight, psi, tokens)
-        ctx.x_shape = x.shape
-        return y.reshape(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x2, x_psi, weight, psi, tokens = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1])
-        g_tokens = g @ tokens.to(g.dtype)                                          # (B, r)
-        grad_x = grad_psi = grad_tokens = None
-        if ctx.needs_input_grad[0]:
-            grad_x = matmul_lowrank_epilogue(g, weight, g_tokens, psi).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            grad_psi = (x2.t() @ g_tokens).to(ctx.gift_dtypes[0])
-        if ctx.needs_input_grad[4]:
-            grad_tokens = (g.t() @ x_psi).to(ctx.gift_dtypes[1])
-        return grad_x, None, None, grad_psi, grad_tokens
