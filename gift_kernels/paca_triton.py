@@ -264,7 +264,9 @@ def _launch_config(t: torch.Tensor, M: int, num_heads: int) -> dict:
     dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(t.dtype, tl.float32)
     return dict(BLOCK_N=block_n, BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_R=max(16, triton.next_power_of_2(R)),
                 IEEE=t.dtype == torch.float32, DT=dt, splits=splits, blocks_per_split=blocks_per_split,
-                num_warps=4 if not interpret else 1)
+                num_warps=1 if interpret else 4,
+                # backward holds two (M x r) accumulators beside its (BLOCK_N x M) tiles: more warps, fewer spills
+                num_warps_bwd=1 if interpret else 8)
 
 
 def paca_attention_triton_forward(t: torch.Tensor, p: PacaParams, num_heads: int):
@@ -318,7 +320,7 @@ class PacaAttentionTriton(torch.autograd.Function):
         dkq_part, dvp_part = torch.empty(splits, L * h, M, R, **f32), torch.empty(splits, L * h, M, R, **f32)
         dcq_part = torch.empty(splits, L * h, M, **f32)
         blocks = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], IEEE=cfg["IEEE"], DT=cfg["DT"],
-                      num_warps=cfg["num_warps"])
+                      num_warps=cfg["num_warps_bwd"])
         _paca_attn_bwd[(L * h, splits)](t, g, kq, cq, vp, lse, du_heads, dkq_part, dcq_part, dvp_part, N, M, R, bps,
                                         H=h, **blocks)
         dkq = dkq_part.sum(0).view(L, h * M, R)
