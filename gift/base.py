@@ -231,6 +231,13 @@ class GIFTModelBase(nn.Module):
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ the generator
+    def target_group(self, key: str | None = None) -> TargetGroup:
+        """The layers adapted under ``key`` (default: the first target key)."""
+        for group in self.target_groups:
+            if key is None or group.key == key:
+                return group
+        raise KeyError(f"No target key {key!r}; this model has {[g.key for g in self.target_groups]}.")
+
     def generator_dtype(self, key: str) -> torch.dtype:
         return self.in_projections[key].weight.dtype
 
@@ -241,9 +248,7 @@ class GIFTModelBase(nn.Module):
         C = sigmoid(S) of PaCa block ``block`` (before the 1/N; softmax over tokens if so configured),
         computed from the frozen weights. With the ``identity`` block: the r columns of T = W phi^T.
         """
-        group = self.target_groups[0] if key is None else next((g for g in self.target_groups if g.key == key), None)
-        if group is None:
-            raise KeyError(f"No target key {key!r}; this model has {[g.key for g in self.target_groups]}.")
+        group = self.target_group(key)
         if any(getattr(m, "merged", False) for m in group.modules):
             raise RuntimeError("the model is merged: its weights hold W + dW; call unmerge() before explaining.")
         phi, dtype = self.in_projections[group.key], self.generator_dtype(group.key)

@@ -67,7 +67,7 @@ def explain(model: GIFTModelBase, images: torch.Tensor, layers=None, pre_delta: 
         raise TypeError(f"explain() needs a model wrapped with GIFT (GIFTReference or FastGIFT), got {type(model).__name__}.")
     if images.dim() != 4:
         raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}.")
-    group = model.target_groups[0] if key is None else next(g for g in model.target_groups if g.key == key)
+    group = model.target_group(key)
     L = len(group)
     layers = list(range(L)) if layers is None else [int(i) for i in layers]
     bad = [i for i in layers if not 0 <= i < L]

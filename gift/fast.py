@@ -200,7 +200,7 @@ class FastGIFT(GIFTModelBase):
     # ------------------------------------------------------------------ the generator
     def generator_tokens(self, key: str) -> torch.Tensor:
         """T = Hypernet(W phi^T) for all L layers of ``key`` at once: ``(L, d_out, r)``, generator dtype."""
-        group = next(g for g in self.target_groups if g.key == key)
+        group = self.target_group(key)
         phi, dtype = self.in_projections[key], self.generator_dtype(key)
         with torch.autocast(device_type=phi.weight.device.type, enabled=False):
             tokens = torch.stack([phi(m.weight.to(dtype)) for m in group.modules])
@@ -217,7 +217,7 @@ class FastGIFT(GIFTModelBase):
     def delta_weight(self, key: str, layer: int) -> torch.Tensor:
         """dW_l = T_l psi^T: ``(d_out, d_in)`` in the target weight's dtype (for inspection and merge)."""
         psi, tokens = self._out_projection(key, self.generator_tokens(key)[layer])
-        group = next(g for g in self.target_groups if g.key == key)
+        group = self.target_group(key)
         return (tokens @ psi.t()).to(group.modules[layer].weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -43,23 +43,17 @@ class GIFTReference(GIFTModelBase):
 
     def generator_tokens(self, key: str, layer: int) -> torch.Tensor:
         """T_l = Hypernet(W_l phi^T) of one layer: ``(d_out, r)`` in the generator's dtype."""
-        weight = self._group(key).modules[layer].weight
+        weight = self.target_group(key).modules[layer].weight
         with torch.autocast(device_type=weight.device.type, enabled=False):
             tokens = self.in_projections[key](weight.to(self.generator_dtype(key)))
             return self.hypernets[key](tokens)
 
     def delta_weight(self, key: str, layer: int) -> torch.Tensor:
         """dW_l = T_l psi^T: ``(d_out, d_in)`` in the target weight's dtype."""
-        weight = self._group(key).modules[layer].weight
+        weight = self.target_group(key).modules[layer].weight
         with torch.autocast(device_type=weight.device.type, enabled=False):
             delta = self.out_projections[key](self.generator_tokens(key, layer))
         return delta.to(weight.dtype)
-
-    def _group(self, key: str):
-        for group in self.target_groups:
-            if group.key == key:
-                return group
-        raise KeyError(f"No target key {key!r}; this model has {[g.key for g in self.target_groups]}.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
