@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -29,14 +28,20 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORTABLE: bool | None = None  # a plain cache: torch.compile traces through this module
+
+
 def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    global _TRITON_IMPORTABLE
+    if _TRITON_IMPORTABLE is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON_IMPORTABLE = True
+        except ImportError:
+            _TRITON_IMPORTABLE = False
+    return _TRITON_IMPORTABLE
 
 
 def triton_available(device: torch.device | str | None = None) -> bool:
