@@ -25,11 +25,12 @@ import triton.language as tl
 from .paca import EPS, PacaParams, _cluster_side, _cluster_side_backward
 
 
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+# masks only where a length is not a multiple of its block (N) or not a power of two (M, r)
+_even_sizes = triton.heuristics({
+    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
+    "EVEN_M": lambda a: a["M"] == a["BLOCK_M"],
+    "EVEN_R": lambda a: a["R"] == a["BLOCK_R"],
+})
 
 
 @triton.jit
@@ -65,11 +66,7 @@ def _l2_rows(t):
     return t / tl.maximum(norm, 1e-12)[:, None], norm
 
 
-@triton.heuristics({
-    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
-    "EVEN_M": lambda a: a["M"] == a["BLOCK_M"],
-    "EVEN_R": lambda a: a["R"] == a["BLOCK_R"],
-})
+@_even_sizes
 @triton.jit
 def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, KQ, CQ, VP,
                       N, M, R, inv_n, scale,
@@ -100,7 +97,7 @@ def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, KQ, CQ, V
         tl.store(PNORM + layer * M + offs_m, pnorm)
     else:
         tl.store(PNORM + layer * M + offs_m, pnorm, mask=offs_m < M)
-    # cluster side (M rows): K, V, then per head the folded keys/values
+    # cluster side (M rows, fp32 IEEE whatever the input dtype): K, V, then per head the folded keys/values
     offs_rr = tl.arange(0, BLOCK_R)
     wk = _load_rows(Wk, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)                 # (out, in)
     wv = _load_rows(Wv, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
@@ -109,15 +106,15 @@ def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, KQ, CQ, V
     bk = tl.load(Bk + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
     bv = tl.load(Bv + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
     bq = tl.load(Bq + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
-    k = _dot(z, tl.trans(wk), True) + bk[None, :]
-    v = _dot(z, tl.trans(wv), True) + bv[None, :]
+    k = tl.dot(z, tl.trans(wk), input_precision="ieee") + bk[None, :]
+    v = tl.dot(z, tl.trans(wv), input_precision="ieee") + bv[None, :]
     for j in tl.static_range(H):
         in_head = (offs_r >= j * D) & (offs_r < (j + 1) * D)
         kj = tl.where(in_head[None, :], k, 0.0)
         vj = tl.where(in_head[None, :], v, 0.0)
-        kq = _dot(kj, wq, True) * scale                                             # (M, R)
+        kq = tl.dot(kj, wq, input_precision="ieee") * scale                 # (M, R)
         cq = tl.sum(kj * bq[None, :], axis=1) * scale                               # (M,)
-        vp = _dot(vj, tl.trans(wp), True)                                           # (M, R)
+        vp = tl.dot(vj, tl.trans(wp), input_precision="ieee")               # (M, R)
         base = (layer * H + j) * M
         _store_rows(KQ + base * R, kq, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
         _store_rows(VP + base * R, vp, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
@@ -132,11 +129,7 @@ def _head_probs(u, kq, cq, offs_m, M, IEEE: tl.constexpr, DT: tl.constexpr, EVEN
     return logits
 
 
-@triton.heuristics({
-    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
-    "EVEN_M": lambda a: a["M"] == a["BLOCK_M"],
-    "EVEN_R": lambda a: a["R"] == a["BLOCK_R"],
-})
+@_even_sizes
 @triton.jit
 def _paca_attn_fwd(T, KQ, CQ, VP, Bp, OUT, LSE, N, M, R,
                    H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -168,11 +161,7 @@ def _paca_attn_fwd(T, KQ, CQ, VP, Bp, OUT, LSE, N, M, R,
     _store_rows(OUT + layer * N * R, out, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
 
 
-@triton.heuristics({
-    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
-    "EVEN_M": lambda a: a["M"] == a["BLOCK_M"],
-    "EVEN_R": lambda a: a["R"] == a["BLOCK_R"],
-})
+@_even_sizes
 @triton.jit
 def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M, R, blocks_per_split,
                    H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -211,11 +200,7 @@ def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M
     tl.store(DCQ_PART + part + offs_m, dcq, mask=offs_m < M)
 
 
-@triton.heuristics({
-    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
-    "EVEN_M": lambda a: a["M"] == a["BLOCK_M"],
-    "EVEN_R": lambda a: a["R"] == a["BLOCK_R"],
-})
+@_even_sizes
 @triton.jit
 def _paca_cluster_bwd(T, G, DU, DP, Wc, Bc, DT_OUT, DWC_PART, DBC_PART, N, M, R, inv_n, blocks_per_split,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
