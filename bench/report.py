@@ -27,7 +27,7 @@ def markdown(rows) -> str:
     lines = [f"Device: `{device}`, dtype {rows[0]['dtype']}, torch {rows[0]['torch']}, triton {rows[0]['triton']}. "
              "Ratios are medians of interleaved runs in one process; saved MiB counts tensors saved for backward "
              "(unique storages, parameters and buffers excluded); agreement is the max relative error of outputs / "
-             "GIFT gradients vs a float64 reference (the fp32 reference's own error in brackets).", ""]
+             "GIFT gradients vs a float64 reference (in brackets: the reference's own error in the same dtype).", ""]
     steps = _pivot(rows, "train_step")
     if steps:
         lines += ["| model | provider | step ms | x no_adapter | x reference | saved MiB | x LoRA saved | agreement out / grad |",
@@ -116,3 +116,24 @@ def update_readme(results_root: str, readme: str) -> None:
     text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: generated, text, flags=re.S)
     with open(readme, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def _read_csv(path: str) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["value"] = None if r["value"] in ("", "None") else float(r["value"])
+    return rows
+
+
+def main() -> None:
+    """``python -m bench.report``: rebuild results.md, results.png and the README section from every
+    ``bench/results/<device>/results.csv`` (no measuring)."""
+    root = os.path.join(os.path.dirname(__file__), "results")
+    for path in sorted(glob.glob(os.path.join(root, "*", "results.csv"))):
+        write_all(_read_csv(path), os.path.dirname(path))
+    update_readme(root, os.path.join(os.path.dirname(__file__), "..", "README.md"))
+
+
+if __name__ == "__main__":
+    main()
