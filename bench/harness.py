@@ -137,11 +137,9 @@ def build_provider(name: str, backbone: nn.Module, rank: int, gift_state: dict |
         backbone.get_classifier().requires_grad_(True)
         return Provider(name, backbone, torch.optim.AdamW(_trainable(backbone), lr=1e-4), input_requires_grad=True)
     if name == "lora":
-        from peft import LoraConfig, get_peft_model
+        from gift.train import lora_model
 
-        head = [n for n, m in backbone.named_modules() if m is backbone.get_classifier()][0]
-        cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=["attn.proj"], modules_to_save=[head])
-        model = get_peft_model(backbone, cfg)
+        model = lora_model(backbone, rank)
         return Provider(name, model, torch.optim.AdamW(_trainable(model), lr=1e-4))
     if name == "reference":
         model = gift.GIFTReference(backbone, gift_config(rank))

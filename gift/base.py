@@ -114,7 +114,8 @@ def find_targets(backbone: nn.Module, target_modules: tuple[str, ...]) -> list[T
     return groups
 
 
-def _classifier_name(backbone: nn.Module) -> str | None:
+def classifier_name(backbone: nn.Module) -> str | None:
+    """Module name of ``backbone.get_classifier()`` (timm API), or None."""
     get_classifier = getattr(backbone, "get_classifier", None)
     if get_classifier is None:
         return None
@@ -177,7 +178,7 @@ class GIFTModelBase(nn.Module):
         self.backbone = backbone
         self.backbone.requires_grad_(False)
         self.target_groups = find_targets(backbone, config.target_modules)
-        self.head_name = _classifier_name(backbone)
+        self.head_name = classifier_name(backbone)
         if self.head_name is not None:
             self.backbone.get_submodule(self.head_name).requires_grad_(True)
 
@@ -241,6 +242,12 @@ class GIFTModelBase(nn.Module):
     def generator_dtype(self, key: str) -> torch.dtype:
         return self.in_projections[key].weight.dtype
 
+    def input_tokens(self, key: str | None = None) -> torch.Tensor:
+        """T = W_l phi^T for every layer of ``key``, read from the frozen weights in place: ``(L, d_out, r)``."""
+        group = self.target_group(key)
+        phi, dtype = self.in_projections[group.key], self.generator_dtype(group.key)
+        return torch.stack([phi(m.weight.to(dtype)) for m in group.modules])
+
     @torch.no_grad()
     def cluster_assignments(self, key: str | None = None, block: int = 0) -> torch.Tensor:
         """The explainer's clusters (GIFT_SPEC.md section 4) for every layer of ``key``: ``(L, d_out, M)``.
@@ -251,8 +258,7 @@ class GIFTModelBase(nn.Module):
         group = self.target_group(key)
         if any(getattr(m, "merged", False) for m in group.modules):
             raise RuntimeError("the model is merged: its weights hold W + dW; call unmerge() before explaining.")
-        phi, dtype = self.in_projections[group.key], self.generator_dtype(group.key)
-        tokens = torch.stack([phi(m.weight.to(dtype)) for m in group.modules])
+        tokens = self.input_tokens(group.key)
         blocks = self.hypernets[group.key].blocks
         if len(blocks) == 0:
             return tokens

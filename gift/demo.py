@@ -7,8 +7,6 @@ import hashlib
 import json
 import os
 
-import torch
-
 from .train import add_finetune_arguments, finetune
 
 PRETRAIN = dict(task="shape", method="full", epochs=20, train_size=4000, val_size=1000, data_seed=100, lr=2e-3,
@@ -31,7 +29,7 @@ def pretrained_backbone(model: str, seed: int, cache_dir: str, quiet: bool) -> s
     """Path of the cached pretraining result (made on first use): the backbone without its head."""
     from safetensors.torch import save_file
 
-    from .base import atomic_write
+    from .base import atomic_write, classifier_name
 
     key = hashlib.sha256(json.dumps({"model": model, "seed": seed, **PRETRAIN}, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"{model}-{key}.safetensors")
@@ -42,8 +40,8 @@ def pretrained_backbone(model: str, seed: int, cache_dir: str, quiet: bool) -> s
     out = os.path.join(cache_dir, f"pretrain-{key}")
     summary = finetune(_args(model=model, seed=seed, output=out, quiet=quiet, **PRETRAIN), keep_model=True)
     backbone = summary["model"]
-    head = {n for n, m in backbone.named_modules() if m is backbone.get_classifier()}
-    state = {k: v.contiguous() for k, v in backbone.state_dict().items() if not any(k.startswith(h + ".") for h in head)}
+    head = classifier_name(backbone)
+    state = {k: v.contiguous() for k, v in backbone.state_dict().items() if not k.startswith(f"{head}.")}
     os.makedirs(cache_dir, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(state, tmp))
     print(f"pretrained: val top-1 on 'shape' {summary['top1']:.3f}")
@@ -92,7 +90,7 @@ def explainer_report(model, model_name: str, weights: str, out_dir: str) -> str:
     frozen = create_backbone(model_name, len(train.classes), 0.0, weights).eval()
     candidates = {
         "GIFT explainer (adapted outputs)": explainer_candidates(model),
-        "GIFT explainer (pre-delta outputs)": lambda x: torch.cat(list(explain(model, x, pre_delta=True).maps.values()), 1),
+        "GIFT explainer (pre-delta outputs)": explainer_candidates(model, pre_delta=True),
         "baseline: CLS-token attention of the frozen model": lambda x: cls_attention_maps(frozen, x),
         "baseline: random cluster weights": explainer_candidates(model, random_clusters(model, seed=0)),
     }

@@ -173,10 +173,10 @@ def select_and_score(candidate_fn, train_images, train_masks, train_labels, test
     return {"miou": sum(per_class.values()) / max(len(per_class), 1), "per_class": per_class, "choices": choices}
 
 
-def explainer_candidates(model: GIFTModelBase, clusters: torch.Tensor | None = None):
+def explainer_candidates(model: GIFTModelBase, clusters: torch.Tensor | None = None, pre_delta: bool = False):
     """``images -> (B, L*M, H, W)``: every cluster map of every target layer, as candidates."""
     def fn(images):
-        maps = explain(model, images, clusters=clusters).maps
+        maps = explain(model, images, clusters=clusters, pre_delta=pre_delta).maps
         return torch.cat([maps[i] for i in sorted(maps)], 1)
     return fn
 

@@ -200,11 +200,9 @@ class FastGIFT(GIFTModelBase):
     # ------------------------------------------------------------------ the generator
     def generator_tokens(self, key: str) -> torch.Tensor:
         """T = Hypernet(W phi^T) for all L layers of ``key`` at once: ``(L, d_out, r)``, generator dtype."""
-        group = self.target_group(key)
-        phi, dtype = self.in_projections[key], self.generator_dtype(key)
-        with torch.autocast(device_type=phi.weight.device.type, enabled=False):
-            tokens = torch.stack([phi(m.weight.to(dtype)) for m in group.modules])
-            return run_hypernet(self.hypernets[key], tokens, self.kernels)
+        device_type = self.in_projections[key].weight.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return run_hypernet(self.hypernets[key], self.input_tokens(key), self.kernels)
 
     def _out_projection(self, key: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """psi (d_in x r') and tokens (..., d_out, r') such that dW = tokens psi^T (bias folded in)."""

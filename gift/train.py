@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import atomic_write
+from .base import atomic_write, classifier_name
 from .config import GIFTConfig
 from .data import DataError, ImageFolderDataset, SyntheticShapes, scan_image_folder
 
@@ -104,8 +104,8 @@ def load_pretrained(backbone: nn.Module, path: str) -> None:
     """Load a local timm state dict into ``backbone``; a classifier of another size is left as initialised."""
     state = _read_weights(path)
     own = backbone.state_dict()
-    head = {n for n, m in backbone.named_modules() if m is backbone.get_classifier()}
-    head_keys = {k for k in own if any(k.startswith(h + ".") for h in head)}
+    head = classifier_name(backbone)
+    head_keys = {k for k in own if head is not None and k.startswith(head + ".")}
     misshapen = [k for k in state if k in own and state[k].shape != own[k].shape and k not in head_keys]
     missing = [k for k in own if k not in state and k not in head_keys]
     if misshapen or missing:
@@ -115,6 +115,15 @@ def load_pretrained(backbone: nn.Module, path: str) -> None:
                          f"is it for another model or size?")
     state = {k: v for k, v in state.items() if k in own and not (k in head_keys and v.shape != own[k].shape)}
     backbone.load_state_dict(state, strict=False)
+
+
+def lora_model(backbone: nn.Module, rank: int, target_modules=("attn.proj",)) -> nn.Module:
+    """PEFT LoRA on the same layers GIFT adapts (alpha = rank, no dropout), the classifier head trained."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(target_modules),
+                     modules_to_save=[classifier_name(backbone)])
+    return get_peft_model(backbone, cfg)
 
 
 def build_model(args, backbone: nn.Module):
@@ -127,12 +136,7 @@ def build_model(args, backbone: nn.Module):
         model = FastGIFT(backbone, cfg, memory=args.memory, backbone_dtype=dtype)
         return model, model
     if args.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        head = [n for n, m in backbone.named_modules() if m is backbone.get_classifier()][0]
-        cfg = LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, target_modules=["attn.proj"],
-                         modules_to_save=[head])
-        return get_peft_model(backbone, cfg), None
+        return lora_model(backbone, args.rank), None
     backbone.requires_grad_(args.method == "full")
     backbone.get_classifier().requires_grad_(True)
     return backbone, None

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paca import EPS, PacaParams, _cluster_side, _cluster_side_backward
+from .paca import PacaParams, _cluster_side, _cluster_side_backward
 
 
 # masks only where a length is not a multiple of its block (N) or not a power of two (M, r)

@@ -3,10 +3,8 @@ import copy
 import os
 
 import pytest
-import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gift import FastGIFT, GIFTConfig, GIFTReference
 from gift.fast import GIFTLinear

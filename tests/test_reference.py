@@ -8,7 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gift import GIFTConfig, GIFTReference
-from gift.generator import l2_normalize
 
 from conftest import ToyViT, randomize_gift_
 
