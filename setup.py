@@ -9,6 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["gift", "gift.*", "gift_kernels", "gift_kernels.*"]),
+    package_data={"gift": ["recipes/*.yaml"]},
     install_requires=[
         "torch>=2.1",
         "triton>=2.1",
@@ -17,6 +18,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "pillow>=9.0",
+        "pyyaml>=5.4",
     ],
     extras_require={
         "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", "peft>=0.10", "matplotlib>=3.6"],

@@ -1,0 +1,170 @@
+"""`gift sweep`: the paper's protocol as one command. Train every (lr, weight decay) point of a grid on the
+search split for ``search_epochs`` and evaluate on the search-eval split, one row per point in
+``OUTPUT/sweep.csv`` (written atomically after every point); then train the best point on the final split
+(train + val) for the full ``epochs`` and evaluate on test, writing ``OUTPUT/final/eval.json``.
+
+Re-running the same command resumes: finished points (rows of sweep.csv) are not trained again, a point or
+final run cut off mid-way continues from its checkpoint, and a finished final run is not repeated.
+
+`run_grid_search` takes the training as a callable ``train_point(settings) -> summary``: ``settings`` holds
+``lr``, ``weight_decay``, ``epochs``, ``train_split``, ``eval_split``, ``output`` and ``resume``; the summary
+at least ``top1`` (accuracy on ``eval_split`` after the last epoch, a fraction) and ``trainable_parameters``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from ..base import atomic_write
+
+SWEEP_CSV = "sweep.csv"
+SWEEP_JSON = "sweep.json"
+EVAL_JSON = "eval.json"
+CHECKPOINT = "checkpoint.pt"
+CSV_FIELDS = ("point", "lr", "weight_decay", "epochs", "train_split", "eval_split", "top1", "trainable_parameters")
+
+
+class SweepError(ValueError):
+    """Bad sweep input (a grid that does not parse, an output folder of another sweep): one line."""
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The grid and the splits. ``epochs`` is the final run's length, ``search_epochs`` each point's."""
+
+    lrs: tuple[float, ...]
+    weight_decays: tuple[float, ...]
+    search_epochs: int
+    epochs: int
+    search_train_split: str = "train"
+    search_eval_split: str = "val"
+    final_train_split: str = "trainval"
+    final_eval_split: str = "test"
+
+    def __post_init__(self):
+        if not self.lrs or not self.weight_decays:
+            raise SweepError("the grid is empty: give --lr and --weight-decay values (comma separated)")
+        if self.search_epochs <= 0 or self.epochs <= 0:
+            raise SweepError(f"--search-epochs and --epochs must be positive, got {self.search_epochs} and {self.epochs}")
+
+    def points(self) -> list[tuple[float, float]]:
+        return [(lr, wd) for lr in self.lrs for wd in self.weight_decays]
+
+
+def parse_grid(text, flag: str) -> tuple[float, ...]:
+    """``"1e-4,2.5e-4"`` (or a list from a recipe) -> (1e-4, 2.5e-4); refuses anything else naming ``flag``."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        values = tuple(float(v) for v in items if str(v).strip() != "")
+    except ValueError:
+        raise SweepError(f"{flag} {text!r}: expected numbers separated by commas, e.g. 1e-4,2.5e-4,5e-4") from None
+    if not values or any(v < 0 for v in values):
+        raise SweepError(f"{flag} {text!r}: expected one or more non-negative numbers, e.g. 1e-4,2.5e-4,5e-4")
+    return values
+
+
+def point_name(lr: float, weight_decay: float) -> str:
+    return f"lr{lr:g}_wd{weight_decay:g}"
+
+
+def _read_rows(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_rows(path: str, rows: list[dict]) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def write_json(path: str, data) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def _check_same_sweep(output: str, identity: dict) -> None:
+    """Refuse to resume in a folder written by a sweep with other settings (the rows would not compare)."""
+    path = os.path.join(output, SWEEP_JSON)
+    identity = json.loads(json.dumps(identity))  # tuples as lists, as they come back from the file
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        diff = {k: (saved.get(k), identity.get(k)) for k in set(saved) | set(identity)
+                if k not in ("lrs", "weight_decays") and saved.get(k) != identity.get(k)}
+        if diff:
+            text = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in sorted(diff.items()))
+            raise SweepError(f"{output} holds another sweep ({text}); give another --output or the same settings")
+    write_json(path, identity)
+
+
+def run_grid_search(plan: SweepPlan, output: str, train_point: Callable[[dict], dict], identity: dict | None = None,
+                    record: dict | None = None, quiet: bool = False) -> dict:
+    """Search, pick, final run; returns the final `eval.json` record (see module docstring).
+
+    ``identity``: the settings that must match for a re-run to resume (model, method, data, ...).
+    ``record``: fields copied into ``final/eval.json`` (method, model, data, dataset).
+    """
+    from tqdm import tqdm
+
+    os.makedirs(output, exist_ok=True)
+    _check_same_sweep(output, {**(identity or {}), **asdict(plan)})
+    csv_path = os.path.join(output, SWEEP_CSV)
+    rows = {(float(r["lr"]), float(r["weight_decay"])): r for r in _read_rows(csv_path)}
+    points = plan.points()
+    overall = tqdm(total=len(points) + 1, desc="sweep", unit="run", disable=quiet)
+    for lr, wd in points:
+        name = point_name(lr, wd)
+        overall.set_postfix_str(name)
+        if (lr, wd) in rows:
+            overall.update(1)
+            continue
+        point_dir = os.path.join(output, "points", name)
+        summary = train_point({"lr": lr, "weight_decay": wd, "epochs": plan.search_epochs,
+                               "train_split": plan.search_train_split, "eval_split": plan.search_eval_split,
+                               "output": point_dir, "resume": os.path.isfile(os.path.join(point_dir, CHECKPOINT))})
+        rows[(lr, wd)] = {"point": name, "lr": lr, "weight_decay": wd, "epochs": plan.search_epochs,
+                          "train_split": plan.search_train_split, "eval_split": plan.search_eval_split,
+                          "top1": summary["top1"], "trainable_parameters": summary.get("trainable_parameters", "")}
+        _write_rows(csv_path, [rows[p] for p in points if p in rows] + [r for p, r in rows.items() if p not in points])
+        overall.update(1)
+        if not quiet:
+            overall.write(f"{name}: {plan.search_eval_split} top-1 {float(summary['top1']):.4f}")
+    best_lr, best_wd = max(points, key=lambda p: (float(rows[p]["top1"]), -points.index(p)))
+    final_dir = os.path.join(output, "final")
+    eval_path = os.path.join(final_dir, EVAL_JSON)
+    overall.set_postfix_str(f"final {point_name(best_lr, best_wd)}")
+    if os.path.isfile(eval_path):
+        with open(eval_path, encoding="utf-8") as f:
+            result = json.load(f)
+    else:
+        summary = train_point({"lr": best_lr, "weight_decay": best_wd, "epochs": plan.epochs,
+                               "train_split": plan.final_train_split, "eval_split": plan.final_eval_split,
+                               "output": final_dir, "resume": os.path.isfile(os.path.join(final_dir, CHECKPOINT))})
+        result = {**(record or {}), "split": plan.final_eval_split, "train_split": plan.final_train_split,
+                  "top1": summary["top1"], "top5": summary.get("top5"),
+                  "trainable_parameters": summary.get("trainable_parameters"),
+                  "lr": best_lr, "weight_decay": best_wd, "epochs": plan.epochs,
+                  "search": {"csv": os.path.abspath(csv_path), "eval_split": plan.search_eval_split,
+                             "top1": float(rows[(best_lr, best_wd)]["top1"])}}
+        write_json(eval_path, result)
+    overall.update(1)
+    overall.close()
+    if not quiet:
+        print(f"best point {point_name(best_lr, best_wd)} ({plan.search_eval_split} top-1 "
+              f"{float(rows[(best_lr, best_wd)]['top1']):.4f}); final {plan.final_eval_split} top-1 "
+              f"{result['top1']:.4f}; {eval_path}")
+    return result
