@@ -93,13 +93,16 @@ class RecipeAction(argparse.Action):
     flags given after it override them (and flags before it are overridden)."""
 
     def __call__(self, parser, namespace, name, option_string=None):
-        dests = {a.dest for a in parser._actions}
+        actions = {a.dest: a for a in parser._actions}
         try:
-            values = recipe_defaults(name, dests, sweep="search_epochs" in dests)
-        except RecipeError as e:
-            parser.error(str(e))
-        for key, value in values.items():
-            setattr(namespace, key, value)
+            values = recipe_defaults(name, actions, sweep="search_epochs" in actions)
+            for key, value in values.items():
+                kind = actions[key].type
+                if isinstance(value, str) and callable(kind):  # YAML reads 1e-3 (no dot) as a string
+                    value = kind(value)
+                setattr(namespace, key, value)
+        except (RecipeError, ValueError, TypeError) as e:
+            parser.error(f"--recipe {name}: {e}")
         setattr(namespace, self.dest, name)
 
 
