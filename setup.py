@@ -22,6 +22,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", "peft>=0.10", "matplotlib>=3.6"],
+        "plot": ["matplotlib>=3.6"],
     },
     entry_points={"console_scripts": ["gift=gift.cli:main"]},
 )
