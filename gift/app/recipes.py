@@ -111,13 +111,13 @@ def add_recipe_argument(parser: argparse.ArgumentParser) -> None:
                         help="defaults from a shipped recipe (`gift recipes`) or a YAML file; flags after it override")
 
 
-def add_recipes_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`gift recipes [show NAME]`."""
     parser.add_argument("action", nargs="?", default="list", choices=["list", "show"])
     parser.add_argument("name", nargs="?", default=None, help="the recipe to show")
 
 
-def run_recipes(args) -> int:
+def run(args) -> int:
     """`gift recipes`: one line per recipe; `gift recipes show NAME`: the YAML, comments included."""
     if args.action == "show":
         if not args.name:

@@ -184,14 +184,15 @@ def write_report(run_dirs: list[str], output: str, split: str = "test", chart: b
     return paths
 
 
-def add_report_arguments(parser) -> None:
+def add_arguments(parser) -> None:
+    """`gift report RUN_DIR... [--output DIR] [--split test] [--no-chart]`."""
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders searched for eval.json files")
     parser.add_argument("--output", default="report", help="where results.md, results.csv and results.png go")
     parser.add_argument("--split", default="test", help="use the results on this split (default test)")
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG bar chart (no matplotlib needed)")
 
 
-def run_report(args) -> int:
+def run(args) -> int:
     paths = write_report(args.run_dirs, args.output, args.split, chart=not args.no_chart)
     print(table_markdown(paths["table"], args.split), end="")
     print("wrote " + ", ".join(paths[k] for k in ("markdown", "csv", "chart") if paths[k]))

@@ -168,3 +168,52 @@ def run_grid_search(plan: SweepPlan, output: str, train_point: Callable[[dict], 
               f"{float(rows[(best_lr, best_wd)]['top1']):.4f}); final {plan.final_eval_split} top-1 "
               f"{result['top1']:.4f}; {eval_path}")
     return result
+
+
+# ---------------------------------------------------------------------------------------- command line
+NOT_IDENTITY = ("lr", "weight_decay", "epochs", "output", "resume", "overwrite", "stop_after", "quiet", "device",
+                "train_split", "eval_split")
+
+
+def add_arguments(p) -> None:
+    """`gift sweep`: every `gift finetune` flag (and ``--recipe``), with ``--lr``/``--weight-decay`` as grids."""
+    from .datasets import EVAL_SPLITS, TRAIN_SPLITS
+    from .finetune import add_arguments as add_finetune_arguments
+
+    add_finetune_arguments(p)
+    p.conflict_handler = "resolve"  # --lr and --weight-decay become comma-separated grids
+    p.add_argument("--lr", default=None, help="learning rates to search, comma separated (e.g. 1e-4,2.5e-4,5e-4)")
+    p.add_argument("--weight-decay", default=None, help="weight decays to search, comma separated (e.g. 0.01,0)")
+    p.add_argument("--search-epochs", type=int, default=None, help="epochs of each search point (default: --epochs)")
+    p.add_argument("--search-train-split", default="train", choices=TRAIN_SPLITS, help="split each point trains on")
+    p.add_argument("--search-eval-split", default="val", choices=EVAL_SPLITS, help="split that picks the best point")
+    p.add_argument("--final-train-split", default="trainval", choices=TRAIN_SPLITS, help="split of the final run")
+    p.add_argument("--final-eval-split", default="test", choices=EVAL_SPLITS, help="split the final run is scored on")
+    p.set_defaults(output="runs/sweep")
+
+
+def run(args) -> int:
+    import argparse
+    import dataclasses
+
+    from .datasets import parse_data_spec
+    from .finetune import FinetuneConfig, finetune
+    from .options import from_namespace
+
+    plan = SweepPlan(parse_grid(args.lr if args.lr is not None else FinetuneConfig.lr, "--lr"),
+                     parse_grid(args.weight_decay if args.weight_decay is not None else FinetuneConfig.weight_decay,
+                                "--weight-decay"),
+                     args.search_epochs or args.epochs, args.epochs, args.search_train_split, args.search_eval_split,
+                     args.final_train_split, args.final_eval_split)
+    single = argparse.Namespace(**{**vars(args), "lr": plan.lrs[0], "weight_decay": plan.weight_decays[0]})
+    cfg = from_namespace(FinetuneConfig, single)
+    cfg.validate()
+    spec = parse_data_spec(cfg.data)
+
+    def train_point(settings: dict) -> dict:
+        return finetune(dataclasses.replace(cfg, **settings, overwrite=not settings["resume"]))
+
+    identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
+    record = {"method": cfg.method, "model": cfg.model, "data": str(spec), "dataset": spec.name}
+    run_grid_search(plan, cfg.output, train_point, identity, record, quiet=cfg.quiet)
+    return 0
