@@ -21,5 +21,5 @@ setup(
     extras_require={
         "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", "peft>=0.10", "matplotlib>=3.6"],
     },
-    entry_points={"console_scripts": ["gift=gift.cli:main"]},
+    entry_points={"console_scripts": ["gift=gift.app.cli:main"]},
 )
