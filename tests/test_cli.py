@@ -315,3 +315,17 @@ def test_packaging_declares_extras_license_version_and_types():
 def test_readme_says_how_to_get_a_local_weights_file(readme):
     text = open(readme, encoding="utf-8").read()
     assert "Getting a local weights file for a timm model" in text and "--pretrained-file" in text
+
+
+def test_demo_verdict_is_derived_from_its_numbers_and_fills_the_readme_markers():
+    from gift.app.demo import README_END, README_START, explainer_verdict, readme_with_demo
+
+    scores = {"GIFT explainer (adapted outputs)": 0.583, "GIFT explainer (pre-delta outputs)": 0.697,
+              "baseline: CLS-token attention of the frozen model": 0.488, "baseline: random cluster weights": 0.583}
+    text = explainer_verdict(scores)
+    assert "ties the random-cluster baseline" in text and "beats the CLS-attention baseline" in text
+    assert "Best in this run: GIFT explainer (pre-delta outputs) (0.697)" in text
+    scores["GIFT explainer (adapted outputs)"] = 0.60
+    assert "beats the random-cluster baseline" in explainer_verdict(scores)
+    readme = f"a\n{README_START}\nold\n{README_END}\nb"
+    assert readme_with_demo(readme, "new\n") == f"a\n{README_START}\nnew\n{README_END}\nb"
