@@ -150,7 +150,7 @@ def bar_chart(table: Table, path: str, split: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise ReportError("the bar chart needs matplotlib: pip install 'gift[plot]' "
+        raise ReportError("the bar chart needs matplotlib: pip install 'gift[plots]' "
                           "(the Markdown and CSV tables are written; --no-chart skips the chart)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
