@@ -1,10 +1,14 @@
-"""gift.app.sweep: the grid search, resume after an interruption, the final run on train+val, test evaluation."""
+"""gift.app.sweep: the grid search, resume after an interruption, the final run on train+val, test evaluation;
+and `gift sweep` / `gift report` / `gift finetune --data vtab1k:...` for real on a micro ViT."""
 import csv
 import json
 import os
 
 import pytest
+from test_datasets import fgvc_tree, vtab_tree
 
+import gift.app.finetune as finetune_module
+from gift.app.cli import main
 from gift.app.sweep import SweepError, SweepPlan, parse_grid, run_grid_search
 
 PLAN = SweepPlan(lrs=(1e-3, 1e-4), weight_decays=(0.0, 0.01), search_epochs=1, epochs=2)
@@ -71,3 +75,74 @@ def test_resume_refuses_a_folder_of_another_sweep(tmp_path):
         run_grid_search(PLAN, out, FakeTrainer(), identity={"model": "b"}, quiet=True)
     with pytest.raises(SweepError, match="must be positive"):
         SweepPlan(lrs=(1e-3,), weight_decays=(0.0,), search_epochs=0, epochs=2)
+
+
+# ---------------------------------------------------------------------------- the real thing, on a micro ViT
+MICRO = ["--model", "gift_vit_micro_patch4_32", "--batch-size", "4", "--quiet", "--device", "cpu"]
+
+
+def test_sweep_interrupted_then_resumed_then_report_with_lora(tmp_path, monkeypatch, capsys):
+    fgvc_tree(str(tmp_path / "cub"))  # 3 classes with ids "007", "12", 3; images under images/<class>/
+    data = f"fgvc-json:{tmp_path / 'cub'}"
+    out, lora_out = str(tmp_path / "sweep"), str(tmp_path / "lora")
+    sweep = ["sweep", "--recipe", "fgvc", *MICRO, "--data", data, "--lr", "1e-3,1e-2", "--weight-decay", "0,0.01",
+             "--search-epochs", "1", "--epochs", "2", "--output", out]
+    real, calls = finetune_module.finetune, []
+
+    def interrupted_after_one(cfg, **kw):
+        calls.append(cfg)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(finetune_module, "finetune", interrupted_after_one)
+    assert main(sweep) == 130
+    assert calls[0].block == "identity" and calls[0].rank == 16 and calls[0].epochs == 1  # the recipe, then flags
+    first_adapter = os.path.getmtime(os.path.join(out, "points", "lr0.001_wd0", "adapter", "gift_config.json"))
+    calls.clear()
+
+    def counted(cfg, **kw):
+        calls.append(cfg)
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(finetune_module, "finetune", counted)
+    assert main(sweep) == 0
+    assert [(c.lr, c.weight_decay, c.train_split, c.eval_split, c.epochs) for c in calls[:3]] == [
+        (1e-3, 0.01, "train", "val", 1), (1e-2, 0.0, "train", "val", 1), (1e-2, 0.01, "train", "val", 1)]
+    assert os.path.getmtime(os.path.join(out, "points", "lr0.001_wd0", "adapter", "gift_config.json")) == first_adapter
+    rows = list(csv.DictReader(open(os.path.join(out, "sweep.csv"))))
+    best = max(rows, key=lambda r: float(r["top1"]))
+    final = calls[3]
+    assert (final.train_split, final.eval_split, final.epochs) == ("trainval", "test", 2) and len(rows) == 4
+    assert (final.lr, final.weight_decay) == (float(best["lr"]), float(best["weight_decay"]))
+    result = json.load(open(os.path.join(out, "final", "eval.json")))
+    history = json.load(open(os.path.join(out, "final", "metrics.json")))
+    assert result["split"] == "test" and result["top1"] == history[-1]["val_top1"] and len(history) == 2
+    assert result["dataset"] == "cub" and result["method"] == "gift"
+
+    assert main(["sweep", "--recipe", "fgvc-lora", *MICRO, "--data", data, "--lr", "1e-3", "--weight-decay", "0",
+                 "--search-epochs", "1", "--epochs", "1", "--output", lora_out]) == 0
+    report = str(tmp_path / "report")
+    capsys.readouterr()
+    assert main(["report", out, lora_out, "--output", report]) == 0
+    md = open(os.path.join(report, "results.md")).read()
+    assert "| Method | Params (M) | cub | Mean |" in md and "| GIFT |" in md and "| LoRA |" in md
+    assert f"{100 * result['top1']:.2f}" in md.split("| GIFT |")[1].splitlines()[0]
+    assert os.path.isfile(os.path.join(report, "results.csv")) and os.path.isfile(os.path.join(report, "results.png"))
+
+
+def test_finetune_and_eval_on_vtab1k_splits_and_bad_data_is_one_line(tmp_path, capsys):
+    folder = vtab_tree(str(tmp_path), "dtd")
+    out = str(tmp_path / "run")
+    assert main(["finetune", *MICRO, "--data", f"vtab1k:{folder}", "--train-split", "train800val200",
+                 "--eval-split", "test", "--epochs", "1", "--output", out]) == 0
+    history = json.load(open(os.path.join(out, "metrics.json")))
+    assert main(["eval", "--adapter", os.path.join(out, "adapter"), "--eval-split", "test"]) == 0
+    scored = json.load(open(os.path.join(out, "eval.json")))
+    assert scored["num_images"] == 6 and scored["top1"] == history[-1]["val_top1"]  # the recorded data and split
+    capsys.readouterr()
+    os.remove(os.path.join(folder, "test.txt"))
+    assert main(["finetune", *MICRO, "--data", f"vtab1k:{folder}", "--eval-split", "test", "--epochs", "1",
+                 "--output", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gift finetune: error: ") and "test.txt: no such file" in err[0]

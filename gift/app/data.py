@@ -187,10 +187,16 @@ class EmbeddedSpec:
 
 def open_split(data: str, split: str, image_size: int, mean, std, embedded: EmbeddedSpec,
                skip_bad_images: bool = False) -> tuple[Dataset, list[str], int]:
-    """One split of ``data`` (``default`` or an ImageFolder root holding ``<split>/<class>/<image>``):
+    """One split of ``data`` (``default``, an ImageFolder root holding ``<split>/<class>/<image>``, or a
+    local benchmark copy ``fgvc-json:DIR`` / ``vtab1k:DIR/TASK`` / ``imagefolder:DIR``, see `datasets`):
     ``(dataset, class names, images skipped)``. Raises `DataError` naming the problem."""
+    from .datasets import has_format, open_local_split  # datasets builds on this module
+
+    if data not in EMBEDDED and (split not in SPLITS or has_format(data)):
+        ds = open_local_split(data, split, image_size, mean, std, skip_bad_images)
+        return ds, ds.classes, len(ds.skipped)
     if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise DataError(f"the embedded dataset has no split {split!r}; it has {', '.join(SPLITS)}")
     if data in EMBEDDED:
         size = embedded.train_size if split == "train" else embedded.val_size
         ds = SyntheticShapes(size, image_size, seed=embedded.data_seed + SPLITS.index(split), task=embedded.task,
@@ -208,15 +214,17 @@ def open_split(data: str, split: str, image_size: int, mean, std, embedded: Embe
     return ImageFolderDataset(scan, image_size, mean, std), scan.classes, len(scan.skipped)
 
 
-def open_train_val(data: str, image_size: int, mean, std, embedded: EmbeddedSpec, skip_bad_images: bool = False):
-    """``(train, val, class names, images skipped)``; the two splits must have the same classes."""
+def open_train_val(data: str, image_size: int, mean, std, embedded: EmbeddedSpec, skip_bad_images: bool = False,
+                   train_split: str = "train", eval_split: str = "val"):
+    """``(train, val, class names, images skipped)`` of the named splits; they must have the same classes."""
     if data not in EMBEDDED and os.path.isdir(data):
-        missing = [s for s in ("train", "val") if not os.path.isdir(os.path.join(data, s))]
+        missing = [s for s in (train_split, eval_split) if s in SPLITS and not os.path.isdir(os.path.join(data, s))]
         if missing:
-            raise DataError(f"data folder {data!r} has no {missing[0]}/ folder (expected {data}/train/<class>/... "
-                            f"and {data}/val/<class>/...)")
-    train, classes, skipped_train = open_split(data, "train", image_size, mean, std, embedded, skip_bad_images)
-    val, val_classes, skipped_val = open_split(data, "val", image_size, mean, std, embedded, skip_bad_images)
+            raise DataError(f"data folder {data!r} has no {missing[0]}/ folder (expected {data}/{train_split}/<class>/... "
+                            f"and {data}/{eval_split}/<class>/...)")
+    train, classes, skipped_train = open_split(data, train_split, image_size, mean, std, embedded, skip_bad_images)
+    val, val_classes, skipped_val = open_split(data, eval_split, image_size, mean, std, embedded, skip_bad_images)
     if classes != val_classes:
-        raise DataError(f"train/ and val/ of {data!r} have different class folders: {classes} vs {val_classes}")
+        raise DataError(f"{train_split}/ and {eval_split}/ of {data!r} have different class folders: "
+                        f"{classes} vs {val_classes}")
     return train, val, classes, skipped_train + skipped_val

@@ -24,7 +24,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..data import DataError, ImageFolderDataset, ScanResult, scan_image_folder
+from .data import ImageFolderDataset, ScanResult, scan_image_folder
+from .errors import DataError
 
 FORMATS = ("imagefolder", "fgvc-json", "vtab1k")
 TRAIN_SPLITS = ("train", "train800", "train800val200", "trainval")
@@ -60,6 +61,11 @@ class DataSpec:
         return "default" if self.format == "embedded" else f"{self.format}:{self.path}"
 
 
+def has_format(spec: str) -> bool:
+    """Whether ``spec`` names its format (``fgvc-json:DIR``...) rather than being a bare folder or ``default``."""
+    return spec.partition(":")[0] in FORMATS
+
+
 def parse_data_spec(spec: str) -> DataSpec:
     """``imagefolder:DIR`` / ``fgvc-json:DIR`` / ``vtab1k:DIR/TASK`` / ``default``; a bare ``DIR`` is an ImageFolder."""
     if spec in (None, "", "default", "embedded"):
@@ -73,6 +79,15 @@ def parse_data_spec(spec: str) -> DataSpec:
         raise DataError(f"--data {spec!r}: unknown format {head!r}; use one of "
                         f"{', '.join(f + ':PATH' for f in FORMATS)} or default")
     return DataSpec("imagefolder", spec)
+
+
+def absolute_data_spec(spec: str) -> str:
+    """``spec`` with its folder made absolute (``fgvc-json:/abs/cub``), to be found again from elsewhere."""
+    parsed = parse_data_spec(spec)
+    if parsed.format == "embedded":
+        return spec
+    path = os.path.abspath(parsed.path)
+    return f"{parsed.format}:{path}" if has_format(spec) else path
 
 
 def split_file_name(fmt: str, split: str) -> str:
@@ -312,7 +327,7 @@ class VTAB1kImages(LabelledImages):
 DATASET_CLASSES = {"imagefolder": ImageFolderImages, "fgvc-json": FGVCJsonImages, "vtab1k": VTAB1kImages}
 
 
-def open_split(spec: str | DataSpec, split: str, image_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+def open_local_split(spec: str | DataSpec, split: str, image_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                skip_bad_images: bool = False) -> LabelledImages:
     """The ``split`` of the local dataset ``spec`` (not ``default``: the embedded data has its own class)."""
     spec = parse_data_spec(spec) if isinstance(spec, str) else spec

@@ -8,6 +8,7 @@ import os
 
 from ..base import atomic_write
 from .data import SPLITS, EmbeddedSpec, open_split
+from .datasets import EVAL_SPLITS, TRAIN_SPLITS
 from .errors import UsageError, check_output_folder
 from .explain_cli import load_adapter_cli
 from .options import positive_int
@@ -51,8 +52,10 @@ def run(args) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", required=True, help="folder written by gift finetune (OUTPUT/adapter)")
-    p.add_argument("--data", default=None, help="ImageFolder root or 'default' (default: the data the adapter was trained on)")
-    p.add_argument("--eval-split", default="val", choices=SPLITS, help="which split to score")
+    p.add_argument("--data", default=None, help="fgvc-json:DIR, vtab1k:DIR/TASK, an ImageFolder root or 'default' "
+                                                "(default: the data the adapter was trained on)")
+    p.add_argument("--eval-split", default="val", choices=sorted(set(SPLITS) | set(TRAIN_SPLITS) | set(EVAL_SPLITS)),
+                   help="which split to score (vtab1k: val = val200)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     p.add_argument("--pretrained-file", default=None,
                    help="the backbone weights the adapter was trained on, when not at the path it records")

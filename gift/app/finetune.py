@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 from ..backbones import backbone_identity, create_backbone, lora_model
 from ..base import atomic_write
-from ..config import BLOCK_TYPES, GIFTConfig
+from ..config import BLOCK_TYPES, CLUSTER_ACTIVATIONS, GIFTConfig
 from .data import TASKS, EmbeddedSpec, open_train_val
+from .datasets import EVAL_SPLITS, TRAIN_SPLITS, absolute_data_spec
 from .errors import UsageError, check_output_folder, library_errors, missing_extra
 from .options import add_arguments as add_options, check_ranges, from_namespace, option
 from .render import curves_unavailable, write_curves
@@ -49,7 +50,11 @@ class FinetuneConfig:
     pretrained: bool = option(False, "ask timm for the model's pretrained weights the usual way (its hub "
                                      "cache; needs the network the first time)")
     pretrained_file: str | None = option(None, "local weights (.safetensors or torch) for the model", type=str)
-    data: str = option("default", "ImageFolder root with train/ and val/, or 'default' (the embedded dataset)")
+    data: str = option("default", "fgvc-json:DIR, vtab1k:DIR/TASK, imagefolder:DIR (or DIR: train/ and val/), "
+                                  "or 'default' (the embedded dataset)")
+    train_split: str = option("train", "split trained on (vtab1k: train = train800, trainval = train800val200)",
+                              choices=TRAIN_SPLITS)
+    eval_split: str = option("val", "split scored after every epoch (vtab1k: val = val200)", choices=EVAL_SPLITS)
     task: str = option("pattern", "labels of the embedded dataset", choices=sorted(TASKS))
     train_size: int = option(2000, "embedded dataset: training images", min=1)
     val_size: int = option(1000, "embedded dataset: validation images", min=1)
@@ -58,6 +63,8 @@ class FinetuneConfig:
     rank: int = option(GIFTConfig.rank, "GIFT rank r (LoRA rank for --method lora)", min=1)
     block: str = option(GIFTConfig.block, "GIFT generator block", choices=BLOCK_TYPES)
     num_clusters: int = option(GIFTConfig.num_clusters, "GIFT clusters M of PaCa", min=1)
+    cluster_activation: str = option(GIFTConfig.cluster_activation, "GIFT cluster assignment of PaCa",
+                                     choices=CLUSTER_ACTIVATIONS)
     amp: str | None = option(None, "autocast dtype (fp16 needs CUDA)", choices=("bf16", "fp16"), type=str)
     memory: str = option("none", "recompute in backward to save activation memory", choices=("none", "mlp", "block"))
     backbone_dtype: str | None = option(None, "dtype of the frozen backbone weights (GIFT)",
@@ -114,7 +121,8 @@ def build_model(cfg: FinetuneConfig, backbone):
     if cfg.method == "gift":
         from ..fast import FastGIFT
 
-        gift_cfg = GIFTConfig(rank=cfg.rank, block=cfg.block, num_clusters=cfg.num_clusters)
+        gift_cfg = GIFTConfig(rank=cfg.rank, block=cfg.block, num_clusters=cfg.num_clusters,
+                              cluster_activation=cfg.cluster_activation)
         dtype = getattr(torch, cfg.backbone_dtype) if cfg.backbone_dtype else None
         model = FastGIFT(backbone, gift_cfg, memory=cfg.memory, backbone_dtype=dtype)
         return model, model
@@ -159,7 +167,8 @@ def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict) -> dict:
     """What a checkpoint must agree on to be resumed (the number of epochs may grow)."""
     frozen = {k: v for k, v in backbone.items() if k != "pretrained_path"}
     return {"model": cfg.model, "method": cfg.method, "num_classes": num_classes, "rank": cfg.rank,
-            "block": cfg.block, "num_clusters": cfg.num_clusters, "batch_size": cfg.batch_size,
+            "block": cfg.block, "num_clusters": cfg.num_clusters, "cluster_activation": cfg.cluster_activation,
+            "train_split": cfg.train_split, "batch_size": cfg.batch_size,
             "seed": cfg.seed, "backbone": frozen}
 
 
@@ -272,7 +281,7 @@ def finetune(cfg: FinetuneConfig, keep_model: bool = False) -> dict:
         if cfg.batch_size % d.world:
             raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by {d.world} processes")
         train_set, val_set, classes, skipped = open_train_val(cfg.data, image_size, mean, std, cfg.embedded,
-                                                              cfg.skip_bad_images)
+                                                              cfg.skip_bad_images, cfg.train_split, cfg.eval_split)
         steps_per_epoch = len(train_set) // cfg.batch_size
         if steps_per_epoch == 0:
             raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
@@ -313,8 +322,8 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
     partial = {"loss_sum": 0.0, "count": 0, "step_time": 0.0}
     run_info = {"model": cfg.model, "method": cfg.method, "num_classes": len(classes), "classes": list(classes),
                 "backbone": backbone_id, "amp": cfg.amp,
-                "data": {"data": os.path.abspath(cfg.data) if os.path.isdir(cfg.data) else cfg.data,
-                         **asdict(cfg.embedded)}}
+                "data": {"data": absolute_data_spec(cfg.data), "train_split": cfg.train_split,
+                         "eval_split": cfg.eval_split, **asdict(cfg.embedded)}}
 
     def summary() -> dict:
         kept = {"model": model} if keep_model else {}
@@ -411,6 +420,9 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
 
 # ---------------------------------------------------------------------------------------- command
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .recipes import add_recipe_argument
+
+    add_recipe_argument(p)
     add_options(p, FinetuneConfig)
 
 

@@ -31,9 +31,12 @@ def _options(cls) -> list[tuple[dataclasses.Field, dict]]:
     return [(f, f.metadata["option"]) for f in dataclasses.fields(cls) if "option" in f.metadata]
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per `option` field of the dataclass ``cls``; argparse checks types and choices."""
+def add_arguments(parser: argparse.ArgumentParser, cls, exclude: Sequence[str] = ()) -> None:
+    """One flag per `option` field of the dataclass ``cls`` (but the fields named in ``exclude``);
+    argparse checks types and choices."""
     for f, meta in _options(cls):
+        if f.name in exclude:
+            continue
         kind = meta["type"] or type(f.default)
         if kind is bool:
             parser.add_argument(flag_name(f.name), action="store_true", help=meta["help"])

@@ -11,12 +11,14 @@ import argparse
 import difflib
 import os
 
+from .errors import UsageError
+
 SECTIONS = ("description", "finetune", "sweep")
 SWEEP_KEYS = ("lr", "weight_decay", "search_epochs", "search_train_split", "search_eval_split",
               "final_train_split", "final_eval_split")
 
 
-class RecipeError(ValueError):
+class RecipeError(UsageError):
     """An unknown or malformed recipe: the message says which and what to do."""
 
 
@@ -80,7 +82,8 @@ def recipe_defaults(name: str, dests, sweep: bool = False) -> dict:
     A setting the parser does not have is refused naming it."""
     recipe = load_recipe(name)
     values = dict(recipe["finetune"])
-    if sweep:
+    if sweep:  # the sweep section's splits replace the single run's
+        values = {k: v for k, v in values.items() if k not in ("train_split", "eval_split")}
         values.update(recipe["sweep"])
     unknown = sorted(k for k in values if k not in dests)
     if unknown:

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 from ..base import atomic_write
 from .datasets import VTAB1K_GROUPS, VTAB1K_TASKS, parse_data_spec
+from .errors import UsageError
 
 EVAL_JSON = "eval.json"
 FGVC_ORDER = ("cub", "nabirds", "oxfordflowers", "stanforddogs", "stanfordcars")
 METHOD_NAMES = {"gift": "GIFT", "lora": "LoRA", "linear": "Linear probe", "full": "Full fine-tuning"}
 
 
-class ReportError(ValueError):
+class ReportError(UsageError):
     """No results, a malformed eval.json or two results for one cell: one line naming the files."""
 
 

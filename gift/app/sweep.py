@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from ..base import atomic_write
+from .errors import UsageError
 
 SWEEP_CSV = "sweep.csv"
 SWEEP_JSON = "sweep.json"
@@ -27,7 +28,7 @@ CHECKPOINT = "checkpoint.pt"
 CSV_FIELDS = ("point", "lr", "weight_decay", "epochs", "train_split", "eval_split", "top1", "trainable_parameters")
 
 
-class SweepError(ValueError):
+class SweepError(UsageError):
     """Bad sweep input (a grid that does not parse, an output folder of another sweep): one line."""
 
 
@@ -178,10 +179,13 @@ NOT_IDENTITY = ("lr", "weight_decay", "epochs", "output", "resume", "overwrite",
 def add_arguments(p) -> None:
     """`gift sweep`: every `gift finetune` flag (and ``--recipe``), with ``--lr``/``--weight-decay`` as grids."""
     from .datasets import EVAL_SPLITS, TRAIN_SPLITS
-    from .finetune import add_arguments as add_finetune_arguments
+    from .finetune import FinetuneConfig
+    from .options import add_arguments as add_options
+    from .recipes import add_recipe_argument
 
-    add_finetune_arguments(p)
-    p.conflict_handler = "resolve"  # --lr and --weight-decay become comma-separated grids
+    add_recipe_argument(p)
+    add_options(p, FinetuneConfig, exclude=("lr", "weight_decay", "train_split", "eval_split", "resume", "overwrite",
+                                                   "stop_after"))
     p.add_argument("--lr", default=None, help="learning rates to search, comma separated (e.g. 1e-4,2.5e-4,5e-4)")
     p.add_argument("--weight-decay", default=None, help="weight decays to search, comma separated (e.g. 0.01,0)")
     p.add_argument("--search-epochs", type=int, default=None, help="epochs of each search point (default: --epochs)")
@@ -207,7 +211,8 @@ def run(args) -> int:
                      args.final_train_split, args.final_eval_split)
     single = argparse.Namespace(**{**vars(args), "lr": plan.lrs[0], "weight_decay": plan.weight_decays[0]})
     cfg = from_namespace(FinetuneConfig, single)
-    cfg.validate()
+    for lr, wd in plan.points():  # every point in range before the first one trains
+        dataclasses.replace(cfg, lr=lr, weight_decay=wd).validate()
     spec = parse_data_spec(cfg.data)
 
     def train_point(settings: dict) -> dict:
