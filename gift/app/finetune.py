@@ -287,6 +287,9 @@ def finetune(cfg: FinetuneConfig, keep_model: bool = False) -> dict:
             raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
         if skipped:
             say(d, f"skipped {skipped} unreadable image(s) (--skip-bad-images)")
+        for split_set in (train_set, val_set):  # local benchmark copies say what they read, and from where
+            if hasattr(split_set, "describe") and not cfg.quiet:
+                say(d, split_set.describe())
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
@@ -406,7 +409,7 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
                     write_metrics(cfg.output, history, curves=not no_curves)
             if not cfg.quiet:
                 say(d, f"epoch {epoch + 1}/{cfg.epochs}: train loss {history[-1]['train_loss']:.4f}, "
-                       f"val top-1 {scores['top1']:.4f}")
+                       f"{cfg.eval_split} top-1 {scores['top1']:.4f}")
             if cfg.stop_after and epoch + 1 - start_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:
                 say(d, f"stopped after {cfg.stop_after} epoch(s) as asked; continue with --resume")
                 break
@@ -430,7 +433,7 @@ def run(args: argparse.Namespace) -> int:
     summary = finetune(from_namespace(FinetuneConfig, args))
     if summary["main"]:
         print(f"done: {summary['method']}, {summary['trainable_parameters']:,} trainable parameters, "
-              f"val top-1 {summary['top1']:.4f}; outputs in {summary['output']}")
+              f"{args.eval_split} top-1 {summary['top1']:.4f}; outputs in {summary['output']}")
     return 0
 
 
