@@ -40,6 +40,15 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """`atomic_write` of a UTF-8 text file."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
 def target_key(suffix: str) -> str:
     """Checkpoint key of a target suffix: the module path with ':' for '.' (``attn.proj -> attn:proj``)."""
     return suffix.replace(".", ":")

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..base import atomic_write
+from ..base import atomic_write, atomic_write_text
 from .datasets import VTAB1K_GROUPS, VTAB1K_TASKS, parse_data_spec
 from .errors import UsageError
 
@@ -138,14 +138,6 @@ def table_csv(table: Table) -> str:
     return buf.getvalue()
 
 
-def _write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
 def bar_chart(table: Table, path: str, split: str) -> None:
     """Grouped bars: one group per column (and the mean), one bar per method; a PNG at ``path``."""
     try:
@@ -178,8 +170,8 @@ def write_report(run_dirs: list[str], output: str, split: str = "test", chart: b
     os.makedirs(output, exist_ok=True)
     paths = {"markdown": os.path.join(output, "results.md"), "csv": os.path.join(output, "results.csv"),
              "chart": os.path.join(output, "results.png") if chart else None, "table": table}
-    _write_text(paths["markdown"], table_markdown(table, split))
-    _write_text(paths["csv"], table_csv(table))
+    atomic_write_text(paths["markdown"], table_markdown(table, split))
+    atomic_write_text(paths["csv"], table_csv(table))
     if chart:
         bar_chart(table, paths["chart"], split)
     return paths

@@ -18,7 +18,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from ..base import atomic_write
+from ..base import atomic_write, atomic_write_text
 from .errors import UsageError
 
 SWEEP_CSV = "sweep.csv"
@@ -89,12 +89,7 @@ def _write_rows(path: str, rows: list[dict]) -> None:
 
 
 def write_json(path: str, data) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-
-    atomic_write(path, write)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _check_same_sweep(output: str, identity: dict) -> None:
