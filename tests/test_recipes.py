@@ -1,8 +1,15 @@
 """gift.app.recipes: the shipped recipes, `--recipe` as defaults that later flags override, bad recipes."""
 import argparse
+import glob
+import os
+import runpy
 
 import pytest
+import setuptools
 
+from gift.app.cli import build_parser
+from gift.app.finetune import FinetuneConfig
+from gift.app.options import from_namespace
 from gift.app.recipes import RecipeError, add_recipe_argument, list_recipes, load_recipe, recipe_names, recipe_text
 
 
@@ -68,12 +75,6 @@ def test_bad_recipes(tmp_path, capsys):
 
 
 def test_recipes_ship_as_package_data():
-    import glob
-    import os
-    import runpy
-
-    import setuptools
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     captured, real_setup, cwd = {}, setuptools.setup, os.getcwd()
     setuptools.setup = lambda **kw: captured.update(kw)
@@ -88,3 +89,11 @@ def test_recipes_ship_as_package_data():
                for p in glob.glob(os.path.join(root, "gift", pat))}
     assert {f"recipes/{n}.yaml" for n in recipe_names()} <= shipped
     assert any(r.startswith("pyyaml") for r in captured["install_requires"])
+
+
+def test_gift_finetune_takes_a_recipe_then_flags():
+    argv = ["finetune", "--recipe", "vtab1k", "--model", "gift_vit_micro_patch4_32", "--epochs", "2"]
+    cfg = from_namespace(FinetuneConfig, build_parser(argv).parse_args(argv))
+    assert (cfg.model, cfg.epochs, cfg.lr, cfg.batch_size, cfg.block, cfg.rank, cfg.train_split, cfg.eval_split,
+            cfg.cluster_activation, cfg.warmup) == ("gift_vit_micro_patch4_32", 2, 1e-4, 64, "identity", 16,
+                                                    "train800", "val200", "sigmoid", 0.1)

@@ -195,7 +195,7 @@ def run(args) -> int:
     import argparse
     import dataclasses
 
-    from .datasets import parse_data_spec
+    from .datasets import absolute_data_spec, parse_data_spec
     from .finetune import FinetuneConfig, finetune
     from .options import from_namespace
 
@@ -213,7 +213,8 @@ def run(args) -> int:
     def train_point(settings: dict) -> dict:
         return finetune(dataclasses.replace(cfg, **settings, overwrite=not settings["resume"]))
 
-    identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
-    record = {"method": cfg.method, "model": cfg.model, "data": str(spec), "dataset": spec.name}
+    identity = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY},
+                "data": absolute_data_spec(cfg.data)}
+    record = {"method": cfg.method, "model": cfg.model, "data": absolute_data_spec(cfg.data), "dataset": spec.name}
     run_grid_search(plan, cfg.output, train_point, identity, record, quiet=cfg.quiet)
     return 0
