@@ -33,14 +33,19 @@ def evaluate_adapter(adapter: str, data: str | None, split: str, batch_size: int
     result = {**scores, "split": split, "data": data, "adapter": os.path.abspath(adapter), "method": "gift",
               "model": run.get("model"), "trainable_parameters": model.num_trainable_parameters()}
     output = output or os.path.join(os.path.dirname(os.path.abspath(adapter)), "eval.json")
-    check_output_folder(os.path.dirname(os.path.abspath(output)), kind="--output's folder")
+    write_eval_json(output, result)
+    return {**result, "output": output}
+
+
+def write_eval_json(path: str, result: dict) -> None:
+    """``result`` (at least ``top1``, ``top5``, ``split``, ``method``) as the JSON file `gift report` reads."""
+    check_output_folder(os.path.dirname(os.path.abspath(path)), kind="the folder of")
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
 
-    atomic_write(output, write)
-    return {**result, "output": output}
+    atomic_write(path, write)
 
 
 def run(args) -> int:
