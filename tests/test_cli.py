@@ -215,7 +215,8 @@ def test_adapter_on_a_pretrained_file_needs_that_file(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------- resume
-def test_resume_after_ctrl_c_inside_the_forward_with_drop_path_is_bitwise_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_resume_after_ctrl_c_inside_forward_or_backward_with_drop_path_is_bitwise_exact(tmp_path, monkeypatch, where):
     from timm.models.vision_transformer import Block
 
     args = ["--epochs", "2", "--drop-path", "0.1"]
@@ -223,11 +224,18 @@ def test_resume_after_ctrl_c_inside_the_forward_with_drop_path_is_bitwise_exact(
     calls = {"n": 0}
     real = Block.forward
 
+    def ctrl_c(*_):
+        raise KeyboardInterrupt
+
     def interrupt(self, x, *a, **kw):
         if self.training:
             calls["n"] += 1
             if calls["n"] == 4 * 4 + 3:  # 4 blocks per forward: epoch 2 (3 steps each), its 2nd step, the 3rd block
-                raise KeyboardInterrupt  # after the first two blocks drew their drop-path masks
+                if where == "forward":
+                    ctrl_c()  # after the first two blocks drew their drop-path masks
+                out = real(self, x, *a, **kw)
+                out.register_hook(ctrl_c)  # inside autograd's backward pass, half-way through
+                return out
         return real(self, x, *a, **kw)
 
     monkeypatch.setattr(Block, "forward", interrupt)
