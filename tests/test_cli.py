@@ -337,3 +337,15 @@ def test_demo_verdict_is_derived_from_its_numbers_and_fills_the_readme_markers()
     assert "beats the random-cluster baseline" in explainer_verdict(scores)
     readme = f"a\n{README_START}\nold\n{README_END}\nb"
     assert readme_with_demo(readme, "new\n") == f"a\n{README_START}\nnew\n{README_END}\nb"
+
+
+def test_demo_publish_writes_docs_and_the_readme_section(tmp_path):
+    from gift.app.demo import README_END, README_START, publish
+
+    (tmp_path / "README.md").write_text(f"# x\n{README_START}\nold\n{README_END}\nrest\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "grid.png")
+    publish("| table |\n", str(tmp_path / "grid.png"), str(tmp_path))
+    assert (tmp_path / "docs" / "demo_results.md").read_text() == "| table |\n"
+    assert (tmp_path / "docs" / "explainer_grid.png").read_bytes() == (tmp_path / "grid.png").read_bytes()
+    assert (tmp_path / "README.md").read_text() == f"# x\n{README_START}\n| table |\n{README_END}\nrest\n"
+
