@@ -181,6 +181,50 @@ def rebuild_backbone(identity: dict[str, Any], pretrained_file: str | None = Non
     return seeded_backbone(identity, path)
 
 
+LORA_RUN = "gift_run.json"
+
+
+def save_lora_adapter(model, directory: str, run: dict) -> None:
+    """PEFT's ``save_pretrained`` (``adapter_model.safetensors``, ``adapter_config.json``) plus ``run``
+    (with the backbone identity) in ``gift_run.json``; each file replaced atomically."""
+    import json
+    import shutil
+    import tempfile
+
+    from .base import atomic_write
+
+    os.makedirs(directory, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=directory, prefix=".tmp-")
+    try:
+        model.save_pretrained(staging)
+        for name in os.listdir(staging):
+            atomic_write(os.path.join(directory, name), lambda tmp, n=name: shutil.copyfile(os.path.join(staging, n), tmp))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def write_json(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(run, f, indent=2, sort_keys=True)
+
+    atomic_write(os.path.join(directory, LORA_RUN), write_json)
+
+
+def load_lora_adapter(directory: str, pretrained_file: str | None = None):
+    """A PEFT LoRA model on exactly the backbone the adapter in ``directory`` was trained on; returns
+    ``(model, run)``. Raises as `rebuild_backbone` does."""
+    import json
+
+    from peft import PeftModel
+
+    path = os.path.join(directory, LORA_RUN)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist: is {directory!r} a LoRA adapter folder written by gift finetune?")
+    with open(path, encoding="utf-8") as f:
+        run = json.load(f)
+    backbone = rebuild_backbone(run.get("backbone"), pretrained_file)
+    return PeftModel.from_pretrained(backbone, directory), run
+
+
 def load_gift_adapter(directory: str, pretrained_file: str | None = None, **fast_kwargs):
     """A `FastGIFT` on exactly the backbone the adapter in ``directory`` was trained on (its recorded
     identity, `rebuild_backbone`), with the adapter loaded. Raises as `rebuild_backbone` does, and

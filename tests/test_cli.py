@@ -193,6 +193,15 @@ def test_adapter_on_a_random_backbone_explains_identically_and_evaluates_to_its_
     assert len(err.splitlines()) == 1 and "wrong backbone model" in err
 
 
+def test_lora_run_saves_a_peft_adapter_that_evaluates_to_its_val_accuracy(tmp_path):
+    out = run(tmp_path, "lora", "--epochs", "1", "--method", "lora", "--rank", "4")
+    assert {"adapter_model.safetensors", "adapter_config.json", "gift_run.json"} <= set(os.listdir(os.path.join(out, "adapter")))
+    assert main(["eval", "--adapter", os.path.join(out, "adapter")]) == 0
+    result = json.load(open(os.path.join(out, "eval.json")))
+    assert result["top1"] == json.load(open(os.path.join(out, "metrics.json")))[-1]["val_top1"]
+    assert result["method"] == "lora" and result["trainable_parameters"] > 0
+
+
 def test_adapter_on_a_pretrained_file_needs_that_file(tmp_path, capsys):
     from safetensors.torch import save_file
 
