@@ -134,7 +134,13 @@ def file_sha256(path: str) -> str:
 def backbone_identity(name: str, num_classes: int, drop_path: float, seed: int, pretrained_file: str | None = None,
                       pretrained: bool = False) -> dict[str, Any]:
     """The record `rebuild_backbone` needs: what `create_backbone` was called with, right after
-    ``torch.manual_seed(seed)``, and the SHA-256 of the pretrained file."""
+    ``torch.manual_seed(seed)``, and the SHA-256 of the pretrained file. Hub weights are pinned by
+    their pretrained tag (``name.tag``), so a later timm with another default tag gives the same ones."""
+    if pretrained and "." not in name:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+        name = f"{name}.{cfg.tag}" if cfg is not None and cfg.tag else name
     identity = {"format": IDENTITY_FORMAT, "timm_name": name,
                 "kwargs": {"num_classes": int(num_classes), "drop_path_rate": float(drop_path)},
                 "init_seed": int(seed), "pretrained": "hub" if pretrained else ("file" if pretrained_file else "random")}

@@ -358,3 +358,13 @@ def test_demo_publish_writes_docs_and_the_readme_section(tmp_path):
     assert (tmp_path / "docs" / "explainer_grid.png").read_bytes() == (tmp_path / "grid.png").read_bytes()
     assert (tmp_path / "README.md").read_text() == f"# x\n{README_START}\n| table |\n{README_END}\nrest\n"
 
+
+def test_hub_weights_are_pinned_by_their_tag_in_the_identity():
+    from gift.backbones import backbone_identity
+
+    from timm.models import get_pretrained_cfg
+
+    identity = backbone_identity("vit_tiny_patch16_224", 3, 0.1, 0, pretrained=True)
+    default_tag = get_pretrained_cfg("vit_tiny_patch16_224").tag  # augreg_in21k_ft_in1k in timm 1.0
+    assert identity["timm_name"] == f"vit_tiny_patch16_224.{default_tag}" and identity["pretrained"] == "hub"
+    assert backbone_identity("vit_tiny_patch16_224", 3, 0.1, 0)["timm_name"] == "vit_tiny_patch16_224"
