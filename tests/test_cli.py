@@ -193,6 +193,15 @@ def test_adapter_on_a_random_backbone_explains_identically_and_evaluates_to_its_
     assert len(err.splitlines()) == 1 and "wrong backbone model" in err
 
 
+def test_lora_run_saves_a_peft_adapter_that_evaluates_to_its_val_accuracy(tmp_path):
+    out = run(tmp_path, "lora", "--epochs", "1", "--method", "lora", "--rank", "4")
+    assert {"adapter_model.safetensors", "adapter_config.json", "gift_run.json"} <= set(os.listdir(os.path.join(out, "adapter")))
+    assert main(["eval", "--adapter", os.path.join(out, "adapter")]) == 0
+    result = json.load(open(os.path.join(out, "eval.json")))
+    assert result["top1"] == json.load(open(os.path.join(out, "metrics.json")))[-1]["val_top1"]
+    assert result["method"] == "lora" and result["trainable_parameters"] > 0
+
+
 def test_adapter_on_a_pretrained_file_needs_that_file(tmp_path, capsys):
     from safetensors.torch import save_file
 
@@ -215,7 +224,8 @@ def test_adapter_on_a_pretrained_file_needs_that_file(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------- resume
-def test_resume_after_ctrl_c_inside_the_forward_with_drop_path_is_bitwise_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_resume_after_ctrl_c_inside_forward_or_backward_with_drop_path_is_bitwise_exact(tmp_path, monkeypatch, where):
     from timm.models.vision_transformer import Block
 
     args = ["--epochs", "2", "--drop-path", "0.1"]
@@ -223,11 +233,18 @@ def test_resume_after_ctrl_c_inside_the_forward_with_drop_path_is_bitwise_exact(
     calls = {"n": 0}
     real = Block.forward
 
+    def ctrl_c(*_):
+        raise KeyboardInterrupt
+
     def interrupt(self, x, *a, **kw):
         if self.training:
             calls["n"] += 1
             if calls["n"] == 4 * 4 + 3:  # 4 blocks per forward: epoch 2 (3 steps each), its 2nd step, the 3rd block
-                raise KeyboardInterrupt  # after the first two blocks drew their drop-path masks
+                if where == "forward":
+                    ctrl_c()  # after the first two blocks drew their drop-path masks
+                out = real(self, x, *a, **kw)
+                out.register_hook(ctrl_c)  # inside autograd's backward pass, half-way through
+                return out
         return real(self, x, *a, **kw)
 
     monkeypatch.setattr(Block, "forward", interrupt)
@@ -329,3 +346,25 @@ def test_demo_verdict_is_derived_from_its_numbers_and_fills_the_readme_markers()
     assert "beats the random-cluster baseline" in explainer_verdict(scores)
     readme = f"a\n{README_START}\nold\n{README_END}\nb"
     assert readme_with_demo(readme, "new\n") == f"a\n{README_START}\nnew\n{README_END}\nb"
+
+
+def test_demo_publish_writes_docs_and_the_readme_section(tmp_path):
+    from gift.app.demo import README_END, README_START, publish
+
+    (tmp_path / "README.md").write_text(f"# x\n{README_START}\nold\n{README_END}\nrest\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "grid.png")
+    publish("| table |\n", str(tmp_path / "grid.png"), str(tmp_path))
+    assert (tmp_path / "docs" / "demo_results.md").read_text() == "| table |\n"
+    assert (tmp_path / "docs" / "explainer_grid.png").read_bytes() == (tmp_path / "grid.png").read_bytes()
+    assert (tmp_path / "README.md").read_text() == f"# x\n{README_START}\n| table |\n{README_END}\nrest\n"
+
+
+def test_hub_weights_are_pinned_by_their_tag_in_the_identity():
+    from gift.backbones import backbone_identity
+
+    from timm.models import get_pretrained_cfg
+
+    identity = backbone_identity("vit_tiny_patch16_224", 3, 0.1, 0, pretrained=True)
+    default_tag = get_pretrained_cfg("vit_tiny_patch16_224").tag  # augreg_in21k_ft_in1k in timm 1.0
+    assert identity["timm_name"] == f"vit_tiny_patch16_224.{default_tag}" and identity["pretrained"] == "hub"
+    assert backbone_identity("vit_tiny_patch16_224", 3, 0.1, 0)["timm_name"] == "vit_tiny_patch16_224"
