@@ -1,6 +1,7 @@
 """The command line as a user meets it: every bad input is one line and exit status 2 (in a
 subprocess), help without torch, the right backbone for every adapter, exact resume after a Ctrl-C
 inside the forward pass, no accidental overwrite, hidden folders, umask permissions, packaging, eval."""
+import glob
 import json
 import os
 import runpy
@@ -325,6 +326,12 @@ def test_packaging_declares_extras_license_version_and_types():
     assert captured["entry_points"]["console_scripts"] == ["gift=gift.app.cli:main"]
     assert "py.typed" in captured["package_data"]["gift"] and os.path.isfile(os.path.join(ROOT, "gift", "py.typed"))
     assert "MIT License" in open(os.path.join(ROOT, "LICENSE")).read()
+    from gift.app.recipes import recipe_names  # the recipes ship inside the package, and what reads them
+
+    assert {f"recipes/{n}.yaml" for n in recipe_names()} <= {os.path.relpath(p, os.path.join(ROOT, "gift")) for pat in
+                                                             captured["package_data"]["gift"]
+                                                             for p in glob.glob(os.path.join(ROOT, "gift", pat))}
+    assert any(r.startswith("pyyaml") for r in requires)
     assert hasattr(torch.amp, "GradScaler")  # the loop's torch.amp.GradScaler(device): why torch>=2.3
 
 

@@ -1,11 +1,7 @@
 """gift.app.recipes: the shipped recipes, `--recipe` as defaults that later flags override, bad recipes."""
 import argparse
-import glob
-import os
-import runpy
 
 import pytest
-import setuptools
 
 from gift.app.cli import build_parser
 from gift.app.finetune import FinetuneConfig
@@ -72,23 +68,6 @@ def test_bad_recipes(tmp_path, capsys):
     bad.write_text("finetune: {}\nschedule: cosine\n")
     with pytest.raises(RecipeError, match=r"unknown recipe key\(s\) \['schedule'\]"):
         load_recipe(str(bad))
-
-
-def test_recipes_ship_as_package_data():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    captured, real_setup, cwd = {}, setuptools.setup, os.getcwd()
-    setuptools.setup = lambda **kw: captured.update(kw)
-    try:
-        os.chdir(root)
-        runpy.run_path(os.path.join(root, "setup.py"))
-    finally:
-        setuptools.setup = real_setup
-        os.chdir(cwd)
-    patterns = captured["package_data"]["gift"]
-    shipped = {os.path.relpath(p, os.path.join(root, "gift")) for pat in patterns
-               for p in glob.glob(os.path.join(root, "gift", pat))}
-    assert {f"recipes/{n}.yaml" for n in recipe_names()} <= shipped
-    assert any(r.startswith("pyyaml") for r in captured["install_requires"])
 
 
 def test_gift_finetune_takes_a_recipe_then_flags():

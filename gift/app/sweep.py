@@ -20,6 +20,7 @@ from typing import Callable
 
 from ..base import atomic_write, atomic_write_text
 from .errors import UsageError
+from .evaluate import write_eval_json
 
 SWEEP_CSV = "sweep.csv"
 SWEEP_JSON = "sweep.json"
@@ -156,7 +157,7 @@ def run_grid_search(plan: SweepPlan, output: str, train_point: Callable[[dict], 
                   "lr": best_lr, "weight_decay": best_wd, "epochs": plan.epochs,
                   "search": {"csv": os.path.abspath(csv_path), "eval_split": plan.search_eval_split,
                              "top1": float(rows[(best_lr, best_wd)]["top1"])}}
-        write_json(eval_path, result)
+        write_eval_json(eval_path, result)
     overall.update(1)
     overall.close()
     if not quiet:
