@@ -120,6 +120,9 @@ def test_imagefolder_bad_image_named_or_skipped(tmp_path):
         open_local_split(str(tmp_path), "train", SIZE)
     ds = open_local_split(str(tmp_path), "train", SIZE, skip_bad_images=True)
     assert len(ds) == 1 and ds.skipped == [str(tmp_path / "train" / "a" / "1.png")]
+    broken_image(str(tmp_path / "train" / "a" / "0.png"))
+    with pytest.raises(DataError, match=r"none of the 2 listed images can be read \(empty split\)"):
+        open_local_split(str(tmp_path), "train", SIZE, skip_bad_images=True)
     with pytest.raises(DataError, match="test: no such folder"):
         open_local_split(str(tmp_path), "test", SIZE, skip_bad_images=True)
 
@@ -180,6 +183,11 @@ def test_fgvc_json_bad_input_names_file_and_line(tmp_path):
     with pytest.raises(DataError, match=rf"train\.json:{line}: cannot read image .*{broken}"):
         open_local_split(f"fgvc-json:{root}", "train", SIZE)
     assert len(open_local_split(f"fgvc-json:{root}", "train", SIZE, skip_bad_images=True)) == 8
+    for rel in train:
+        broken_image(os.path.join(root, "images", rel))
+    with pytest.raises(DataError, match=r"none of the 9 listed images can be read \(empty split\)"):
+        open_local_split(f"fgvc-json:{root}", "train", SIZE, skip_bad_images=True)
+    fgvc_tree(root)
     missing = list(train)[-1]
     os.remove(os.path.join(root, "images", missing))
     with pytest.raises(DataError, match=rf"train\.json:{json_line(train, missing)}: cannot read image .* \(no such file\)"):

@@ -118,6 +118,7 @@ class LabelledImages(ImageFolderDataset):
         self.image_root = root
         self.skip_bad_images, self.skipped = skip_bad_images, []
         entries, classes = self._read(root, split)
+        listed = len(entries) + len(self.skipped)  # _read may have skipped broken images already
         files, sources = [], []
         for path, label, where in entries:
             problem = None if self.reads_images else _unreadable(path)
@@ -129,6 +130,8 @@ class LabelledImages(ImageFolderDataset):
                 continue
             files.append((path, label))
             sources.append(where)
+        if not files:
+            raise DataError(f"{root} ({split}): none of the {listed} listed images can be read (empty split)")
         super().__init__(ScanResult(files, list(classes), self.skipped), image_size, mean, std)
         self.sources = sources
 
