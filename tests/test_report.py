@@ -49,6 +49,18 @@ def test_fgvc_columns_in_the_papers_order(tmp_path):
     assert table.rows()[0][1] is None and table.rows()[0][-1] == pytest.approx(220 / 3)
 
 
+def test_without_matplotlib_the_tables_are_written_and_the_error_names_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    result(str(tmp_path / "runs"), "gift", "dtd", 0.5)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(ReportError, match=r"pip install 'gift\[plots\]'.*--no-chart skips the chart"):
+        write_report([str(tmp_path / "runs")], str(tmp_path / "report"))
+    assert os.path.isfile(tmp_path / "report" / "results.md") and os.path.isfile(tmp_path / "report" / "results.csv")
+    assert write_report([str(tmp_path / "runs")], str(tmp_path / "r2"), chart=False)["chart"] is None
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(ReportError, match="no such folder"):
         find_results([str(tmp_path / "nothing")])

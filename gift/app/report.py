@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..base import atomic_write, atomic_write_text
 from .datasets import VTAB1K_GROUPS, VTAB1K_TASKS, parse_data_spec
-from .errors import UsageError
+from .errors import UsageError, check_output_folder, missing_extra
 
 EVAL_JSON = "eval.json"
 FGVC_ORDER = ("cub", "nabirds", "oxfordflowers", "stanforddogs", "stanfordcars")
@@ -140,11 +140,11 @@ def table_csv(table: Table) -> str:
 
 def bar_chart(table: Table, path: str, split: str) -> None:
     """Grouped bars: one group per column (and the mean), one bar per method; a PNG at ``path``."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ReportError("the bar chart needs matplotlib: pip install 'gift[plots]' "
-                          "(the Markdown and CSV tables are written; --no-chart skips the chart)") from None
+    problem = missing_extra("matplotlib", "plots", "the bar chart")
+    if problem:
+        raise ReportError(f"{problem} (the Markdown and CSV tables are written; --no-chart skips the chart)")
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -154,7 +154,7 @@ def bar_chart(table: Table, path: str, split: str) -> None:
     for i, m in enumerate(table.methods):
         values = [table.cells[m].get(c, 0.0) for c in labels[:-1]] + [table.mean(m) or 0.0]
         ax.bar([x + (i - (len(table.methods) - 1) / 2) * width for x in range(len(labels))], values, width,
-               label=f"{METHOD_NAMES.get(m, m)} ({_fmt(table.params_m[m], 3)}M)")
+               label=METHOD_NAMES.get(m, m) + (f" ({table.params_m[m]:.3f}M)" if table.params_m[m] is not None else ""))
     ax.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center")
     ax.set_ylabel(f"top-1 on {split} (%)")
     ax.set_ylim(0, 100)
@@ -167,7 +167,7 @@ def bar_chart(table: Table, path: str, split: str) -> None:
 def write_report(run_dirs: list[str], output: str, split: str = "test", chart: bool = True) -> dict:
     """Collect, tabulate, write; returns ``{"markdown": path, "csv": path, "chart": path or None, "table": Table}``."""
     table = build_table(find_results(run_dirs, split))
-    os.makedirs(output, exist_ok=True)
+    check_output_folder(output)
     paths = {"markdown": os.path.join(output, "results.md"), "csv": os.path.join(output, "results.csv"),
              "chart": os.path.join(output, "results.png") if chart else None, "table": table}
     atomic_write_text(paths["markdown"], table_markdown(table, split))
