@@ -2,6 +2,7 @@
 and `gift sweep` / `gift report` / `gift finetune --data vtab1k:...` for real on a micro ViT."""
 import csv
 import json
+import math
 import os
 
 import pytest
@@ -48,6 +49,7 @@ def test_interrupted_sweep_resumes_without_retraining_then_runs_final_on_trainva
     second = FakeTrainer()
     result = run_grid_search(PLAN, out, second, identity={"model": "m"}, record={"method": "gift"}, quiet=True)
     trained = [(c["lr"], c["weight_decay"], c["train_split"], c["eval_split"], c["epochs"]) for c in second.calls]
+    assert second.calls[-1]["eval_every"] == 2 and "eval_every" not in second.calls[0]
     assert trained == [(1e-3, 0.01, "train", "val", 1), (1e-4, 0.0, "train", "val", 1),
                        (1e-4, 0.01, "train", "val", 1), (1e-4, 0.01, "trainval", "test", 2)]
     rows = list(csv.DictReader(open(os.path.join(out, "sweep.csv"))))
@@ -113,11 +115,13 @@ def test_sweep_interrupted_then_resumed_then_report_with_lora(tmp_path, monkeypa
     rows = list(csv.DictReader(open(os.path.join(out, "sweep.csv"))))
     best = max(rows, key=lambda r: float(r["top1"]))
     final = calls[3]
-    assert (final.train_split, final.eval_split, final.epochs) == ("trainval", "test", 2) and len(rows) == 4
+    assert (final.train_split, final.eval_split, final.epochs, final.eval_every) == ("trainval", "test", 2, 2)
+    assert len(rows) == 4
     assert (final.lr, final.weight_decay) == (float(best["lr"]), float(best["weight_decay"]))
     result = json.load(open(os.path.join(out, "final", "eval.json")))
     history = json.load(open(os.path.join(out, "final", "metrics.json")))
     assert result["split"] == "test" and result["top1"] == history[-1]["val_top1"] and len(history) == 2
+    assert math.isnan(history[0]["val_top1"])  # test is scored once, after the last epoch
     assert result["dataset"] == "cub" and result["method"] == "gift"
 
     assert main(["sweep", "--recipe", "fgvc-lora", *MICRO, "--data", data, "--lr", "1e-3", "--weight-decay", "0",

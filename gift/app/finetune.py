@@ -55,6 +55,7 @@ class FinetuneConfig:
     train_split: str = option("train", "split trained on (vtab1k: train = train800, trainval = train800val200)",
                               choices=TRAIN_SPLITS)
     eval_split: str = option("val", "split scored after every epoch (vtab1k: val = val200)", choices=EVAL_SPLITS)
+    eval_every: int = option(1, "score --eval-split every N epochs and after the last (others record nan)", min=1)
     task: str = option("pattern", "labels of the embedded dataset", choices=sorted(TASKS))
     train_size: int = option(2000, "embedded dataset: training images", min=1)
     val_size: int = option(1000, "embedded dataset: validation images", min=1)
@@ -400,7 +401,9 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
                     resume_at, resume_rng = (epoch, step + 1), rng_state()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             loss_sum, count = d.all_reduce([partial["loss_sum"], partial["count"]])
-            scores = accuracy(model, val_set, max(local, 64), d, cfg.amp)
+            scored = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+            scores = accuracy(model, val_set, max(local, 64), d, cfg.amp) if scored else \
+                {"top1": float("nan"), "top5": float("nan")}
             with interrupts_held():
                 history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1), "val_top1": scores["top1"],
                                 "val_top5": scores["top5"], "lr": scheduler.get_last_lr()[0],
@@ -411,8 +414,8 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
                 if d.main:
                     write_metrics(cfg.output, history, curves=not no_curves)
             if not cfg.quiet:
-                say(d, f"epoch {epoch + 1}/{cfg.epochs}: train loss {history[-1]['train_loss']:.4f}, "
-                       f"{cfg.eval_split} top-1 {scores['top1']:.4f}")
+                say(d, f"epoch {epoch + 1}/{cfg.epochs}: train loss {history[-1]['train_loss']:.4f}"
+                       + (f", {cfg.eval_split} top-1 {scores['top1']:.4f}" if scored else ""))
             if cfg.stop_after and epoch + 1 - start_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:
                 say(d, f"stopped after {cfg.stop_after} epoch(s) as asked; continue with --resume")
                 break

@@ -7,8 +7,9 @@ Re-running the same command resumes: finished points (rows of sweep.csv) are not
 final run cut off mid-way continues from its checkpoint, and a finished final run is not repeated.
 
 `run_grid_search` takes the training as a callable ``train_point(settings) -> summary``: ``settings`` holds
-``lr``, ``weight_decay``, ``epochs``, ``train_split``, ``eval_split``, ``output`` and ``resume``; the summary
-at least ``top1`` (accuracy on ``eval_split`` after the last epoch, a fraction) and ``trainable_parameters``.
+``lr``, ``weight_decay``, ``epochs``, ``train_split``, ``eval_split``, ``output`` and ``resume`` (and, for the
+final run, ``eval_every`` = ``epochs``: test is scored once, after the last epoch); the summary at least
+``top1`` (accuracy on ``eval_split`` after the last epoch, a fraction) and ``trainable_parameters``.
 """
 from __future__ import annotations
 
@@ -150,7 +151,8 @@ def run_grid_search(plan: SweepPlan, output: str, train_point: Callable[[dict], 
     else:
         summary = train_point({"lr": best_lr, "weight_decay": best_wd, "epochs": plan.epochs,
                                "train_split": plan.final_train_split, "eval_split": plan.final_eval_split,
-                               "output": final_dir, "resume": os.path.isfile(os.path.join(final_dir, CHECKPOINT))})
+                               "output": final_dir, "resume": os.path.isfile(os.path.join(final_dir, CHECKPOINT)),
+                               "eval_every": plan.epochs})
         result = {**(record or {}), "split": plan.final_eval_split, "train_split": plan.final_train_split,
                   "top1": summary["top1"], "top5": summary.get("top5"),
                   "trainable_parameters": summary.get("trainable_parameters"),
@@ -169,7 +171,7 @@ def run_grid_search(plan: SweepPlan, output: str, train_point: Callable[[dict], 
 
 # ---------------------------------------------------------------------------------------- command line
 NOT_IDENTITY = ("lr", "weight_decay", "epochs", "output", "resume", "overwrite", "stop_after", "quiet", "device",
-                "train_split", "eval_split")
+                "train_split", "eval_split", "eval_every")
 
 
 def add_arguments(p) -> None:
