@@ -54,3 +54,67 @@ def assert_agree(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torc
            for k, (err, rel) in errors.items() if not rel <= tol + slack.get(k, 0.0)]
     if bad:
         raise AssertionError(f"{len(bad)} of {len(errors)} tensors disagree in {dtype}:\n  " + "\n  ".join(bad))
+
+
+# ------------------------------------------------------------------------------ test inputs for the ops
+def paca_case(shape, seed: int = 0):
+    """Random float64 inputs for `paca_attention` at ``shape = (L, N, M, r, heads)``:
+    ``(t (L, N, r), params (list of the 10 PacaParams fields), grad (L, N, r))``."""
+    L, N, M, r, _ = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s, scale=1.0):
+        return torch.randn(*s, generator=g, dtype=torch.float64) * scale
+
+    t = rnd(L, N, r)
+    params = [rnd(M, r, scale=r ** -0.5), rnd(M, scale=0.3)]
+    for _ in range(4):
+        params += [rnd(r, r, scale=r ** -0.5), rnd(r, scale=0.3)]
+    return t, params, rnd(L, N, r)
+
+
+def paca_outputs_and_grads(t, params, grad, heads: int, dtype: torch.dtype, backend: str, activation: str = "sigmoid",
+                           device="cpu") -> dict[str, torch.Tensor]:
+    """Run `paca_attention` (``backend="reference"``: `paca_attention_reference`) in ``dtype`` on ``device``;
+    returns CPU tensors ``{"output", "d_t", "d_<PacaParams field>"...}``."""
+    from .paca import PacaParams, paca_attention, paca_attention_reference
+
+    leaves = [x.to(device=device, dtype=dtype).requires_grad_(True) for x in [t, *params]]
+    if backend == "reference":
+        out = paca_attention_reference(leaves[0], PacaParams(*leaves[1:]), heads, activation)
+    else:
+        out = paca_attention(leaves[0], PacaParams(*leaves[1:]), heads, activation, backend=backend)
+    grads = torch.autograd.grad(out, leaves, grad.to(device=device, dtype=dtype))
+    names = ["t", *PacaParams._fields]
+    return {"output": out.detach().cpu(), **{f"d_{n}": gr.cpu() for n, gr in zip(names, grads)}}
+
+
+def residual_case(shape, bias: bool = True, seed: int = 1):
+    """Random float64 inputs for `lowrank_residual_linear` at ``shape = (rows, d_in, d_out, r)``:
+    ``(x (2, rows, d_in), W (d_out, d_in), b (d_out,) or None, psi (d_in, r), T (d_out, r), grad (2, rows, d_out))``."""
+    rows, d_in, d_out, r = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    return (rnd(2, rows, d_in), rnd(d_out, d_in) * d_in ** -0.5, rnd(d_out) if bias else None,
+            rnd(d_in, r) * 0.1, rnd(d_out, r), rnd(2, rows, d_out))
+
+
+def residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype: torch.dtype, backend: str,
+                               gift_dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
+    """Run `lowrank_residual_linear` (``backend="reference"``: its reference) with x, W, b in ``dtype`` and psi, T
+    in ``gift_dtype`` (default ``dtype``); returns CPU tensors ``{"output", "dx", "dpsi", "dT"}``."""
+    from .residual import lowrank_residual_linear, lowrank_residual_linear_reference
+
+    gift_dtype = gift_dtype or dtype
+    xs = x.to(device=device, dtype=dtype).requires_grad_(True)
+    wb = [w.to(device=device, dtype=dtype), None if b is None else b.to(device=device, dtype=dtype)]
+    lr = [v.to(device=device, dtype=gift_dtype).requires_grad_(True) for v in (psi, tokens)]
+    if backend == "reference":
+        out = lowrank_residual_linear_reference(xs, *wb, *(v.to(dtype) for v in lr))
+    else:
+        out = lowrank_residual_linear(xs, *wb, *lr, backend=backend)
+    dx, dpsi, dt = torch.autograd.grad(out, [xs, *lr], grad.to(device=device, dtype=out.dtype))
+    return {"output": out.detach().cpu(), "dx": dx.cpu(), "dpsi": dpsi.cpu(), "dT": dt.cpu()}
