@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import gift
 from gift.base import find_targets
-from gift.testing import compare_dtype, outputs_and_grads, randomize_gift_, zero_gradient_names
-from gift_kernels.testing import disagreements, relative_errors
+from gift.testing import model_disagreements, outputs_and_grads, randomize_gift_, zero_gradient_names
+from gift_kernels.testing import relative_errors
 
 PROVIDERS = ("floor", "lora", "reference", "naive_merged", "fast_torch", "fast_torch+mlp", "fast_torch+block",
              "fast_triton")
@@ -283,12 +283,12 @@ def cuda_step_peak_bytes(provider: Provider, x: torch.Tensor, y: torch.Tensor, d
 def agreement(provider: Provider, exact: dict, baseline: dict, x: torch.Tensor, y: torch.Tensor,
               dtype: torch.dtype = torch.float32) -> dict:
     """Max relative error (each tensor at its own scale) of the provider's logits and of its GIFT and head
-    gradients against the float64 reference; ``ok`` is `gift_kernels.testing.disagreements` with the
-    reference in ``dtype`` as baseline and the model's zero-by-construction gradients listed."""
+    gradients against the float64 reference; ``ok``: no `gift.testing.model_disagreements` with the
+    reference in ``dtype`` as baseline."""
     got = outputs_and_grads(provider.model, x, y, dtype)
     zero = [n for n in zero_gradient_names(provider.gift_model) if n in exact]
     errs = relative_errors(got, exact, zero)
-    bad = disagreements(got, exact, compare_dtype(got, dtype), baseline, zero)
+    bad = model_disagreements(got, exact, baseline, provider.gift_model, dtype)
     return {"out_rel": errs["output"][1], "grad_rel": max(rel for k, (_, rel) in errs.items() if k != "output"),
             "ok": not bad, "why": "\n".join(bad)}
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gift_kernels.testing import assert_agree
+from gift_kernels.testing import disagreements
 
 from .config import GIFTConfig
 from .fast import FastGIFT
@@ -72,6 +72,15 @@ def twin_models(backbone: nn.Module, cfg: GIFTConfig, dtype: torch.dtype = torch
 
 
 # ------------------------------------------------------------------------------------ agreement
+# A whole model's gradients pass through many reductions that a fast path associates differently from the
+# reference (x psi before T^T instead of a dense W + dW; Wq, Wp folded into the cluster side; torch.compile's
+# fusions). Correct fp32 code then lands at up to ~4x the reference's own error on cancellation-heavy
+# gradients (measured: FastGIFT's torch path 4.1x over 16 input draws, torch.compile 3.5x), where one kernel
+# against the same math stays within gift_kernels.testing.BASELINE_FACTOR = 2. A 1% error in any single
+# gradient still fails (tests/test_agreement.py::test_model_level_mutation_fails).
+MODEL_BASELINE_FACTOR = 5.0
+
+
 def shift_invariant_targets(model: nn.Module) -> list[str]:
     """Target keys whose layers add their output to a timm ViT's residual stream unscaled (``attn.proj`` and
     ``mlp.fc2`` with LayerScale off), which the rest of the network reads only through LayerNorms over
@@ -124,7 +133,7 @@ def zero_gradient_names(model: nn.Module) -> tuple[str, ...]:
     return tuple(n for n in names if n in trainable)
 
 
-def exact_and_baseline(reference: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
+def model_exact_and_baseline(reference: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
                        autocast_dtype: torch.dtype | None = None) -> tuple[dict, dict]:
     """``(exact, baseline)`` outputs and gradients of ``reference`` (a GIFT model): exact = a float64 copy on
     ``x`` in float64; baseline = ``reference`` itself in its dtype (under ``autocast_dtype`` when given)."""
@@ -137,9 +146,18 @@ def compare_dtype(result: dict, autocast_dtype: torch.dtype | None = None) -> to
     return autocast_dtype if autocast_dtype in (torch.float16, torch.bfloat16) else result["output"].dtype
 
 
+def model_disagreements(got: dict, exact: dict, baseline: dict | None, model: nn.Module,
+                        autocast_dtype: torch.dtype | None = None) -> list[str]:
+    """`gift_kernels.testing.disagreements` of ``got`` (outputs_and_grads of a GIFT model) with the float64
+    ``exact``: ``MODEL_BASELINE_FACTOR`` times the reference's own error as slack, ``zero_gradient_names(model)``
+    as the zero list."""
+    return disagreements(got, exact, compare_dtype(got, autocast_dtype), baseline,
+                         [n for n in zero_gradient_names(model) if n in exact], MODEL_BASELINE_FACTOR)
+
+
 def assert_model_agrees(got: dict, exact: dict, baseline: dict | None, model: nn.Module,
                         autocast_dtype: torch.dtype | None = None) -> None:
-    """`gift_kernels.testing.assert_agree` of ``got`` (outputs_and_grads of a GIFT model) with the float64
-    ``exact``, the reference's own error as slack and ``zero_gradient_names(model)`` as the zero list."""
-    assert_agree(got, exact, compare_dtype(got, autocast_dtype), baseline=baseline,
-                 zero_by_construction=[n for n in zero_gradient_names(model) if n in exact])
+    """Raise ``AssertionError`` listing every tensor `model_disagreements` finds."""
+    bad = model_disagreements(got, exact, baseline, model, autocast_dtype)
+    if bad:
+        raise AssertionError(f"{len(bad)} of {len(exact)} tensors disagree:\n  " + "\n  ".join(bad))

@@ -72,27 +72,29 @@ def relative_errors(actual: Mapping[str, torch.Tensor], expected: Mapping[str, t
 
 
 def disagreements(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                  baseline: Mapping[str, torch.Tensor] | None = None,
-                  zero_by_construction: Collection[str] = ()) -> list[str]:
-    """One line per key whose error exceeds what the module docstring allows; empty when all agree."""
+                  baseline: Mapping[str, torch.Tensor] | None = None, zero_by_construction: Collection[str] = (),
+                  baseline_factor: float = BASELINE_FACTOR) -> list[str]:
+    """One line per key whose error exceeds what the module docstring allows (``baseline_factor`` times the
+    baseline's error); empty when all agree."""
     tol = TOLERANCES[dtype]
     scales = scales_of(expected, zero_by_construction)
     errors = max_abs_errors(actual, expected)
     slack = max_abs_errors(baseline, expected) if baseline is not None else {}
     bad = []
     for k, err in errors.items():
-        allowed = tol * scales[k] + BASELINE_FACTOR * slack.get(k, 0.0)
+        allowed = tol * scales[k] + baseline_factor * slack.get(k, 0.0)
         if not err <= allowed:  # NaN fails too
             bad.append(f"{k}: abs {err:.3e} > {allowed:.3e} = {tol:.0e} x scale {scales[k]:.3e}"
-                       + (f" + {BASELINE_FACTOR:g} x baseline's {slack[k]:.3e}" if k in slack else "")
+                       + (f" + {baseline_factor:g} x baseline's {slack[k]:.3e}" if k in slack else "")
                        + (" (zero by construction)" if k in zero_by_construction else ""))
     return bad
 
 
 def assert_agree(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                 baseline: Mapping[str, torch.Tensor] | None = None, zero_by_construction: Collection[str] = ()) -> None:
+                 baseline: Mapping[str, torch.Tensor] | None = None, zero_by_construction: Collection[str] = (),
+                 baseline_factor: float = BASELINE_FACTOR) -> None:
     """Raise ``AssertionError`` listing every key that disagrees (see `disagreements`)."""
-    bad = disagreements(actual, expected, dtype, baseline, zero_by_construction)
+    bad = disagreements(actual, expected, dtype, baseline, zero_by_construction, baseline_factor)
     if bad:
         raise AssertionError(f"{len(bad)} of {len(expected)} tensors disagree in {dtype}:\n  " + "\n  ".join(bad))
 

@@ -19,7 +19,7 @@ from bench.harness import (
     quartiles,
     random_gift_state,
 )
-from gift.testing import assert_model_agrees, exact_and_baseline, outputs_and_grads
+from gift.testing import assert_model_agrees, model_exact_and_baseline, outputs_and_grads
 
 from conftest import tiny_timm_vit
 
@@ -130,7 +130,7 @@ def test_naive_merged_is_one_linear_per_target_and_matches_the_reference():
         torch.nn.functional.linear = original
     assert calls.count(proj.weight.shape) == len(naive.model.target_groups[0])  # the reference makes two per layer
     y = torch.tensor([1, 3])
-    exact, baseline = exact_and_baseline(ref.model, x, y)
+    exact, baseline = model_exact_and_baseline(ref.model, x, y)
     assert_model_agrees(outputs_and_grads(naive.model, x, y), exact, baseline, naive.model)
 
 

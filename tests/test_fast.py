@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from gift import FastGIFT, GIFTConfig, GIFTReference
 from gift.fast import GIFTLinear
-from gift.testing import assert_model_agrees, exact_and_baseline
+from gift.testing import assert_model_agrees, model_exact_and_baseline
 from gift_kernels import lowrank_residual_linear, lowrank_residual_linear_reference
 from gift_kernels.testing import assert_agree
 
@@ -69,7 +69,7 @@ def test_fast_agrees_with_reference_on_ragged_configs(name, dtype):
     ref, fast = twin_models(ToyViT(dim=12, depth=3, hidden=20), cfg, dtype)  # 12: not a multiple of 8
     x = torch.randn(3, 7, 12, dtype=dtype)
     got = outputs_and_grads(fast, x)
-    exact, want = exact_and_baseline(ref, x)
+    exact, want = model_exact_and_baseline(ref, x)
     assert got["output"].dtype == dtype
     assert set(got) == set(want) and len(got) > 3
     # against the exact answer; fp32 may be off by 1e-5 of each tensor plus twice the fp32 reference's own error
@@ -222,7 +222,7 @@ def test_backbone_weights_stored_in_bf16():
 def test_torch_compile_matches_eager():
     _, fast = twin_models(ToyViT(), GIFTConfig(rank=8, num_clusters=5))
     x = torch.randn(2, 5, 12)
-    exact, eager = exact_and_baseline(fast, x)  # both fp32 results against the exact answer, eager as the baseline
+    exact, eager = model_exact_and_baseline(fast, x)  # both fp32 results against the exact answer, eager as the baseline
     compiled = torch.compile(fast)
     got = outputs_and_grads(compiled, x)
     got = {k.replace("_orig_mod.", ""): v for k, v in got.items()}
@@ -246,7 +246,7 @@ def test_fast_with_triton_kernels_agrees_with_reference(cfg, monkeypatch):
     ref, fast = twin_models(backbone, cfg)
     x = torch.randn(2, 3, 32, 32)
     got = outputs_and_grads(fast, x)
-    exact, want = exact_and_baseline(ref, x)
+    exact, want = model_exact_and_baseline(ref, x)
     # 3 target layers: one fused GEMM forward each, one backward (dx) for layers 1 and 2 (block 0's
     # attention output needs no gradient: frozen weights, an input that needs none)
     assert calls.count("PacaAttentionTriton") == cfg.num_blocks and calls.count("matmul_lowrank_epilogue") == 5

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gift import GIFTConfig
-from gift.testing import assert_model_agrees, exact_and_baseline
+from gift.testing import assert_model_agrees, model_exact_and_baseline
 
 from conftest import outputs_and_grads, tiny_timm_vit, twin_models
 
@@ -17,7 +17,7 @@ def test_fast_triton_on_cuda_agrees_with_reference(cfg):
     ref, fast = ref.cuda(), fast.cuda()
     x = torch.randn(4, 3, 32, 32, device="cuda")
     got = outputs_and_grads(fast, x)
-    exact, want = exact_and_baseline(ref, x)
+    exact, want = model_exact_and_baseline(ref, x)
     assert_model_agrees(got, exact, want, ref)
 
 
@@ -26,5 +26,5 @@ def test_fast_triton_under_bf16_autocast_tracks_the_reference():
     ref, fast = ref.cuda(), fast.cuda()
     x = torch.randn(4, 3, 32, 32, device="cuda")
     got = outputs_and_grads(fast, x, autocast_dtype=torch.bfloat16)
-    exact, want = exact_and_baseline(ref, x, autocast_dtype=torch.bfloat16)
+    exact, want = model_exact_and_baseline(ref, x, autocast_dtype=torch.bfloat16)
     assert_model_agrees(got, exact, want, ref, autocast_dtype=torch.bfloat16)
