@@ -90,7 +90,7 @@ def interleaved_times(runs: dict[str, Callable[..., object]], rounds: int, warmu
 
 
 class RatioStats(NamedTuple):
-    """Median and quartiles of the per-round ratios ``time(provider) / time(baseline)`` of one round."""
+    """Median and quartiles over rounds of the per-round ratio ``time(provider) / time(baseline)``."""
 
     median: float
     q1: float
@@ -270,8 +270,9 @@ def saved_bytes_of_step(provider: Provider, x: torch.Tensor, y: torch.Tensor, dt
 def cuda_step_peak_bytes(provider: Provider, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None) -> int:
     """GPU memory one training step of ``provider`` adds at its peak: ``max_memory_allocated`` after
     ``reset_peak_memory_stats``, minus what was allocated before the step (every provider's model and
-    optimiser state, the inputs). CUDA only."""
+    optimiser state, the inputs). One unmeasured step first, so the optimiser state already exists. CUDA only."""
     device = x.device
+    provider.step(x, y, dtype)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)

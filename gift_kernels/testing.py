@@ -9,6 +9,8 @@ baseline, when given, is a plain-torch computation of the same thing in the same
 FlashAttention rule: a gradient that cancels to something small carries rounding noise set by its
 summands, and the baseline shows how much). No tensor borrows the scale of another, so zeroing,
 negating or scaling any single gradient by 1% fails the check (tests/test_agreement.py proves it).
+``BASELINE_FACTOR = 2`` is for one op against the same math; whole-model comparisons, whose fast paths
+associate many reductions differently, use `gift.testing.MODEL_BASELINE_FACTOR`.
 
 The one exception is the explicit list ``zero_by_construction``: gradients that are zero in exact
 arithmetic whatever the inputs (e.g. PaCa's key bias: it adds the same logit to every cluster of a
