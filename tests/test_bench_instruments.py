@@ -156,8 +156,9 @@ def test_report_states_met_and_missed_targets_with_numbers():
             row(b8, "fast_torch", "saved_vs_lora", 1.021), row(b8, "fast_torch", "saved_vs_floor", 1.05),
             row(s2, "fast_torch", "ratio_vs_lora", 1.01)]
     lines = report.target_lines(rows)
-    assert len(lines) == 3  # ViT-S saved bytes were not measured: no line
+    assert len(lines) == 4  # ViT-S saved bytes were not measured: no line
     assert "step time <= 1.00x LoRA r=64: **missed**: 1.074 ±0.008x" in lines[0]
     assert "1.120x the fair floor" in lines[0]
     assert "<= 1.05x LoRA r=64: met" in lines[1]
     assert "saved bytes <= 1.03x LoRA r=64: met (measured 1.021x LoRA; 1.050x the fair floor)" in lines[2]
+    assert lines[3] == "- spread: the widest half-IQR of a vit_base_patch16_224 b8 ratio is ±0.7% (aim: under ±1%)"
