@@ -1,23 +1,30 @@
-"""The bench's instruments: saved-for-backward bytes, interleaved timing and ratios, agreement,
-and the providers (each one way to fine-tune the same timm model). Baselines come from packages:
-`gift.GIFTReference`, `gift.FastGIFT`, `peft` LoRA; nothing is re-typed here."""
+"""The bench's instruments: saved-for-backward bytes, interleaved timing and paired ratios with their
+spread, GPU peak per step, agreement, and the providers (each one way to fine-tune the same timm model;
+bench/README.md defines each in one line). Baselines come from packages: `gift.GIFTReference`,
+`gift.FastGIFT`, `peft` LoRA; the model-level test helpers from `gift.testing`."""
 from __future__ import annotations
 
 import copy
+import math
+import os
 import re
 import statistics
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import gift
+from gift.base import find_targets
+from gift.testing import model_disagreements, outputs_and_grads, randomize_gift_, zero_gradient_names
 from gift_kernels.testing import relative_errors
 
-PROVIDERS = ("no_adapter", "reference", "fast_torch", "fast_torch+mlp", "fast_torch+block", "fast_triton", "lora")
+PROVIDERS = ("floor", "lora", "reference", "naive_merged", "fast_torch", "fast_torch+mlp", "fast_torch+block",
+             "fast_triton")
+RATIO_BASELINES = ("floor", "lora", "naive_merged", "reference")  # every provider's time is divided by each
 
 
 class SavedTensorCounter:
@@ -52,32 +59,85 @@ class SavedTensorCounter:
         self._hooks.__exit__(*exc)
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
-                      sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
-    """Seconds per call of each function, measured round-robin (one call of each per round) so that
-    drifts of a noisy machine hit every provider alike."""
+def interleaved_times(runs: dict[str, Callable[..., object]], rounds: int, warmup: int = 1,
+                      sync: Callable[[], None] = lambda: None,
+                      prepare: dict[str, Callable[[], tuple]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured round-robin (one call of each per round, the order
+    reversed every other round) so that drifts of a noisy machine hit every provider alike.
+
+    ``prepare[name]()``, when given, builds the arguments of ``runs[name]`` for each call; it runs (and the
+    device is synchronised) before the clock starts, so only ``runs[name](*args)`` is timed.
+    """
+    prepare = prepare or {}
+
+    def call(name: str, timed: list[float] | None) -> None:
+        args = prepare[name]() if name in prepare else ()
+        sync()
+        start = time.perf_counter()
+        runs[name](*args)
+        sync()
+        if timed is not None:
+            timed.append(time.perf_counter() - start)
+
     for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+        for name in runs:
+            call(name, None)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(rounds):
-        order = list(fns) if r % 2 == 0 else list(reversed(fns))  # alternate order: no provider always first
-        for name in order:
-            start = time.perf_counter()
-            fns[name]()
-            sync()
-            times[name].append(time.perf_counter() - start)
+        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+            call(name, times[name])
     return times
 
 
-def median_ratios(times: dict[str, list[float]], baseline: str) -> dict[str, float]:
-    """Each provider's time over the baseline's, as the median over rounds of the ratio within a round
-    (the two calls of a pair ran next to each other, so slow drifts of the machine cancel)."""
+class RatioStats(NamedTuple):
+    """Median and quartiles over rounds of the per-round ratio ``time(provider) / time(baseline)``."""
+
+    median: float
+    q1: float
+    q3: float
+
+    @property
+    def half_iqr(self) -> float:
+        return (self.q3 - self.q1) / 2
+
+
+def quartiles(values: list[float]) -> RatioStats:
+    """Median, first and third quartile (inclusive method: the sample's own min..max range)."""
+    if len(values) == 1:
+        return RatioStats(values[0], values[0], values[0])
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return RatioStats(q2, q1, q3)
+
+
+def paired_ratios(times: dict[str, list[float]], baseline: str) -> dict[str, RatioStats]:
+    """Each provider's time over the baseline's within each round (the two calls ran next to each other, so
+    slow drifts of the machine cancel): median and interquartile range over rounds. Empty without ``baseline``."""
     if baseline not in times:
         return {}
     base = times[baseline]
-    return {name: statistics.median(a / b for a, b in zip(t, base)) for name, t in times.items()}
+    return {name: quartiles([a / b for a, b in zip(t, base)]) for name, t in times.items()}
+
+
+def format_ratio(median: float | None, q1: float | None = None, q3: float | None = None) -> str:
+    """``1.04 ±0.01``: the median to the digit of the half-IQR's first significant digit (3 decimals at most
+    when the spread is 0 or unknown), the half-IQR to that digit."""
+    if median is None:
+        return ""
+    if q1 is None or q3 is None or q3 <= q1:
+        return f"{median:.3f}"
+    half = (q3 - q1) / 2
+    digits = min(max(0, -math.floor(math.log10(half))), 4)
+    return f"{median:.{digits}f} ±{half:.{digits}f}" if round(half, digits) > 0 else f"{median:.{digits}f} ±{half:.1g}"
+
+
+def bench_rounds(default: int) -> int:
+    """Timing rounds: the ``GIFT_BENCH_ROUNDS`` environment variable when set, else ``default``."""
+    value = os.environ.get("GIFT_BENCH_ROUNDS")
+    if value is None or value == "":
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"GIFT_BENCH_ROUNDS={value!r} is not a positive integer; set e.g. GIFT_BENCH_ROUNDS=2.")
+    return int(value)
 
 
 def device_slug(device: torch.device) -> str:
@@ -100,23 +160,19 @@ def device_slug(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------- providers
 @dataclass
 class Provider:
+    """One way to fine-tune the model: ``step`` is one training step (forward, backward, AdamW step)."""
+
     name: str
     model: nn.Module
-    optimizer: torch.optim.Optimizer | None
-    input_requires_grad: bool = False
+    optimizer: torch.optim.Optimizer
     gift_model: gift.GIFTReference | gift.FastGIFT | None = None
-    extra: dict = field(default_factory=dict)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One training step: forward, backward, AdamW step."""
-        if self.input_requires_grad:
-            x = x.detach().requires_grad_(True)
         with _autocast(x, dtype):
             loss = F.cross_entropy(self.model(x).float(), y)
         loss.backward()
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return loss
 
 
@@ -128,25 +184,63 @@ def gift_config(rank: int, num_clusters: int = 64) -> gift.GIFTConfig:
     return gift.GIFTConfig(rank=rank, block="paca", num_clusters=num_clusters, num_heads=1)
 
 
+def first_target_module(backbone: nn.Module, target_modules: tuple[str, ...]) -> nn.Linear:
+    """The adapted layer that runs first: the earliest of all targets in ``backbone.named_modules()`` order."""
+    targets = {id(m) for group in find_targets(backbone, target_modules) for m in group.modules}
+    return next(m for _, m in backbone.named_modules() if id(m) in targets)
+
+
+def _restart_backward_here(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of the floor: the layer's input becomes a fresh leaf that needs a gradient, so
+    backward runs down to this input and nothing below it (as for an adapter at this layer)."""
+    return (args[0].detach().requires_grad_(True), *args[1:])
+
+
+class _MergedLinearForward:
+    """``forward`` of one target layer of `naive_merged`: ``F.linear(x, W + dW, b)`` with ``dW`` from the
+    reference's generator for that layer (one generator pass per layer per forward)."""
+
+    def __init__(self, model: gift.GIFTReference, key: str, layer: int, module: nn.Linear):
+        self.model, self.key, self.layer, self.module = model, key, layer, module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.module.weight + self.model.delta_weight(self.key, self.layer), self.module.bias)
+
+
+def naive_merged(backbone: nn.Module, config: gift.GIFTConfig) -> gift.GIFTReference:
+    """GIFT as a careful user would write it without this library: `gift.GIFTReference`'s parameters and
+    generator, its residual hooks removed, and each target layer computing ``F.linear(x, W + dW, b)``."""
+    model = gift.GIFTReference(backbone, config)
+    model.remove_hooks()
+    for group in model.target_groups:
+        for layer, module in enumerate(group.modules):
+            module.forward = _MergedLinearForward(model, group.key, layer, module)
+    return model
+
+
 def build_provider(name: str, backbone: nn.Module, rank: int, gift_state: dict | None = None) -> Provider:
     """One provider around a private copy of ``backbone``. ``gift_state`` loads the same GIFT weights
     into every GIFT provider so their outputs and gradients can be compared."""
     backbone = copy.deepcopy(backbone)
-    if name == "no_adapter":
+    config = gift_config(rank)
+    if name == "floor":
         backbone.requires_grad_(False)
         backbone.get_classifier().requires_grad_(True)
-        return Provider(name, backbone, torch.optim.AdamW(_trainable(backbone), lr=1e-4), input_requires_grad=True)
+        first_target_module(backbone, config.target_modules).register_forward_pre_hook(_restart_backward_here)
+        return Provider(name, backbone, torch.optim.AdamW(_trainable(backbone), lr=1e-4))
     if name == "lora":
         from gift.train import lora_model
 
-        model = lora_model(backbone, rank)
+        model = lora_model(backbone, rank, config.target_modules)
         return Provider(name, model, torch.optim.AdamW(_trainable(model), lr=1e-4))
     if name == "reference":
-        model = gift.GIFTReference(backbone, gift_config(rank))
+        model = gift.GIFTReference(backbone, config)
+    elif name == "naive_merged":
+        model = naive_merged(backbone, config)
     elif name.startswith(("fast_torch", "fast_triton")):
         memory = name.split("+")[1] if "+" in name else "none"
         backend = "triton" if name.startswith("fast_triton") else "torch"
-        model = gift.FastGIFT(backbone, gift_config(rank), memory=memory, kernels=backend)
+        model = gift.FastGIFT(backbone, config, memory=memory, kernels=backend)
     else:
         raise ValueError(f"unknown provider {name!r}; known: {PROVIDERS}")
     if gift_state is not None:
@@ -154,26 +248,18 @@ def build_provider(name: str, backbone: nn.Module, rank: int, gift_state: dict |
     return Provider(name, model, torch.optim.AdamW(_trainable(model), lr=1e-4), gift_model=model)
 
 
-def randomize_gift_state(backbone: nn.Module, rank: int, seed: int = 0, scale: float = 0.02) -> dict:
-    """GIFT weights (and head) with every tensor random, psi included, so that all gradients are non-zero."""
+def random_gift_state(backbone: nn.Module, rank: int, seed: int = 0) -> dict:
+    """GIFT weights with every tensor random (psi included, small), so that all gradients are non-zero."""
     model = gift.GIFTReference(copy.deepcopy(backbone), gift_config(rank))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.gift_parameters():
-            fan_in = p.shape[-1] if p.dim() > 1 else 1
-            p.copy_((torch.randn(p.shape, generator=g) * (scale if p is model.out_projections["attn:proj"].weight
-                                                            else fan_in ** -0.5)).to(p))
-    return model.gift_state_dict()
+    return randomize_gift_(model, seed=seed, scale=0.1, psi_scale=0.02).gift_state_dict()
 
 
 def _autocast(x: torch.Tensor, dtype: torch.dtype | None):
-    return torch.autocast(x.device.type, dtype=dtype, enabled=dtype not in (None, torch.float32, torch.float64))
+    return torch.autocast(x.device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
 
 
 def saved_bytes_of_step(provider: Provider, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None) -> int:
     """Bytes saved for backward by one forward (activations; parameters and buffers not counted)."""
-    if provider.input_requires_grad:
-        x = x.detach().requires_grad_(True)
     with SavedTensorCounter(exclude=provider.model) as counter, _autocast(x, dtype):
         loss = F.cross_entropy(provider.model(x).float(), y)
     loss.backward()
@@ -181,37 +267,34 @@ def saved_bytes_of_step(provider: Provider, x: torch.Tensor, y: torch.Tensor, dt
     return counter.bytes
 
 
-def outputs_and_gift_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                           dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Logits and the gradient of every trainable parameter (GIFT and head) for one cross-entropy loss."""
-    model.zero_grad(set_to_none=True)
-    with _autocast(x, dtype):
-        out = model(x)
-    F.cross_entropy(out.to(torch.promote_types(out.dtype, torch.float32)), y).backward()
-    result = {"output": out.detach()}
-    result.update({k: p.grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad})
-    model.zero_grad(set_to_none=True)
-    return result
+def cuda_step_peak_bytes(provider: Provider, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+    """GPU memory one training step of ``provider`` adds at its peak: ``max_memory_allocated`` after
+    ``reset_peak_memory_stats``, minus what was allocated before the step (every provider's model and
+    optimiser state, the inputs). One unmeasured step first, so the optimiser state already exists. CUDA only."""
+    device = x.device
+    provider.step(x, y, dtype)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    provider.step(x, y, dtype)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
-def agreement(provider: Provider, exact: dict, reference: dict, x: torch.Tensor, y: torch.Tensor,
+def agreement(provider: Provider, exact: dict, baseline: dict, x: torch.Tensor, y: torch.Tensor,
               dtype: torch.dtype = torch.float32) -> dict:
-    """Max abs and max relative error of the provider's outputs and GIFT gradients vs the float64
-    reference, beside the reference's own in the same dtype; ``ok`` applies
-    `gift_kernels.testing.assert_agree` with the reference as baseline."""
-    from gift_kernels.testing import assert_agree
+    """Max relative error (each tensor at its own scale) of the provider's logits and of its GIFT and head
+    gradients against the float64 reference; ``ok``: no `gift.testing.model_disagreements` with the
+    reference in ``dtype`` as baseline."""
+    got = outputs_and_grads(provider.model, x, y, dtype)
+    zero = [n for n in zero_gradient_names(provider.gift_model) if n in exact]
+    errs = relative_errors(got, exact, zero)
+    bad = model_disagreements(got, exact, baseline, provider.gift_model, dtype)
+    return {"out_rel": errs["output"][1], "grad_rel": max(rel for k, (_, rel) in errs.items() if k != "output"),
+            "ok": not bad, "why": "\n".join(bad)}
 
-    got = outputs_and_gift_grads(provider.model, x, y, dtype)
-    errs = relative_errors(got, exact)
-    ref_errs = relative_errors(reference, exact)
-    try:
-        assert_agree(got, exact, dtype, baseline=reference)
-        ok, why = True, ""
-    except AssertionError as e:
-        ok, why = False, str(e)
-    grads = [k for k in errs if k != "output"]
-    return {
-        "out_abs": errs["output"][0], "out_rel": errs["output"][1],
-        "grad_abs": max(errs[k][0] for k in grads), "grad_rel": max(errs[k][1] for k in grads),
-        "ref_grad_rel": max(ref_errs[k][1] for k in grads), "ok": ok, "why": why,
-    }
+
+def reference_own_error(exact: dict, baseline: dict, model: nn.Module) -> dict:
+    """The reference's own error: its result in the bench dtype against its float64 copy."""
+    errs = relative_errors(baseline, exact, [n for n in zero_gradient_names(model) if n in exact])
+    return {"out_rel": errs["output"][1], "grad_rel": max(rel for k, (_, rel) in errs.items() if k != "output")}

@@ -2,10 +2,11 @@
 
 Model level: one training step (forward, backward, AdamW step) of a timm ViT.
 Op level: the PaCa step batched over L layers; the residual-weight projection of one layer.
+Every ratio is the median of paired per-round ratios, with its interquartile range (bench.harness).
 """
 from __future__ import annotations
 
-import copy
+import os
 import statistics
 
 import pytest
@@ -16,21 +17,38 @@ import torch.nn.functional as F
 import gift_kernels
 from bench.harness import (
     PROVIDERS,
+    RATIO_BASELINES,
     Provider,
     SavedTensorCounter,
     agreement,
+    bench_rounds,
     build_provider,
+    cuda_step_peak_bytes,
+    device_slug,
     interleaved_times,
-    median_ratios,
-    outputs_and_gift_grads,
-    randomize_gift_state,
+    paired_ratios,
+    random_gift_state,
+    reference_own_error,
     saved_bytes_of_step,
 )
-from gift_kernels.testing import assert_agree, relative_errors
+from gift.testing import model_exact_and_baseline
+from gift_kernels.testing import (
+    disagreements,
+    exact_and_baseline,
+    paca_case,
+    paca_outputs_and_grads,
+    paca_zero_gradients,
+    relative_errors,
+    residual_case,
+    residual_outputs_and_grads,
+)
 
-MODELS = [("vit_small_patch16_224", 2), ("vit_base_patch16_224", 8)]
-LARGE_MODELS = [("vit_large_patch16_224", 8), ("vit_huge_patch14_224", 8)]
 RANK = 64
+# (timm model, batch, timing rounds on CPU). Rounds: ~15 min for `make bench` on a 2-core CPU (bench/README.md).
+MODELS = [("vit_small_patch16_224", 2, 40), ("vit_base_patch16_224", 8, 24)]
+LARGE_MODELS = [("vit_large_patch16_224", 8, 6), ("vit_huge_patch14_224", 8, 4)]
+CUDA_ROUNDS = 30
+OP_ROUNDS = 20
 _cache: dict = {}
 
 
@@ -45,12 +63,20 @@ def _sync(device):
 
 
 def _add_rows(cfg, kernel, x_label, provider, metrics: dict, mode="fwd+bwd"):
-    from bench.harness import device_slug
-
     for metric, value in metrics.items():
         cfg["rows"].append({"kernel": kernel, "x": x_label, "provider": provider, "mode": mode, "metric": metric,
                             "value": value, "device": device_slug(cfg["device"]), "dtype": str(cfg["dtype"]).replace("torch.", ""),
                             **_versions()})
+
+
+def _ratio_metrics(ratios: dict, provider: str) -> dict:
+    """``ratio_vs_<b>`` (median), ``ratio_vs_<b>_q1`` / ``_q3`` for every baseline ``b`` that was measured."""
+    out = {}
+    for base, stats in ratios.items():
+        if provider in stats:
+            s = stats[provider]
+            out.update({f"ratio_vs_{base}": s.median, f"ratio_vs_{base}_q1": s.q1, f"ratio_vs_{base}_q3": s.q3})
+    return out
 
 
 def _unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -68,17 +94,35 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ model level
-def measure_model(name: str, batch: int, cfg: dict) -> dict:
+def _models(cfg) -> list[tuple[str, int, int]]:
+    """(name, batch, rounds): ``GIFT_BENCH_MODELS=name:batch[,name:batch]`` replaces the table (e.g. a quick
+    mechanics check on ``gift_vit_micro_patch4_32:2``)."""
+    listed = os.environ.get("GIFT_BENCH_MODELS")
+    if listed:
+        models = []
+        for item in listed.split(","):
+            name, _, batch = item.partition(":")
+            if not batch.isdigit():
+                raise ValueError(f"GIFT_BENCH_MODELS entry {item!r} is not name:batch (e.g. gift_vit_micro_patch4_32:2).")
+            models.append((name, int(batch), 10))
+    else:
+        models = MODELS + (LARGE_MODELS if cfg["large"] else [])
+    default = (lambda r: CUDA_ROUNDS) if cfg["device"].type == "cuda" else (lambda r: r)
+    return [(name, cfg["batch"] or batch, cfg["rounds"] or bench_rounds(default(rounds))) for name, batch, rounds in models]
+
+
+def measure_model(name: str, batch: int, rounds: int, cfg: dict) -> dict:
     key = (name, batch)
     if key in _cache:
         return _cache[key]
+    import gift  # noqa: F401  (registers gift's small timm models)
+
     device, dtype = cfg["device"], cfg["dtype"]
     torch.manual_seed(0)
     backbone = timm.create_model(name, pretrained=False, num_classes=10).to(device)
-    size = backbone.pretrained_cfg["input_size"]
-    x = torch.randn(batch, *size, device=device)
+    x = torch.randn(batch, *backbone.pretrained_cfg["input_size"], device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    state = randomize_gift_state(backbone, RANK)
+    state = random_gift_state(backbone, RANK)
     providers, skipped = {}, {}
     for p in PROVIDERS:
         reason = _unavailable_reason(p, device)
@@ -90,162 +134,161 @@ def measure_model(name: str, batch: int, cfg: dict) -> dict:
     # agreement first, while every GIFT provider holds the same weights
     x_small, y_small = x[:2], y[:2]
     ref = providers["reference"]
-    exact = outputs_and_gift_grads(copy.deepcopy(ref.model).to(torch.float64), x_small.double(), y_small)
-    ref_result = outputs_and_gift_grads(ref.model, x_small, y_small, dtype)
-    agree = {p: agreement(prov, exact, ref_result, x_small, y_small, dtype)
-             for p, prov in providers.items() if prov.gift_model is not None}
+    exact, baseline = model_exact_and_baseline(ref.model, x_small, y_small, dtype)
+    own = reference_own_error(exact, baseline, ref.model)
+    agree = {p: agreement(prov, exact, baseline, x_small, y_small, dtype)
+             for p, prov in providers.items() if prov.gift_model is not None and p != "reference"}
 
     saved = {p: saved_bytes_of_step(prov, x, y, dtype) for p, prov in providers.items()}
-    peak = {}
-    if device.type == "cuda":
-        for p, prov in providers.items():
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            prov.step(x, y, dtype)
-            torch.cuda.synchronize(device)
-            peak[p] = torch.cuda.max_memory_allocated(device)
-    # rounds: small models are noisier and cheaper, so they get more
-    rounds = cfg["rounds"] or (20 if device.type == "cuda" else 30 if batch * size[-1] ** 2 < 4 * 224 ** 2 else 5)
+    peak = {p: cuda_step_peak_bytes(prov, x, y, dtype) for p, prov in providers.items()} if device.type == "cuda" else {}
     times = interleaved_times({p: (lambda prov=prov: prov.step(x, y, dtype)) for p, prov in providers.items()},
-                              rounds=rounds, warmup=2, sync=_sync(device))
+                              rounds=rounds, warmup=1, sync=_sync(device))
     result = dict(providers=providers, skipped=skipped, x=x, y=y, times=times, saved=saved, peak=peak, agree=agree,
-                  vs_no_adapter=median_ratios(times, "no_adapter"), vs_reference=median_ratios(times, "reference"),
-                  vs_lora_saved={p: saved[p] / saved["lora"] for p in saved} if "lora" in saved else {})
+                  own=own, rounds=rounds, ratios={b: paired_ratios(times, b) for b in RATIO_BASELINES})
     _cache[key] = result
     return result
 
 
-def _models(cfg):
-    return MODELS + (LARGE_MODELS if cfg["large"] else [])
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("model_index", range(4), ids=["vit_s16", "vit_b16", "vit_l16", "vit_h14"])
+@pytest.mark.parametrize("model_index", range(4), ids=["model0", "model1", "model2", "model3"])
 def test_train_step(benchmark, bench_config, model_index, provider):
     models = _models(bench_config)
     if model_index >= len(models):
-        pytest.skip("large models run with --bench-large (default on CUDA)")
-    name, batch = models[model_index]
-    batch = bench_config["batch"] or batch
-    m = measure_model(name, batch, bench_config)
+        pytest.skip("no model at this index (ViT-L/16 and ViT-H/14 run with --bench-large, default on CUDA)")
+    name, batch, rounds = models[model_index]
+    m = measure_model(name, batch, rounds, bench_config)
     if provider in m["skipped"]:
         pytest.skip(m["skipped"][provider])
     prov: Provider = m["providers"][provider]
     label = f"{name} b{batch}"
-    t = m["times"][provider]
-    q = statistics.quantiles(t, n=5) if len(t) > 1 else [t[0]] * 4
-    metrics = {
-        "time_ms_p50": 1e3 * statistics.median(t), "time_ms_p20": 1e3 * q[0], "time_ms_p80": 1e3 * q[3],
-        "ratio_vs_no_adapter": m["vs_no_adapter"].get(provider), "ratio_vs_reference": m["vs_reference"].get(provider),
-        "saved_mib": m["saved"][provider] / 2**20, "saved_vs_lora": m["vs_lora_saved"].get(provider),
-    }
+    metrics = {"time_ms_p50": 1e3 * statistics.median(m["times"][provider]), "rounds": m["rounds"],
+               **_ratio_metrics(m["ratios"], provider), "saved_mib": m["saved"][provider] / 2**20}
+    for base in ("lora", "floor"):
+        if base in m["saved"]:
+            metrics[f"saved_vs_{base}"] = m["saved"][provider] / m["saved"][base]
     if provider in m["peak"]:
-        metrics["cuda_peak_mib"] = m["peak"][provider] / 2**20
+        metrics["cuda_step_peak_mib"] = m["peak"][provider] / 2**20
+    if provider == "reference":  # its float64-vs-bench-dtype error: what the others are allowed beyond the table
+        metrics.update({"reference_own_out_rel": m["own"]["out_rel"], "reference_own_grad_rel": m["own"]["grad_rel"]})
     a = m["agree"].get(provider)
     if a is not None:
-        metrics.update({"agree_out_rel": a["out_rel"], "agree_grad_rel": a["grad_rel"],
-                        "reference_own_grad_rel": a["ref_grad_rel"], "agree_ok": float(a["ok"])})
+        metrics.update({"agree_out_rel": a["out_rel"], "agree_grad_rel": a["grad_rel"], "agree_ok": float(a["ok"])})
     _add_rows(bench_config, "train_step", label, provider, metrics, mode="step")
-    benchmark.extra_info.update({k: v for k, v in metrics.items() if v is not None})
-    benchmark.pedantic(prov.step, args=(m["x"], m["y"], bench_config["dtype"]), rounds=2, warmup_rounds=0)
+    benchmark.extra_info.update(metrics)
+    benchmark.pedantic(prov.step, args=(m["x"], m["y"], bench_config["dtype"]), rounds=1, warmup_rounds=0)
     if a is not None:
-        assert a["ok"], f"{provider} disagrees with the fp32 reference on {label}:\n{a['why']}"
+        assert a["ok"], f"{provider} disagrees with the float64 reference on {label}:\n{a['why']}"
 
 
 # ------------------------------------------------------------------------------------------ op level
-OP_SHAPES = {"paca_step": [(12, 384, 64, 64), (12, 768, 64, 64), (32, 1280, 64, 64)],
-             "residual_linear": [(2 * 197, 384), (8 * 197, 768), (8 * 257, 1280)]}  # third: ViT-H/14, --bench-large
+# paca_step: (L, N, M, r, heads) as in gift_kernels.testing.paca_case; residual_linear: (rows, d_in, d_out, r) as in
+# residual_case, whose x holds 2 x rows rows: ViT-S/16 b2, ViT-B/16 b8, ViT-H/14 b8 (third: --bench-large)
+OP_SHAPES = {"paca_step": [(12, 384, 64, 64, 1), (12, 768, 64, 64, 1), (32, 1280, 64, 64, 1)],
+             "residual_linear": [(197, 384, 384, RANK), (4 * 197, 768, 768, RANK), (4 * 257, 1280, 1280, RANK)]}
+OP_PROVIDERS = ("floor", "reference", "fast_torch", "fast_triton")
 
 
-def _op_inputs(kernel, shape, device, dtype):
-    g = torch.Generator(device="cpu").manual_seed(0)
-
-    def rnd(*s, scale=1.0):
-        return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)
-
+def _op_inputs(kernel, shape):
+    """Float64 CPU inputs of the op (tokens/activations first, then weights) and whether each is trained."""
     if kernel == "paca_step":
-        L, N, r, M = shape
-        params = gift_kernels.PacaParams(rnd(M, r, scale=r ** -0.5), rnd(M, scale=0.1),
-                                         *[w for _ in range(4) for w in (rnd(r, r, scale=r ** -0.5), rnd(r, scale=0.1))])
-        return [rnd(L, N, r)], list(params)
-    rows, d = shape
-    return [rnd(rows, d)], [rnd(d, d, scale=d ** -0.5), rnd(d, scale=0.1), rnd(d, RANK, scale=0.02), rnd(d, RANK)]
+        t, params, _ = paca_case(shape)
+        return [t, *params], [True] * (1 + len(params))
+    x, w, b, psi, tokens, _ = residual_case(shape)
+    return [x, w, b, psi, tokens], [True, False, False, True, True]  # W, b frozen
 
 
-def _op_fn(kernel, provider):
+def _op_fn(kernel, provider, heads):
+    backend = provider.split("_")[1] if provider.startswith("fast_") else None
     if kernel == "paca_step":
         if provider == "reference":
-            return lambda t, *p: gift_kernels.paca_attention_reference(t, gift_kernels.PacaParams(*p), 1)
-        backend = provider.split("_")[1]
-        return lambda t, *p: gift_kernels.paca_attention(t, gift_kernels.PacaParams(*p), 1, backend=backend)
-    if provider == "no_adapter":
+            return lambda t, *p: gift_kernels.paca_attention_reference(t, gift_kernels.PacaParams(*p), heads)
+        return lambda t, *p: gift_kernels.paca_attention(t, gift_kernels.PacaParams(*p), heads, backend=backend)
+    if provider == "floor":
         return lambda x, w, b, psi, tokens: F.linear(x, w, b)
     if provider == "reference":
         return gift_kernels.lowrank_residual_linear_reference
-    backend = provider.split("_")[1]
     return lambda *a: gift_kernels.lowrank_residual_linear(*a, backend=backend)
 
 
-def _trainable_mask(kernel, provider):
+def _op_leaves(kernel, provider, tensors, trained):
+    """Fresh leaves for one call (the floor trains only x) and the output gradient: built outside the timer."""
+    mask = [i == 0 for i in range(len(tensors))] if provider == "floor" else trained
+    leaves = [t.detach().clone().requires_grad_(m) for t, m in zip(tensors, mask)]
+    out_shape = leaves[0].shape if kernel == "paca_step" else torch.Size((*leaves[0].shape[:-1], leaves[1].shape[0]))
+    grad = torch.full(out_shape, out_shape.numel() ** -0.5, dtype=leaves[0].dtype, device=leaves[0].device)
+    return (*leaves, grad)
+
+
+def _op_call(fn):
+    def call(*leaves_and_grad):
+        *leaves, grad = leaves_and_grad
+        fn(*leaves).backward(grad)
+    return call
+
+
+def _op_agreement(kernel, shape, provider, device, dtype) -> dict:
+    """Outputs and every gradient of the op vs float64 (each tensor at its own scale, same-dtype baseline)."""
     if kernel == "paca_step":
-        return None  # everything
-    return [True, False, False, provider != "no_adapter", provider != "no_adapter"]  # x, W, b frozen; psi, T
+        t, params, grad = paca_case(shape)
+
+        def run(inputs, dt, backend="reference"):
+            return paca_outputs_and_grads(inputs[0], inputs[1:-1], inputs[-1], shape[4], dt, backend, device=device)
+
+        inputs, zero = [t, *params, grad], paca_zero_gradients(shape[2], shape[1])
+    else:
+        def run(inputs, dt, backend="reference"):
+            return residual_outputs_and_grads(*inputs, dt, backend, device=device)
+
+        inputs, zero = list(residual_case(shape)), ()
+    exact, baseline = exact_and_baseline(run, inputs, dtype)
+    got = run(inputs, dtype, provider.split("_")[1] if provider.startswith("fast_") else "reference")
+    errs = relative_errors(got, exact, zero)
+    return {"agree_out_rel": errs["output"][1], "agree_grad_rel": max(v[1] for k, v in errs.items() if k != "output"),
+            "bad": disagreements(got, exact, dtype, baseline, zero)}
 
 
-def _run_op(kernel, provider, inputs, params, counter: list | None = None):
-    """Forward and backward of one provider on fresh leaves; appends the saved-for-backward bytes
-    (the op's weights excluded: they are parameters, not activations) to ``counter`` when given."""
-    tensors = [t.detach().clone() for t in inputs + params]
-    mask = _trainable_mask(kernel, provider) or [True] * len(tensors)
-    for t, m in zip(tensors, mask):
-        t.requires_grad_(m)
-    with SavedTensorCounter(exclude=tensors[len(inputs):]) as saved:
-        out = _op_fn(kernel, provider)(*tensors)
-    if counter is not None:
-        counter.append(saved.bytes)
-    out.backward(torch.ones_like(out) / out.numel() ** 0.5)
-    return out, tensors
-
-
-@pytest.mark.parametrize("provider", ["no_adapter", "reference", "fast_torch", "fast_triton"])
+@pytest.mark.parametrize("provider", OP_PROVIDERS)
 @pytest.mark.parametrize("shape_index", [0, 1, 2])
 @pytest.mark.parametrize("kernel", sorted(OP_SHAPES))
 def test_op(benchmark, bench_config, kernel, shape_index, provider):
     device, dtype = bench_config["device"], bench_config["dtype"]
     if shape_index == 2 and not bench_config["large"]:
         pytest.skip("the ViT-H/14-sized op runs with --bench-large (default on CUDA)")
-    if kernel == "paca_step" and provider == "no_adapter":
-        pytest.skip("no_adapter has no PaCa step")
+    if kernel == "paca_step" and provider == "floor":
+        pytest.skip("the PaCa step has no frozen counterpart")
     reason = _unavailable_reason(provider, device)
     if reason:
         pytest.skip(reason)
     shape = OP_SHAPES[kernel][shape_index]
-    inputs, params = _op_inputs(kernel, shape, device, dtype)
+    inputs, trained = _op_inputs(kernel, shape)
+    tensors = [t.to(device=device, dtype=dtype) for t in inputs]
+    heads = shape[4] if kernel == "paca_step" else None
     key = (kernel, shape_index)
     if key not in _cache:  # interleaved timing of all available providers of this op
-        names = [p for p in ("no_adapter", "reference", "fast_torch", "fast_triton")
-                 if _unavailable_reason(p, device) is None and not (kernel == "paca_step" and p == "no_adapter")]
-        times = interleaved_times({p: (lambda p=p: _run_op(kernel, p, inputs, params)) for p in names},
-                                  rounds=bench_config["rounds"] or 10, warmup=2, sync=_sync(device))
-        _cache[key] = times
-    times = _cache[key]
-    saved = []
-    out, tensors = _run_op(kernel, provider, inputs, params, counter=saved)
-    metrics = {"time_ms_p50": 1e3 * statistics.median(times[provider]),
-               "ratio_vs_reference": median_ratios(times, "reference")[provider],
-               "ratio_vs_torch_path": median_ratios(times, "fast_torch").get(provider),
-               "saved_mib": saved[0] / 2**20}
-    if provider != "no_adapter":
-        got = {"output": out.detach(), **{f"grad{i}": t.grad for i, t in enumerate(tensors) if t.grad is not None}}
-        exact_out, exact_t = _run_op(kernel, "reference", [t.double() for t in inputs], [t.double() for t in params])
-        exact = {"output": exact_out.detach(), **{f"grad{i}": t.grad for i, t in enumerate(exact_t) if t.grad is not None}}
-        base_out, base_t = _run_op(kernel, "reference", inputs, params)
-        base = {"output": base_out.detach(), **{f"grad{i}": t.grad for i, t in enumerate(base_t) if t.grad is not None}}
-        errs = relative_errors(got, exact)
-        metrics["agree_out_rel"] = errs["output"][1]
-        metrics["agree_grad_rel"] = max(v[1] for k, v in errs.items() if k != "output")
-        assert_agree(got, exact, dtype, baseline=base)
-    x_label = "L={} N={} r={} M={}".format(*shape) if kernel == "paca_step" else "x {}x{}, r={}".format(*shape, RANK)
+        names = [p for p in OP_PROVIDERS
+                 if _unavailable_reason(p, device) is None and not (kernel == "paca_step" and p == "floor")]
+        times = interleaved_times({p: _op_call(_op_fn(kernel, p, heads)) for p in names},
+                                  rounds=bench_config["rounds"] or bench_rounds(OP_ROUNDS), warmup=2, sync=_sync(device),
+                                  prepare={p: (lambda p=p: _op_leaves(kernel, p, tensors, trained)) for p in names})
+        _cache[key] = (times, {b: paired_ratios(times, b) for b in ("floor", "reference", "fast_torch")})
+    times, ratios = _cache[key]
+    *leaves, grad = _op_leaves(kernel, provider, tensors, trained)
+    with SavedTensorCounter(exclude=leaves[1:]) as saved:  # the op's weights are parameters, not activations
+        out = _op_fn(kernel, provider, heads)(*leaves)
+    out.backward(grad)
+    metrics = {"time_ms_p50": 1e3 * statistics.median(times[provider]), "rounds": len(times[provider]),
+               **_ratio_metrics(ratios, provider), "saved_mib": saved.bytes / 2**20}
+    bad = []
+    if provider != "floor":
+        agree = _op_agreement(kernel, shape, provider, device, dtype)
+        bad = agree.pop("bad")
+        metrics.update(agree)
+    if kernel == "paca_step":
+        x_label = "L={} N={} M={} r={}".format(*shape[:4])
+    else:
+        x_label = "x {}x{}, d_out={}, r={}".format(2 * shape[0], *shape[1:])
     _add_rows(bench_config, kernel, x_label, provider, metrics)
     benchmark.extra_info.update(metrics)
-    benchmark.pedantic(_run_op, args=(kernel, provider, inputs, params), rounds=3, warmup_rounds=1)
+    call = _op_call(_op_fn(kernel, provider, heads))
+    benchmark.pedantic(call, setup=lambda: (_op_leaves(kernel, provider, tensors, trained), {}), rounds=3, warmup_rounds=1)
+    assert not bad, f"{provider} {kernel} {x_label} disagrees with float64:\n" + "\n".join(bad)

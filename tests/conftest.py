@@ -1,4 +1,3 @@
-import copy
 import os
 
 # Triton kernels run on CPU tensors under the interpreter; it must be set before they are defined.
@@ -8,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gift import FastGIFT, GIFTReference
+from gift.testing import outputs_and_grads, randomize_gift_, twin_models  # noqa: F401  (tests import them from here)
 
 
 class ToyAttention(nn.Module):
@@ -65,33 +64,3 @@ def tiny_timm_vit(**kw):
 
     torch.manual_seed(0)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3, num_classes=4, **kw)
-
-
-def outputs_and_grads(model, x):
-    """{'output': logits, name: grad} for one forward/backward of a cross-entropy-like loss."""
-    model.zero_grad(set_to_none=True)
-    out = model(x)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
-    (out * weights).sum().backward()
-    result = {"output": out.detach()}
-    result.update({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    return result
-
-
-def twin_models(backbone, cfg, dtype=torch.float32, **fast_kwargs):
-    """A GIFTReference with random GIFT weights and a FastGIFT holding the same weights."""
-    ref = GIFTReference(copy.deepcopy(backbone), cfg).to(dtype)
-    randomize_gift_(ref, seed=7, scale=0.2)
-    fast = FastGIFT(copy.deepcopy(backbone), cfg, **fast_kwargs)
-    fast = fast if dtype == torch.float32 else fast.to(dtype)
-    fast.load_gift_state_dict(ref.gift_state_dict())
-    return ref, fast
-
-
-def randomize_gift_(model, seed: int = 1, scale: float = 0.1):
-    """Give every GIFT parameter (psi included, which starts at zero) random values."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.gift_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * scale)
-    return model

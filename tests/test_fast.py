@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from gift import FastGIFT, GIFTConfig, GIFTReference
 from gift.fast import GIFTLinear
+from gift.testing import assert_model_agrees, model_exact_and_baseline
 from gift_kernels import lowrank_residual_linear, lowrank_residual_linear_reference
 from gift_kernels.testing import assert_agree
 
@@ -67,14 +68,12 @@ def test_fast_agrees_with_reference_on_ragged_configs(name, dtype):
     torch.manual_seed(0)
     ref, fast = twin_models(ToyViT(dim=12, depth=3, hidden=20), cfg, dtype)  # 12: not a multiple of 8
     x = torch.randn(3, 7, 12, dtype=dtype)
-    got, want = outputs_and_grads(fast, x), outputs_and_grads(ref, x)
+    got = outputs_and_grads(fast, x)
+    exact, want = model_exact_and_baseline(ref, x)
     assert got["output"].dtype == dtype
     assert set(got) == set(want) and len(got) > 3
-    if dtype == torch.float64:
-        assert_agree(got, want, dtype)
-    else:  # both fp32 paths against the exact answer; fast may be off by 1e-5 plus twice the reference's own error
-        exact = outputs_and_grads(copy.deepcopy(ref).to(torch.float64), x.double())
-        assert_agree(got, exact, dtype, baseline=want)
+    # against the exact answer; fp32 may be off by 1e-5 of each tensor plus twice the fp32 reference's own error
+    assert_model_agrees(got, exact, want if dtype != torch.float64 else None, ref)
 
 
 def test_fast_keeps_the_parameter_names_and_storage_of_the_backbone():
@@ -186,10 +185,10 @@ def test_memory_modes_and_timm_grad_checkpointing_give_the_same_gradients():
     want = outputs_and_grads(fast, x)
     for memory in ("mlp", "block"):
         fast.set_memory(memory)
-        assert_agree(outputs_and_grads(fast.train(), x), want, torch.float32)
+        assert_model_agrees(outputs_and_grads(fast.train(), x), want, None, fast)
     fast.set_memory("none")
     fast.backbone.set_grad_checkpointing(True)
-    assert_agree(outputs_and_grads(fast, x), want, torch.float32)
+    assert_model_agrees(outputs_and_grads(fast, x), want, None, fast)
     with pytest.raises(ValueError, match="memory='huge' is unknown"):
         fast.set_memory("huge")
     with pytest.raises(ValueError, match="need backbone.blocks"):
@@ -223,11 +222,11 @@ def test_backbone_weights_stored_in_bf16():
 def test_torch_compile_matches_eager():
     _, fast = twin_models(ToyViT(), GIFTConfig(rank=8, num_clusters=5))
     x = torch.randn(2, 5, 12)
-    want = outputs_and_grads(fast, x)
+    exact, eager = model_exact_and_baseline(fast, x)  # both fp32 results against the exact answer, eager as the baseline
     compiled = torch.compile(fast)
     got = outputs_and_grads(compiled, x)
     got = {k.replace("_orig_mod.", ""): v for k, v in got.items()}
-    assert_agree(got, want, torch.float32)
+    assert_model_agrees(got, exact, eager, fast)
 
 
 @pytest.mark.parametrize("cfg", [GIFTConfig(rank=16, num_clusters=5), GIFTConfig(rank=24, num_heads=3, num_clusters=7, num_blocks=2)],
@@ -246,9 +245,9 @@ def test_fast_with_triton_kernels_agrees_with_reference(cfg, monkeypatch):
     backbone = tiny_timm_vit()
     ref, fast = twin_models(backbone, cfg)
     x = torch.randn(2, 3, 32, 32)
-    got, want = outputs_and_grads(fast, x), outputs_and_grads(ref, x)
-    exact = outputs_and_grads(copy.deepcopy(ref).to(torch.float64), x.double())
+    got = outputs_and_grads(fast, x)
+    exact, want = model_exact_and_baseline(ref, x)
     # 3 target layers: one fused GEMM forward each, one backward (dx) for layers 1 and 2 (block 0's
     # attention output needs no gradient: frozen weights, an input that needs none)
     assert calls.count("PacaAttentionTriton") == cfg.num_blocks and calls.count("matmul_lowrank_epilogue") == 5
-    assert_agree(got, exact, torch.float32, baseline=want)
+    assert_model_agrees(got, exact, want, ref)

@@ -1,11 +1,9 @@
 """FastGIFT with the compiled Triton kernels on CUDA against GIFTReference (run by bench/gpu_check.sh)."""
-import copy
-
 import pytest
 import torch
 
 from gift import GIFTConfig
-from gift_kernels.testing import assert_agree
+from gift.testing import assert_model_agrees, model_exact_and_baseline
 
 from conftest import outputs_and_grads, tiny_timm_vit, twin_models
 
@@ -18,18 +16,15 @@ def test_fast_triton_on_cuda_agrees_with_reference(cfg):
     ref, fast = twin_models(tiny_timm_vit(), cfg, kernels="triton")
     ref, fast = ref.cuda(), fast.cuda()
     x = torch.randn(4, 3, 32, 32, device="cuda")
-    got, want = outputs_and_grads(fast, x), outputs_and_grads(ref, x)
-    exact = outputs_and_grads(copy.deepcopy(ref).to(torch.float64), x.double())
-    assert_agree({k: v.cpu() for k, v in got.items()}, {k: v.cpu() for k, v in exact.items()}, torch.float32,
-                 baseline={k: v.cpu() for k, v in want.items()})
+    got = outputs_and_grads(fast, x)
+    exact, want = model_exact_and_baseline(ref, x)
+    assert_model_agrees(got, exact, want, ref)
 
 
 def test_fast_triton_under_bf16_autocast_tracks_the_reference():
     ref, fast = twin_models(tiny_timm_vit(), GIFTConfig(rank=64), kernels="triton")
     ref, fast = ref.cuda(), fast.cuda()
     x = torch.randn(4, 3, 32, 32, device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        got, want = outputs_and_grads(fast, x), outputs_and_grads(ref, x)
-    exact = outputs_and_grads(copy.deepcopy(ref).to(torch.float64), x.double())
-    assert_agree({k: v.float().cpu() for k, v in got.items()}, {k: v.cpu() for k, v in exact.items()}, torch.bfloat16,
-                 baseline={k: v.float().cpu() for k, v in want.items()})
+    got = outputs_and_grads(fast, x, autocast_dtype=torch.bfloat16)
+    exact, want = model_exact_and_baseline(ref, x, autocast_dtype=torch.bfloat16)
+    assert_model_agrees(got, exact, want, ref, autocast_dtype=torch.bfloat16)

@@ -8,7 +8,8 @@ import torch
 
 import gift_kernels
 from gift_kernels import PacaParams, l2_mlp_residual, l2_mlp_residual_reference, paca_attention, paca_attention_reference
-from gift_kernels.testing import assert_agree
+from gift_kernels.testing import (assert_agree, paca_case, paca_outputs_and_grads, paca_zero_gradients, residual_case,
+                                  residual_outputs_and_grads)
 
 BACKENDS = ["torch", "triton"]
 # CPU always (Triton there under the interpreter); CUDA when present (bench/gpu_check.sh), with bf16
@@ -34,71 +35,48 @@ PACA_SHAPES = [
 ]
 
 
-def _paca_case(shape, seed=0):
-    L, N, M, r, h = shape
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*s, scale=1.0):
-        return torch.randn(*s, generator=g, dtype=torch.float64) * scale
-
-    t = rnd(L, N, r)
-    params = [rnd(M, r, scale=r ** -0.5), rnd(M, scale=0.3)]
-    for _ in range(4):
-        params += [rnd(r, r, scale=r ** -0.5), rnd(r, scale=0.3)]
-    return t, params, rnd(L, N, r)
-
-
-def _paca_run(t, params, grad, heads, dtype, backend, activation="sigmoid", device="cpu"):
-    leaves = [x.to(device=device, dtype=dtype).requires_grad_(True) for x in [t, *params]]
-    fn = paca_attention_reference if backend == "reference" else paca_attention
-    kwargs = {} if backend == "reference" else {"backend": backend}
-    out = fn(leaves[0], PacaParams(*leaves[1:]), heads, activation, **kwargs)
-    grads = torch.autograd.grad(out, leaves, grad.to(device=device, dtype=dtype))
-    names = ["t", *PacaParams._fields]
-    return {"output": out.detach().cpu(), **{f"d_{n}": gr.cpu() for n, gr in zip(names, grads)}}
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", PACA_SHAPES, ids=lambda s: "L{}-N{}-M{}-r{}-h{}".format(*s))
 def test_paca_attention_matches_float64_reference(shape, device, backend, dtype):
     _skip_unsupported(device, backend, dtype)
-    t, params, grad = _paca_case(shape)
+    t, params, grad = paca_case(shape)
     heads = shape[4]
-    exact = _paca_run(t, params, grad, heads, torch.float64, "reference")
-    baseline = _paca_run(t, params, grad, heads, dtype, "reference", device=device)
-    got = _paca_run(t, params, grad, heads, dtype, backend, device=device)
+    exact = paca_outputs_and_grads(t, params, grad, heads, torch.float64, "reference")
+    baseline = paca_outputs_and_grads(t, params, grad, heads, dtype, "reference", device=device)
+    got = paca_outputs_and_grads(t, params, grad, heads, dtype, backend, device=device)
     assert got["output"].dtype == dtype and got["d_cluster_w"].dtype == dtype
-    assert_agree(got, exact, dtype, baseline=baseline)
+    assert_agree(got, exact, dtype, baseline=baseline, zero_by_construction=paca_zero_gradients(shape[2], shape[1]))
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
 def test_paca_attention_torch_path_gradcheck(activation):
-    t, params, _ = _paca_case((2, 7, 5, 6, 3), seed=3)
+    t, params, _ = paca_case((2, 7, 5, 6, 3), seed=3)
     leaves = [x.requires_grad_(True) for x in [t, *params]]
     assert torch.autograd.gradcheck(
         lambda t, *p: paca_attention(t, PacaParams(*p), 3, activation, backend="torch"), tuple(leaves))
 
 
 def test_paca_attention_float64_is_exact_on_the_torch_path():
-    t, params, grad = _paca_case((3, 100, 5, 24, 3))
-    exact = _paca_run(t, params, grad, 3, torch.float64, "reference")
-    assert_agree(_paca_run(t, params, grad, 3, torch.float64, "torch"), exact, torch.float64)
+    t, params, grad = paca_case((3, 100, 5, 24, 3))
+    exact = paca_outputs_and_grads(t, params, grad, 3, torch.float64, "reference")
+    assert_agree(paca_outputs_and_grads(t, params, grad, 3, torch.float64, "torch"), exact, torch.float64,
+                 zero_by_construction=paca_zero_gradients(5, 100))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_paca_attention_is_deterministic(device, backend):
     _skip_unsupported(device, backend, torch.float32)
-    t, params, grad = _paca_case((3, 197, 64, 64, 1))
-    first = _paca_run(t, params, grad, 1, torch.float32, backend, device=device)
-    second = _paca_run(t, params, grad, 1, torch.float32, backend, device=device)
+    t, params, grad = paca_case((3, 197, 64, 64, 1))
+    first = paca_outputs_and_grads(t, params, grad, 1, torch.float32, backend, device=device)
+    second = paca_outputs_and_grads(t, params, grad, 1, torch.float32, backend, device=device)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_softmax_assignment_falls_back_to_torch_under_auto_and_is_refused_by_triton():
-    t, params, grad = _paca_case((1, 7, 5, 8, 1))
+    t, params, grad = paca_case((1, 7, 5, 8, 1))
     p = PacaParams(*(x.float() for x in params))
     with pytest.raises(RuntimeError, match="sigmoid assignment only"):
         paca_attention(t.float(), p, 1, "softmax", backend="triton")
@@ -107,7 +85,7 @@ def test_softmax_assignment_falls_back_to_torch_under_auto_and_is_refused_by_tri
 
 
 def test_paca_attention_rejects_bad_inputs():
-    t, params, _ = _paca_case((1, 7, 5, 8, 1))
+    t, params, _ = paca_case((1, 7, 5, 8, 1))
     p = PacaParams(*(x.float() for x in params))
     with pytest.raises(ValueError, match=r"expects tokens of shape \(L, N, r\)"):
         paca_attention(t.float()[0], p, 1)
@@ -153,37 +131,16 @@ def test_dispatch_point(monkeypatch):
 RESIDUAL_SHAPES = [(1, 8, 8, 8), (7, 24, 40, 5), (100, 64, 24, 24), (197, 40, 64, 64)]
 
 
-def _residual_run(x, w, b, psi, tokens, grad, dtype, backend, gift_dtype=None, device="cpu"):
-    gift_dtype = gift_dtype or dtype
-    xs = x.to(device=device, dtype=dtype).requires_grad_(True)
-    wb = [w.to(device=device, dtype=dtype), None if b is None else b.to(device=device, dtype=dtype)]
-    lr = [t.to(device=device, dtype=gift_dtype).requires_grad_(True) for t in (psi, tokens)]
-    if backend == "reference":
-        out = gift_kernels.lowrank_residual_linear_reference(xs, *wb, *(t.to(dtype) for t in lr))
-    else:
-        out = gift_kernels.lowrank_residual_linear(xs, *wb, *lr, backend=backend)
-    dx, dpsi, dt = torch.autograd.grad(out, [xs, *lr], grad.to(device=device, dtype=out.dtype))
-    return {"output": out.detach().cpu(), "dx": dx.cpu(), "dpsi": dpsi.cpu(), "dT": dt.cpu()}
-
-
-def _residual_case(shape, bias=True):
-    rows, d_in, d_out, r = shape
-    g = torch.Generator().manual_seed(1)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return (rnd(2, rows, d_in), rnd(d_out, d_in) * d_in ** -0.5, rnd(d_out) if bias else None,
-            rnd(d_in, r) * 0.1, rnd(d_out, r), rnd(2, rows, d_out))
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", RESIDUAL_SHAPES, ids=lambda s: "rows{}-in{}-out{}-r{}".format(*s))
 def test_lowrank_residual_matches_float64_reference(shape, device, backend, dtype):
     _skip_unsupported(device, backend, dtype)
-    x, w, b, psi, tokens, grad = _residual_case(shape, bias=shape[0] != 7)
-    exact = _residual_run(x, w, b, psi, tokens, grad, torch.float64, "reference")
-    baseline = _residual_run(x, w, b, psi, tokens, grad, dtype, "reference", device=device)
-    got = _residual_run(x, w, b, psi, tokens, grad, dtype, backend, device=device)
+    x, w, b, psi, tokens, grad = residual_case(shape, bias=shape[0] != 7)
+    exact = residual_outputs_and_grads(x, w, b, psi, tokens, grad, torch.float64, "reference")
+    baseline = residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype, "reference", device=device)
+    got = residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype, backend, device=device)
     assert got["output"].dtype == dtype
     assert_agree(got, exact, dtype, baseline=baseline)
 
@@ -193,11 +150,11 @@ def test_lowrank_residual_matches_float64_reference(shape, device, backend, dtyp
 @pytest.mark.parametrize("device", DEVICES)
 def test_lowrank_residual_takes_16bit_weights_with_fp32_gift_weights(device, backend, dtype):
     _skip_unsupported(device, backend, dtype)
-    x, w, b, psi, tokens, grad = _residual_case((100, 64, 24, 24))
-    exact = _residual_run(x, w, b, psi, tokens, grad, torch.float64, "reference")
-    got = _residual_run(x, w, b, psi, tokens, grad, dtype, backend, gift_dtype=torch.float32, device=device)
+    x, w, b, psi, tokens, grad = residual_case((100, 64, 24, 24))
+    exact = residual_outputs_and_grads(x, w, b, psi, tokens, grad, torch.float64, "reference")
+    got = residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype, backend, gift_dtype=torch.float32, device=device)
     assert got["output"].dtype == dtype and got["dpsi"].dtype == torch.float32 and got["dT"].dtype == torch.float32
-    baseline = _residual_run(x, w, b, psi, tokens, grad, dtype, "reference", device=device)
+    baseline = residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype, "reference", device=device)
     assert_agree(got, exact, dtype, baseline=baseline)
 
 
@@ -205,7 +162,7 @@ def test_lowrank_residual_takes_16bit_weights_with_fp32_gift_weights(device, bac
 @pytest.mark.parametrize("device", DEVICES)
 def test_lowrank_residual_is_deterministic(device, backend):
     _skip_unsupported(device, backend, torch.float32)
-    x, w, b, psi, tokens, grad = _residual_case((197, 40, 64, 64))
-    first = _residual_run(x, w, b, psi, tokens, grad, torch.float32, backend, device=device)
-    second = _residual_run(x, w, b, psi, tokens, grad, torch.float32, backend, device=device)
+    x, w, b, psi, tokens, grad = residual_case((197, 40, 64, 64))
+    first = residual_outputs_and_grads(x, w, b, psi, tokens, grad, torch.float32, backend, device=device)
+    second = residual_outputs_and_grads(x, w, b, psi, tokens, grad, torch.float32, backend, device=device)
     assert all(torch.equal(first[k], second[k]) for k in first)
