@@ -229,7 +229,7 @@ def build_provider(name: str, backbone: nn.Module, rank: int, gift_state: dict |
         first_target_module(backbone, config.target_modules).register_forward_pre_hook(_restart_backward_here)
         return Provider(name, backbone, torch.optim.AdamW(_trainable(backbone), lr=1e-4))
     if name == "lora":
-        from gift.train import lora_model
+        from gift.backbones import lora_model
 
         model = lora_model(backbone, rank, config.target_modules)
         return Provider(name, model, torch.optim.AdamW(_trainable(model), lr=1e-4))
