@@ -19,7 +19,7 @@ setup(
         "pillow>=9.0",
     ],
     extras_require={
-        "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", "peft>=0.10", "matplotlib>=3.6"],
+        "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", "peft>=0.10", "matplotlib>=3.6", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["gift=gift.cli:main"]},
 )

@@ -106,7 +106,7 @@ def test_merge_unmerge_and_merge_and_unload():
         before = fast(x)
         fast.merge()
         merged = fast(x)
-        assert all(m.merged for g in fast.target_groups for m in g.modules)
+        assert fast.merged
         with pytest.raises(RuntimeError, match="already merged"):
             fast.merge()
     with pytest.raises(RuntimeError, match="call unmerge\\(\\) before training"):
@@ -133,7 +133,7 @@ def test_merge_refuses_non_finite_weights_and_changes_nothing():
     with pytest.raises(ValueError, match=r"Merging GIFT into 'blocks\.0\.attn\.proj' gives non-finite weights"):
         fast.merge()
     assert all(torch.equal(v, before[k]) for k, v in fast.backbone.state_dict().items())
-    assert fast._merged_tokens is None
+    assert not fast.merged and fast.merged_tokens is None
 
 
 # ---------------------------------------------------------------- adapters
@@ -252,3 +252,96 @@ def test_fast_with_triton_kernels_agrees_with_reference(cfg, monkeypatch):
     # attention output needs no gradient: frozen weights, an input that needs none)
     assert calls.count("PacaAttentionTriton") == cfg.num_blocks and calls.count("matmul_lowrank_epilogue") == 5
     assert_agree(got, exact, torch.float32, baseline=want)
+
+
+# ---------------------------------------------------------------- no per-step tensors on the modules
+def tiny_hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                    image_size=16, patch_size=8, num_labels=3)
+    return ViTForImageClassification(cfg)
+
+
+def _logits(out):
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _copies_work(model, x):
+    """deepcopy, pickle and timm's ModelEmaV3 of ``model`` work and give the model's eval output."""
+    import io
+    import pickle
+
+    from timm.utils import ModelEmaV3
+
+    for module in model.modules():
+        if isinstance(module, GIFTLinear):
+            assert not any(isinstance(v, torch.Tensor) for v in vars(module).values())
+    assert all(t.grad_fn is None for pair in model.step_residuals.by_key.values() for t in pair)
+    with torch.no_grad():
+        want = _logits(model.eval()(x))
+    model.train()
+    buffer = io.BytesIO()
+    pickle.dump(model, buffer)
+    copies = [copy.deepcopy(model), pickle.loads(buffer.getvalue()), ModelEmaV3(model).module]
+    for other in copies:
+        assert other.step_residuals.by_key == {} and other.step_residuals is not model.step_residuals
+        layer = other.target_groups[0].modules[0]
+        assert layer.residuals is other.step_residuals and layer.weight is not model.target_groups[0].modules[0].weight
+        with torch.no_grad():
+            torch.testing.assert_close(_logits(other.eval()(x)), want)
+    ema = ModelEmaV3(model, decay=0.5)
+    ema.update(model)
+    return want
+
+
+@pytest.mark.parametrize("backbone, memory", [("timm", "none"), ("timm", "mlp"), ("timm", "block"), ("transformers", "none")])
+def test_deepcopy_pickle_and_timm_ema_after_forward_and_after_backward(backbone, memory):
+    if backbone == "timm":
+        model, x = tiny_timm_vit(), torch.randn(2, 3, 32, 32)
+        cfg = GIFTConfig(rank=4, num_clusters=3)
+    else:
+        model, x = tiny_hf_vit(), torch.randn(2, 3, 16, 16)
+        cfg = GIFTConfig(rank=4, num_clusters=3, target_modules=("attention.o_proj",))
+    fast = randomize_gift_(FastGIFT(model, cfg, memory=memory))
+    out = _logits(fast.train()(x))
+    _copies_work(fast, x)
+    out.float().pow(2).sum().backward()
+    _copies_work(fast, x)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fast.gift_parameters())
+
+
+def test_state_dict_round_trip_after_a_training_forward():
+    torch.manual_seed(0)
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3), memory="mlp"))
+    x = torch.randn(2, 3, 32, 32)
+    fast(x).sum().backward()
+    state = fast.state_dict()
+    assert all(not t.requires_grad and t.grad_fn is None for t in state.values())
+    other = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3), memory="mlp")
+    other.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), fast(x))
+
+
+def test_recomputation_in_backward_uses_the_step_residuals():
+    """Checkpointed blocks are recomputed in backward, after the forward has ended: the gradients
+    must still see the generator's residual (they differ from those of a model without it)."""
+    cfg = GIFTConfig(rank=8, num_clusters=5)
+    _, fast = twin_models(tiny_timm_vit(), cfg)
+    x = torch.randn(2, 3, 32, 32)
+    want = outputs_and_grads(fast, x)
+    for memory in ("mlp", "block"):
+        fast.set_memory(memory)
+        got = outputs_and_grads(fast, x)
+        assert_agree(got, want, torch.float32)
+    fast.set_memory("block")
+    assert fast.backbone.grad_checkpointing and isinstance(fast.backbone.blocks[0].mlp, nn.Module)
+    fast.set_memory("mlp")
+    assert not fast.backbone.grad_checkpointing
+    from gift.fast import Recomputed
+
+    assert all(isinstance(b.mlp, Recomputed) and isinstance(b.norm2, nn.Identity) for b in fast.backbone.blocks)
+    fast.set_memory("none")
+    assert not any(isinstance(m, Recomputed) for m in fast.modules())
