@@ -278,6 +278,10 @@ class FastGIFT(GIFTModelBase):
         ones = tokens.new_ones(*tokens.shape[:-1], 1)
         return torch.cat([out.weight, out.bias[:, None]], dim=1), torch.cat([tokens, ones], dim=-1)
 
+    def generator_residuals(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """One step's ``{key: (psi (d_in, r'), T (L, d_out, r'))}``: each generator run once for its L layers."""
+        return {g.key: self._out_projection(g.key, self.generator_tokens(g.key)) for g in self.target_groups}
+
     def delta_weight(self, key: str, layer: int) -> torch.Tensor:
         """dW_l = T_l psi^T: ``(d_out, d_in)`` in the target weight's dtype (for inspection and merge)."""
         psi, tokens = self._out_projection(key, self.generator_tokens(key)[layer])
@@ -291,8 +295,7 @@ class FastGIFT(GIFTModelBase):
         if self.merged_tokens is not None and torch.is_grad_enabled() and any(p.requires_grad for p in self.gift_parameters()):
             raise RuntimeError("FastGIFT is merged; call unmerge() before training (or run under torch.no_grad()).")
         kept = self.step_residuals.by_key
-        self.step_residuals.by_key = {} if self.merged_tokens is not None else {
-            g.key: self._out_projection(g.key, self.generator_tokens(g.key)) for g in self.target_groups}
+        self.step_residuals.by_key = {} if self.merged_tokens is not None else self.generator_residuals()
         try:
             if self.backbone_dtype is not None:
                 with torch.autocast(device_type=x.device.type, dtype=self.backbone_dtype):
