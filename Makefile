@@ -17,7 +17,7 @@ test: $(INSTALLED)
 	$(PY) -m pytest -q tests
 
 demo: $(INSTALLED)
-	$(PY) -m gift demo
+	$(PY) -m gift demo --publish .
 
 bench: $(INSTALLED)
 	$(PY) -m pytest -q bench -p no:cacheprovider

@@ -28,8 +28,11 @@ def atomic_write(path: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a file written normally gets the umask's permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

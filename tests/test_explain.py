@@ -1,6 +1,8 @@
 """The clustering-based explainer: shapes, prefix tokens, non-square and dynamic grids, no hooks
 left behind, one forward pass, agreement with a by-hand computation, the CLI and its errors."""
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from gift import FastGIFT, GIFTConfig, GIFTReference, explain
-from gift.cli import main
+from gift.app.cli import main
 
 from conftest import randomize_gift_
 
@@ -127,9 +129,13 @@ def test_explain_command_writes_pngs_and_refuses_bad_input(tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"garbage")
     assert main(["explain", "--adapter", str(tmp_path / "run" / "adapter"), "--image", str(tmp_path / "bad.png")]) == 2
     assert "cannot read image" in capsys.readouterr().err
-    assert main(["explain", "--adapter", str(tmp_path / "run" / "adapter"), "--model", "vit_tiny_patch16_224",
-                 "--image", str(image)]) == 2
-    assert "does not fit vit_tiny_patch16_224" in capsys.readouterr().err
+    wrong = tmp_path / "wrong"  # an adapter whose recorded backbone is another model
+    shutil.copytree(tmp_path / "run" / "adapter", wrong)
+    meta = json.loads((wrong / "gift_config.json").read_text())
+    meta["run"]["backbone"]["timm_name"] = "vit_tiny_patch16_224"
+    (wrong / "gift_config.json").write_text(json.dumps(meta))
+    assert main(["explain", "--adapter", str(wrong), "--image", str(image)]) == 2
+    assert "wrong backbone model" in capsys.readouterr().err
     assert main(["explain", "--adapter", str(tmp_path / "run" / "adapter"), "--image", str(image), "--layers", "9"]) == 2
     assert "layer index 9 is out of range" in capsys.readouterr().err
 

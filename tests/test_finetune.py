@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import gift.train as train
+import gift.app.finetune as finetune_module
 from gift import FastGIFT
-from gift.cli import main
-from gift.data import SyntheticShapes, make_shapes
+from gift.app.cli import main
+from gift.app.data import SyntheticShapes, make_shapes
+from gift.backbones import load_gift_adapter
 from gift_kernels.testing import relative_errors
 
 TINY = ["--train-size", "96", "--val-size", "32", "--batch-size", "32", "--quiet", "--drop-path", "0.1"]
@@ -60,20 +61,20 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
 def test_ctrl_c_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch):
     whole = run(tmp_path, "whole", "--epochs", "2")
     calls = {"n": 0}
-    real = train.batch_of
+    real = finetune_module.batch_of
 
     def interrupt_in_epoch_two(dataset, indices):
         calls["n"] += 1
-        if calls["n"] == 6:  # 3 training batches + 1 validation batch per epoch: epoch 2, its second step
+        if calls["n"] == 5:  # 3 training batches per epoch: epoch 2, its second step
             raise KeyboardInterrupt
         return real(dataset, indices)
 
-    monkeypatch.setattr(train, "batch_of", interrupt_in_epoch_two)
+    monkeypatch.setattr(finetune_module, "batch_of", interrupt_in_epoch_two)
     out = str(tmp_path / "cut")
     assert main(["finetune", *TINY, "--epochs", "2", "--output", out]) == 130
     state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     assert (state["epoch"], state["step_in_epoch"]) == (1, 1)  # saved mid-epoch: one step of epoch 2 done
-    monkeypatch.setattr(train, "batch_of", real)
+    monkeypatch.setattr(finetune_module, "batch_of", real)
     assert main(["finetune", *TINY, "--epochs", "2", "--output", out, "--resume"]) == 0
     a, b = adapter(whole), adapter(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -102,9 +103,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     images = torch.stack([SyntheticShapes(16, seed=9)[i][0] for i in range(16)])
     logits = []
     for out in (single, double):
-        torch.manual_seed(0)  # the run's backbone: random init from --seed 0
-        backbone = train.create_backbone("gift_vit_micro_patch4_32", 4, 0.0, None)
-        model = FastGIFT.from_adapter(backbone, os.path.join(out, "adapter")).eval()
+        model = load_gift_adapter(os.path.join(out, "adapter")).eval()  # the run's random backbone, rebuilt
         with torch.no_grad():
             logits.append(model(images))
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
@@ -120,6 +119,7 @@ def _write_tree(root, classes=("a", "b"), per_class=2, size=16):
 
 
 def _error(capsys, *args):
+    capsys.readouterr()
     code = main(["finetune", *TINY, "--epochs", "1", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
@@ -148,14 +148,14 @@ def test_bad_inputs_give_one_line_and_status_2(tmp_path, capsys):
     err = _error(capsys, "--data", str(tmp_path / "tree"), *out)
     assert "cannot read image" in err and "broken.png" in err and "--skip-bad-images" in err
     assert main(["finetune", "--train-size", "4", "--val-size", "4", "--batch-size", "2", "--quiet", "--epochs", "1",
-                 "--data", str(tmp_path / "tree"), "--skip-bad-images", *out]) == 0
+                 "--data", str(tmp_path / "tree"), "--skip-bad-images", "--output", str(tmp_path / "skipped")]) == 0
     assert "skipped 1 unreadable image(s)" in capsys.readouterr().out
     err = _error(capsys, "--model", "vit_smal_patch16_224", *out)
     assert "unknown model 'vit_smal_patch16_224'" in err and "vit_small_patch16_224" in err
     torch.save({"patch_embed.proj.weight": torch.zeros(7, 3, 4, 4)}, tmp_path / "wrong.pth")
     err = _error(capsys, "--pretrained-file", str(tmp_path / "wrong.pth"), *out)
     assert "does not fit VisionTransformer" in err and "patch_embed.proj.weight" in err
-    assert "--batch-size must be a positive integer, got 0" in _error(capsys, "--batch-size", "0", *out)
+    assert "--batch-size must be >= 1, got 0" in _error(capsys, "--batch-size", "0", *out)
 
 
 def test_resume_from_another_model_or_config_is_refused(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Data for `gift finetune`: the embedded synthetic dataset and ImageFolder trees, with clear errors.
+"""Data for `gift finetune` and `gift eval`: the embedded synthetic dataset and ImageFolder trees, with clear errors.
 
 The embedded dataset (`SyntheticShapes`) is made at run time, deterministic by seed, nothing
 downloaded: each image holds one object (a circle, square, triangle or cross) filled with one of four
@@ -15,14 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .errors import DataError
+
 SHAPES = ("circle", "square", "triangle", "cross")
 PATTERNS = ("solid", "stripes_h", "stripes_v", "checker")
 TASKS = {"shape": SHAPES, "pattern": PATTERNS}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-class DataError(ValueError):
-    """Bad input data: the message says what and where."""
 
 
 def _shape_mask(kind: int, xx, yy, cx, cy, r):
@@ -116,7 +114,8 @@ class ScanResult:
 
 
 def scan_image_folder(root: str, skip_bad_images: bool = False) -> ScanResult:
-    """List ``root/<class>/<image>`` files and check that every image opens.
+    """List ``root/<class>/<image>`` files and check that every image opens. Hidden entries
+    (``.ipynb_checkpoints``, ``.DS_Store``, ``._x.png``) are neither classes nor images.
 
     Raises `DataError` for a missing or empty folder, a class folder with no images, or (unless
     ``skip_bad_images``) an unreadable image, naming it.
@@ -125,13 +124,13 @@ def scan_image_folder(root: str, skip_bad_images: bool = False) -> ScanResult:
 
     if not os.path.isdir(root):
         raise DataError(f"data folder {root!r} does not exist")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise DataError(f"data folder {root!r} has no class folders (expected {root}/<class>/<image files>)")
     files, skipped = [], []
     for label, name in enumerate(classes):
         folder = os.path.join(root, name)
-        images = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        images = sorted(f for f in os.listdir(folder) if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
         if not images:
             raise DataError(f"class folder {folder!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         for f in images:
@@ -169,3 +168,55 @@ class ImageFolderDataset(Dataset):
             im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
             x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
         return (x - self.mean) / self.std, label
+
+
+EMBEDDED = ("default", "embedded")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class EmbeddedSpec:
+    """What the embedded dataset's splits are drawn from: ``train`` from ``data_seed``, ``val`` from
+    ``data_seed + 1`` and ``test`` from ``data_seed + 2`` (disjoint draws)."""
+
+    task: str = "pattern"
+    train_size: int = 2000
+    val_size: int = 1000
+    data_seed: int = 0
+
+
+def open_split(data: str, split: str, image_size: int, mean, std, embedded: EmbeddedSpec,
+               skip_bad_images: bool = False) -> tuple[Dataset, list[str], int]:
+    """One split of ``data`` (``default`` or an ImageFolder root holding ``<split>/<class>/<image>``):
+    ``(dataset, class names, images skipped)``. Raises `DataError` naming the problem."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if data in EMBEDDED:
+        size = embedded.train_size if split == "train" else embedded.val_size
+        ds = SyntheticShapes(size, image_size, seed=embedded.data_seed + SPLITS.index(split), task=embedded.task,
+                             mean=mean, std=std)
+        return ds, ds.classes, 0
+    if os.path.isfile(data):
+        raise DataError(f"--data {data!r} is a file, not a folder: give an ImageFolder root holding train/ and val/ "
+                        f"(or --data default for the embedded dataset)")
+    if not os.path.isdir(data):
+        raise DataError(f"data folder {data!r} does not exist (or pass --data default for the embedded dataset)")
+    folder = os.path.join(data, split)
+    if not os.path.isdir(folder):
+        raise DataError(f"data folder {data!r} has no {split}/ folder (expected {data}/{split}/<class>/<image files>)")
+    scan = scan_image_folder(folder, skip_bad_images)
+    return ImageFolderDataset(scan, image_size, mean, std), scan.classes, len(scan.skipped)
+
+
+def open_train_val(data: str, image_size: int, mean, std, embedded: EmbeddedSpec, skip_bad_images: bool = False):
+    """``(train, val, class names, images skipped)``; the two splits must have the same classes."""
+    if data not in EMBEDDED and os.path.isdir(data):
+        missing = [s for s in ("train", "val") if not os.path.isdir(os.path.join(data, s))]
+        if missing:
+            raise DataError(f"data folder {data!r} has no {missing[0]}/ folder (expected {data}/train/<class>/... "
+                            f"and {data}/val/<class>/...)")
+    train, classes, skipped_train = open_split(data, "train", image_size, mean, std, embedded, skip_bad_images)
+    val, val_classes, skipped_val = open_split(data, "val", image_size, mean, std, embedded, skip_bad_images)
+    if classes != val_classes:
+        raise DataError(f"train/ and val/ of {data!r} have different class folders: {classes} vs {val_classes}")
+    return train, val, classes, skipped_train + skipped_val

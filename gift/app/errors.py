@@ -1,0 +1,63 @@
+"""The application's errors: `UsageError` is bad input, printed by the CLI as one line with exit
+status 2; `library_errors` turns the library's plain exceptions into it where the input caused them."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+class UsageError(Exception):
+    """Bad input to the command line: printed as one line, exit status 2."""
+
+
+class DataError(UsageError, ValueError):
+    """Bad input data: the message says what and where (file, line) and what to do."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (library messages may span several)."""
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+@contextlib.contextmanager
+def library_errors(context: str = "", types: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError,
+                                                                                 IndexError, KeyError, RuntimeError)):
+    """Re-raise ``types`` raised inside as `UsageError` (``context`` first), on one line."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except types as e:
+        prefix = f"{context}: " if context else ""
+        raise UsageError(prefix + one_line(e)) from e
+
+
+def missing_extra(module: str, extra: str, feature: str) -> str | None:
+    """None when ``module`` imports; else the one line saying which extra to install for ``feature``."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"{feature} needs {module}, which is not installed: pip install 'gift[{extra}]'"
+
+
+def check_output_folder(path: str, *, kind: str = "--output") -> None:
+    """Create folder ``path`` and check that files can be written in it; `UsageError` naming the
+    problem (a file in the way, a read-only file system, no permission) otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{kind} {path!r} is a file, not a folder; name a folder")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{kind} {path!r} is under {parent!r}, which is a file; name a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UsageError(f"{kind} {path!r} is not writable ({e.strerror or type(e).__name__}); "
+                         f"choose a folder you can write to") from None

@@ -1,0 +1,98 @@
+"""Command-line options in one place: a dataclass field declares a flag (default, help, range,
+choices) with `option`; `add_arguments` turns the fields into argparse flags; `check_ranges` checks
+every value against its declared range and raises `UsageError` naming the flag. Small argparse
+types for the commands without a config dataclass live here too.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Any, Sequence
+
+from .errors import UsageError
+
+
+def option(default: Any, help: str, *, choices: Sequence | None = None, min: float | None = None,
+           max: float | None = None, min_open: bool = False, max_open: bool = False, type: type | None = None,
+           metavar: str | None = None) -> Any:
+    """A dataclass field that is also a ``--flag`` (underscores become dashes). ``min``/``max`` bound
+    numbers (``*_open``: the bound itself is excluded); ``type`` is needed only when the default is None."""
+    meta = dict(help=help, choices=tuple(choices) if choices is not None else None, min=min, max=max,
+                min_open=min_open, max_open=max_open, type=type, metavar=metavar)
+    return dataclasses.field(default=default, metadata={"option": meta})
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _options(cls) -> list[tuple[dataclasses.Field, dict]]:
+    return [(f, f.metadata["option"]) for f in dataclasses.fields(cls) if "option" in f.metadata]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per `option` field of the dataclass ``cls``; argparse checks types and choices."""
+    for f, meta in _options(cls):
+        kind = meta["type"] or type(f.default)
+        if kind is bool:
+            parser.add_argument(flag_name(f.name), action="store_true", help=meta["help"])
+            continue
+        parser.add_argument(flag_name(f.name), type=kind, default=f.default, choices=meta["choices"],
+                            metavar=meta["metavar"], help=meta["help"])
+
+
+def from_namespace(cls, args: argparse.Namespace, **extra):
+    """``cls`` filled from parsed arguments (fields argparse does not know keep their defaults)."""
+    values = {f.name: getattr(args, f.name) for f, _ in _options(cls) if hasattr(args, f.name)}
+    return cls(**values, **extra)
+
+
+def _range_text(meta: dict) -> str:
+    parts = []
+    if meta["min"] is not None:
+        parts.append(f"{'>' if meta['min_open'] else '>='} {meta['min']:g}")
+    if meta["max"] is not None:
+        parts.append(f"{'<' if meta['max_open'] else '<='} {meta['max']:g}")
+    return " and ".join(parts)
+
+
+def check_ranges(obj) -> None:
+    """Raise `UsageError` for the first option of ``obj`` outside its declared range or choices."""
+    for f, meta in _options(type(obj)):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        name = flag_name(f.name)
+        if meta["choices"] is not None and value not in meta["choices"]:
+            raise UsageError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        if meta["min"] is None and meta["max"] is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{name} must be a number, got {value!r}")
+        lo_bad = meta["min"] is not None and (value <= meta["min"] if meta["min_open"] else value < meta["min"])
+        hi_bad = meta["max"] is not None and (value >= meta["max"] if meta["max_open"] else value > meta["max"])
+        if not math.isfinite(value) or lo_bad or hi_bad:
+            raise UsageError(f"{name} must be {_range_text(meta)}, got {value!r}")
+
+
+# ------------------------------------------------------------------------- plain argparse types
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def index_list(text: str) -> list[int]:
+    """``"0,2,3"`` -> ``[0, 2, 3]`` (non-negative indices)."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated layer indices like 0,2,3, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"layer indices must be >= 0, got {text!r}")
+    return values
