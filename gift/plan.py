@@ -104,14 +104,12 @@ def create_backbone(setup: TrainingSetup) -> nn.Module:
     """The timm model of ``setup`` with random weights (on the current default device)."""
     import timm
 
-    from . import models  # noqa: F401  (registers gift's timm models)
+    from .backbones import check_model_name
 
-    if not timm.is_model(setup.model):
-        import difflib
-
-        close = difflib.get_close_matches(setup.model, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"; close names: {', '.join(close)}" if close else ""
-        raise PlanError(f"unknown model {setup.model!r}{hint} (any timm model name works, e.g. vit_base_patch16_224)")
+    try:
+        check_model_name(setup.model)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
     kwargs = {"drop_path_rate": setup.drop_path}
     if setup.num_classes is not None:
         kwargs["num_classes"] = setup.num_classes
@@ -137,7 +135,7 @@ def wrap_for_training(setup: TrainingSetup, backbone: nn.Module, memory: str = "
     if setup.backbone_dtype != "float32":
         raise PlanError(f"backbone dtype {setup.backbone_dtype!r} is for --method gift; use float32 with {setup.method}")
     if setup.method == "lora":
-        from .train import lora_model
+        from .backbones import lora_model
 
         return lora_model(backbone, setup.lora_rank, setup.gift.target_modules)
     backbone.requires_grad_(setup.method == "full")

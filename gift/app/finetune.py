@@ -60,8 +60,9 @@ class FinetuneConfig:
     num_clusters: int = option(GIFTConfig.num_clusters, "GIFT clusters M of PaCa", min=1)
     amp: str | None = option(None, "autocast dtype (fp16 needs CUDA)", choices=("bf16", "fp16"), type=str)
     memory: str = option("none", "recompute in backward to save activation memory", choices=("none", "mlp", "block"))
-    backbone_dtype: str | None = option(None, "dtype of the frozen backbone weights (GIFT)",
-                                        choices=("bfloat16", "float16"), type=str)
+    backbone_dtype: str | None = option(None, "storage of the frozen backbone weights (GIFT; nf4: 4-bit linear "
+                                              "weights, pip install 'gift[nf4]')",
+                                        choices=("float32", "bfloat16", "float16", "nf4"), type=str)
     seed: int = option(0, "seed of the initialisation, the order of the samples and drop-path", min=0)
     epochs: int = option(10, "epochs (with --resume: a larger number extends a finished run)", min=1)
     batch_size: int = option(64, "the global batch (split over torchrun processes)", min=1)
