@@ -9,7 +9,7 @@ residual, FastGIFT
 """
 from __future__ import annotations
 
-from typing import Optional
+import logging
 
 import torch
 import torch.nn as nn
@@ -169,7 +169,11 @@ class FastGIFT(GIFTModelBase):
         config: the ``GIFTConfig``.
         memory: ``"none"``; ``"mlp"`` recomputes each block's MLP (and its pre-norm) in backward;
             ``"block"`` recomputes whole blocks (timm's ``set_grad_checkpointing()`` where the backbone
-            has it, else a `Recomputed` wrapper around each of ``backbone.blocks``).
+            has it, else a `Recomputed` wrapper around each of ``backbone.blocks``); ``"auto"``: at the
+            first training forward, the fastest of those whose predicted peak (`gift.plan`, for that
+            input shape and AdamW) fits ``memory_budget`` (see `choose_memory`).
+        memory_budget: bytes (or ``"24GiB"``) for ``memory="auto"``; default: on CUDA the device's free
+            memory plus what this model already holds there, on CPU no limit.
         backbone_dtype: store the frozen backbone weights in this dtype (e.g. ``torch.bfloat16``);
             forward then runs the backbone under autocast in that dtype. The head and the generator
             keep their own dtypes.
@@ -181,11 +185,12 @@ class FastGIFT(GIFTModelBase):
     """
 
     def __init__(self, backbone: nn.Module, config: GIFTConfig | None = None, memory: str = "none",
-                 backbone_dtype: torch.dtype | None = None, backend: str | None = None):
+                 backbone_dtype: torch.dtype | None = None, backend: str | None = None,
+                 memory_budget: int | str | None = None):
         super().__init__(backbone, config)
         self.backend = backend
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory={memory!r} is unknown; choose one of {MEMORY_MODES}.")
+        if memory not in MEMORY_MODES + ("auto",):
+            raise ValueError(f"memory={memory!r} is unknown; choose one of {MEMORY_MODES + ('auto',)}.")
         self.step_residuals = StepResiduals()
         groups = []
         for group in self.target_groups:
@@ -202,7 +207,10 @@ class FastGIFT(GIFTModelBase):
                 if id(p) not in head and p.is_floating_point():
                     p.data = p.data.to(backbone_dtype)
         self.memory = "none"
-        self.set_memory(memory)
+        self.set_memory("none" if memory == "auto" else memory)
+        self.memory_budget = memory_budget
+        self.memory_reason: str | None = None
+        self.memory_pending = memory == "auto"
         self.merged_tokens: dict[str, torch.Tensor] | None = None
 
     @property
@@ -233,7 +241,8 @@ class FastGIFT(GIFTModelBase):
             self.backbone.set_grad_checkpointing(False)
 
     def set_memory(self, memory: str) -> None:
-        """Switch between ``"none"``, ``"mlp"`` and ``"block"`` recomputation (reversible)."""
+        """Switch between ``"none"``, ``"mlp"`` and ``"block"`` recomputation (reversible; ends a pending "auto")."""
+        self.memory_pending = False
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory={memory!r} is unknown; choose one of {MEMORY_MODES}.")
         if memory == "mlp":
@@ -262,6 +271,30 @@ class FastGIFT(GIFTModelBase):
                 for i, block in enumerate(blocks):
                     blocks[i] = Recomputed(block)
         self.memory = memory
+
+    def _default_memory_budget(self) -> int | None:
+        device = self._backbone_device()
+        if device.type != "cuda":
+            return None
+        from .memory import module_tensors, storage_bytes
+
+        return torch.cuda.mem_get_info(device)[0] + storage_bytes(t for t in module_tensors(self) if t.device == device)
+
+    def choose_memory(self, input_shape: tuple[int, ...], budget: int | str | None = None,
+                      amp: torch.dtype | None = None) -> str:
+        """Switch to the fastest memory mode whose predicted training-step peak fits ``budget`` (default:
+        ``memory_budget``, else see the class doc) for inputs of ``input_shape`` (B, C, H, W) under
+        autocast ``amp``; ``memory_reason`` says why in one line. Raises `gift.plan.DoesNotFit` (naming
+        the batch size that would fit) when no mode does."""
+        from .plan import choose_memory_mode, plan_model
+
+        budget = budget if budget is not None else self.memory_budget
+        budget = budget if budget is not None else self._default_memory_budget()
+        mode, reason = choose_memory_mode(plan_model(self, tuple(input_shape), budget, amp))
+        self.set_memory(mode)
+        self.memory_reason = reason
+        logging.getLogger("gift").info(reason)
+        return mode
 
     # ------------------------------------------------------------------ the generator
     def generator_tokens(self, key: str) -> torch.Tensor:
@@ -292,6 +325,9 @@ class FastGIFT(GIFTModelBase):
         """The backbone's output with every target adapted. With grad enabled, the residuals stay (graph-free)
         in ``step_residuals`` for recomputation in this step's backward; a no-grad forward in between
         (an evaluation) leaves them as they were."""
+        if self.memory_pending and torch.is_grad_enabled():
+            amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+            self.choose_memory(x.shape, amp=amp)
         if self.merged_tokens is not None and torch.is_grad_enabled() and any(p.requires_grad for p in self.gift_parameters()):
             raise RuntimeError("FastGIFT is merged; call unmerge() before training (or run under torch.no_grad()).")
         kept = self.step_residuals.by_key

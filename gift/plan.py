@@ -158,14 +158,14 @@ def _generator_forward(model: nn.Module):
     return model.generator_residuals if isinstance(model, FastGIFT) else None
 
 
-def predict_step(model: nn.Module, batch_size: int, shape: tuple[int, ...], amp: torch.dtype | None,
-                 memory: str | None = None) -> StepBytes:
-    """`measure_training_step` of ``model`` (fake tensors; call under its ``FakeTensorMode``) on a batch of
-    ``batch_size`` inputs of ``shape``; ``memory`` switches a `FastGIFT`'s mode first."""
+def step_bytes(model: nn.Module, batch_size: int, shape: tuple[int, ...], amp: torch.dtype | None,
+               memory: str | None = None, device: torch.device | str = "cpu") -> StepBytes:
+    """`measure_training_step` of ``model`` on a batch of ``batch_size`` inputs of ``shape`` (random images,
+    class 0); ``memory`` switches a `FastGIFT`'s mode first. Under a ``FakeTensorMode`` nothing is computed."""
     if memory is not None and isinstance(model, FastGIFT):
         model.set_memory(memory)
-    x = torch.empty(batch_size, *shape)
-    y = torch.zeros(batch_size, dtype=torch.long)
+    x = torch.randn(batch_size, *shape, device=device)
+    y = torch.zeros(batch_size, dtype=torch.long, device=device)
     return measure_training_step(model, x, y, amp, generator_forward=_generator_forward(model))
 
 
@@ -173,8 +173,9 @@ class FakeTrainingModel:
     """The training model of a setup (or a copy of an existing model) on fake CPU tensors, with the
     ``FakeTensorMode`` it lives in: `predict` runs steps on it without memory or compute."""
 
-    def __init__(self, model: nn.Module, mode: FakeTensorMode, shape: tuple[int, ...], amp: torch.dtype | None):
-        self.model, self.mode, self.shape, self.amp = model, mode, shape, amp
+    def __init__(self, model: nn.Module, mode: FakeTensorMode, shape: tuple[int, ...], amp: torch.dtype | None,
+                 device: torch.device | str = "cpu"):
+        self.model, self.mode, self.shape, self.amp, self.device = model, mode, shape, amp, device
 
     @classmethod
     def from_setup(cls, setup: TrainingSetup) -> "FakeTrainingModel":
@@ -188,15 +189,16 @@ class FakeTrainingModel:
 
     @classmethod
     def copy_of(cls, model: nn.Module, shape: tuple[int, ...], amp: torch.dtype | None) -> "FakeTrainingModel":
-        """A fake copy of a real model (its weights are never copied)."""
+        """A fake copy of a real model on its device (its weights are never copied)."""
+        device = next(model.parameters()).device
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:
             replica = copy.deepcopy(model)
-        return cls(replica, mode, shape, amp)
+        return cls(replica, mode, shape, amp, device)
 
     def predict(self, batch_size: int, memory: str | None = None) -> StepBytes:
         with self.mode:
-            return predict_step(self.model, batch_size, self.shape, self.amp, memory)
+            return step_bytes(self.model, batch_size, self.shape, self.amp, memory, self.device)
 
     def largest_batch_size(self, budget: int, memory: str | None = None, at: StepBytes | None = None,
                            at_batch: int | None = None) -> int:
@@ -227,6 +229,11 @@ class Plan:
     recommended: str | None = None
     largest_batch_size: int | None = None
     largest_batch_mode: str | None = None
+    fake: FakeTrainingModel | None = field(default=None, repr=False, compare=False)
+
+    def with_device_memory(self, device_memory: int | str) -> "Plan":
+        """The same predictions against another budget (no step is predicted again but for the largest batch)."""
+        return _decide(Plan(self.setup, parse_bytes(device_memory), self.modes, fake=self.fake), self.fake)
 
     def fits(self, mode: str) -> bool | None:
         return None if self.device_memory is None else self.modes[mode].peak <= self.device_memory
@@ -286,7 +293,7 @@ def plan_training(setup: TrainingSetup, device_memory: int | str | None = None,
                         f"choose from {setup.memory_modes}")
     fake = FakeTrainingModel.from_setup(setup)
     steps = {m: fake.predict(setup.batch_size, m) for m in modes}
-    return _decide(Plan(setup, budget, steps), fake)
+    return _decide(Plan(setup, budget, steps, fake=fake), fake)
 
 
 def _decide(plan: Plan, fake: FakeTrainingModel) -> Plan:
@@ -322,10 +329,24 @@ def choose_memory_mode(plan: Plan) -> tuple[str, str]:
                   f"{format_bytes(plan.device_memory)}, the fastest mode that fits{why}")
 
 
-def plan_model(model: FastGIFT, input_shape: tuple[int, ...], budget: int | str, amp: torch.dtype | None = None) -> Plan:
+def plan_model(model: FastGIFT, input_shape: tuple[int, ...], budget: int | str | None,
+               amp: torch.dtype | None = None) -> Plan:
     """`plan_training` for an existing `FastGIFT` (a fake copy; its weights are not copied) and inputs of
     ``input_shape`` = (B, C, H, W)."""
     fake = FakeTrainingModel.copy_of(model, tuple(input_shape[1:]), amp)
     setup = TrainingSetup(model=type(model.backbone).__name__, batch_size=int(input_shape[0]), gift=model.config)
     steps = {m: fake.predict(setup.batch_size, m) for m in MEMORY_MODES}
-    return _decide(Plan(setup, parse_bytes(budget), steps), fake)
+    return _decide(Plan(setup, None if budget is None else parse_bytes(budget), steps, fake=fake), fake)
+
+
+def compare_with_real_step(setup: TrainingSetup, seed: int = 0) -> list[tuple[str, StepBytes, StepBytes]]:
+    """For each memory mode of ``setup``: (mode, predicted on fake tensors, measured on a real CPU step
+    with the same counters). Costs one real training step per mode."""
+    fake = FakeTrainingModel.from_setup(setup)
+    torch.manual_seed(seed)
+    model = build_training_model(setup)
+    rows = []
+    for mode in setup.memory_modes:
+        predicted = fake.predict(setup.batch_size, mode)
+        rows.append((mode, predicted, step_bytes(model, setup.batch_size, fake.shape, setup.amp_dtype, mode)))
+    return rows

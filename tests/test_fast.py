@@ -345,3 +345,25 @@ def test_recomputation_in_backward_uses_the_step_residuals():
     assert all(isinstance(b.mlp, Recomputed) and isinstance(b.norm2, nn.Identity) for b in fast.backbone.blocks)
     fast.set_memory("none")
     assert not any(isinstance(m, Recomputed) for m in fast.modules())
+
+
+# ---------------------------------------------------------------- memory="auto"
+def test_memory_auto_picks_the_fastest_mode_that_fits_at_the_first_training_step():
+    from gift.plan import DoesNotFit, plan_model
+
+    x = torch.randn(2, 3, 32, 32)
+    probe = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))
+    peaks = {m: b.peak for m, b in plan_model(probe, x.shape, None).modes.items()}
+    assert peaks["none"] > peaks["mlp"] > peaks["block"]
+    fast = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3), memory="auto",
+                    memory_budget=(peaks["mlp"] + peaks["block"]) // 2)
+    assert fast.memory == "none" and fast.memory_pending
+    with torch.no_grad():
+        fast(x)  # evaluation decides nothing
+    assert fast.memory_pending
+    fast(x).sum().backward()
+    assert fast.memory == "block" and not fast.memory_pending
+    assert fast.memory_reason.startswith("memory=block: predicted peak") and "memory=mlp needs" in fast.memory_reason
+    assert fast.choose_memory(x.shape, budget=peaks["none"]) == "none"
+    with pytest.raises(DoesNotFit, match=r"batch size 2 does not fit .* in any memory mode.*batch size 1 would fit"):
+        fast.choose_memory(x.shape, budget=(peaks["block"] + plan_model(probe, (1, 3, 32, 32), None).modes["block"].peak) // 2)

@@ -59,7 +59,10 @@ class FinetuneConfig:
     block: str = option(GIFTConfig.block, "GIFT generator block", choices=BLOCK_TYPES)
     num_clusters: int = option(GIFTConfig.num_clusters, "GIFT clusters M of PaCa", min=1)
     amp: str | None = option(None, "autocast dtype (fp16 needs CUDA)", choices=("bf16", "fp16"), type=str)
-    memory: str = option("none", "recompute in backward to save activation memory", choices=("none", "mlp", "block"))
+    memory: str = option("none", "recompute in backward to save activation memory; auto: the fastest mode whose "
+                                 "predicted peak fits --max-memory (see gift plan)", choices=("none", "mlp", "block", "auto"))
+    max_memory: str | None = option(None, "memory budget of --memory auto, e.g. 24GiB (default: the GPU's free "
+                                          "memory; on CPU no limit)", type=str)
     backbone_dtype: str | None = option(None, "storage of the frozen backbone weights (GIFT; nf4: 4-bit linear "
                                               "weights, pip install 'gift[nf4]')",
                                         choices=("float32", "bfloat16", "float16", "nf4"), type=str)
@@ -97,6 +100,10 @@ class FinetuneConfig:
             problem = missing_extra("peft", "lora", "--method lora")
             if problem:
                 raise UsageError(problem)
+        if self.backbone_dtype == "nf4":
+            problem = missing_extra("torchao", "nf4", "--backbone-dtype nf4")
+            if problem:
+                raise UsageError(problem)
 
     @property
     def device_type(self) -> str:
@@ -110,20 +117,15 @@ class FinetuneConfig:
 
 
 # ---------------------------------------------------------------------------------------- model
-def build_model(cfg: FinetuneConfig, backbone):
-    """Wrap ``backbone`` for ``cfg.method``; returns (model, GIFT model or None)."""
-    if cfg.method == "gift":
-        from ..fast import FastGIFT
+def build_model(cfg: FinetuneConfig, backbone, memory: str | None = None):
+    """Wrap ``backbone`` for ``cfg.method`` (GIFT in memory mode ``memory``, default ``cfg.memory``);
+    returns (model, GIFT model or None)."""
+    from ..fast import FastGIFT
+    from ..plan import wrap_for_training
+    from .plan import training_setup
 
-        gift_cfg = GIFTConfig(rank=cfg.rank, block=cfg.block, num_clusters=cfg.num_clusters)
-        dtype = getattr(torch, cfg.backbone_dtype) if cfg.backbone_dtype else None
-        model = FastGIFT(backbone, gift_cfg, memory=cfg.memory, backbone_dtype=dtype)
-        return model, model
-    if cfg.method == "lora":
-        return lora_model(backbone, cfg.rank), None
-    backbone.requires_grad_(cfg.method == "full")
-    backbone.get_classifier().requires_grad_(True)
-    return backbone, None
+    model = wrap_for_training(training_setup(cfg), backbone, memory or cfg.memory)
+    return model, (model if isinstance(model, FastGIFT) else None)
 
 
 def trainable_state(model) -> dict:
@@ -287,7 +289,12 @@ def finetune(cfg: FinetuneConfig, keep_model: bool = False) -> dict:
                                          cfg.pretrained)
             backbone = create_backbone(cfg.model, len(classes), cfg.drop_path, cfg.pretrained_file, cfg.pretrained)
         with library_errors(f"--method {cfg.method} on {cfg.model}"):
-            model, gift_model = build_model(cfg, backbone)
+            from .plan import choose_finetune_memory
+
+            memory, reason = choose_finetune_memory(cfg, len(classes), cfg.batch_size // d.world, d.device)
+            if reason:
+                say(d, reason)
+            model, gift_model = build_model(cfg, backbone, memory)
         return _train(cfg, d, model, gift_model, identity, train_set, val_set, classes, steps_per_epoch, keep_model)
     finally:
         d.close()

@@ -42,6 +42,30 @@ def device_memory_default() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
+def choose_finetune_memory(cfg: FinetuneConfig, num_classes: int, local_batch_size: int, device) -> tuple[str, str | None]:
+    """The memory mode `gift finetune` trains in and, for ``--memory auto``, the one line saying why: the
+    fastest mode whose predicted peak fits ``--max-memory`` (default: the CUDA device's free memory).
+    Raises `UsageError` naming the batch size that would fit when no mode does."""
+    if cfg.memory != "auto":
+        return cfg.memory, None
+    if cfg.method != "gift":
+        return "none", f"--memory auto: --method {cfg.method} has one memory mode (recomputation is GIFT's): memory=none"
+    from ..plan import DoesNotFit, choose_memory_mode, parse_bytes, plan_training
+
+    import torch
+
+    if cfg.max_memory is not None:
+        budget = parse_bytes(cfg.max_memory)
+    else:
+        budget = torch.cuda.mem_get_info(device)[0] if torch.device(device).type == "cuda" else None
+    setup = dataclasses.replace(training_setup(cfg, num_classes=num_classes), batch_size=local_batch_size)
+    try:
+        mode, reason = choose_memory_mode(plan_training(setup, budget))
+    except DoesNotFit as e:
+        raise UsageError(f"--memory auto: {e}") from None
+    return mode, f"--memory auto: {reason}"
+
+
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, PlanOptions)
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's own)")
