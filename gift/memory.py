@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -19,17 +19,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
-def storage_id(t: torch.Tensor) -> int:
-    """Identity of ``t``'s storage (views share it); works for real, meta and fake tensors alike."""
-    return t.untyped_storage()._cdata
+def storages(t: torch.Tensor) -> Iterator[torch.UntypedStorage]:
+    """The storages holding ``t``'s data: its own, or for a wrapper subclass (e.g. torchao's NF4Tensor) those
+    of its inner tensors. A storage's ``_cdata`` identifies it (views share it) for real, meta and fake tensors."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        for name in t.__tensor_flatten__()[0]:
+            yield from storages(getattr(t, name))
+    else:
+        yield t.untyped_storage()
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (a storage shared by views counts once)."""
     seen: dict[int, int] = {}
     for t in tensors:
-        storage = t.untyped_storage()
-        seen[storage._cdata] = storage.nbytes()
+        for storage in storages(t):
+            seen[storage._cdata] = storage.nbytes()
     return sum(seen.values())
 
 
@@ -41,7 +46,7 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
 def _excluded_ids(exclude: nn.Module | Iterable[torch.Tensor] | None) -> set[int]:
     if isinstance(exclude, nn.Module):
         exclude = module_tensors(exclude)
-    return {storage_id(t) for t in exclude or []}
+    return {storage._cdata for t in exclude or [] for storage in storages(t)}
 
 
 class SavedTensorCounter:
@@ -57,10 +62,10 @@ class SavedTensorCounter:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key not in self._excluded:
-            self._seen[key] = max(self._seen.get(key, 0), storage.nbytes())
+        for storage in storages(t):
+            key = storage._cdata
+            if key not in self._excluded:
+                self._seen[key] = max(self._seen.get(key, 0), storage.nbytes())
         return t
 
     @property
@@ -98,13 +103,13 @@ class LiveBytes(TorchDispatchMode):
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue
-            storage = t.untyped_storage()
-            key = storage._cdata
-            if key in self._live or key in self._excluded:
-                continue
-            self._live[key] = storage.nbytes()
-            self.current += self._live[key]
-            weakref.finalize(storage, self._free, key)
+            for storage in storages(t):
+                key = storage._cdata
+                if key in self._live or key in self._excluded:
+                    continue
+                self._live[key] = storage.nbytes()
+                self.current += self._live[key]
+                weakref.finalize(storage, self._free, key)
         self.peak = max(self.peak, self.current)
         return out
 

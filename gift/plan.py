@@ -121,17 +121,18 @@ def create_backbone(setup: TrainingSetup) -> nn.Module:
         raise PlanError(f"timm cannot build {setup.model!r} with {kwargs}: {e}") from None
 
 
-def wrap_for_training(setup: TrainingSetup, backbone: nn.Module, memory: str = "none") -> nn.Module:
-    """``backbone`` made trainable as ``setup.method`` says (what `gift finetune` trains)."""
+def wrap_for_training(setup: TrainingSetup, backbone: nn.Module, memory: str = "none", quantize: bool = True) -> nn.Module:
+    """``backbone`` made trainable as ``setup.method`` says (what `gift finetune` trains). With
+    ``backbone_dtype="nf4"`` the frozen weights are bf16, then (``quantize``) the frozen linear
+    layers but GIFT's targets NF4 (`gift.nf4.quantize_frozen_linears`)."""
     if setup.method == "gift":
-        if setup.backbone_dtype == "nf4":
+        dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "nf4": torch.bfloat16}[setup.backbone_dtype]
+        model = FastGIFT(backbone, setup.gift, memory=memory, backbone_dtype=dtype)
+        if quantize and setup.backbone_dtype == "nf4":
             from .nf4 import quantize_frozen_linears
 
-            model = FastGIFT(backbone, setup.gift, memory=memory)
             quantize_frozen_linears(model)
-            return model
-        dtype = None if setup.backbone_dtype == "float32" else getattr(torch, setup.backbone_dtype)
-        return FastGIFT(backbone, setup.gift, memory=memory, backbone_dtype=dtype)
+        return model
     if setup.backbone_dtype != "float32":
         raise PlanError(f"backbone dtype {setup.backbone_dtype!r} is for --method gift; use float32 with {setup.method}")
     if setup.method == "lora":
@@ -181,10 +182,14 @@ class FakeTrainingModel:
     def from_setup(cls, setup: TrainingSetup) -> "FakeTrainingModel":
         with torch.device("meta"):
             backbone = create_backbone(setup)
-            model = wrap_for_training(setup, backbone)
+            model = wrap_for_training(setup, backbone, quantize=False)
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:
             model.to_empty(device="cpu")
+            if setup.backbone_dtype == "nf4":  # quantized on fake tensors: to_nf4 reads values
+                from .nf4 import quantize_frozen_linears
+
+                quantize_frozen_linears(model)
         return cls(model, mode, image_shape(setup, backbone), setup.amp_dtype)
 
     @classmethod
