@@ -325,26 +325,22 @@ def test_state_dict_round_trip_after_a_training_forward():
         torch.testing.assert_close(other(x), fast(x))
 
 
-def test_recomputation_in_backward_uses_the_step_residuals():
-    """Checkpointed blocks are recomputed in backward, after the forward has ended: the gradients
-    must still see the generator's residual (they differ from those of a model without it)."""
-    cfg = GIFTConfig(rank=8, num_clusters=5)
-    _, fast = twin_models(tiny_timm_vit(), cfg)
-    x = torch.randn(2, 3, 32, 32)
-    want = outputs_and_grads(fast, x)
-    for memory in ("mlp", "block"):
-        fast.set_memory(memory)
-        got = outputs_and_grads(fast, x)
-        assert_agree(got, want, torch.float32)
-    fast.set_memory("block")
-    assert fast.backbone.grad_checkpointing and isinstance(fast.backbone.blocks[0].mlp, nn.Module)
-    fast.set_memory("mlp")
-    assert not fast.backbone.grad_checkpointing
+def test_memory_modes_use_timm_checkpointing_and_a_wrapper_module_reversibly():
+    """block: timm's own set_grad_checkpointing(); mlp: a `Recomputed` module around each MLP (with norm2 inside);
+    none: the original modules back (gradients of all modes agree: test_memory_modes_and_timm_grad_checkpointing...)."""
     from gift.fast import Recomputed
 
+    fast = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))
+    mlps, norms = [b.mlp for b in fast.backbone.blocks], [b.norm2 for b in fast.backbone.blocks]
+    fast.set_memory("block")
+    assert fast.backbone.grad_checkpointing and not any(isinstance(m, Recomputed) for m in fast.modules())
+    fast.set_memory("mlp")
+    assert not fast.backbone.grad_checkpointing
     assert all(isinstance(b.mlp, Recomputed) and isinstance(b.norm2, nn.Identity) for b in fast.backbone.blocks)
+    assert [b.mlp.body for b in fast.backbone.blocks] == mlps and [b.mlp.norm for b in fast.backbone.blocks] == norms
     fast.set_memory("none")
     assert not any(isinstance(m, Recomputed) for m in fast.modules())
+    assert [b.mlp for b in fast.backbone.blocks] == mlps and [b.norm2 for b in fast.backbone.blocks] == norms
 
 
 # ---------------------------------------------------------------- memory="auto"
@@ -367,3 +363,16 @@ def test_memory_auto_picks_the_fastest_mode_that_fits_at_the_first_training_step
     assert fast.choose_memory(x.shape, budget=peaks["none"]) == "none"
     with pytest.raises(DoesNotFit, match=r"batch size 2 does not fit .* in any memory mode.*batch size 1 would fit"):
         fast.choose_memory(x.shape, budget=(peaks["block"] + plan_model(probe, (1, 3, 32, 32), None).modes["block"].peak) // 2)
+
+
+def test_memory_block_without_timm_wraps_each_block():
+    from gift.fast import Recomputed
+
+    _, fast = twin_models(ToyViT(), GIFTConfig(rank=4, num_clusters=3))
+    x = torch.randn(2, 5, 12)
+    want = outputs_and_grads(fast, x)
+    fast.set_memory("block")
+    assert all(isinstance(b, Recomputed) for b in fast.backbone.blocks)
+    assert_agree(outputs_and_grads(fast, x), want, torch.float32)
+    fast.set_memory("none")
+    assert not any(isinstance(m, Recomputed) for m in fast.modules())
