@@ -134,7 +134,13 @@ def file_sha256(path: str) -> str:
 def backbone_identity(name: str, num_classes: int, drop_path: float, seed: int, pretrained_file: str | None = None,
                       pretrained: bool = False) -> dict[str, Any]:
     """The record `rebuild_backbone` needs: what `create_backbone` was called with, right after
-    ``torch.manual_seed(seed)``, and the SHA-256 of the pretrained file."""
+    ``torch.manual_seed(seed)``, and the SHA-256 of the pretrained file. Hub weights are pinned by
+    their pretrained tag (``name.tag``), so a later timm with another default tag gives the same ones."""
+    if pretrained and "." not in name:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+        name = f"{name}.{cfg.tag}" if cfg is not None and cfg.tag else name
     identity = {"format": IDENTITY_FORMAT, "timm_name": name,
                 "kwargs": {"num_classes": int(num_classes), "drop_path_rate": float(drop_path)},
                 "init_seed": int(seed), "pretrained": "hub" if pretrained else ("file" if pretrained_file else "random")}
@@ -179,6 +185,50 @@ def rebuild_backbone(identity: dict[str, Any], pretrained_file: str | None = Non
         raise ValueError(f"{path!r} (sha256 {sha[:12]}...) is not the file the adapter was trained on: "
                          f"{identity['pretrained_file']!r} (sha256 {identity['pretrained_sha256'][:12]}...)")
     return seeded_backbone(identity, path)
+
+
+LORA_RUN = "gift_run.json"
+
+
+def save_lora_adapter(model, directory: str, run: dict) -> None:
+    """PEFT's ``save_pretrained`` (``adapter_model.safetensors``, ``adapter_config.json``) plus ``run``
+    (with the backbone identity) in ``gift_run.json``; each file replaced atomically."""
+    import json
+    import shutil
+    import tempfile
+
+    from .base import atomic_write
+
+    os.makedirs(directory, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=directory, prefix=".tmp-")
+    try:
+        model.save_pretrained(staging)
+        for name in os.listdir(staging):
+            atomic_write(os.path.join(directory, name), lambda tmp, n=name: shutil.copyfile(os.path.join(staging, n), tmp))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def write_json(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(run, f, indent=2, sort_keys=True)
+
+    atomic_write(os.path.join(directory, LORA_RUN), write_json)
+
+
+def load_lora_adapter(directory: str, pretrained_file: str | None = None):
+    """A PEFT LoRA model on exactly the backbone the adapter in ``directory`` was trained on; returns
+    ``(model, run)``. Raises as `rebuild_backbone` does."""
+    import json
+
+    from peft import PeftModel
+
+    path = os.path.join(directory, LORA_RUN)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist: is {directory!r} a LoRA adapter folder written by gift finetune?")
+    with open(path, encoding="utf-8") as f:
+        run = json.load(f)
+    backbone = rebuild_backbone(run.get("backbone"), pretrained_file)
+    return PeftModel.from_pretrained(backbone, directory), run
 
 
 def load_gift_adapter(directory: str, pretrained_file: str | None = None, **fast_kwargs):

@@ -90,6 +90,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
                            "-m", "gift", "finetune", *common, "--output", double],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done:") == 1  # only rank 0 prints the summary line
     # Same global batch; only the order of the gradient sums differs (two half batches, all-reduced).
     # PaCa's key bias and the FFN's output bias have exactly-zero gradients (a softmax over clusters
     # and the ViT's LayerNorms cannot see them), so Adam moves them by rounding noise alone: they are

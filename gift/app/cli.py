@@ -14,7 +14,7 @@ import sys
 COMMANDS = {
     "finetune": ("gift.app.finetune", "fine-tune a timm ViT with GIFT or a baseline (LoRA, linear probe, full)"),
     "plan": ("gift.app.plan", "will a fine-tuning run fit on the GPU? predicted memory per --memory mode, without weights"),
-    "eval": ("gift.app.evaluate", "top-1 / top-5 of a saved GIFT adapter on a data split; writes eval.json"),
+    "eval": ("gift.app.evaluate", "top-1 / top-5 of a saved GIFT or LoRA adapter on a data split; writes eval.json"),
     "explain": ("gift.app.explain_cli", "PNG cluster maps (the built-in explainer) of images for a GIFT adapter"),
     "demo": ("gift.app.demo", "pretrain a small ViT on the embedded data, then compare GIFT, linear probe, LoRA"),
 }

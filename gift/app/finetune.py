@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import backbone_identity, create_backbone, lora_model
+from ..backbones import backbone_identity, create_backbone, lora_model, save_lora_adapter
 from ..base import atomic_write
 from ..config import BLOCK_TYPES, GIFTConfig
 from .data import TASKS, EmbeddedSpec, open_train_val
@@ -320,6 +320,7 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
     history, start_epoch, start_step = [], 0, 0
     partial = {"loss_sum": 0.0, "count": 0, "step_time": 0.0}
     run_info = {"model": cfg.model, "method": cfg.method, "num_classes": len(classes), "classes": list(classes),
+                "trainable_parameters": n_trainable,
                 "backbone": backbone_id, "amp": cfg.amp,
                 "data": {"data": os.path.abspath(cfg.data) if os.path.isdir(cfg.data) else cfg.data,
                          **asdict(cfg.embedded)}}
@@ -367,6 +368,8 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
                             partial_, rng)
             if gift_model is not None:
                 gift_model.save_adapter(os.path.join(cfg.output, "adapter"), run=run_info)
+            elif cfg.method == "lora":
+                save_lora_adapter(model, os.path.join(cfg.output, "adapter"), run_info)
 
     try:
         for epoch in range(start_epoch, cfg.epochs):
