@@ -376,3 +376,19 @@ def test_memory_block_without_timm_wraps_each_block():
     assert_agree(outputs_and_grads(fast, x), want, torch.float32)
     fast.set_memory("none")
     assert not any(isinstance(m, Recomputed) for m in fast.modules())
+
+
+def test_two_forwards_then_one_backward_recompute_with_the_right_residuals():
+    """Gradient accumulation in a checkpointed mode: both forwards' blocks are recomputed in one backward."""
+    _, fast = twin_models(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))
+    x1, x2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+
+    def grads():
+        fast.zero_grad(set_to_none=True)
+        (fast(x1).pow(2).sum() + fast(x2).pow(2).sum()).backward()
+        return {n: p.grad for n, p in fast.named_parameters() if p.requires_grad}
+
+    want = grads()
+    for memory in ("mlp", "block"):
+        fast.set_memory(memory)
+        assert_agree(grads(), want, torch.float32)

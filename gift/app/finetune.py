@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import backbone_identity, create_backbone, lora_model, save_lora_adapter
+from ..backbones import backbone_identity, create_backbone, save_lora_adapter
 from ..base import atomic_write
 from ..config import BLOCK_TYPES, GIFTConfig
 from .data import TASKS, EmbeddedSpec, open_train_val
