@@ -106,7 +106,9 @@ class Recomputed(nn.Module):
     """``body(norm(x))`` recomputed in backward instead of keeping its activations
     (non-reentrant ``torch.utils.checkpoint``): what ``memory="mlp"`` puts in place of each block's MLP
     (with the block's pre-norm moved inside) and ``memory="block"`` around blocks of backbones without
-    timm's ``set_grad_checkpointing``. Its submodules are ``norm`` (``nn.Identity`` if none) and ``body``."""
+    timm's ``set_grad_checkpointing``. Its submodules are ``norm`` (``nn.Identity`` if none) and ``body``,
+    so while it is in place the backbone's module paths under it gain ``.norm`` / ``.body`` (GIFT
+    checkpoints and adapters hold none of them; ``set_memory("none")`` restores the original modules)."""
 
     def __init__(self, body: nn.Module, norm: nn.Module | None = None):
         super().__init__()
@@ -242,9 +244,9 @@ class FastGIFT(GIFTModelBase):
 
     def set_memory(self, memory: str) -> None:
         """Switch between ``"none"``, ``"mlp"`` and ``"block"`` recomputation (reversible; ends a pending "auto")."""
-        self.memory_pending = False
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory={memory!r} is unknown; choose one of {MEMORY_MODES}.")
+        self.memory_pending = False
         if memory == "mlp":
             blocks = [b for b in self._blocks() if isinstance(getattr(b, "mlp", None), nn.Module)]
             if not blocks:

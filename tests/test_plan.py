@@ -132,3 +132,24 @@ def test_finetune_memory_auto_refuses_with_the_batch_that_would_fit(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("gift finetune: error: --memory auto: batch size 32 does not fit") and err.count("\n") == 1
     assert "would fit with memory=block" in err
+
+
+def test_finetune_model_ema_is_evaluated_alongside_and_resumes_exactly(tmp_path):
+    import os
+
+    from safetensors.torch import load_file
+
+    from gift.app.cli import main
+
+    tiny = ["finetune", "--train-size", "64", "--val-size", "32", "--batch-size", "32", "--quiet", "--model-ema",
+            "--model-ema-decay", "0.5", "--epochs", "2"]
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+    assert main(tiny + ["--output", whole]) == 0
+    assert main(tiny + ["--output", part, "--stop-after", "1"]) == 0
+    assert main(tiny + ["--output", part, "--resume"]) == 0
+    history = json.load(open(os.path.join(whole, "metrics.json")))
+    assert len(history) == 2 and all(0 <= h["val_top1_ema"] <= 1 for h in history)
+    a, b = (load_file(os.path.join(out, "adapter_ema", "gift_adapter.safetensors")) for out in (whole, part))
+    trained = load_file(os.path.join(whole, "adapter", "gift_adapter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], trained[k]) for k in a)  # the average is not the last step's weights

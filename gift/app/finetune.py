@@ -61,6 +61,9 @@ class FinetuneConfig:
     amp: str | None = option(None, "autocast dtype (fp16 needs CUDA)", choices=("bf16", "fp16"), type=str)
     memory: str = option("none", "recompute in backward to save activation memory; auto: the fastest mode whose "
                                  "predicted peak fits --max-memory (see gift plan)", choices=("none", "mlp", "block", "auto"))
+    model_ema: bool = option(False, "keep timm's ModelEmaV3 of the trained weights and evaluate it alongside "
+                                    "(val_top1_ema; its adapter in OUTPUT/adapter_ema)")
+    model_ema_decay: float = option(0.9998, "decay of --model-ema per step", min=0, max=1, max_open=True)
     max_memory: str | None = option(None, "memory budget of --memory auto, e.g. 24GiB (default: the GPU's free "
                                           "memory; on CPU no limit)", type=str)
     backbone_dtype: str | None = option(None, "storage of the frozen backbone weights (GIFT; nf4: 4-bit linear "
@@ -104,6 +107,9 @@ class FinetuneConfig:
             problem = missing_extra("torchao", "nf4", "--backbone-dtype nf4")
             if problem:
                 raise UsageError(problem)
+            if self.model_ema:
+                raise UsageError("--model-ema averages every weight (timm's ModelEmaV3), which NF4 weights do not "
+                                 "support: drop --model-ema or use --backbone-dtype bfloat16")
 
     @property
     def device_type(self) -> str:
@@ -167,11 +173,13 @@ def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict) -> dict:
 
 
 def save_checkpoint(path: str, model, optimizer, scheduler, identity, epochs, epoch, step_in_epoch, history,
-                    partial, rng) -> None:
-    """Everything `resume` needs; ``rng`` is the RNG state to continue from (that before the next step)."""
+                    partial, rng, ema=None) -> None:
+    """Everything `resume` needs; ``rng`` is the RNG state to continue from (that before the next step);
+    ``ema``: the `--model-ema` model (its trained weights are kept)."""
     state = {"format": "gift-finetune-v2", "identity": identity, "epochs": epochs, "epoch": epoch,
              "step_in_epoch": step_in_epoch, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": rng, "history": history, "partial": partial}
+             "scheduler": scheduler.state_dict(), "rng": rng, "history": history, "partial": partial,
+             "ema": None if ema is None else trainable_state(ema)}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -312,6 +320,11 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
     if d.world > 1:
         train_module = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = None
+    if cfg.model_ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, max(1, round(total * cfg.warmup))))
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
@@ -343,6 +356,12 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
             for n, p in model.named_parameters():
                 if p.requires_grad:
                     p.copy_(state["trainable"][n])
+            if ema is not None:
+                if state.get("ema") is None:
+                    raise UsageError(f"--resume --model-ema: the run in {cfg.output!r} was trained without --model-ema")
+                for n, p in ema.module.named_parameters():
+                    if n in state["ema"]:
+                        p.copy_(state["ema"][n])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -365,9 +384,11 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
     def checkpoint(epoch_, step_, partial_, rng):
         if d.main:
             save_checkpoint(ckpt_path, model, optimizer, scheduler, identity, cfg.epochs, epoch_, step_, history,
-                            partial_, rng)
+                            partial_, rng, None if ema is None else ema.module)
             if gift_model is not None:
                 gift_model.save_adapter(os.path.join(cfg.output, "adapter"), run=run_info)
+                if ema is not None:
+                    ema.module.save_adapter(os.path.join(cfg.output, "adapter_ema"), run=run_info)
             elif cfg.method == "lora":
                 save_lora_adapter(model, os.path.join(cfg.output, "adapter"), run_info)
 
@@ -390,6 +411,8 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
                     scaler.step(optimizer)
                     scaler.update()
                     scheduler.step()
+                    if ema is not None:
+                        ema.update(model)
                     partial["step_time"] += time.perf_counter() - start
                     partial["loss_sum"] += loss.item() * len(y)
                     partial["count"] += len(y)
@@ -397,10 +420,12 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             loss_sum, count = d.all_reduce([partial["loss_sum"], partial["count"]])
             scores = accuracy(model, val_set, max(local, 64), d, cfg.amp)
+            ema_scores = {} if ema is None else accuracy(ema.module, val_set, max(local, 64), d, cfg.amp)
             with interrupts_held():
                 history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1), "val_top1": scores["top1"],
                                 "val_top5": scores["top5"], "lr": scheduler.get_last_lr()[0],
-                                "step_time_s": partial["step_time"] / steps_per_epoch})
+                                "step_time_s": partial["step_time"] / steps_per_epoch,
+                                **{f"val_{k}_ema": ema_scores[k] for k in ("top1", "top5") if k in ema_scores}})
                 partial = {"loss_sum": 0.0, "count": 0, "step_time": 0.0}
                 resume_at, resume_rng = (epoch + 1, 0), rng_state()
                 checkpoint(*resume_at, partial, resume_rng)
