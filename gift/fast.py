@@ -102,13 +102,34 @@ class GIFTLinear(nn.Linear):
         return super().extra_repr() + f", gift={self.key}[{self.layer}]"
 
 
+class KeysAsBefore:
+    """A state-dict hook for a module whose children were moved into a `Recomputed` wrapper: as a
+    ``state_dict`` post-hook (``saving=True``) it shows the keys as they were before the move, as a
+    ``load_state_dict`` pre-hook (``saving=False``) it takes them so. ``moves``: (path before, path now)
+    pairs relative to the module, e.g. ``("mlp.", "mlp.body.")``."""
+
+    def __init__(self, moves: list[tuple[str, str]], saving: bool):
+        self.moves, self.saving = moves, saving
+
+    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *hook_args) -> None:
+        for key in list(state_dict):
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            for before, now in self.moves:
+                old, new = (now, before) if self.saving else (before, now)
+                if rest.startswith(old) and (self.saving or not rest.startswith(now)):
+                    state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                    break
+
+
 class Recomputed(nn.Module):
     """``body(norm(x))`` recomputed in backward instead of keeping its activations
     (non-reentrant ``torch.utils.checkpoint``): what ``memory="mlp"`` puts in place of each block's MLP
     (with the block's pre-norm moved inside) and ``memory="block"`` around blocks of backbones without
-    timm's ``set_grad_checkpointing``. Its submodules are ``norm`` (``nn.Identity`` if none) and ``body``,
-    so while it is in place the backbone's module paths under it gain ``.norm`` / ``.body`` (GIFT
-    checkpoints and adapters hold none of them; ``set_memory("none")`` restores the original modules)."""
+    timm's ``set_grad_checkpointing``. Its submodules are ``norm`` (``nn.Identity`` if none) and ``body``:
+    module paths under it gain ``.norm`` / ``.body`` while it is in place, but state-dict keys do not
+    (`KeysAsBefore` on the parent module); ``set_memory("none")`` restores the original modules."""
 
     def __init__(self, body: nn.Module, norm: nn.Module | None = None):
         super().__init__()
@@ -209,6 +230,7 @@ class FastGIFT(GIFTModelBase):
                 if id(p) not in head and p.is_floating_point():
                     p.data = p.data.to(backbone_dtype)
         self.memory = "none"
+        self._key_hook_handles: list = []
         self.set_memory("none" if memory == "auto" else memory)
         self.memory_budget = memory_budget
         self.memory_reason: str | None = None
@@ -227,7 +249,14 @@ class FastGIFT(GIFTModelBase):
                              f"{type(self.backbone).__name__} has none. Use memory='none'.")
         return blocks
 
+    def _move_keys(self, parent: nn.Module, moves: list[tuple[str, str]]) -> None:
+        self._key_hook_handles += [parent.register_state_dict_post_hook(KeysAsBefore(moves, saving=True)),
+                                   parent.register_load_state_dict_pre_hook(KeysAsBefore(moves, saving=False))]
+
     def _undo_memory_mode(self) -> None:
+        for handle in self._key_hook_handles:
+            handle.remove()
+        self._key_hook_handles = []
         if self.memory == "none":
             return
         blocks = self._blocks()
@@ -258,8 +287,10 @@ class FastGIFT(GIFTModelBase):
             for block in blocks:
                 if _is_prenorm_block(block):  # recompute norm2 too: x + ls2(mlp(norm2(x))) -> x + ls2(mlp'(x))
                     block.mlp, block.norm2 = Recomputed(block.mlp, norm=block.norm2), nn.Identity()
+                    self._move_keys(block, [("mlp.", "mlp.body."), ("norm2.", "mlp.norm.")])
                 else:
                     block.mlp = Recomputed(block.mlp)
+                    self._move_keys(block, [("mlp.", "mlp.body.")])
         elif memory == "block":
             if _timm_grad_checkpointing(self.backbone):
                 from timm.layers import use_reentrant_ckpt
@@ -272,6 +303,7 @@ class FastGIFT(GIFTModelBase):
                 blocks = self._blocks()
                 for i, block in enumerate(blocks):
                     blocks[i] = Recomputed(block)
+                self._move_keys(blocks, [(f"{i}.", f"{i}.body.") for i in range(len(blocks))])
         self.memory = memory
 
     def _default_memory_budget(self) -> int | None:

@@ -312,17 +312,26 @@ def test_deepcopy_pickle_and_timm_ema_after_forward_and_after_backward(backbone,
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fast.gift_parameters())
 
 
-def test_state_dict_round_trip_after_a_training_forward():
+@pytest.mark.parametrize("make", [tiny_timm_vit, ToyViT], ids=["timm", "toy"])
+def test_state_dict_round_trip_after_a_training_forward_in_any_memory_mode(make):
+    """Keys are those of memory='none' in every mode, so a checkpoint of one mode loads into another."""
+    x = torch.randn(2, 3, 32, 32) if make is tiny_timm_vit else torch.randn(2, 5, 12)
     torch.manual_seed(0)
-    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3), memory="mlp"))
-    x = torch.randn(2, 3, 32, 32)
-    fast(x).sum().backward()
-    state = fast.state_dict()
-    assert all(not t.requires_grad and t.grad_fn is None for t in state.values())
-    other = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3), memory="mlp")
-    other.load_state_dict(state)
-    with torch.no_grad():
-        torch.testing.assert_close(other(x), fast(x))
+    reference_keys = list(FastGIFT(make(), GIFTConfig(rank=4, num_clusters=3)).state_dict())
+    for saved_in, loaded_in in (("mlp", "none"), ("block", "mlp"), ("none", "block")):
+        torch.manual_seed(0)
+        fast = randomize_gift_(FastGIFT(make(), GIFTConfig(rank=4, num_clusters=3), memory=saved_in))
+        fast(x).sum().backward()
+        state = fast.state_dict()
+        assert list(state) == reference_keys
+        assert all(not t.requires_grad and t.grad_fn is None for t in state.values())
+        other = FastGIFT(make(), GIFTConfig(rank=4, num_clusters=3), memory=loaded_in)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.zero_()
+        other.load_state_dict(state)
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), fast(x))
 
 
 def test_memory_modes_use_timm_checkpointing_and_a_wrapper_module_reversibly():
