@@ -4,9 +4,10 @@ EXTRAS = {
     "lora": ["peft>=0.10"],            # --method lora and `gift demo` (its LoRA baseline)
     "plots": ["matplotlib>=3.6"],      # curves.png of `gift finetune`, results.png of `gift report`
     "triton": ["triton>=3.0"],         # fused kernels on CUDA; the torch path runs without it
+    "nf4": ["torchao>=0.18"],          # --backbone-dtype nf4 (4-bit frozen linear weights)
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
-EXTRAS["dev"] = EXTRAS["all"] + ["pytest>=7.0", "pytest-benchmark>=4.0"]
+EXTRAS["dev"] = EXTRAS["all"] + ["pytest>=7.0", "pytest-benchmark>=4.0", "transformers>=4.40"]
 
 setup(
     name="gift",

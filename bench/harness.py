@@ -19,44 +19,13 @@ import torch.nn.functional as F
 
 import gift
 from gift.base import find_targets
+from gift.memory import SavedTensorCounter  # noqa: F401  (the bench's saved-bytes instrument; re-exported)
 from gift.testing import model_disagreements, outputs_and_grads, randomize_gift_, zero_gradient_names
 from gift_kernels.testing import relative_errors
 
 PROVIDERS = ("floor", "lora", "reference", "naive_merged", "fast_torch", "fast_torch+mlp", "fast_torch+block",
              "fast_triton")
 RATIO_BASELINES = ("floor", "lora", "naive_merged", "reference")  # every provider's time is divided by each
-
-
-class SavedTensorCounter:
-    """Counts the bytes of tensors autograd saves for backward inside the ``with`` block, once per
-    unique storage, leaving out the storages of ``exclude``: a module's parameters and buffers, or tensors."""
-
-    def __init__(self, exclude: nn.Module | list[torch.Tensor] | None = None):
-        self._excluded = set()
-        if isinstance(exclude, nn.Module):
-            exclude = list(exclude.parameters()) + list(exclude.buffers())
-        for t in exclude or []:
-            self._excluded.add(t.untyped_storage().data_ptr())
-        self._seen: dict[int, int] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self._excluded and ptr != 0:
-            self._seen[ptr] = max(self._seen.get(ptr, 0), storage.nbytes())
-        return t
-
-    @property
-    def bytes(self) -> int:
-        return sum(self._seen.values())
-
-    def __enter__(self) -> "SavedTensorCounter":
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
 
 
 def interleaved_times(runs: dict[str, Callable[..., object]], rounds: int, warmup: int = 1,
@@ -240,7 +209,7 @@ def build_provider(name: str, backbone: nn.Module, rank: int, gift_state: dict |
     elif name.startswith(("fast_torch", "fast_triton")):
         memory = name.split("+")[1] if "+" in name else "none"
         backend = "triton" if name.startswith("fast_triton") else "torch"
-        model = gift.FastGIFT(backbone, config, memory=memory, kernels=backend)
+        model = gift.FastGIFT(backbone, config, memory=memory, backend=backend)
     else:
         raise ValueError(f"unknown provider {name!r}; known: {PROVIDERS}")
     if gift_state is not None:

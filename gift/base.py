@@ -208,6 +208,11 @@ class GIFTModelBase(nn.Module):
         for container in (self.in_projections, self.hypernets, self.out_projections):
             container.to(device=self._backbone_device(), dtype=config.torch_dtype)
 
+    @property
+    def merged(self) -> bool:
+        """Whether the residuals are folded into the frozen weights (only `FastGIFT` merges)."""
+        return False
+
     def _backbone_device(self) -> torch.device:
         for p in self.backbone.parameters():
             return p.device
@@ -268,7 +273,7 @@ class GIFTModelBase(nn.Module):
         computed from the frozen weights. With the ``identity`` block: the r columns of T = W phi^T.
         """
         group = self.target_group(key)
-        if any(getattr(m, "merged", False) for m in group.modules):
+        if self.merged:
             raise RuntimeError("the model is merged: its weights hold W + dW; call unmerge() before explaining.")
         tokens = self.input_tokens(group.key)
         blocks = self.hypernets[group.key].blocks

@@ -9,8 +9,7 @@ residual, FastGIFT
 """
 from __future__ import annotations
 
-import functools
-from typing import Optional
+import logging
 
 import torch
 import torch.nn as nn
@@ -26,31 +25,58 @@ from .generator import Hypernet, PaCa
 MEMORY_MODES = ("none", "mlp", "block")
 
 
+class StepResiduals:
+    """This step's generator output, by target key: ``{key: (psi (d_in, r'), T (L, d_out, r'))}``.
+
+    `FastGIFT.forward` fills it for the duration of one forward; its `GIFTLinear` layers read their
+    ``T[layer]`` from it (they hold a reference to this object, never the tensors). After a forward
+    with grad enabled it keeps graph-free views of the same storage (``detach()``), read only when a
+    checkpointed region is recomputed in backward; the next forward replaces them. A deepcopy or an
+    unpickled copy starts empty, so copies of the model carry no step's tensors.
+    """
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.by_key.get(key)
+
+    def keep_graph_free(self) -> None:
+        """Drop the autograd graph, keep the values (same storage) for recomputation in backward."""
+        self.by_key = {k: tuple(t.detach().requires_grad_(t.requires_grad) for t in v) for k, v in self.by_key.items()}
+
+    def clear(self) -> None:
+        self.by_key = {}
+
+    def __deepcopy__(self, memo) -> "StepResiduals":
+        return StepResiduals()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
 class GIFTLinear(nn.Linear):
     """A target ``nn.Linear`` that adds GIFT's low-rank residual. It holds the *same* weight and bias
     Parameters as the layer it replaces, so parameter names and storage are unchanged.
 
-    ``gift_tokens`` (d_out x r) and ``gift_psi`` (d_in x r) are set by `FastGIFT` before each forward.
+    It reads this step's psi (d_in x r') and ``T[layer]`` (d_out x r') from ``residuals`` (shared with
+    its `FastGIFT`) under ``key``; with none there (outside a forward of the model, or merged) it is the
+    plain linear layer.
     """
 
-    gift_tokens: Optional[torch.Tensor]
-    gift_psi: Optional[torch.Tensor]
-
     @classmethod
-    def wrap(cls, linear: nn.Linear) -> "GIFTLinear":
+    def wrap(cls, linear: nn.Linear, residuals: StepResiduals, key: str, layer: int,
+             backend: str | None = None) -> "GIFTLinear":
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight = linear.weight
         new.bias = linear.bias
-        new.set_residual(None, None)
-        new.merged = False
-        new.kernels = None
+        new.residuals, new.key, new.layer, new.backend = residuals, key, layer, backend
         return new
-
-    def set_residual(self, psi: torch.Tensor | None, tokens: torch.Tensor | None) -> None:
-        """Point this layer at this forward's psi and T_l (plain attributes: never registered as parameters)."""
-        self.__dict__.update(gift_psi=psi, gift_tokens=tokens)
 
     def unwrap(self) -> nn.Linear:
         linear = nn.Linear.__new__(nn.Linear)
@@ -60,18 +86,63 @@ class GIFTLinear(nn.Linear):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.gift_tokens is None:
+        residual = self.residuals.get(self.key)
+        if residual is None:
             return F.linear(x, self.weight, self.bias)
+        psi, tokens = residual
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
         else:
             dtype = self.weight.dtype
         weight, bias = self.weight.to(dtype), (None if self.bias is None else self.bias.to(dtype))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return lowrank_residual_linear(x.to(dtype), weight, bias, self.gift_psi, self.gift_tokens, backend=self.kernels)
+            return lowrank_residual_linear(x.to(dtype), weight, bias, psi, tokens[self.layer], backend=self.backend)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", merged" if self.merged else "")
+        return super().extra_repr() + f", gift={self.key}[{self.layer}]"
+
+
+class KeysAsBefore:
+    """A state-dict hook for a module whose children were moved into a `Recomputed` wrapper: as a
+    ``state_dict`` post-hook (``saving=True``) it shows the keys as they were before the move, as a
+    ``load_state_dict`` pre-hook (``saving=False``) it takes them so. ``moves``: (path before, path now)
+    pairs relative to the module, e.g. ``("mlp.", "mlp.body.")``."""
+
+    def __init__(self, moves: list[tuple[str, str]], saving: bool):
+        self.moves, self.saving = moves, saving
+
+    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *hook_args) -> None:
+        for key in list(state_dict):
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            for before, now in self.moves:
+                old, new = (now, before) if self.saving else (before, now)
+                if rest.startswith(old) and (self.saving or not rest.startswith(now)):
+                    state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                    break
+
+
+class Recomputed(nn.Module):
+    """``body(norm(x))`` recomputed in backward instead of keeping its activations
+    (non-reentrant ``torch.utils.checkpoint``): what ``memory="mlp"`` puts in place of each block's MLP
+    (with the block's pre-norm moved inside) and ``memory="block"`` around blocks of backbones without
+    timm's ``set_grad_checkpointing``. Its submodules are ``norm`` (``nn.Identity`` if none) and ``body``:
+    module paths under it gain ``.norm`` / ``.body`` while it is in place, but state-dict keys do not
+    (`KeysAsBefore` on the parent module); ``set_memory("none")`` restores the original modules."""
+
+    def __init__(self, body: nn.Module, norm: nn.Module | None = None):
+        super().__init__()
+        self.norm = nn.Identity() if norm is None else norm
+        self.body = body
+
+    def _run(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.body(self.norm(x), *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return checkpoint(self._run, x, *args, use_reentrant=False, **kwargs)
+        return self._run(x, *args, **kwargs)
 
 
 def paca_params(attn: PaCa) -> PacaParams:
@@ -80,12 +151,12 @@ def paca_params(attn: PaCa) -> PacaParams:
                       attn.k.weight, attn.k.bias, attn.v.weight, attn.v.bias, attn.proj.weight, attn.proj.bias)
 
 
-def run_hypernet(hypernet: Hypernet, tokens: torch.Tensor, kernels: str | None = None) -> torch.Tensor:
+def run_hypernet(hypernet: Hypernet, tokens: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """`Hypernet.forward` for tokens ``(L, N, r)``, each half of each block as one op with a
     hand-written backward (few saved tensors)."""
     for block in hypernet.blocks:
         attn = block.attn
-        tokens = paca_attention(tokens, paca_params(attn), attn.num_heads, attn.cluster_activation, backend=kernels)
+        tokens = paca_attention(tokens, paca_params(attn), attn.num_heads, attn.cluster_activation, backend=backend)
         if block.mlp is not None:
             mlp = block.mlp
             tokens = l2_mlp_residual(tokens, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
@@ -95,10 +166,6 @@ def run_hypernet(hypernet: Hypernet, tokens: torch.Tensor, kernels: str | None =
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-def _identity(x):
-    return x
 
 
 def _is_prenorm_block(block: nn.Module) -> bool:
@@ -112,10 +179,9 @@ def _is_prenorm_block(block: nn.Module) -> bool:
     return type(block) in (Block, EvaBlock) and isinstance(getattr(block, "norm2", None), nn.Module)
 
 
-def _checkpointed(forward, *args, **kwargs):
-    if torch.is_grad_enabled():
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return forward(*args, **kwargs)
+def _timm_grad_checkpointing(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` offers timm's ``set_grad_checkpointing()`` (and its ``grad_checkpointing`` flag)."""
+    return callable(getattr(backbone, "set_grad_checkpointing", None)) and hasattr(backbone, "grad_checkpointing")
 
 
 class FastGIFT(GIFTModelBase):
@@ -124,26 +190,35 @@ class FastGIFT(GIFTModelBase):
     Args:
         backbone: a timm ViT (or any ``nn.Module`` with the targets).
         config: the ``GIFTConfig``.
-        memory: ``"none"``; ``"mlp"`` recomputes each block's MLP in backward; ``"block"`` checkpoints
-            whole blocks (``backbone.blocks``).
+        memory: ``"none"``; ``"mlp"`` recomputes each block's MLP (and its pre-norm) in backward;
+            ``"block"`` recomputes whole blocks (timm's ``set_grad_checkpointing()`` where the backbone
+            has it, else a `Recomputed` wrapper around each of ``backbone.blocks``); ``"auto"``: at the
+            first training forward, the fastest of those whose predicted peak (`gift.plan`, for that
+            input shape and AdamW) fits ``memory_budget`` (see `choose_memory`).
+        memory_budget: bytes (or ``"24GiB"``) for ``memory="auto"``; default: on CUDA the device's free
+            memory plus what this model already holds there, on CPU no limit.
         backbone_dtype: store the frozen backbone weights in this dtype (e.g. ``torch.bfloat16``);
             forward then runs the backbone under autocast in that dtype. The head and the generator
             keep their own dtypes.
-        kernels: ``"auto" | "torch" | "triton"`` for the fused ops (default: ``GIFT_KERNELS``, else
+        backend: ``"auto" | "torch" | "triton"`` for the fused ops (default: ``GIFT_KERNELS``, else
             auto: Triton on CUDA); see `gift_kernels.dispatch`.
+
+    Per-step state lives in ``step_residuals`` (`StepResiduals`) only; merge state in
+    ``merged_tokens`` only (None when not merged).
     """
 
     def __init__(self, backbone: nn.Module, config: GIFTConfig | None = None, memory: str = "none",
-                 backbone_dtype: torch.dtype | None = None, kernels: str | None = None):
+                 backbone_dtype: torch.dtype | None = None, backend: str | None = None,
+                 memory_budget: int | str | None = None):
         super().__init__(backbone, config)
-        self.kernels = kernels
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory={memory!r} is unknown; choose one of {MEMORY_MODES}.")
+        self.backend = backend
+        if memory not in MEMORY_MODES + ("auto",):
+            raise ValueError(f"memory={memory!r} is unknown; choose one of {MEMORY_MODES + ('auto',)}.")
+        self.step_residuals = StepResiduals()
         groups = []
         for group in self.target_groups:
-            wrapped = tuple(GIFTLinear.wrap(m) for m in group.modules)
-            for module in wrapped:
-                module.kernels = kernels
+            wrapped = tuple(GIFTLinear.wrap(m, self.step_residuals, group.key, layer, backend)
+                            for layer, m in enumerate(group.modules))
             for name, module in zip(group.names, wrapped):
                 _replace_module(self.backbone, name, module)
             groups.append(TargetGroup(group.key, group.names, wrapped))
@@ -155,54 +230,112 @@ class FastGIFT(GIFTModelBase):
                 if id(p) not in head and p.is_floating_point():
                     p.data = p.data.to(backbone_dtype)
         self.memory = "none"
-        self._checkpointed_modules: list[nn.Module] = []
-        self.set_memory(memory)
-        self._merged_tokens: dict[str, torch.Tensor] | None = None
+        self._key_hook_handles: list = []
+        self.set_memory("none" if memory == "auto" else memory)
+        self.memory_budget = memory_budget
+        self.memory_reason: str | None = None
+        self.memory_pending = memory == "auto"
+        self.merged_tokens: dict[str, torch.Tensor] | None = None
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_tokens is not None
 
     # ------------------------------------------------------------------ memory modes
-    def _blocks(self) -> list[nn.Module]:
+    def _blocks(self) -> nn.Module:
         blocks = getattr(self.backbone, "blocks", None)
         if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
             raise ValueError(f"memory modes 'mlp' and 'block' need backbone.blocks (a timm ViT); "
                              f"{type(self.backbone).__name__} has none. Use memory='none'.")
-        return list(blocks)
+        return blocks
+
+    def _move_keys(self, parent: nn.Module, moves: list[tuple[str, str]]) -> None:
+        self._key_hook_handles += [parent.register_state_dict_post_hook(KeysAsBefore(moves, saving=True)),
+                                   parent.register_load_state_dict_pre_hook(KeysAsBefore(moves, saving=False))]
+
+    def _undo_memory_mode(self) -> None:
+        for handle in self._key_hook_handles:
+            handle.remove()
+        self._key_hook_handles = []
+        if self.memory == "none":
+            return
+        blocks = self._blocks()
+        for i, block in enumerate(blocks):
+            if isinstance(block, Recomputed):
+                blocks[i] = block = block.body
+            if isinstance(getattr(block, "mlp", None), Recomputed):
+                wrapper = block.mlp
+                block.mlp = wrapper.body
+                if not isinstance(wrapper.norm, nn.Identity):
+                    block.norm2 = wrapper.norm
+        if _timm_grad_checkpointing(self.backbone):
+            self.backbone.set_grad_checkpointing(False)
 
     def set_memory(self, memory: str) -> None:
-        """Switch between ``"none"``, ``"mlp"`` and ``"block"`` recomputation (reversible)."""
+        """Switch between ``"none"``, ``"mlp"`` and ``"block"`` recomputation (reversible; ends a pending "auto")."""
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory={memory!r} is unknown; choose one of {MEMORY_MODES}.")
-        for module in self._checkpointed_modules:
-            del module.forward
-        self._checkpointed_modules = []
-        patched = []
+        self.memory_pending = False
         if memory == "mlp":
             blocks = [b for b in self._blocks() if isinstance(getattr(b, "mlp", None), nn.Module)]
             if not blocks:
                 raise ValueError("memory='mlp' needs blocks with an .mlp submodule (timm ViT); use 'block' or 'none'.")
+        if memory == "block" and not _timm_grad_checkpointing(self.backbone):
+            self._blocks()
+        self._undo_memory_mode()
+        if memory == "mlp":
             for block in blocks:
-                mlp_forward = type(block.mlp).forward.__get__(block.mlp)
-                if _is_prenorm_block(block):
-                    # recompute norm2 too: y = mlp(norm2(x)) becomes mlp'(x), norm2' = identity
-                    norm_forward = type(block.norm2).forward.__get__(block.norm2)
-                    block.mlp.forward = functools.partial(_checkpointed, lambda x, n=norm_forward, f=mlp_forward: f(n(x)))
-                    block.norm2.forward = _identity
-                    patched += [block.mlp, block.norm2]
+                if _is_prenorm_block(block):  # recompute norm2 too: x + ls2(mlp(norm2(x))) -> x + ls2(mlp'(x))
+                    block.mlp, block.norm2 = Recomputed(block.mlp, norm=block.norm2), nn.Identity()
+                    self._move_keys(block, [("mlp.", "mlp.body."), ("norm2.", "mlp.norm.")])
                 else:
-                    block.mlp.forward = functools.partial(_checkpointed, mlp_forward)
-                    patched.append(block.mlp)
+                    block.mlp = Recomputed(block.mlp)
+                    self._move_keys(block, [("mlp.", "mlp.body.")])
         elif memory == "block":
-            for block in self._blocks():
-                block.forward = functools.partial(_checkpointed, type(block).forward.__get__(block))
-                patched.append(block)
-        self._checkpointed_modules = patched
+            if _timm_grad_checkpointing(self.backbone):
+                from timm.layers import use_reentrant_ckpt
+
+                if use_reentrant_ckpt():
+                    raise ValueError("memory='block' needs timm's non-reentrant checkpointing (reentrant drops the "
+                                     "generator's gradients); call timm.layers.set_reentrant_ckpt(False).")
+                self.backbone.set_grad_checkpointing(True)
+            else:
+                blocks = self._blocks()
+                for i, block in enumerate(blocks):
+                    blocks[i] = Recomputed(block)
+                self._move_keys(blocks, [(f"{i}.", f"{i}.body.") for i in range(len(blocks))])
         self.memory = memory
+
+    def _default_memory_budget(self) -> int | None:
+        device = self._backbone_device()
+        if device.type != "cuda":
+            return None
+        from .memory import module_tensors, storage_bytes
+
+        return torch.cuda.mem_get_info(device)[0] + storage_bytes(t for t in module_tensors(self) if t.device == device)
+
+    def choose_memory(self, input_shape: tuple[int, ...], budget: int | str | None = None,
+                      amp: torch.dtype | None = None) -> str:
+        """Switch to the fastest memory mode whose predicted training-step peak fits ``budget`` (default:
+        ``memory_budget``, else see the class doc) for inputs of ``input_shape`` (B, C, H, W) under
+        autocast ``amp``; ``memory_reason`` says why in one line. Raises `gift.plan.DoesNotFit` (naming
+        the batch size that would fit) when no mode does."""
+        from .plan import choose_memory_mode, plan_model
+
+        budget = budget if budget is not None else self.memory_budget
+        budget = budget if budget is not None else self._default_memory_budget()
+        mode, reason = choose_memory_mode(plan_model(self, tuple(input_shape), budget, amp))
+        self.set_memory(mode)
+        self.memory_reason = reason
+        logging.getLogger("gift").info(reason)
+        return mode
 
     # ------------------------------------------------------------------ the generator
     def generator_tokens(self, key: str) -> torch.Tensor:
         """T = Hypernet(W phi^T) for all L layers of ``key`` at once: ``(L, d_out, r)``, generator dtype."""
         device_type = self.in_projections[key].weight.device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            return run_hypernet(self.hypernets[key], self.input_tokens(key), self.kernels)
+            return run_hypernet(self.hypernets[key], self.input_tokens(key), self.backend)
 
     def _out_projection(self, key: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """psi (d_in x r') and tokens (..., d_out, r') such that dW = tokens psi^T (bias folded in)."""
@@ -212,6 +345,10 @@ class FastGIFT(GIFTModelBase):
         ones = tokens.new_ones(*tokens.shape[:-1], 1)
         return torch.cat([out.weight, out.bias[:, None]], dim=1), torch.cat([tokens, ones], dim=-1)
 
+    def generator_residuals(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """One step's ``{key: (psi (d_in, r'), T (L, d_out, r'))}``: each generator run once for its L layers."""
+        return {g.key: self._out_projection(g.key, self.generator_tokens(g.key)) for g in self.target_groups}
+
     def delta_weight(self, key: str, layer: int) -> torch.Tensor:
         """dW_l = T_l psi^T: ``(d_out, d_in)`` in the target weight's dtype (for inspection and merge)."""
         psi, tokens = self._out_projection(key, self.generator_tokens(key)[layer])
@@ -219,17 +356,26 @@ class FastGIFT(GIFTModelBase):
         return (tokens @ psi.t()).to(group.modules[layer].weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._merged_tokens is None:
-            for group in self.target_groups:
-                psi, tokens = self._out_projection(group.key, self.generator_tokens(group.key))
-                for layer, module in enumerate(group.modules):
-                    module.set_residual(psi, tokens[layer])
-        elif torch.is_grad_enabled() and any(p.requires_grad for p in self.gift_parameters()):
+        """The backbone's output with every target adapted. With grad enabled, the residuals stay (graph-free)
+        in ``step_residuals`` for recomputation in this step's backward; a no-grad forward in between
+        (an evaluation) leaves them as they were."""
+        if self.memory_pending and torch.is_grad_enabled():
+            amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+            self.choose_memory(x.shape, amp=amp)
+        if self.merged_tokens is not None and torch.is_grad_enabled() and any(p.requires_grad for p in self.gift_parameters()):
             raise RuntimeError("FastGIFT is merged; call unmerge() before training (or run under torch.no_grad()).")
-        if self.backbone_dtype is not None:
-            with torch.autocast(device_type=x.device.type, dtype=self.backbone_dtype):
-                return self.backbone(x)
-        return self.backbone(x)
+        kept = self.step_residuals.by_key
+        self.step_residuals.by_key = {} if self.merged_tokens is not None else self.generator_residuals()
+        try:
+            if self.backbone_dtype is not None:
+                with torch.autocast(device_type=x.device.type, dtype=self.backbone_dtype):
+                    return self.backbone(x)
+            return self.backbone(x)
+        finally:
+            if torch.is_grad_enabled():
+                self.step_residuals.keep_graph_free()
+            else:
+                self.step_residuals.by_key = kept
 
     # ------------------------------------------------------------------ deployment
     @torch.no_grad()
@@ -238,7 +384,7 @@ class FastGIFT(GIFTModelBase):
 
         Refuses (and changes nothing) when a merged weight would not be finite, like PEFT's safe_merge.
         """
-        if self._merged_tokens is not None:
+        if self.merged_tokens is not None:
             raise RuntimeError("FastGIFT is already merged; call unmerge() first.")
         merged_weights, tokens_by_key = [], {}
         for group in self.target_groups:
@@ -251,20 +397,18 @@ class FastGIFT(GIFTModelBase):
                 merged_weights.append((module, merged))
         for module, merged in merged_weights:
             module.weight.copy_(merged)
-            module.merged = True
-        self._merged_tokens = tokens_by_key
+        self.merged_tokens = tokens_by_key
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract the residuals folded in by `merge()` (the same dW, from the tokens kept at merge)."""
-        if self._merged_tokens is None:
+        if self.merged_tokens is None:
             raise RuntimeError("FastGIFT is not merged.")
         for group in self.target_groups:
-            psi, folded = self._out_projection(group.key, self._merged_tokens[group.key])
+            psi, folded = self._out_projection(group.key, self.merged_tokens[group.key])
             for layer, module in enumerate(group.modules):
                 module.weight.sub_((folded[layer] @ psi.t()).to(module.weight.dtype))
-                module.merged = False
-        self._merged_tokens = None
+        self.merged_tokens = None
 
     def merge_and_unload(self) -> nn.Module:
         """Merge, then return the plain backbone (targets back to ``nn.Linear``) for deployment."""

@@ -105,7 +105,7 @@ def test_merge_unmerge_and_merge_and_unload():
         before = fast(x)
         fast.merge()
         merged = fast(x)
-        assert all(m.merged for g in fast.target_groups for m in g.modules)
+        assert fast.merged
         with pytest.raises(RuntimeError, match="already merged"):
             fast.merge()
     with pytest.raises(RuntimeError, match="call unmerge\\(\\) before training"):
@@ -132,7 +132,7 @@ def test_merge_refuses_non_finite_weights_and_changes_nothing():
     with pytest.raises(ValueError, match=r"Merging GIFT into 'blocks\.0\.attn\.proj' gives non-finite weights"):
         fast.merge()
     assert all(torch.equal(v, before[k]) for k, v in fast.backbone.state_dict().items())
-    assert fast._merged_tokens is None
+    assert not fast.merged and fast.merged_tokens is None
 
 
 # ---------------------------------------------------------------- adapters
@@ -251,3 +251,152 @@ def test_fast_with_triton_kernels_agrees_with_reference(cfg, monkeypatch):
     # attention output needs no gradient: frozen weights, an input that needs none)
     assert calls.count("PacaAttentionTriton") == cfg.num_blocks and calls.count("matmul_lowrank_epilogue") == 5
     assert_model_agrees(got, exact, want, ref)
+
+
+# ---------------------------------------------------------------- no per-step tensors on the modules
+def tiny_hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                    image_size=16, patch_size=8, num_labels=3)
+    return ViTForImageClassification(cfg)
+
+
+def _logits(out):
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _copies_work(model, x):
+    """deepcopy, pickle and timm's ModelEmaV3 of ``model`` work and give the model's eval output."""
+    import io
+    import pickle
+
+    from timm.utils import ModelEmaV3
+
+    for module in model.modules():
+        if isinstance(module, GIFTLinear):
+            assert not any(isinstance(v, torch.Tensor) for v in vars(module).values())
+    assert all(t.grad_fn is None for pair in model.step_residuals.by_key.values() for t in pair)
+    with torch.no_grad():
+        want = _logits(model.eval()(x))
+    model.train()
+    buffer = io.BytesIO()
+    pickle.dump(model, buffer)
+    copies = [copy.deepcopy(model), pickle.loads(buffer.getvalue()), ModelEmaV3(model).module]
+    for other in copies:
+        assert other.step_residuals.by_key == {} and other.step_residuals is not model.step_residuals
+        layer = other.target_groups[0].modules[0]
+        assert layer.residuals is other.step_residuals and layer.weight is not model.target_groups[0].modules[0].weight
+        with torch.no_grad():
+            torch.testing.assert_close(_logits(other.eval()(x)), want)
+    ema = ModelEmaV3(model, decay=0.5)
+    ema.update(model)
+    return want
+
+
+@pytest.mark.parametrize("backbone, memory", [("timm", "none"), ("timm", "mlp"), ("timm", "block"), ("transformers", "none")])
+def test_deepcopy_pickle_and_timm_ema_after_forward_and_after_backward(backbone, memory):
+    if backbone == "timm":
+        model, x = tiny_timm_vit(), torch.randn(2, 3, 32, 32)
+        cfg = GIFTConfig(rank=4, num_clusters=3)
+    else:
+        model, x = tiny_hf_vit(), torch.randn(2, 3, 16, 16)
+        cfg = GIFTConfig(rank=4, num_clusters=3, target_modules=("attention.o_proj",))
+    fast = randomize_gift_(FastGIFT(model, cfg, memory=memory))
+    out = _logits(fast.train()(x))
+    _copies_work(fast, x)
+    out.float().pow(2).sum().backward()
+    _copies_work(fast, x)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fast.gift_parameters())
+
+
+@pytest.mark.parametrize("make", [tiny_timm_vit, ToyViT], ids=["timm", "toy"])
+def test_state_dict_round_trip_after_a_training_forward_in_any_memory_mode(make):
+    """Keys are those of memory='none' in every mode, so a checkpoint of one mode loads into another."""
+    x = torch.randn(2, 3, 32, 32) if make is tiny_timm_vit else torch.randn(2, 5, 12)
+    torch.manual_seed(0)
+    reference_keys = list(FastGIFT(make(), GIFTConfig(rank=4, num_clusters=3)).state_dict())
+    for saved_in, loaded_in in (("mlp", "none"), ("block", "mlp"), ("none", "block")):
+        torch.manual_seed(0)
+        fast = randomize_gift_(FastGIFT(make(), GIFTConfig(rank=4, num_clusters=3), memory=saved_in))
+        fast(x).sum().backward()
+        state = fast.state_dict()
+        assert list(state) == reference_keys
+        assert all(not t.requires_grad and t.grad_fn is None for t in state.values())
+        other = FastGIFT(make(), GIFTConfig(rank=4, num_clusters=3), memory=loaded_in)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.zero_()
+        other.load_state_dict(state)
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), fast(x))
+
+
+def test_memory_modes_use_timm_checkpointing_and_a_wrapper_module_reversibly():
+    """block: timm's own set_grad_checkpointing(); mlp: a `Recomputed` module around each MLP (with norm2 inside);
+    none: the original modules back (gradients of all modes agree: test_memory_modes_and_timm_grad_checkpointing...)."""
+    from gift.fast import Recomputed
+
+    fast = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))
+    mlps, norms = [b.mlp for b in fast.backbone.blocks], [b.norm2 for b in fast.backbone.blocks]
+    fast.set_memory("block")
+    assert fast.backbone.grad_checkpointing and not any(isinstance(m, Recomputed) for m in fast.modules())
+    fast.set_memory("mlp")
+    assert not fast.backbone.grad_checkpointing
+    assert all(isinstance(b.mlp, Recomputed) and isinstance(b.norm2, nn.Identity) for b in fast.backbone.blocks)
+    assert [b.mlp.body for b in fast.backbone.blocks] == mlps and [b.mlp.norm for b in fast.backbone.blocks] == norms
+    fast.set_memory("none")
+    assert not any(isinstance(m, Recomputed) for m in fast.modules())
+    assert [b.mlp for b in fast.backbone.blocks] == mlps and [b.norm2 for b in fast.backbone.blocks] == norms
+
+
+# ---------------------------------------------------------------- memory="auto"
+def test_memory_auto_picks_the_fastest_mode_that_fits_at_the_first_training_step():
+    from gift.plan import DoesNotFit, plan_model
+
+    x = torch.randn(2, 3, 32, 32)
+    probe = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))
+    peaks = {m: b.peak for m, b in plan_model(probe, x.shape, None).modes.items()}
+    assert peaks["none"] > peaks["mlp"] > peaks["block"]
+    fast = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3), memory="auto",
+                    memory_budget=(peaks["mlp"] + peaks["block"]) // 2)
+    assert fast.memory == "none" and fast.memory_pending
+    with torch.no_grad():
+        fast(x)  # evaluation decides nothing
+    assert fast.memory_pending
+    fast(x).sum().backward()
+    assert fast.memory == "block" and not fast.memory_pending
+    assert fast.memory_reason.startswith("memory=block: predicted peak") and "memory=mlp needs" in fast.memory_reason
+    assert fast.choose_memory(x.shape, budget=peaks["none"]) == "none"
+    with pytest.raises(DoesNotFit, match=r"batch size 2 does not fit .* in any memory mode.*batch size 1 would fit"):
+        fast.choose_memory(x.shape, budget=(peaks["block"] + plan_model(probe, (1, 3, 32, 32), None).modes["block"].peak) // 2)
+
+
+def test_memory_block_without_timm_wraps_each_block():
+    from gift.fast import Recomputed
+
+    _, fast = twin_models(ToyViT(), GIFTConfig(rank=4, num_clusters=3))
+    x = torch.randn(2, 5, 12)
+    want = outputs_and_grads(fast, x)
+    fast.set_memory("block")
+    assert all(isinstance(b, Recomputed) for b in fast.backbone.blocks)
+    assert_agree(outputs_and_grads(fast, x), want, torch.float32)
+    fast.set_memory("none")
+    assert not any(isinstance(m, Recomputed) for m in fast.modules())
+
+
+def test_two_forwards_then_one_backward_recompute_with_the_right_residuals():
+    """Gradient accumulation in a checkpointed mode: both forwards' blocks are recomputed in one backward."""
+    _, fast = twin_models(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))
+    x1, x2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+
+    def grads():
+        fast.zero_grad(set_to_none=True)
+        (fast(x1).pow(2).sum() + fast(x2).pow(2).sum()).backward()
+        return {n: p.grad for n, p in fast.named_parameters() if p.requires_grad}
+
+    want = grads()
+    for memory in ("mlp", "block"):
+        fast.set_memory(memory)
+        assert_agree(grads(), want, torch.float32)

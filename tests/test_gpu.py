@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("cfg", [GIFTConfig(rank=64, num_clusters=64), GIFTConfig(rank=24, num_heads=3, num_clusters=5, num_blocks=2)],
                          ids=["paca-r64-m64", "paca-r24-h3-2blocks"])
 def test_fast_triton_on_cuda_agrees_with_reference(cfg):
-    ref, fast = twin_models(tiny_timm_vit(), cfg, kernels="triton")
+    ref, fast = twin_models(tiny_timm_vit(), cfg, backend="triton")
     ref, fast = ref.cuda(), fast.cuda()
     x = torch.randn(4, 3, 32, 32, device="cuda")
     got = outputs_and_grads(fast, x)
@@ -22,7 +22,7 @@ def test_fast_triton_on_cuda_agrees_with_reference(cfg):
 
 
 def test_fast_triton_under_bf16_autocast_tracks_the_reference():
-    ref, fast = twin_models(tiny_timm_vit(), GIFTConfig(rank=64), kernels="triton")
+    ref, fast = twin_models(tiny_timm_vit(), GIFTConfig(rank=64), backend="triton")
     ref, fast = ref.cuda(), fast.cuda()
     x = torch.randn(4, 3, 32, 32, device="cuda")
     got = outputs_and_grads(fast, x, autocast_dtype=torch.bfloat16)

@@ -17,6 +17,7 @@ COMMANDS = {
                                 "point on train+val, scored on test"),
     "report": ("gift.app.report", "eval.json files of runs as the paper's results table (Markdown, CSV, PNG)"),
     "recipes": ("gift.app.recipes", "list the shipped recipes (the paper's settings); `show NAME` prints one"),
+    "plan": ("gift.app.plan", "will a fine-tuning run fit on the GPU? predicted memory per --memory mode, without weights"),
     "eval": ("gift.app.evaluate", "top-1 / top-5 of a saved GIFT or LoRA adapter on a data split; writes eval.json"),
     "explain": ("gift.app.explain_cli", "PNG cluster maps (the built-in explainer) of images for a GIFT adapter"),
     "demo": ("gift.app.demo", "pretrain a small ViT on the embedded data, then compare GIFT, linear probe, LoRA"),

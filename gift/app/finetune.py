@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import backbone_identity, create_backbone, lora_model, save_lora_adapter
+from ..backbones import backbone_identity, create_backbone, save_lora_adapter
 from ..base import atomic_write
 from ..config import BLOCK_TYPES, CLUSTER_ACTIVATIONS, GIFTConfig
 from .data import TASKS, EmbeddedSpec, open_train_val
@@ -67,9 +67,16 @@ class FinetuneConfig:
     cluster_activation: str = option(GIFTConfig.cluster_activation, "GIFT cluster assignment of PaCa",
                                      choices=CLUSTER_ACTIVATIONS)
     amp: str | None = option(None, "autocast dtype (fp16 needs CUDA)", choices=("bf16", "fp16"), type=str)
-    memory: str = option("none", "recompute in backward to save activation memory", choices=("none", "mlp", "block"))
-    backbone_dtype: str | None = option(None, "dtype of the frozen backbone weights (GIFT)",
-                                        choices=("bfloat16", "float16"), type=str)
+    memory: str = option("none", "recompute in backward to save activation memory; auto: the fastest mode whose "
+                                 "predicted peak fits --max-memory (see gift plan)", choices=("none", "mlp", "block", "auto"))
+    model_ema: bool = option(False, "keep timm's ModelEmaV3 of the trained weights and evaluate it alongside "
+                                    "(val_top1_ema; its adapter in OUTPUT/adapter_ema)")
+    model_ema_decay: float = option(0.9998, "decay of --model-ema per step", min=0, max=1, max_open=True)
+    max_memory: str | None = option(None, "memory budget of --memory auto, e.g. 24GiB (default: the GPU's free "
+                                          "memory; on CPU no limit)", type=str)
+    backbone_dtype: str | None = option(None, "storage of the frozen backbone weights (GIFT; nf4: 4-bit linear "
+                                              "weights, pip install 'gift[nf4]')",
+                                        choices=("float32", "bfloat16", "float16", "nf4"), type=str)
     seed: int = option(0, "seed of the initialisation, the order of the samples and drop-path", min=0)
     epochs: int = option(10, "epochs (with --resume: a larger number extends a finished run)", min=1)
     batch_size: int = option(64, "the global batch (split over torchrun processes)", min=1)
@@ -104,6 +111,13 @@ class FinetuneConfig:
             problem = missing_extra("peft", "lora", "--method lora")
             if problem:
                 raise UsageError(problem)
+        if self.backbone_dtype == "nf4":
+            problem = missing_extra("torchao", "nf4", "--backbone-dtype nf4")
+            if problem:
+                raise UsageError(problem)
+            if self.model_ema:
+                raise UsageError("--model-ema averages every weight (timm's ModelEmaV3), which NF4 weights do not "
+                                 "support: drop --model-ema or use --backbone-dtype bfloat16")
 
     @property
     def device_type(self) -> str:
@@ -117,21 +131,15 @@ class FinetuneConfig:
 
 
 # ---------------------------------------------------------------------------------------- model
-def build_model(cfg: FinetuneConfig, backbone):
-    """Wrap ``backbone`` for ``cfg.method``; returns (model, GIFT model or None)."""
-    if cfg.method == "gift":
-        from ..fast import FastGIFT
+def build_model(cfg: FinetuneConfig, backbone, memory: str | None = None):
+    """Wrap ``backbone`` for ``cfg.method`` (GIFT in memory mode ``memory``, default ``cfg.memory``);
+    returns (model, GIFT model or None)."""
+    from ..fast import FastGIFT
+    from ..plan import wrap_for_training
+    from .plan import training_setup
 
-        gift_cfg = GIFTConfig(rank=cfg.rank, block=cfg.block, num_clusters=cfg.num_clusters,
-                              cluster_activation=cfg.cluster_activation)
-        dtype = getattr(torch, cfg.backbone_dtype) if cfg.backbone_dtype else None
-        model = FastGIFT(backbone, gift_cfg, memory=cfg.memory, backbone_dtype=dtype)
-        return model, model
-    if cfg.method == "lora":
-        return lora_model(backbone, cfg.rank), None
-    backbone.requires_grad_(cfg.method == "full")
-    backbone.get_classifier().requires_grad_(True)
-    return backbone, None
+    model = wrap_for_training(training_setup(cfg), backbone, memory or cfg.memory)
+    return model, (model if isinstance(model, FastGIFT) else None)
 
 
 def trainable_state(model) -> dict:
@@ -174,11 +182,13 @@ def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict) -> dict:
 
 
 def save_checkpoint(path: str, model, optimizer, scheduler, identity, epochs, epoch, step_in_epoch, history,
-                    partial, rng) -> None:
-    """Everything `resume` needs; ``rng`` is the RNG state to continue from (that before the next step)."""
+                    partial, rng, ema=None) -> None:
+    """Everything `resume` needs; ``rng`` is the RNG state to continue from (that before the next step);
+    ``ema``: the `--model-ema` model (its trained weights are kept)."""
     state = {"format": "gift-finetune-v2", "identity": identity, "epochs": epochs, "epoch": epoch,
              "step_in_epoch": step_in_epoch, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": rng, "history": history, "partial": partial}
+             "scheduler": scheduler.state_dict(), "rng": rng, "history": history, "partial": partial,
+             "ema": None if ema is None else trainable_state(ema)}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -299,7 +309,12 @@ def finetune(cfg: FinetuneConfig, keep_model: bool = False) -> dict:
                                          cfg.pretrained)
             backbone = create_backbone(cfg.model, len(classes), cfg.drop_path, cfg.pretrained_file, cfg.pretrained)
         with library_errors(f"--method {cfg.method} on {cfg.model}"):
-            model, gift_model = build_model(cfg, backbone)
+            from .plan import choose_finetune_memory
+
+            memory, reason = choose_finetune_memory(cfg, len(classes), cfg.batch_size // d.world, d.device)
+            if reason:
+                say(d, reason)
+            model, gift_model = build_model(cfg, backbone, memory)
         return _train(cfg, d, model, gift_model, identity, train_set, val_set, classes, steps_per_epoch, keep_model)
     finally:
         d.close()
@@ -317,6 +332,11 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
     if d.world > 1:
         train_module = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = None
+    if cfg.model_ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, max(1, round(total * cfg.warmup))))
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
@@ -348,6 +368,12 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
             for n, p in model.named_parameters():
                 if p.requires_grad:
                     p.copy_(state["trainable"][n])
+            if ema is not None:
+                if state.get("ema") is None:
+                    raise UsageError(f"--resume --model-ema: the run in {cfg.output!r} was trained without --model-ema")
+                for n, p in ema.module.named_parameters():
+                    if n in state["ema"]:
+                        p.copy_(state["ema"][n])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -370,9 +396,11 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
     def checkpoint(epoch_, step_, partial_, rng):
         if d.main:
             save_checkpoint(ckpt_path, model, optimizer, scheduler, identity, cfg.epochs, epoch_, step_, history,
-                            partial_, rng)
+                            partial_, rng, None if ema is None else ema.module)
             if gift_model is not None:
                 gift_model.save_adapter(os.path.join(cfg.output, "adapter"), run=run_info)
+                if ema is not None:
+                    ema.module.save_adapter(os.path.join(cfg.output, "adapter_ema"), run=run_info)
             elif cfg.method == "lora":
                 save_lora_adapter(model, os.path.join(cfg.output, "adapter"), run_info)
 
@@ -395,6 +423,8 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
                     scaler.step(optimizer)
                     scaler.update()
                     scheduler.step()
+                    if ema is not None:
+                        ema.update(model)
                     partial["step_time"] += time.perf_counter() - start
                     partial["loss_sum"] += loss.item() * len(y)
                     partial["count"] += len(y)
@@ -402,12 +432,14 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             loss_sum, count = d.all_reduce([partial["loss_sum"], partial["count"]])
             scored = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
-            scores = accuracy(model, val_set, max(local, 64), d, cfg.amp) if scored else \
-                {"top1": float("nan"), "top5": float("nan")}
+            nan = {"top1": float("nan"), "top5": float("nan")}
+            scores = accuracy(model, val_set, max(local, 64), d, cfg.amp) if scored else nan
+            ema_scores = {} if ema is None else accuracy(ema.module, val_set, max(local, 64), d, cfg.amp) if scored else nan
             with interrupts_held():
                 history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1), "val_top1": scores["top1"],
                                 "val_top5": scores["top5"], "lr": scheduler.get_last_lr()[0],
-                                "step_time_s": partial["step_time"] / steps_per_epoch})
+                                "step_time_s": partial["step_time"] / steps_per_epoch,
+                                **{f"val_{k}_ema": ema_scores[k] for k in ("top1", "top5") if k in ema_scores}})
                 partial = {"loss_sum": 0.0, "count": 0, "step_time": 0.0}
                 resume_at, resume_rng = (epoch + 1, 0), rng_state()
                 checkpoint(*resume_at, partial, resume_rng)
