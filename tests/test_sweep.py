@@ -102,6 +102,20 @@ def test_grown_grid_with_a_new_best_point_moves_the_old_final_run_aside(tmp_path
 MICRO = ["--model", "gift_vit_micro_patch4_32", "--batch-size", "4", "--quiet", "--device", "cpu"]
 
 
+def test_a_missing_final_split_is_refused_before_the_first_point_trains(tmp_path, monkeypatch, capsys):
+    fgvc_tree(str(tmp_path / "cub"))
+    os.remove(tmp_path / "cub" / "test.json")
+    calls = []
+    monkeypatch.setattr(finetune_module, "finetune", lambda cfg, **kw: calls.append(cfg))
+    assert main(["sweep", "--recipe", "fgvc", *MICRO, "--data", f"fgvc-json:{tmp_path / 'cub'}", "--lr", "1e-3",
+                 "--weight-decay", "0", "--search-epochs", "1", "--epochs", "1", "--output", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert calls == [] and "test.json: no such file" in err and len(err.splitlines()) == 1
+    assert main(["sweep", *MICRO, "--data", "default", "--lr", "1e-3", "--weight-decay", "0", "--epochs", "1",
+                 "--output", str(tmp_path / "e")]) == 2
+    assert calls == [] and "embedded dataset has no split 'trainval'" in capsys.readouterr().err
+
+
 def test_sweep_interrupted_then_resumed_then_report_with_lora(tmp_path, monkeypatch, capsys):
     fgvc_tree(str(tmp_path / "cub"))  # 3 classes with ids "007", "12", 3; images under images/<class>/
     data = f"fgvc-json:{tmp_path / 'cub'}"

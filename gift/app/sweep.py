@@ -229,6 +229,26 @@ def add_arguments(p) -> None:
     p.set_defaults(output="runs/sweep")
 
 
+def check_splits(cfg, plan: SweepPlan) -> None:
+    """Every split the sweep will read (search train/eval, final train/eval) exists, parses and has the same
+    classes, before the first point trains; raises `DataError` (one line) otherwise."""
+    from .data import EMBEDDED, SPLITS, open_train_val
+    from .errors import DataError, library_errors
+    from .finetune import probe_data_config
+
+    pairs = sorted({(plan.search_train_split, plan.search_eval_split), (plan.final_train_split, plan.final_eval_split)})
+    if cfg.data in EMBEDDED:  # drawn on the fly: only the names can be wrong
+        missing = [s for pair in pairs for s in pair if s not in SPLITS]
+        if missing:
+            raise DataError(f"the embedded dataset has no split {missing[0]!r}; it has {', '.join(SPLITS)} "
+                            f"(give --final-train-split train, or a local dataset)")
+        return
+    with library_errors():
+        image_size, mean, std = probe_data_config(cfg.model)
+    for train_split, eval_split in pairs:
+        open_train_val(cfg.data, image_size, mean, std, cfg.embedded, cfg.skip_bad_images, train_split, eval_split)
+
+
 def run(args) -> int:
     import argparse
     import dataclasses
@@ -247,6 +267,7 @@ def run(args) -> int:
     for lr, wd in plan.points():  # every point in range before the first one trains
         dataclasses.replace(cfg, lr=lr, weight_decay=wd).validate()
     spec = parse_data_spec(cfg.data)
+    check_splits(cfg, plan)
 
     def train_point(settings: dict) -> dict:
         return finetune(dataclasses.replace(cfg, **settings, overwrite=not settings["resume"]))
