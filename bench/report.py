@@ -50,8 +50,9 @@ def _agreement(m: dict, provider: str) -> str:
 
 
 def target_lines(rows) -> list[str]:
-    """One line per target of `TARGETS` that was measured: met, or "missed" with the number; the ratio to
-    the fair floor beside it."""
+    """One line per target of `TARGETS` that was measured: "met" when the upper quartile of the per-round
+    ratios is within the limit, "met at the median (q3 above)" when only the median is, else "missed" with the
+    number; the ratio to the fair floor beside it. (Saved bytes have no spread: the value is its own q3.)"""
     steps = _pivot(rows, "train_step")
     lines = []
     for model, metric, limit, what in TARGETS:
@@ -64,7 +65,8 @@ def target_lines(rows) -> list[str]:
             continue
         shown = _ratio(m, "lora") if metric == "ratio_vs_lora" else f"{value:.3f}"
         floor = _ratio(m, "floor") if metric == "ratio_vs_lora" else _fmt(m.get("saved_vs_floor"), ".3f")
-        verdict = "met" if value <= limit else f"**missed**: {shown}x"
+        q3 = m.get(f"{metric}_q3", value)
+        verdict = ("met" if q3 <= limit else "met at the median (q3 above)") if value <= limit else f"**missed**: {shown}x"
         lines.append(f"- {model}, FastGIFT ({provider}) {what} <= {limit:.2f}x LoRA r=64: {verdict} "
                      f"(measured {shown}x LoRA; {floor}x the fair floor)")
     spread = [(m[f"ratio_vs_{b}_q3"] - m[f"ratio_vs_{b}_q1"]) / 2 / m[f"ratio_vs_{b}"]
