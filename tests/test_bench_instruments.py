@@ -146,7 +146,7 @@ def test_cuda_step_peak_excludes_memory_allocated_before_the_step():
 
 
 # ------------------------------------------------------------------------------------ report
-def test_report_states_met_and_missed_targets_with_numbers():
+def test_report_states_met_and_missed_targets_with_numbers_and_the_runs_dtype():
     def row(x, provider, metric, value):
         return {"kernel": "train_step", "x": x, "provider": provider, "mode": "step", "metric": metric, "value": value,
                 "device": "cpu", "dtype": "bfloat16", "torch": "2", "triton": "3"}
@@ -166,3 +166,6 @@ def test_report_states_met_and_missed_targets_with_numbers():
     assert lines[3] == "- spread: the widest half-IQR of a vit_base_patch16_224 b8 ratio is ±0.7% (aim: under ±1%)"
     rows[-1] = row(s2, "fast_torch", "ratio_vs_lora_q3", 1.04)
     assert "<= 1.05x LoRA r=64: met (measured" in report.target_lines(rows)[1]
+    rows += [row(b8, "reference", "reference_own_out_rel", 3e-3), row(b8, "reference", "reference_own_grad_rel", 5e-3)]
+    md = report.markdown(rows)
+    assert "own bf16 error 3.0e-03 / 5.0e-03" in md and "its own bf16-vs-float64 error" in md and "fp32" not in md
