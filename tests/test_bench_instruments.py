@@ -169,3 +169,28 @@ def test_report_states_met_and_missed_targets_with_numbers_and_the_runs_dtype():
     rows += [row(b8, "reference", "reference_own_out_rel", 3e-3), row(b8, "reference", "reference_own_grad_rel", 5e-3)]
     md = report.markdown(rows)
     assert "own bf16 error 3.0e-03 / 5.0e-03" in md and "its own bf16-vs-float64 error" in md and "fp32" not in md
+
+
+def test_every_name_the_bench_readme_cites_exists():
+    import importlib
+    import os
+    import re
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "bench", "README.md"), encoding="utf-8").read()
+    names = set(re.findall(r"`((?:gift_kernels|gift|bench)(?:\.\w+)+)", text))
+    assert "gift.backbones.lora_model" in names and len(names) >= 8
+    missing = []
+    for name in sorted(names):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            try:
+                for attr in parts[cut:]:
+                    obj = getattr(obj, attr)
+            except AttributeError:
+                missing.append(name)
+            break
+    assert missing == []
