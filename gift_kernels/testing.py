@@ -7,8 +7,11 @@ Each tensor is compared against its own scale: the error allowed for tensor ``k`
 where ``scale_k = max|expected_k|`` (the float64 reference's magnitude of that very tensor) and the
 baseline, when given, is a plain-torch computation of the same thing in the same dtype (the
 FlashAttention rule: a gradient that cancels to something small carries rounding noise set by its
-summands, and the baseline shows how much). No tensor borrows the scale of another, so zeroing,
-negating or scaling any single gradient by 1% fails the check (tests/test_agreement.py proves it).
+summands, and the baseline shows how much). No tensor borrows the scale of another, so in fp32 and
+fp16 (``ONE_PERCENT_DTYPES``) zeroing, negating or scaling any single gradient by 1% fails the check
+(tests/test_agreement.py proves it for both ops). In bf16 (8 significant bits) the tolerance is 4e-2 of
+each tensor's scale, so a 1% error is NOT guaranteed to fail: zeroing, negating or an error of
+``1 + 2 x TOLERANCES[bfloat16]`` (8%) does (tested); measured on the test shapes, scaling by 1.04 passes.
 ``BASELINE_FACTOR = 2`` is for one op against the same math; whole-model comparisons, whose fast paths
 associate many reductions differently, use `gift.testing.MODEL_BASELINE_FACTOR`.
 
@@ -38,6 +41,8 @@ TOLERANCES: dict[torch.dtype, float] = {
     torch.bfloat16: 4e-2,
 }
 BASELINE_FACTOR = 2.0
+# dtypes in which a 1% error in any single tensor is guaranteed to fail (tests/test_agreement.py); not bfloat16
+ONE_PERCENT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16)
 
 
 def scales_of(expected: Mapping[str, torch.Tensor], zero_by_construction: Collection[str] = ()) -> dict[str, float]:

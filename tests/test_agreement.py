@@ -13,6 +13,8 @@ from gift.testing import model_exact_and_baseline
 from gift.testing import model_disagreements, outputs_and_grads, randomize_gift_, twin_models, zero_gradient_names
 from gift_kernels import triton_available
 from gift_kernels.testing import (
+    ONE_PERCENT_DTYPES,
+    TOLERANCES,
     disagreements,
     exact_and_baseline,
     paca_case,
@@ -68,7 +70,7 @@ def _check(op, dtype, backend, activation="sigmoid"):
     return got, exact, baseline, zero
 
 
-CASES = [("paca", torch.float32), ("paca", torch.float16), ("residual", torch.float32), ("residual", torch.float16)]
+CASES = [(op, dtype) for op in ("paca", "residual") for dtype in ONE_PERCENT_DTYPES]
 
 
 @pytest.mark.parametrize("op,dtype", CASES, ids=lambda c: str(c).replace("torch.", ""))
@@ -85,6 +87,20 @@ def test_every_single_mutation_fails_and_the_real_result_passes(op, dtype):
             if [line.split(":")[0] for line in bad] != [key]:
                 missed.append(f"{key} {name}: {bad}")
     assert not missed, "mutations the check did not see (or blamed on another tensor):\n" + "\n".join(missed)
+
+
+@pytest.mark.parametrize("op", ["paca", "residual"])
+def test_bf16_sees_zeroed_negated_and_errors_beyond_twice_its_tolerance_but_not_1_percent(op):
+    """What the module docstring promises in bf16 (not in ONE_PERCENT_DTYPES): a gross error in any single
+    tensor fails; a 1% one does not have to."""
+    assert torch.bfloat16 not in ONE_PERCENT_DTYPES
+    got, exact, baseline, zero = _check(op, torch.bfloat16, "torch")
+    assert disagreements(got, exact, torch.bfloat16, baseline, zero) == []
+    factor = 1 + 2 * TOLERANCES[torch.bfloat16]
+    for key in (k for k in got if k not in zero):
+        for mutate in (torch.zeros_like, torch.neg, lambda x: x.double() * factor):
+            assert [line.split(":")[0] for line in disagreements({**got, key: mutate(got[key])}, exact,
+                                                                 torch.bfloat16, baseline, zero)] == [key], key
 
 
 def test_softmax_assignment_mutations_fail_too():
@@ -161,3 +177,20 @@ def test_model_level_mutation_fails():
     missed = [key for key in exact if key not in zero
               if model_disagreements({**got, key: got[key] * 1.01}, exact, baseline, ref) == []]
     assert not missed, f"a 1% error in these went unseen: {missed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_model_level_16bit_autocast_sees_zeroed_and_negated_gradients(dtype):
+    """What gift.testing promises under 16-bit autocast (MODEL_BASELINE_FACTOR times the autocast reference's
+    own, percent-level, error): the real result passes, a zeroed or negated gradient fails, naming it."""
+    ref, fast = twin_models(tiny_timm_vit(), GIFTConfig(rank=8, num_clusters=5, num_heads=1))
+    x, y = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1])
+    got = outputs_and_grads(fast, x, y, dtype)
+    exact, baseline = model_exact_and_baseline(ref, x, y, dtype)
+    assert model_disagreements(got, exact, baseline, ref, dtype) == []
+    zero = zero_gradient_names(ref)
+    missed = [(key, name) for key in exact if key not in zero for name, mutate in (("zeroed", torch.zeros_like),
+                                                                                    ("negated", torch.neg))
+              if [line.rsplit(": abs ", 1)[0] for line in
+                  model_disagreements({**got, key: mutate(got[key])}, exact, baseline, ref, dtype)] != [key]]
+    assert not missed, f"gross errors the 16-bit check did not see (or blamed on another tensor): {missed}"

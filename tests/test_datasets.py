@@ -193,6 +193,9 @@ def test_fgvc_json_bad_input_names_file_and_line(tmp_path):
     with pytest.raises(DataError, match=rf"train\.json:{json_line(train, missing)}: cannot read image .* \(no such file\)"):
         open_local_split(f"fgvc-json:{root}", "train", SIZE)
     os.remove(os.path.join(root, "images", next(iter(train))))
+    with pytest.raises(DataError, match=r"train\.json:2: cannot read image .* \(no such file\)"):
+        open_local_split(f"fgvc-json:{root}", "train", SIZE)  # the root comes from the images that exist
+    os.rename(os.path.join(root, "images"), os.path.join(root, "pictures"))
     with pytest.raises(DataError, match=r"train\.json:\d+: image .* is neither under .*images/ nor"):
         open_local_split(f"fgvc-json:{root}", "train", SIZE)
 
@@ -238,6 +241,21 @@ def test_vtab1k_bad_input_names_file_and_line(tmp_path):
         open_local_split(f"vtab1k:{folder}", "train", SIZE)
     with pytest.raises(DataError, match="no such VTAB-1k task folder"):
         open_local_split(f"vtab1k:{tmp_path}/nothing", "train", SIZE)
+
+
+def test_a_missing_first_image_is_named_or_skipped_and_does_not_hide_the_image_root(tmp_path):
+    folder = vtab_tree(str(tmp_path / "v"), "dtd")
+    first = open(os.path.join(folder, "train800.txt")).readline().split()[0]
+    os.remove(os.path.join(folder, first))
+    with pytest.raises(DataError, match="train800.txt:1: cannot read image .*no such file.*--skip-bad-images"):
+        open_local_split(f"vtab1k:{folder}", "train800", SIZE)
+    ds = open_local_split(f"vtab1k:{folder}", "train800", SIZE, skip_bad_images=True)
+    assert len(ds) == 5 and ds.skipped == [os.path.join(folder, first)]
+    splits = fgvc_tree(str(tmp_path / "f"))
+    rel = next(iter(splits["train"]))
+    os.remove(tmp_path / "f" / "images" / rel)
+    ds = open_local_split(f"fgvc-json:{tmp_path / 'f'}", "train", SIZE, skip_bad_images=True)
+    assert len(ds) == 8 and ds.image_root == str(tmp_path / "f" / "images")
 
 
 def test_image_broken_after_its_header_is_named_at_load_time(tmp_path):

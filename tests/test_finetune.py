@@ -163,5 +163,7 @@ def test_resume_from_another_model_or_config_is_refused(tmp_path, capsys):
     out = run(tmp_path, "r", "--epochs", "1")
     err = _error(capsys, "--output", out, "--resume", "--rank", "8")
     assert "is from another model or config" in err and "rank: checkpoint 16 vs now 8" in err
+    err = _error(capsys, "--output", out, "--resume", "--lr", "0.5", "--weight-decay", "0.25")
+    assert "lr: checkpoint" in err and "vs now 0.5" in err and "weight_decay: checkpoint" in err
     err = _error(capsys, "--output", str(tmp_path / "fresh"), "--resume")
     assert "--resume: no checkpoint at" in err

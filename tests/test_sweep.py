@@ -79,8 +79,41 @@ def test_resume_refuses_a_folder_of_another_sweep(tmp_path):
         SweepPlan(lrs=(1e-3,), weight_decays=(0.0,), search_epochs=0, epochs=2)
 
 
+def test_grown_grid_with_a_new_best_point_moves_the_old_final_run_aside(tmp_path, capsys):
+    out = str(tmp_path / "sweep")
+    small = SweepPlan(lrs=(1e-3,), weight_decays=(0.0,), search_epochs=1, epochs=2)
+    old = run_grid_search(small, out, FakeTrainer(), quiet=True)
+    assert (old["lr"], old["weight_decay"]) == (1e-3, 0.0)
+    trainer = FakeTrainer()
+    grown = run_grid_search(PLAN, out, trainer, quiet=False)
+    assert (grown["lr"], grown["weight_decay"]) == (1e-4, 0.01) and trainer.calls[-1]["lr"] == 1e-4
+    assert trainer.calls[-1]["resume"] is False and "moved the final run of lr0.001_wd0 aside" in capsys.readouterr().out
+    assert json.load(open(os.path.join(out, "final_lr0.001_wd0", "eval.json"))) == old
+    # a final run of the old best point cut off mid-way is not resumed at the new point either
+    os.remove(os.path.join(out, "final", "eval.json"))
+    open(os.path.join(out, "final", "checkpoint.pt"), "w").close()
+    json.dump({"lr": 1e-3, "weight_decay": 0.0}, open(os.path.join(out, "final", "point.json"), "w"))
+    trainer = FakeTrainer()
+    run_grid_search(PLAN, out, trainer, quiet=True)
+    assert trainer.calls[-1]["resume"] is False and os.path.isfile(os.path.join(out, "final_lr0.001_wd0_2", "checkpoint.pt"))
+
+
 # ---------------------------------------------------------------------------- the real thing, on a micro ViT
 MICRO = ["--model", "gift_vit_micro_patch4_32", "--batch-size", "4", "--quiet", "--device", "cpu"]
+
+
+def test_a_missing_final_split_is_refused_before_the_first_point_trains(tmp_path, monkeypatch, capsys):
+    fgvc_tree(str(tmp_path / "cub"))
+    os.remove(tmp_path / "cub" / "test.json")
+    calls = []
+    monkeypatch.setattr(finetune_module, "finetune", lambda cfg, **kw: calls.append(cfg))
+    assert main(["sweep", "--recipe", "fgvc", *MICRO, "--data", f"fgvc-json:{tmp_path / 'cub'}", "--lr", "1e-3",
+                 "--weight-decay", "0", "--search-epochs", "1", "--epochs", "1", "--output", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert calls == [] and "test.json: no such file" in err and len(err.splitlines()) == 1
+    assert main(["sweep", *MICRO, "--data", "default", "--lr", "1e-3", "--weight-decay", "0", "--epochs", "1",
+                 "--output", str(tmp_path / "e")]) == 2
+    assert calls == [] and "embedded dataset has no split 'trainval'" in capsys.readouterr().err
 
 
 def test_sweep_interrupted_then_resumed_then_report_with_lora(tmp_path, monkeypatch, capsys):

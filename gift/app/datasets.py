@@ -175,14 +175,18 @@ def _require_file(path: str, what: str) -> None:
         raise DataError(f"{path}: no such file ({what})")
 
 
-def _pick_image_root(root: str, candidates: tuple[str, ...], first: str, where: str) -> str:
-    """The first of ``root/<candidate>`` under which the split's first listed image exists."""
-    for sub in candidates:
-        base = os.path.join(root, sub) if sub else root
-        if os.path.isfile(os.path.join(base, first)):
-            return base
-    tried = " nor ".join((os.path.join(root, s) if s else root) + "/" for s in candidates)
-    raise DataError(f"{where}: image {first!r} is neither under {tried}; is the folder the dataset's root?")
+def _pick_image_root(root: str, candidates: tuple[str, ...], listed: list[tuple[str, int, str]]) -> str:
+    """The first of ``root/<candidate>`` under which the first listed image that exists under any of them lies
+    (so missing images, skipped with --skip-bad-images, do not hide the root). ``listed``: [(relative path, label,
+    "FILE:LINE")]."""
+    bases = [os.path.join(root, sub) if sub else root for sub in candidates]
+    for rel, _, _ in listed:
+        for base in bases:
+            if os.path.isfile(os.path.join(base, rel)):
+                return base
+    tried = " nor ".join(base + "/" for base in bases)
+    raise DataError(f"{listed[0][2]}: image {listed[0][0]!r} is neither under {tried} (nor is any other listed "
+                    f"image); is the folder the dataset's root?")
 
 
 class ImageFolderImages(LabelledImages):
@@ -234,7 +238,7 @@ class FGVCJsonImages(LabelledImages):
         for part in (("train", "val") if split == "trainval" else (split,)):
             listed = train if part == "train" else self._load(root, part)
             if not entries and listed:
-                self.image_root = _pick_image_root(root, self.IMAGE_DIRS, listed[0][0], listed[0][2])
+                self.image_root = _pick_image_root(root, self.IMAGE_DIRS, listed)
             for rel, cid, where in listed:
                 if cid not in index:
                     raise DataError(f"{where}: class {cid} is not among the {len(ids)} classes of train.json "
@@ -300,7 +304,7 @@ class VTAB1kImages(LabelledImages):
         else:  # another task in the same layout: the classes are those its split files use
             num_classes = 1 + max(label for s in self.SPLIT_FILES if os.path.isfile(os.path.join(root, s + ".txt"))
                                   for _, label, _ in self._load(root, s))
-        self.image_root = _pick_image_root(root, self.IMAGE_DIRS, listed[0][0], listed[0][2])
+        self.image_root = _pick_image_root(root, self.IMAGE_DIRS, listed)
         entries = []
         for rel, label, where in listed:
             if not 0 <= label < num_classes:

@@ -177,7 +177,7 @@ def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict) -> dict:
     frozen = {k: v for k, v in backbone.items() if k != "pretrained_path"}
     return {"model": cfg.model, "method": cfg.method, "num_classes": num_classes, "rank": cfg.rank,
             "block": cfg.block, "num_clusters": cfg.num_clusters, "cluster_activation": cfg.cluster_activation,
-            "train_split": cfg.train_split, "batch_size": cfg.batch_size,
+            "train_split": cfg.train_split, "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
             "seed": cfg.seed, "backbone": frozen}
 
 

@@ -4,7 +4,8 @@ search split for ``search_epochs`` and evaluate on the search-eval split, one ro
 (train + val) for the full ``epochs`` and evaluate on test, writing ``OUTPUT/final/eval.json``.
 
 Re-running the same command resumes: finished points (rows of sweep.csv) are not trained again, a point or
-final run cut off mid-way continues from its checkpoint, and a finished final run is not repeated.
+final run cut off mid-way continues from its checkpoint, and a finished final run is not repeated. When a grown
+grid moves the best point, the final run of the old best point is moved aside (``final_<point>``), not reused.
 
 `run_grid_search` takes the training as a callable ``train_point(settings) -> summary``: ``settings`` holds
 ``lr``, ``weight_decay``, ``epochs``, ``train_split``, ``eval_split``, ``output`` and ``resume`` (and, for the
@@ -27,6 +28,7 @@ SWEEP_CSV = "sweep.csv"
 SWEEP_JSON = "sweep.json"
 EVAL_JSON = "eval.json"
 CHECKPOINT = "checkpoint.pt"
+FINAL_POINT_JSON = "point.json"  # (lr, weight decay) of the final run, written before it starts
 CSV_FIELDS = ("point", "lr", "weight_decay", "epochs", "train_split", "eval_split", "top1", "trainable_parameters")
 
 
@@ -109,6 +111,36 @@ def _check_same_sweep(output: str, identity: dict) -> None:
     write_json(path, identity)
 
 
+def _final_point(final_dir: str) -> tuple[float, float] | None:
+    """(lr, weight decay) the run in ``final_dir`` was started with (its point.json, else its eval.json)."""
+    for name in (FINAL_POINT_JSON, EVAL_JSON):
+        path = os.path.join(final_dir, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            return float(saved["lr"]), float(saved["weight_decay"])
+    return None
+
+
+def _final_of_best_point(final_dir: str, lr: float, weight_decay: float, quiet: bool) -> None:
+    """An earlier final run of another point (the grid grew and the best point changed) is moved aside to
+    ``final_<its point>`` (``_2``, ``_3``, ... if taken), so its result is neither returned nor resumed."""
+    if not os.path.isdir(final_dir) or not os.listdir(final_dir):
+        return
+    old = _final_point(final_dir)
+    if old == (lr, weight_decay):
+        return
+    base = f"{final_dir}_{point_name(*old) if old else 'unknown_point'}"
+    aside, n = base, 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{base}_{n}"
+    os.replace(final_dir, aside)
+    if not quiet:
+        print(f"the best point is now {point_name(lr, weight_decay)}: moved the final run of "
+              f"{point_name(*old) if old else 'an unknown point'} aside to {aside}")
+
+
 def run_grid_search(plan: SweepPlan, output: str, train_point: Callable[[dict], dict], identity: dict | None = None,
                     record: dict | None = None, quiet: bool = False) -> dict:
     """Search, pick, final run; returns the final `eval.json` record (see module docstring).
@@ -145,10 +177,13 @@ def run_grid_search(plan: SweepPlan, output: str, train_point: Callable[[dict], 
     final_dir = os.path.join(output, "final")
     eval_path = os.path.join(final_dir, EVAL_JSON)
     overall.set_postfix_str(f"final {point_name(best_lr, best_wd)}")
+    _final_of_best_point(final_dir, best_lr, best_wd, quiet)
     if os.path.isfile(eval_path):
         with open(eval_path, encoding="utf-8") as f:
             result = json.load(f)
     else:
+        os.makedirs(final_dir, exist_ok=True)
+        write_json(os.path.join(final_dir, FINAL_POINT_JSON), {"lr": best_lr, "weight_decay": best_wd})
         summary = train_point({"lr": best_lr, "weight_decay": best_wd, "epochs": plan.epochs,
                                "train_split": plan.final_train_split, "eval_split": plan.final_eval_split,
                                "output": final_dir, "resume": os.path.isfile(os.path.join(final_dir, CHECKPOINT)),
@@ -194,6 +229,26 @@ def add_arguments(p) -> None:
     p.set_defaults(output="runs/sweep")
 
 
+def check_splits(cfg, plan: SweepPlan) -> None:
+    """Every split the sweep will read (search train/eval, final train/eval) exists, parses and has the same
+    classes, before the first point trains; raises `DataError` (one line) otherwise."""
+    from .data import EMBEDDED, SPLITS, open_train_val
+    from .errors import DataError, library_errors
+    from .finetune import probe_data_config
+
+    pairs = sorted({(plan.search_train_split, plan.search_eval_split), (plan.final_train_split, plan.final_eval_split)})
+    if cfg.data in EMBEDDED:  # drawn on the fly: only the names can be wrong
+        missing = [s for pair in pairs for s in pair if s not in SPLITS]
+        if missing:
+            raise DataError(f"the embedded dataset has no split {missing[0]!r}; it has {', '.join(SPLITS)} "
+                            f"(give --final-train-split train, or a local dataset)")
+        return
+    with library_errors():
+        image_size, mean, std = probe_data_config(cfg.model)
+    for train_split, eval_split in pairs:
+        open_train_val(cfg.data, image_size, mean, std, cfg.embedded, cfg.skip_bad_images, train_split, eval_split)
+
+
 def run(args) -> int:
     import argparse
     import dataclasses
@@ -212,6 +267,7 @@ def run(args) -> int:
     for lr, wd in plan.points():  # every point in range before the first one trains
         dataclasses.replace(cfg, lr=lr, weight_decay=wd).validate()
     spec = parse_data_spec(cfg.data)
+    check_splits(cfg, plan)
 
     def train_point(settings: dict) -> dict:
         return finetune(dataclasses.replace(cfg, **settings, overwrite=not settings["resume"]))
