@@ -123,7 +123,7 @@ class StepBytes:
     forward (parameters and buffers excluded); generator_saved: the part of it that GIFT's generator
     saves; backward_transient: what the backward holds at its peak beyond what the forward left
     alive (activation gradients, recomputed activations, parameter gradients); peak: the most alive
-    at once, parameters and optimizer state included.
+    at once (the forward's own transients too), parameters, optimizer state and the input batch included.
     """
 
     frozen: int
@@ -174,11 +174,11 @@ def measure_training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, am
     with LiveBytes(exclude=model) as live:
         with SavedTensorCounter(exclude=model) as saved, autocast_for(x.device, amp):
             loss = F.cross_entropy(logits_of(model(x)).float(), y)
-        forward_left = live.current
+        forward_left, forward_peak = live.current, live.peak
         live.reset_peak()
         loss.backward()
         del loss
-        forward_backward_peak = live.peak
+        forward_backward_peak = max(forward_peak, live.peak)
         backward_transient = live.peak - forward_left
         live.reset_peak()
         optimizer.step()
@@ -186,7 +186,8 @@ def measure_training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, am
         optimizer_bytes = storage_bytes(state)
         step_peak = live.peak - optimizer_bytes
         gradient = storage_bytes(p.grad for p in trainable if p.grad is not None)
-    peak = storage_bytes(frozen + trainable) + optimizer_bytes + max(forward_backward_peak, step_peak)
+    batch = storage_bytes([x, y])
+    peak = storage_bytes(frozen + trainable) + optimizer_bytes + batch + max(forward_backward_peak, step_peak)
     return StepBytes(frozen=storage_bytes(frozen), trainable=storage_bytes(trainable), gradient=gradient,
                      optimizer=optimizer_bytes, saved_activation=saved.bytes, generator_saved=generator_saved,
                      backward_transient=backward_transient, peak=peak)

@@ -58,6 +58,21 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     assert open(os.path.join(whole, "metrics.json")).read().count("val_top1") == 3
 
 
+def test_no_gradient_is_alive_during_a_training_forward(tmp_path, monkeypatch):
+    """`gift plan` / --memory auto count a step with no gradients alive in its forward: finetune frees them first."""
+    real, alive = finetune_module.build_model, []
+
+    def build_with_hook(*args, **kwargs):
+        model, gift_model = real(*args, **kwargs)
+        model.register_forward_pre_hook(
+            lambda m, inputs: alive.append(any(p.grad is not None for p in m.parameters())) if m.training else None)
+        return model, gift_model
+
+    monkeypatch.setattr(finetune_module, "build_model", build_with_hook)
+    run(tmp_path, "run", "--epochs", "1", "--train-size", "64")
+    assert alive == [False, False]
+
+
 def test_ctrl_c_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch):
     whole = run(tmp_path, "whole", "--epochs", "2")
     calls = {"n": 0}

@@ -69,6 +69,21 @@ def test_huge_and_giant_vits_plan_without_their_weights():
         assert modes["none"]["peak_bytes"] > modes["mlp"]["peak_bytes"] > modes["block"]["peak_bytes"]
 
 
+def test_step_peak_keeps_the_forwards_own_transients_and_the_batch():
+    """A frozen wide layer before a small trainable head: the forward's 4096-wide temporary is the step's peak
+    (nothing of it is saved for backward), so the peak must hold it, beyond parameters, AdamW state and batch."""
+    from gift.memory import measure_training_step, storage_bytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 16), torch.nn.Linear(16, 2))
+    model[:3].requires_grad_(False)
+    x, y = torch.randn(8, 16), torch.zeros(8, dtype=torch.long)
+    step = measure_training_step(model, x, y)
+    wide = 8 * 4096 * 4
+    assert step.saved_activation < wide and step.backward_transient < wide
+    assert step.peak >= step.parameter + step.optimizer + storage_bytes([x, y]) + wide
+
+
 # ---------------------------------------------------------------- choosing a memory mode
 @pytest.fixture(scope="module")
 def small_plan():

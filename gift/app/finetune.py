@@ -415,9 +415,9 @@ def _train(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, t
                 batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][d.rank * local:(d.rank + 1) * local]
                 x, y = batch_of(train_set, batch)
                 start = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)  # no gradients alive in forward, as `gift plan` counts
                 with autocast(d.device, cfg.amp):
                     loss = F.cross_entropy(train_module(x.to(d.device)).float(), y.to(d.device))
-                optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 with interrupts_held():  # the update, the step count and the RNG to resume from: all or nothing
                     scaler.step(optimizer)
