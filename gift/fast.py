@@ -184,6 +184,15 @@ def _timm_grad_checkpointing(backbone: nn.Module) -> bool:
     return callable(getattr(backbone, "set_grad_checkpointing", None)) and hasattr(backbone, "grad_checkpointing")
 
 
+def _refuse_reentrant_checkpointing() -> None:
+    """Raise when timm checkpoints reentrantly: the recomputed blocks would not reach the generator."""
+    from timm.layers import use_reentrant_ckpt
+
+    if use_reentrant_ckpt():
+        raise ValueError("timm's grad checkpointing (memory='block') needs its non-reentrant mode (reentrant drops "
+                         "the generator's gradients); call timm.layers.set_reentrant_ckpt(False).")
+
+
 class FastGIFT(GIFTModelBase):
     """GIFT on a frozen ``backbone``: same constructor, attributes and checkpoints as `GIFTReference`.
 
@@ -293,11 +302,7 @@ class FastGIFT(GIFTModelBase):
                     self._move_keys(block, [("mlp.", "mlp.body.")])
         elif memory == "block":
             if _timm_grad_checkpointing(self.backbone):
-                from timm.layers import use_reentrant_ckpt
-
-                if use_reentrant_ckpt():
-                    raise ValueError("memory='block' needs timm's non-reentrant checkpointing (reentrant drops the "
-                                     "generator's gradients); call timm.layers.set_reentrant_ckpt(False).")
+                _refuse_reentrant_checkpointing()
                 self.backbone.set_grad_checkpointing(True)
             else:
                 blocks = self._blocks()
@@ -364,6 +369,8 @@ class FastGIFT(GIFTModelBase):
             self.choose_memory(x.shape, amp=amp)
         if self.merged_tokens is not None and torch.is_grad_enabled() and any(p.requires_grad for p in self.gift_parameters()):
             raise RuntimeError("FastGIFT is merged; call unmerge() before training (or run under torch.no_grad()).")
+        if torch.is_grad_enabled() and getattr(self.backbone, "grad_checkpointing", False) is True:
+            _refuse_reentrant_checkpointing()
         kept = self.step_residuals.by_key
         self.step_residuals.by_key = {} if self.merged_tokens is not None else self.generator_residuals()
         try:

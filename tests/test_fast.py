@@ -195,6 +195,26 @@ def test_memory_modes_and_timm_grad_checkpointing_give_the_same_gradients():
         FastGIFT(nn.Sequential(nn.Linear(4, 4)), GIFTConfig(rank=2, target_modules=("0",)), memory="block")
 
 
+def test_timm_reentrant_checkpointing_is_refused_at_the_training_forward():
+    """Reentrant checkpointing would drop the generator's gradients silently, however it was switched on."""
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    fast = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3), memory="block")
+    x, before = torch.randn(2, 3, 32, 32), use_reentrant_ckpt()
+    set_reentrant_ckpt(True)
+    try:
+        with pytest.raises(ValueError, match="set_reentrant_ckpt\\(False\\)"):
+            fast(x)
+        with torch.no_grad():
+            fast(x)  # evaluation recomputes nothing
+        fast.set_memory("none")
+        fast.backbone.set_grad_checkpointing(True)  # switched on behind FastGIFT's back
+        with pytest.raises(ValueError, match="non-reentrant"):
+            fast(x)
+    finally:
+        set_reentrant_ckpt(before)
+
+
 def test_autocast_bf16_keeps_the_generator_in_fp32():
     ref, fast = twin_models(tiny_timm_vit(), GIFTConfig(rank=8, num_clusters=5))
     x = torch.randn(2, 3, 32, 32)
