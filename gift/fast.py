@@ -28,18 +28,23 @@ MEMORY_MODES = ("none", "mlp", "block")
 class StepResiduals:
     """This step's generator output, by target key: ``{key: (psi (d_in, r'), T (L, d_out, r'))}``.
 
-    `FastGIFT.forward` fills it for the duration of one forward; its `GIFTLinear` layers read their
-    ``T[layer]`` from it (they hold a reference to this object, never the tensors). After a forward
-    with grad enabled it keeps graph-free views of the same storage (``detach()``), read only when a
-    checkpointed region is recomputed in backward; the next forward replaces them. A deepcopy or an
-    unpickled copy starts empty, so copies of the model carry no step's tensors.
+    `FastGIFT.forward` fills it for the duration of one forward (``in_forward``); its `GIFTLinear`
+    layers read their ``T[layer]`` from it (they hold a reference to this object, never the tensors).
+    After a forward with grad enabled it keeps graph-free views of the same storage (``detach()``),
+    read only while autograd runs a backward (a checkpointed region recomputed there); anywhere else
+    (``model.backbone(x)`` outside the model's forward) `get` returns None. The next forward replaces
+    them; `FastGIFT.merge` clears them. A deepcopy or an unpickled copy starts empty, so copies of the
+    model carry no step's tensors.
     """
 
     def __init__(self) -> None:
         self.by_key: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.in_forward = False
 
     def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return self.by_key.get(key)
+        if self.in_forward or (self.by_key and torch._C._current_graph_task_id() != -1):
+            return self.by_key.get(key)
+        return None
 
     def keep_graph_free(self) -> None:
         """Drop the autograd graph, keep the values (same storage) for recomputation in backward."""
@@ -63,8 +68,8 @@ class GIFTLinear(nn.Linear):
     Parameters as the layer it replaces, so parameter names and storage are unchanged.
 
     It reads this step's psi (d_in x r') and ``T[layer]`` (d_out x r') from ``residuals`` (shared with
-    its `FastGIFT`) under ``key``; with none there (outside a forward of the model, or merged) it is the
-    plain linear layer.
+    its `FastGIFT`) under ``key``; with none there (outside a forward of the model and its backward's
+    recomputation, or merged) it is the plain linear layer.
     """
 
     @classmethod
@@ -373,12 +378,14 @@ class FastGIFT(GIFTModelBase):
             _refuse_reentrant_checkpointing()
         kept = self.step_residuals.by_key
         self.step_residuals.by_key = {} if self.merged_tokens is not None else self.generator_residuals()
+        self.step_residuals.in_forward = True
         try:
             if self.backbone_dtype is not None:
                 with torch.autocast(device_type=x.device.type, dtype=self.backbone_dtype):
                     return self.backbone(x)
             return self.backbone(x)
         finally:
+            self.step_residuals.in_forward = False
             if torch.is_grad_enabled():
                 self.step_residuals.keep_graph_free()
             else:
@@ -393,6 +400,7 @@ class FastGIFT(GIFTModelBase):
         """
         if self.merged_tokens is not None:
             raise RuntimeError("FastGIFT is already merged; call unmerge() first.")
+        self.step_residuals.clear()  # the merged weights carry them; kept ones would be applied twice
         merged_weights, tokens_by_key = [], {}
         for group in self.target_groups:
             tokens_by_key[group.key] = tokens = self.generator_tokens(group.key)

@@ -124,6 +124,24 @@ def test_merge_unmerge_and_merge_and_unload():
         torch.testing.assert_close(plain(x), before, rtol=1e-5, atol=1e-6)
 
 
+def test_backbone_outside_the_models_forward_is_the_plain_or_merged_backbone():
+    """After a training step the kept residuals serve only its backward: backbone(x) elsewhere is the frozen
+    backbone, and merge() does not add them a second time."""
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3)), seed=1, scale=0.3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = fast.backbone.forward_features(x)
+    fast.train()(x).sum().backward()
+    assert fast.step_residuals.by_key  # kept for the backward's recomputation
+    fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast.backbone.forward_features(x), plain, rtol=0, atol=0)
+        adapted = fast(x)
+        fast.merge()
+        torch.testing.assert_close(fast.backbone(x), adapted, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x), adapted, rtol=1e-5, atol=1e-5)
+
+
 def test_merge_refuses_non_finite_weights_and_changes_nothing():
     fast = randomize_gift_(FastGIFT(ToyViT(), GIFTConfig(rank=4, block="identity")))
     with torch.no_grad():
