@@ -136,6 +136,28 @@ def test_gift_plan_command_json_and_exit_status(capsys):
     assert "--rank" in capsys.readouterr().err
 
 
+def test_gift_plan_without_an_extra_is_one_line_and_status_2(capsys, monkeypatch):
+    import builtins
+    import importlib.util
+
+    from gift.app.cli import main
+
+    args = ["plan", "--model", "vit_small_patch16_224", "--batch-size", "2", "--device-memory", "4GiB"]
+    real_find_spec, real_import = importlib.util.find_spec, builtins.__import__
+    with monkeypatch.context() as m:  # not installed
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torchao", "peft") else real_find_spec(name, *a))
+        for extra, flags in (("nf4", ["--backbone-dtype", "nf4"]), ("lora", ["--method", "lora"])):
+            assert main(args + flags) == 2
+            err = capsys.readouterr().err
+            assert f"pip install 'gift[{extra}]'" in err and err.count("\n") == 1
+    with monkeypatch.context() as m:  # installed but broken: it does not import
+        m.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                  if name.startswith("torchao") else real_import(name, *a, **k))
+        assert main(args + ["--backbone-dtype", "nf4"]) == 2
+        err = capsys.readouterr().err
+        assert "pip install 'gift[nf4]'" in err and err.count("\n") == 1
+
+
 def test_finetune_memory_auto_refuses_with_the_batch_that_would_fit(tmp_path, capsys):
     from gift.app.cli import main
 

@@ -20,9 +20,12 @@ def one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+#: The library's plain exceptions that `library_errors` turns into `UsageError` by default.
+LIBRARY_ERRORS = (ValueError, TypeError, FileNotFoundError, IndexError, KeyError, RuntimeError)
+
+
 @contextlib.contextmanager
-def library_errors(context: str = "", types: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError,
-                                                                                 IndexError, KeyError, RuntimeError)):
+def library_errors(context: str = "", types: tuple[type[BaseException], ...] = LIBRARY_ERRORS):
     """Re-raise ``types`` raised inside as `UsageError` (``context`` first), on one line."""
     try:
         yield

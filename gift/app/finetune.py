@@ -41,6 +41,16 @@ RUN_FILES = (CHECKPOINT, "metrics.csv", "metrics.json", "curves.png", "adapter",
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 
 
+def check_extras(options) -> None:
+    """`UsageError` naming the extra to install when ``options.method`` / ``options.backbone_dtype`` (of a
+    `FinetuneConfig` or `gift plan`'s options) need a package that is not installed."""
+    for needed, module, extra, feature in ((options.method == "lora", "peft", "lora", "--method lora"),
+                                           (options.backbone_dtype == "nf4", "torchao", "nf4", "--backbone-dtype nf4")):
+        problem = missing_extra(module, extra, feature) if needed else None
+        if problem:
+            raise UsageError(problem)
+
+
 @dataclass
 class FinetuneConfig:
     """Every setting of one fine-tuning run: default, help text and allowed range, in one place.
@@ -107,14 +117,8 @@ class FinetuneConfig:
             raise UsageError(f"--device {self.device}: torch sees no CUDA GPU here; use --device cpu")
         if self.amp == "fp16" and self.device_type != "cuda":
             raise UsageError("--amp fp16 needs a CUDA device (gradient scaling); on CPU use --amp bf16 or no --amp")
-        if self.method == "lora":
-            problem = missing_extra("peft", "lora", "--method lora")
-            if problem:
-                raise UsageError(problem)
+        check_extras(self)
         if self.backbone_dtype == "nf4":
-            problem = missing_extra("torchao", "nf4", "--backbone-dtype nf4")
-            if problem:
-                raise UsageError(problem)
             if self.model_ema:
                 raise UsageError("--model-ema averages every weight (timm's ModelEmaV3), which NF4 weights do not "
                                  "support: drop --model-ema or use --backbone-dtype bfloat16")

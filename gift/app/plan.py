@@ -11,8 +11,8 @@ import dataclasses
 import json
 
 from ..config import GIFTConfig
-from .errors import UsageError, library_errors
-from .finetune import FinetuneConfig
+from .errors import LIBRARY_ERRORS, UsageError, library_errors
+from .finetune import FinetuneConfig, check_extras
 from .options import add_arguments as add_options, check_ranges, from_namespace
 
 SHARED_FLAGS = ("model", "method", "rank", "block", "num_clusters", "cluster_activation", "amp", "backbone_dtype", "batch_size", "drop_path")
@@ -83,10 +83,11 @@ def run_plan(args: argparse.Namespace) -> int:
 
     options = from_namespace(PlanOptions, args)
     check_ranges(options)
+    check_extras(options)
     for flag, value in (("--img-size", args.img_size), ("--num-classes", args.num_classes)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be a positive integer, got {value}")
-    with library_errors():
+    with library_errors(types=LIBRARY_ERRORS + (ImportError,)):  # an extra that is there but does not import
         device_memory = device_memory_default() if args.device_memory is None else parse_bytes(args.device_memory)
         setup = training_setup(options, args.img_size, args.num_classes)
         plan = plan_training(setup, device_memory, (args.memory,) if args.memory else None)
