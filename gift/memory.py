@@ -123,7 +123,9 @@ class StepBytes:
     forward (parameters and buffers excluded); generator_saved: the part of it that GIFT's generator
     saves; backward_transient: what the backward holds at its peak beyond what the forward left
     alive (activation gradients, recomputed activations, parameter gradients); peak: the most alive
-    at once (the forward's own transients too), parameters, optimizer state and the input batch included.
+    at once (the forward's own transients too), parameters, optimizer state and the input batch included;
+    ema: a model-EMA copy of every parameter and buffer (timm's ``ModelEmaV3``), 0 when there is none
+    (`measure_training_step` keeps none; `gift.plan` adds it to ``peak`` for ``--model-ema``).
     """
 
     frozen: int
@@ -134,6 +136,7 @@ class StepBytes:
     generator_saved: int
     backward_transient: int
     peak: int
+    ema: int = 0
 
     @property
     def parameter(self) -> int:

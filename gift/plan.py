@@ -10,6 +10,7 @@ Library code: bad input raises `PlanError` (a ``ValueError``); nothing is printe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -64,7 +65,8 @@ class TrainingSetup:
 
     ``backbone_dtype``: how the frozen backbone is stored ("float32", "bfloat16", "float16", or "nf4"
     for 4-bit NF4 linear weights); ``amp``: "bf16"/"fp16" autocast or None; ``rank``: LoRA's rank
-    for ``method="lora"`` (GIFT's is ``gift.rank``).
+    for ``method="lora"`` (GIFT's is ``gift.rank``); ``model_ema``: a ``ModelEmaV3`` copy of the whole
+    model (frozen backbone included) is kept alongside, as ``gift finetune --model-ema`` does.
     """
 
     model: str
@@ -77,6 +79,7 @@ class TrainingSetup:
     gift: GIFTConfig = field(default_factory=GIFTConfig)
     lora_rank: int = 16
     drop_path: float = 0.1
+    model_ema: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -175,8 +178,9 @@ class FakeTrainingModel:
     ``FakeTensorMode`` it lives in: `predict` runs steps on it without memory or compute."""
 
     def __init__(self, model: nn.Module, mode: FakeTensorMode, shape: tuple[int, ...], amp: torch.dtype | None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", model_ema: bool = False):
         self.model, self.mode, self.shape, self.amp, self.device = model, mode, shape, amp, device
+        self.model_ema = model_ema
 
     @classmethod
     def from_setup(cls, setup: TrainingSetup) -> "FakeTrainingModel":
@@ -190,7 +194,7 @@ class FakeTrainingModel:
                 from .nf4 import quantize_frozen_linears
 
                 quantize_frozen_linears(model)
-        return cls(model, mode, image_shape(setup, backbone), setup.amp_dtype)
+        return cls(model, mode, image_shape(setup, backbone), setup.amp_dtype, model_ema=setup.model_ema)
 
     @classmethod
     def copy_of(cls, model: nn.Module, shape: tuple[int, ...], amp: torch.dtype | None) -> "FakeTrainingModel":
@@ -202,8 +206,12 @@ class FakeTrainingModel:
         return cls(replica, mode, shape, amp, device)
 
     def predict(self, batch_size: int, memory: str | None = None) -> StepBytes:
+        """One step's bytes; with ``model_ema`` the EMA copy (every parameter and buffer again) is in the peak."""
         with self.mode:
-            return step_bytes(self.model, batch_size, self.shape, self.amp, memory, self.device)
+            step = step_bytes(self.model, batch_size, self.shape, self.amp, memory, self.device)
+        if not self.model_ema:
+            return step
+        return dataclasses.replace(step, ema=step.parameter, peak=step.peak + step.parameter)
 
     def largest_batch_size(self, budget: int, memory: str | None = None, at: StepBytes | None = None,
                            at_batch: int | None = None) -> int:
@@ -250,10 +258,11 @@ class Plan:
             modes[name] = {"saved_activation_bytes": b.saved_activation, "parameter_bytes": b.parameter,
                            "optimizer_bytes": b.optimizer, "peak_bytes": b.peak, "fits": self.fits(name),
                            "frozen_bytes": b.frozen, "trainable_bytes": b.trainable, "gradient_bytes": b.gradient,
-                           "generator_saved_bytes": b.generator_saved, "backward_transient_bytes": b.backward_transient}
+                           "generator_saved_bytes": b.generator_saved, "backward_transient_bytes": b.backward_transient,
+                           "ema_bytes": b.ema}
         s = self.setup
         return {"model": s.model, "batch_size": s.batch_size, "img_size": s.img_size, "method": s.method,
-                "backbone_dtype": s.backbone_dtype, "amp": s.amp, "device_memory": self.device_memory,
+                "backbone_dtype": s.backbone_dtype, "amp": s.amp, "model_ema": s.model_ema, "device_memory": self.device_memory,
                 "modes": modes, "recommended": self.recommended, "largest_batch_size": self.largest_batch_size,
                 "largest_batch_mode": self.largest_batch_mode}
 
@@ -263,7 +272,9 @@ class Plan:
                 ("their gradients", lambda b: b.gradient), ("AdamW state", lambda b: b.optimizer),
                 ("saved for backward", lambda b: b.saved_activation),
                 ("  of which the generator", lambda b: b.generator_saved),
-                ("backward transient", lambda b: b.backward_transient), ("predicted peak", lambda b: b.peak)]
+                ("backward transient", lambda b: b.backward_transient)]
+        rows += [("model EMA copy", lambda b: b.ema)] if self.setup.model_ema else []
+        rows += [("predicted peak", lambda b: b.peak)]
         names = list(self.modes)
         gib = lambda n: f"{n / 2**30:.3f}"  # noqa: E731
         lines = [f"{'GiB':<26}" + "".join(f"{'memory=' + n:>14}" for n in names)]

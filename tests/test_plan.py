@@ -158,6 +158,21 @@ def test_gift_plan_without_an_extra_is_one_line_and_status_2(capsys, monkeypatch
         assert "pip install 'gift[nf4]'" in err and err.count("\n") == 1
 
 
+def test_model_ema_copy_of_the_whole_model_is_in_the_peak_and_in_memory_auto():
+    from gift.app.finetune import FinetuneConfig
+    from gift.app.plan import choose_finetune_memory
+
+    setup = TrainingSetup(model="gift_vit_micro_patch4_32", batch_size=4, num_classes=2)
+    plain, ema = plan_training(setup), plan_training(TrainingSetup(**{**setup.__dict__, "model_ema": True}))
+    for mode, step in plain.modes.items():
+        assert step.ema == 0 and ema.modes[mode].ema == step.parameter == step.frozen + step.trainable > 0
+        assert ema.modes[mode].peak == step.peak + step.parameter
+    budget = str(ema.modes["none"].peak - 1)
+    chosen = {flag: choose_finetune_memory(FinetuneConfig(memory="auto", model_ema=flag, max_memory=budget,
+                                                          batch_size=4), 2, 4, "cpu")[0] for flag in (False, True)}
+    assert chosen == {False: "none", True: "mlp"}
+
+
 def test_finetune_memory_auto_refuses_with_the_batch_that_would_fit(tmp_path, capsys):
     from gift.app.cli import main
 

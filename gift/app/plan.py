@@ -15,7 +15,7 @@ from .errors import LIBRARY_ERRORS, UsageError, library_errors
 from .finetune import FinetuneConfig, check_extras
 from .options import add_arguments as add_options, check_ranges, from_namespace
 
-SHARED_FLAGS = ("model", "method", "rank", "block", "num_clusters", "cluster_activation", "amp", "backbone_dtype", "batch_size", "drop_path")
+SHARED_FLAGS = ("model", "method", "rank", "block", "num_clusters", "cluster_activation", "amp", "backbone_dtype", "batch_size", "drop_path", "model_ema")
 
 _finetune_fields = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
 PlanOptions = dataclasses.make_dataclass(
@@ -33,7 +33,7 @@ def training_setup(options, img_size: int | None = None, num_classes: int | None
     return TrainingSetup(model=options.model, batch_size=options.batch_size, img_size=img_size,
                          num_classes=num_classes, method=options.method,
                          backbone_dtype=options.backbone_dtype or "float32", amp=options.amp, gift=gift,
-                         lora_rank=options.rank, drop_path=options.drop_path)
+                         lora_rank=options.rank, drop_path=options.drop_path, model_ema=options.model_ema)
 
 
 def device_memory_default() -> int | None:
@@ -96,7 +96,8 @@ def run_plan(args: argparse.Namespace) -> int:
         return 0
     s = plan.setup
     print(f"{s.model}, batch {s.batch_size}, --method {s.method}, --backbone-dtype {s.backbone_dtype}, "
-          f"--amp {s.amp or 'none'}: one training step (AdamW), predicted from the model on fake tensors")
+          f"--amp {s.amp or 'none'}{', --model-ema' if s.model_ema else ''}: one training step (AdamW), "
+          f"predicted from the model on fake tensors")
     print(plan.table())
     print(plan.summary())
     return 0
