@@ -26,6 +26,9 @@ METHODS = ("gift", "lora", "linear", "full")
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16", "nf4")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_BATCH_SIZE = 1 << 16
+#: A predicted peak must fit this fraction of the memory budget: the rest is kept for what the model's tensors do
+#: not show (the CUDA caching allocator's rounding and fragmentation, cuBLAS/cuDNN workspaces).
+FIT_FRACTION = 0.9
 
 
 class PlanError(ValueError):
@@ -232,7 +235,8 @@ class FakeTrainingModel:
 
 @dataclass
 class Plan:
-    """Per memory mode, the bytes of one training step of ``setup``; which modes fit ``device_memory``;
+    """Per memory mode, the bytes of one training step of ``setup``; which modes fit ``device_memory``
+    (their peak within `FIT_FRACTION` of it, ``usable_memory``);
     the fastest that fits (``recommended``) and the largest batch size for it (for the most frugal
     mode when none fits)."""
 
@@ -248,8 +252,18 @@ class Plan:
         """The same predictions against another budget (no step is predicted again but for the largest batch)."""
         return _decide(Plan(self.setup, parse_bytes(device_memory), self.modes, fake=self.fake), self.fake)
 
+    @property
+    def usable_memory(self) -> int | None:
+        """What a predicted peak may use: `FIT_FRACTION` of ``device_memory``."""
+        return None if self.device_memory is None else int(self.device_memory * FIT_FRACTION)
+
+    @property
+    def budget_text(self) -> str:
+        """The budget in words, with the margin: "90% of 24.00 GiB"."""
+        return f"{FIT_FRACTION:.0%} of {format_bytes(self.device_memory)}"
+
     def fits(self, mode: str) -> bool | None:
-        return None if self.device_memory is None else self.modes[mode].peak <= self.device_memory
+        return None if self.device_memory is None else self.modes[mode].peak <= self.usable_memory
 
     def to_json(self) -> dict:
         """One object for scripts; bytes as integers."""
@@ -263,6 +277,7 @@ class Plan:
         s = self.setup
         return {"model": s.model, "batch_size": s.batch_size, "img_size": s.img_size, "method": s.method,
                 "backbone_dtype": s.backbone_dtype, "amp": s.amp, "model_ema": s.model_ema, "device_memory": self.device_memory,
+                "usable_memory": self.usable_memory,
                 "modes": modes, "recommended": self.recommended, "largest_batch_size": self.largest_batch_size,
                 "largest_batch_mode": self.largest_batch_mode}
 
@@ -280,7 +295,7 @@ class Plan:
         lines = [f"{'GiB':<26}" + "".join(f"{'memory=' + n:>14}" for n in names)]
         lines += [f"{label:<26}" + "".join(f"{gib(get(self.modes[n])):>14}" for n in names) for label, get in rows]
         if self.device_memory is not None:
-            lines.append(f"{'fits ' + format_bytes(self.device_memory):<26}"
+            lines.append(f"{'fits ' + self.budget_text:<26}"
                          + "".join(f"{('yes' if self.fits(n) else 'no'):>14}" for n in names))
         return "\n".join(lines)
 
@@ -289,13 +304,14 @@ class Plan:
         s = self.setup
         if self.device_memory is None:
             return "no device memory given (--device-memory): nothing to compare the peaks with"
+        margin = f"; {1 - FIT_FRACTION:.0%} is kept for the CUDA allocator and workspaces"
         if self.recommended is not None:
-            return (f"recommended: memory={self.recommended} (the fastest mode that fits {format_bytes(self.device_memory)} "
-                    f"at batch {s.batch_size}); largest batch size that fits with it: {self.largest_batch_size}")
+            return (f"recommended: memory={self.recommended} (the fastest mode that fits {self.budget_text} "
+                    f"at batch {s.batch_size}{margin}); largest batch size that fits with it: {self.largest_batch_size}")
         if self.largest_batch_size:
-            return (f"nothing fits {format_bytes(self.device_memory)} at batch {s.batch_size}; batch size "
+            return (f"nothing fits {self.budget_text} at batch {s.batch_size}{margin}; batch size "
                     f"{self.largest_batch_size} fits with memory={self.largest_batch_mode}")
-        return f"nothing fits {format_bytes(self.device_memory)}, not even batch 1 with memory={self.largest_batch_mode}"
+        return f"nothing fits {self.budget_text}{margin}, not even batch 1 with memory={self.largest_batch_mode}"
 
 
 def plan_training(setup: TrainingSetup, device_memory: int | str | None = None,
@@ -319,7 +335,7 @@ def _decide(plan: Plan, fake: FakeTrainingModel) -> Plan:
     plan.recommended = fitting[0] if fitting else None
     mode = plan.recommended or min(plan.modes, key=lambda m: plan.modes[m].peak)
     plan.largest_batch_mode = mode
-    plan.largest_batch_size = fake.largest_batch_size(plan.device_memory, mode, plan.modes[mode], plan.setup.batch_size)
+    plan.largest_batch_size = fake.largest_batch_size(plan.usable_memory, mode, plan.modes[mode], plan.setup.batch_size)
     return plan
 
 
@@ -331,7 +347,7 @@ def choose_memory_mode(plan: Plan) -> tuple[str, str]:
         fastest = next(iter(plan.modes))
         return fastest, f"memory={fastest}: no memory budget given, so the fastest mode"
     if plan.recommended is None:
-        raise DoesNotFit(f"batch size {plan.setup.batch_size} does not fit {format_bytes(plan.device_memory)} in any "
+        raise DoesNotFit(f"batch size {plan.setup.batch_size} does not fit {plan.budget_text} in any "
                          f"memory mode (smallest predicted peak: {format_bytes(plan.modes[plan.largest_batch_mode].peak)} "
                          f"with memory={plan.largest_batch_mode}); "
                          + (f"batch size {plan.largest_batch_size} would fit with memory={plan.largest_batch_mode}"
@@ -341,8 +357,8 @@ def choose_memory_mode(plan: Plan) -> tuple[str, str]:
     mode = plan.recommended
     faster = [m for m in plan.modes if m != mode and list(plan.modes).index(m) < list(plan.modes).index(mode)]
     why = (f" ({', '.join(f'memory={m} needs {format_bytes(plan.modes[m].peak)}' for m in faster)})" if faster else "")
-    return mode, (f"memory={mode}: predicted peak {format_bytes(plan.modes[mode].peak)} of "
-                  f"{format_bytes(plan.device_memory)}, the fastest mode that fits{why}")
+    return mode, (f"memory={mode}: predicted peak {format_bytes(plan.modes[mode].peak)} within {plan.budget_text} "
+                  f"({1 - FIT_FRACTION:.0%} kept for the CUDA allocator and workspaces), the fastest mode that fits{why}")
 
 
 def plan_model(model: FastGIFT, input_shape: tuple[int, ...], budget: int | str | None,

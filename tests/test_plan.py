@@ -1,6 +1,7 @@
 """`gift plan` predicts what a real training step holds: its numbers come from the model on fake
 tensors, counted by the instruments that measure real steps (gift.memory)."""
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -8,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from gift.plan import (DoesNotFit, PlanError, TrainingSetup, choose_memory_mode, compare_with_real_step, parse_bytes,
+from gift.plan import (FIT_FRACTION, DoesNotFit, PlanError, TrainingSetup, choose_memory_mode, compare_with_real_step, parse_bytes,
                        plan_training)
 
 SAVED_TOLERANCE = 0.03
@@ -90,16 +91,30 @@ def small_plan():
     return plan_training(TrainingSetup(model="vit_small_patch16_224", batch_size=8))
 
 
+def budget_for(peak: int) -> int:
+    """The smallest budget a predicted ``peak`` fits, with the margin kept for the CUDA allocator."""
+    return math.ceil(peak / FIT_FRACTION) + 1
+
+
 def test_a_budget_between_two_modes_picks_the_faster_that_fits(small_plan):
     peaks = {m: b.peak for m, b in small_plan.modes.items()}
     assert peaks["none"] > peaks["mlp"] > peaks["block"]
-    for budget, want in (((peaks["none"] + peaks["mlp"]) // 2, "mlp"), ((peaks["mlp"] + peaks["block"]) // 2, "block"),
-                         (peaks["none"] + 1, "none")):
+    for budget, want in ((budget_for((peaks["none"] + peaks["mlp"]) // 2), "mlp"),
+                         (budget_for((peaks["mlp"] + peaks["block"]) // 2), "block"), (budget_for(peaks["none"]), "none")):
         plan = small_plan.with_device_memory(budget)
         assert plan.recommended == want and plan.fits(want)
         mode, why = choose_memory_mode(plan)
         assert mode == want and f"memory={want}" in why and "\n" not in why
+        assert f"within {FIT_FRACTION:.0%} of" in why and "kept for the CUDA allocator" in why
         assert plan.largest_batch_size >= 8
+
+
+def test_a_budget_keeps_a_margin_for_the_cuda_allocator(small_plan):
+    """A peak that fills the whole budget does not fit: FIT_FRACTION of it is what a step may use."""
+    assert FIT_FRACTION == 0.9
+    peak = small_plan.modes["none"].peak
+    assert not small_plan.with_device_memory(peak + 1).fits("none")
+    assert small_plan.with_device_memory(budget_for(peak)).fits("none")
 
 
 def test_a_budget_below_every_mode_names_the_batch_that_fits(small_plan):
@@ -110,7 +125,9 @@ def test_a_budget_below_every_mode_names_the_batch_that_fits(small_plan):
         choose_memory_mode(plan)
     fitting = e.value.largest_batch_size
     assert 1 <= fitting < 8
-    assert plan.fake.predict(fitting, "block").peak <= budget < plan.fake.predict(fitting + 1, "block").peak
+    usable = plan.usable_memory
+    assert usable == int(budget * FIT_FRACTION)
+    assert plan.fake.predict(fitting, "block").peak <= usable < plan.fake.predict(fitting + 1, "block").peak
 
 
 def test_bad_input_is_one_clear_line():
@@ -167,7 +184,7 @@ def test_model_ema_copy_of_the_whole_model_is_in_the_peak_and_in_memory_auto():
     for mode, step in plain.modes.items():
         assert step.ema == 0 and ema.modes[mode].ema == step.parameter == step.frozen + step.trainable > 0
         assert ema.modes[mode].peak == step.peak + step.parameter
-    budget = str(ema.modes["none"].peak - 1)
+    budget = str(budget_for(ema.modes["none"].peak) - 2)
     chosen = {flag: choose_finetune_memory(FinetuneConfig(memory="auto", model_ema=flag, max_memory=budget,
                                                           batch_size=4), 2, 4, "cpu")[0] for flag in (False, True)}
     assert chosen == {False: "none", True: "mlp"}
