@@ -208,7 +208,7 @@ class FastGIFT(GIFTModelBase):
             ``"block"`` recomputes whole blocks (timm's ``set_grad_checkpointing()`` where the backbone
             has it, else a `Recomputed` wrapper around each of ``backbone.blocks``); ``"auto"``: at the
             first training forward, the fastest of those whose predicted peak (`gift.plan`, for that
-            input shape and AdamW) fits ``memory_budget`` (see `choose_memory`).
+            input shape and AdamW) fits `gift.plan.FIT_FRACTION` of ``memory_budget`` (see `choose_memory`).
         memory_budget: bytes (or ``"24GiB"``) for ``memory="auto"``; default: on CUDA the device's free
             memory plus what this model already holds there, on CPU no limit.
         backbone_dtype: store the frozen backbone weights in this dtype (e.g. ``torch.bfloat16``);

@@ -78,7 +78,7 @@ class FinetuneConfig:
                                      choices=CLUSTER_ACTIVATIONS)
     amp: str | None = option(None, "autocast dtype (fp16 needs CUDA)", choices=("bf16", "fp16"), type=str)
     memory: str = option("none", "recompute in backward to save activation memory; auto: the fastest mode whose "
-                                 "predicted peak fits --max-memory (see gift plan)", choices=("none", "mlp", "block", "auto"))
+                                 "predicted peak fits 0.9 x --max-memory (see gift plan)", choices=("none", "mlp", "block", "auto"))
     model_ema: bool = option(False, "keep timm's ModelEmaV3 of the trained weights and evaluate it alongside "
                                     "(val_top1_ema; its adapter in OUTPUT/adapter_ema)")
     model_ema_decay: float = option(0.9998, "decay of --model-ema per step", min=0, max=1, max_open=True)

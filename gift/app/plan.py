@@ -45,7 +45,7 @@ def device_memory_default() -> int | None:
 
 def choose_finetune_memory(cfg: FinetuneConfig, num_classes: int, local_batch_size: int, device) -> tuple[str, str | None]:
     """The memory mode `gift finetune` trains in and, for ``--memory auto``, the one line saying why: the
-    fastest mode whose predicted peak fits ``--max-memory`` (default: the CUDA device's free memory).
+    fastest mode whose predicted peak fits `gift.plan.FIT_FRACTION` of ``--max-memory`` (default: the CUDA device's free memory).
     Raises `UsageError` naming the batch size that would fit when no mode does."""
     if cfg.memory != "auto":
         return cfg.memory, None
