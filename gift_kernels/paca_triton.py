@@ -12,7 +12,8 @@ Launches (per call, all L layers at once):
             4. `_paca_cluster_bwd`: programs over (layer, split of N): dC = U dP^T, the sigmoid backward,
                dU (cluster path), the l2 backward to dT, per-split partials of dWc, dbc.
 Every reduction over N is a fixed-order loop or a fixed-order sum of per-split partials: no atomics,
-so two runs give bitwise equal results. fp32 inputs use IEEE-precision dots (no TF32).
+so two runs give bitwise equal results. Tiles, warps and splits: `launch.paca_launch`.
+fp32 dots run at ``input_precision=F32_DOT`` (tf32x3: three TF32 tensor-core products, fp32 accuracy).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import F32_DOT_PRECISION, PacaLaunch, device_props, paca_launch
 from .paca import PacaParams, _cluster_side, _cluster_side_backward
 
 
@@ -34,10 +36,11 @@ _even_sizes = triton.heuristics({
 
 
 @triton.jit
-def _dot16(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
-    """Dot in the input precision: IEEE fp32, or 16-bit operands (``DT``) with fp32 accumulation."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+def _dot(a, b, DT: tl.constexpr, F32_DOT: tl.constexpr):
+    """``a @ b`` accumulated in fp32: 16-bit operands when ``DT`` is 16-bit, else fp32 operands at
+    ``input_precision=F32_DOT`` (see `launch.F32_DOT_PRECISION`)."""
+    if DT == tl.float32:
+        return tl.dot(a, b, input_precision=F32_DOT)
     return tl.dot(a.to(DT), b.to(DT))
 
 
@@ -71,7 +74,7 @@ def _l2_rows(t):
 def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, KQ, CQ, VP,
                       N, M, R, inv_n, scale,
                       H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_R: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr,
+                      BLOCK_R: tl.constexpr, DT: tl.constexpr, F32_DOT: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
     layer = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -86,18 +89,18 @@ def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, KQ, CQ, V
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         u, _ = _l2_rows(_load_rows(t_layer, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R))
-        logits = _dot16(u, tl.trans(wc), IEEE, DT) + bc[None, :]
+        logits = _dot(u, tl.trans(wc), DT, F32_DOT) + bc[None, :]
         c = tl.sigmoid(logits) * inv_n
         if not EVEN_N:
             c = tl.where(offs_n[:, None] < N, c, 0.0)
-        pooled += _dot16(tl.trans(c), u, IEEE, DT)
+        pooled += _dot(tl.trans(c), u, DT, F32_DOT)
     z, pnorm = _l2_rows(pooled)
     _store_rows(Z + layer * M * R, z, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
     if EVEN_M:
         tl.store(PNORM + layer * M + offs_m, pnorm)
     else:
         tl.store(PNORM + layer * M + offs_m, pnorm, mask=offs_m < M)
-    # cluster side (M rows, fp32 IEEE whatever the input dtype): K, V, then per head the folded keys/values
+    # cluster side (M rows, fp32 whatever the input dtype): K, V, then per head the folded keys/values
     offs_rr = tl.arange(0, BLOCK_R)
     wk = _load_rows(Wk, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)                 # (out, in)
     wv = _load_rows(Wv, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
@@ -106,15 +109,15 @@ def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, KQ, CQ, V
     bk = tl.load(Bk + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
     bv = tl.load(Bv + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
     bq = tl.load(Bq + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
-    k = tl.dot(z, tl.trans(wk), input_precision="ieee") + bk[None, :]
-    v = tl.dot(z, tl.trans(wv), input_precision="ieee") + bv[None, :]
+    k = tl.dot(z, tl.trans(wk), input_precision=F32_DOT) + bk[None, :]
+    v = tl.dot(z, tl.trans(wv), input_precision=F32_DOT) + bv[None, :]
     for j in tl.static_range(H):
         in_head = (offs_r >= j * D) & (offs_r < (j + 1) * D)
         kj = tl.where(in_head[None, :], k, 0.0)
         vj = tl.where(in_head[None, :], v, 0.0)
-        kq = tl.dot(kj, wq, input_precision="ieee") * scale                 # (M, R)
+        kq = tl.dot(kj, wq, input_precision=F32_DOT) * scale                 # (M, R)
         cq = tl.sum(kj * bq[None, :], axis=1) * scale                               # (M,)
-        vp = tl.dot(vj, tl.trans(wp), input_precision="ieee")               # (M, R)
+        vp = tl.dot(vj, tl.trans(wp), input_precision=F32_DOT)               # (M, R)
         base = (layer * H + j) * M
         _store_rows(KQ + base * R, kq, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
         _store_rows(VP + base * R, vp, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
@@ -122,8 +125,8 @@ def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, KQ, CQ, V
 
 
 @triton.jit
-def _head_probs(u, kq, cq, offs_m, M, IEEE: tl.constexpr, DT: tl.constexpr, EVEN_M: tl.constexpr):
-    logits = _dot16(u, tl.trans(kq), IEEE, DT) + cq[None, :]
+def _head_probs(u, kq, cq, offs_m, M, DT: tl.constexpr, F32_DOT: tl.constexpr, EVEN_M: tl.constexpr):
+    logits = _dot(u, tl.trans(kq), DT, F32_DOT) + cq[None, :]
     if not EVEN_M:
         logits = tl.where(offs_m[None, :] < M, logits, float("-inf"))
     return logits
@@ -133,7 +136,7 @@ def _head_probs(u, kq, cq, offs_m, M, IEEE: tl.constexpr, DT: tl.constexpr, EVEN
 @triton.jit
 def _paca_attn_fwd(T, KQ, CQ, VP, Bp, OUT, LSE, N, M, R,
                    H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                   IEEE: tl.constexpr, DT: tl.constexpr,
+                   DT: tl.constexpr, F32_DOT: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
     layer = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,11 +151,11 @@ def _paca_attn_fwd(T, KQ, CQ, VP, Bp, OUT, LSE, N, M, R,
         kq = _load_rows(KQ + base * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
         vp = _load_rows(VP + base * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
         cq = tl.load(CQ + base + offs_m, mask=offs_m < M, other=0.0)
-        logits = _head_probs(u, kq, cq, offs_m, M, IEEE, DT, EVEN_M)
+        logits = _head_probs(u, kq, cq, offs_m, M, DT, F32_DOT, EVEN_M)
         row_max = tl.max(logits, axis=1)
         e = tl.exp(logits - row_max[:, None])
         row_sum = tl.sum(e, axis=1)
-        out += _dot16(e / row_sum[:, None], vp, IEEE, DT)
+        out += _dot(e / row_sum[:, None], vp, DT, F32_DOT)
         lse_ptrs = LSE + (layer * H + j) * N + offs_n
         if EVEN_N:
             tl.store(lse_ptrs, row_max + tl.log(row_sum))
@@ -163,9 +166,9 @@ def _paca_attn_fwd(T, KQ, CQ, VP, Bp, OUT, LSE, N, M, R,
 
 @_even_sizes
 @triton.jit
-def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M, R, blocks_per_split,
+def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M, R, n_blocks, blocks_per_split,
                    H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                   IEEE: tl.constexpr, DT: tl.constexpr,
+                   DT: tl.constexpr, F32_DOT: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
     layer_head = tl.program_id(0)          # layer * H + head
     split = tl.program_id(1)
@@ -179,20 +182,21 @@ def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M
     dkq = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     dvp = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     dcq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for b in range(0, blocks_per_split):
-        offs_n = (split * blocks_per_split + b) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = split * blocks_per_split                    # blocks [first, last): never one past N
+    for block in range(first, tl.minimum(first + blocks_per_split, n_blocks)):
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         u, _ = _l2_rows(_load_rows(T + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R))
         g = _load_rows(G + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
         lse = tl.load(LSE + layer_head * N + offs_n, mask=offs_n < N, other=0.0)
-        a = tl.exp(_head_probs(u, kq, cq, offs_m, M, IEEE, DT, EVEN_M) - lse[:, None])
+        a = tl.exp(_head_probs(u, kq, cq, offs_m, M, DT, F32_DOT, EVEN_M) - lse[:, None])
         if not EVEN_N:
             a = tl.where(offs_n[:, None] < N, a, 0.0)
-        da = _dot16(g, tl.trans(vp), IEEE, DT)                                     # (BLOCK_N, M)
+        da = _dot(g, tl.trans(vp), DT, F32_DOT)                                     # (BLOCK_N, M)
         dlogits = a * (da - tl.sum(da * a, axis=1)[:, None])
-        dvp += _dot16(tl.trans(a), g, IEEE, DT)
-        dkq += _dot16(tl.trans(dlogits), u, IEEE, DT)
+        dvp += _dot(tl.trans(a), g, DT, F32_DOT)
+        dkq += _dot(tl.trans(dlogits), u, DT, F32_DOT)
         dcq += tl.sum(dlogits, axis=0)
-        du = _dot16(dlogits, kq, IEEE, DT)
+        du = _dot(dlogits, kq, DT, F32_DOT)
         _store_rows(DU + layer_head * N * R, du, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
     part = (split * tl.num_programs(0) + layer_head) * M
     _store_rows(DKQ_PART + part * R, dkq, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
@@ -202,9 +206,9 @@ def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M
 
 @_even_sizes
 @triton.jit
-def _paca_cluster_bwd(T, G, DU, DP, Wc, Bc, DT_OUT, DWC_PART, DBC_PART, N, M, R, inv_n, blocks_per_split,
+def _paca_cluster_bwd(T, G, DU, DP, Wc, Bc, DT_OUT, DWC_PART, DBC_PART, N, M, R, inv_n, n_blocks, blocks_per_split,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                      IEEE: tl.constexpr, DT: tl.constexpr,
+                      DT: tl.constexpr, F32_DOT: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
     layer = tl.program_id(0)
     split = tl.program_id(1)
@@ -215,18 +219,19 @@ def _paca_cluster_bwd(T, G, DU, DP, Wc, Bc, DT_OUT, DWC_PART, DBC_PART, N, M, R,
     dp = _load_rows(DP + layer * M * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
     dwc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     dbc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for b in range(0, blocks_per_split):
-        offs_n = (split * blocks_per_split + b) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = split * blocks_per_split                    # blocks [first, last): never one past N
+    for block in range(first, tl.minimum(first + blocks_per_split, n_blocks)):
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         u, norm = _l2_rows(_load_rows(T + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R))
         g = _load_rows(G + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
         du = _load_rows(DU + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
-        sig = tl.sigmoid(_dot16(u, tl.trans(wc), IEEE, DT) + bc[None, :])
+        sig = tl.sigmoid(_dot(u, tl.trans(wc), DT, F32_DOT) + bc[None, :])
         keep = (offs_n[:, None] < N) & (offs_m[None, :] < M)
         c = tl.where(keep, sig * inv_n, 0.0)
-        dc = _dot16(u, tl.trans(dp), IEEE, DT)
+        dc = _dot(u, tl.trans(dp), DT, F32_DOT)
         ds = tl.where(keep, dc * sig * (1.0 - sig) * inv_n, 0.0)
-        du += _dot16(c, dp, IEEE, DT) + _dot16(ds, wc, IEEE, DT)
-        dwc += _dot16(tl.trans(ds), u, IEEE, DT)
+        du += _dot(c, dp, DT, F32_DOT) + _dot(ds, wc, DT, F32_DOT)
+        dwc += _dot(tl.trans(ds), u, DT, F32_DOT)
         dbc += tl.sum(ds, axis=0)
         dot = tl.sum(du * u, axis=1) * (norm >= 1e-12).to(tl.float32)
         dt = g + (du - u * dot[:, None]) / tl.maximum(norm, 1e-12)[:, None]
@@ -237,28 +242,25 @@ def _paca_cluster_bwd(T, G, DU, DP, Wc, Bc, DT_OUT, DWC_PART, DBC_PART, N, M, R,
 
 
 # ------------------------------------------------------------------------------------------ launchers
-def _launch_config(t: torch.Tensor, M: int, num_heads: int) -> dict:
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _launch(t: torch.Tensor, M: int, num_heads: int) -> PacaLaunch:
     L, N, R = t.shape
-    interpret = t.device.type != "cuda"
-    block_n = 16 if interpret else (64 if R <= 64 and M <= 64 else 32)
-    n_blocks = triton.cdiv(N, block_n)
-    target = 1 if interpret else 2 * torch.cuda.get_device_properties(t.device).multi_processor_count
-    splits = max(1, min(n_blocks, triton.cdiv(target, L * num_heads)))
-    blocks_per_split = triton.cdiv(n_blocks, splits)
-    splits = triton.cdiv(n_blocks, blocks_per_split)
-    dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(t.dtype, tl.float32)
-    return dict(BLOCK_N=block_n, BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_R=max(16, triton.next_power_of_2(R)),
-                IEEE=t.dtype == torch.float32, DT=dt, splits=splits, blocks_per_split=blocks_per_split,
-                num_warps=1 if interpret else 4,
-                # backward holds two (M x r) accumulators beside its (BLOCK_N x M) tiles: more warps, fewer spills
-                num_warps_bwd=1 if interpret else 8)
+    return paca_launch(L, N, M, R, num_heads, device_props(t.device))
+
+
+def _tiles(cfg: PacaLaunch, dtype: torch.dtype) -> dict:
+    """The constexprs every PaCa kernel takes."""
+    return dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, DT=_TL_DTYPES[dtype],
+                F32_DOT=F32_DOT_PRECISION, num_stages=cfg.num_stages)
 
 
 def paca_attention_triton_forward(t: torch.Tensor, p: PacaParams, num_heads: int):
     """Returns ``out (L, N, r)`` and what backward needs: Z, ||P||, Kq, cq, Vp, lse."""
     L, N, R = t.shape
     M = p.cluster_w.shape[0]
-    cfg = _launch_config(t, M, num_heads)
+    cfg = _launch(t, M, num_heads)
     t = t.contiguous()
     f32 = dict(device=t.device, dtype=torch.float32)
     z, pnorm = torch.empty(L, M, R, **f32), torch.empty(L, M, **f32)
@@ -266,13 +268,12 @@ def paca_attention_triton_forward(t: torch.Tensor, p: PacaParams, num_heads: int
     lse = torch.empty(L, num_heads, N, **f32)
     out = torch.empty_like(t)
     scale = 1.0 / math.sqrt(R // num_heads)
-    blocks = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], IEEE=cfg["IEEE"], DT=cfg["DT"],
-                  num_warps=cfg["num_warps"])
+    tiles = _tiles(cfg, t.dtype)
     params = [x.contiguous() for x in p]
     _paca_cluster_fwd[(L,)](t, *params[:9], z, pnorm, kq, cq, vp, N, M, R, 1.0 / N, scale,
-                            H=num_heads, D=R // num_heads, **blocks)
-    _paca_attn_fwd[(L, triton.cdiv(N, cfg["BLOCK_N"]))](t, kq, cq, vp, params[9], out, lse, N, M, R,
-                                                         H=num_heads, **blocks)
+                            H=num_heads, D=R // num_heads, num_warps=cfg.num_warps_fwd, **tiles)
+    _paca_attn_fwd[(L, cfg.n_blocks)](t, kq, cq, vp, params[9], out, lse, N, M, R,
+                                      H=num_heads, num_warps=cfg.num_warps_fwd, **tiles)
     return out, (z, pnorm, kq, cq, vp, lse, cfg)
 
 
@@ -300,14 +301,13 @@ class PacaAttentionTriton(torch.autograd.Function):
         kh, vh, wq_h, wp_h, kq, cq, vp = _cluster_side(z, p32, h, scale)
         kq, vp, cq = kq.contiguous(), vp.contiguous(), cq.reshape(L, h * M).contiguous()
         f32 = dict(device=t.device, dtype=torch.float32)
-        splits, bps = cfg["splits"], cfg["blocks_per_split"]
+        splits, bps = cfg.splits, cfg.blocks_per_split
         du_heads = torch.empty(L * h, N, R, **f32)
         dkq_part, dvp_part = torch.empty(splits, L * h, M, R, **f32), torch.empty(splits, L * h, M, R, **f32)
         dcq_part = torch.empty(splits, L * h, M, **f32)
-        blocks = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], IEEE=cfg["IEEE"], DT=cfg["DT"],
-                      num_warps=cfg["num_warps_bwd"])
-        _paca_attn_bwd[(L * h, splits)](t, g, kq, cq, vp, lse, du_heads, dkq_part, dcq_part, dvp_part, N, M, R, bps,
-                                        H=h, **blocks)
+        tiles = _tiles(cfg, t.dtype)
+        _paca_attn_bwd[(L * h, splits)](t, g, kq, cq, vp, lse, du_heads, dkq_part, dcq_part, dvp_part, N, M, R,
+                                        cfg.n_blocks, bps, H=h, num_warps=cfg.num_warps_bwd, **tiles)
         dkq = dkq_part.sum(0).view(L, h * M, R)
         dvp = dvp_part.sum(0).view(L, h * M, R)
         dcq = dcq_part.sum(0).view(L, h * M)
@@ -316,7 +316,8 @@ class PacaAttentionTriton(torch.autograd.Function):
         dt = torch.empty_like(t)
         dwc_part, dbc_part = torch.empty(splits, L, M, R, **f32), torch.empty(splits, L, M, **f32)
         _paca_cluster_bwd[(L, splits)](t, g, du.contiguous(), dp.contiguous(), p.cluster_w.contiguous(),
-                                       p.cluster_b.contiguous(), dt, dwc_part, dbc_part, N, M, R, 1.0 / N, bps, **blocks)
+                                       p.cluster_b.contiguous(), dt, dwc_part, dbc_part, N, M, R, 1.0 / N,
+                                       cfg.n_blocks, bps, num_warps=cfg.num_warps_bwd, **tiles)
         grads = grads._replace(cluster_w=dwc_part.sum((0, 1)), cluster_b=dbc_part.sum((0, 1)),
                                proj_b=g.float().sum((0, 1)))
         return (dt, None, *(gr.to(x.dtype) for gr, x in zip(grads, p)))

@@ -1,0 +1,172 @@
+"""Launch configurations as data: tiles, warps, stages and splits of every Triton kernel, decided by one
+pure function per op from the shapes, the dtype and the device's properties.
+
+``GIFT_SM_COUNT=132`` overrides the SM count. Under ``TRITON_INTERPRET=1`` (CPU tensors) the launchers
+use small interpreter tiles and one split, unless ``GIFT_SM_COUNT`` is set: then they use exactly the
+configuration a CUDA device of that SM count (compute capability 9.0, 227 KiB shared memory per block)
+would get, so the tiles and split arithmetic of a real GPU run on CPU (warps and stages mean nothing
+to the interpreter).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+TL_DOT_MIN = 16                  # tl.dot needs every side of both operands >= 16
+INTERPRETER_BLOCK = 16           # tile side under the interpreter: small tiles keep it quick
+PROGRAMS_PER_SM = 2              # split the N-reductions until about this many programs per SM
+PACA_BLOCK_N_SMALL = 64          # PaCa rows per program when the (M x r) tiles are at most 64 x 64
+PACA_BLOCK_N_LARGE = 32          # ... when M or r is 128 or more
+PACA_BLOCK_N_HUGE = 16           # ... when both are (M >= 256 and r >= 128)
+PACA_WARPS_FWD = 4
+PACA_WARPS_BWD = 8               # backward holds two (M x r) accumulators beside its (BLOCK_N x M) tiles
+RESIDUAL_BLOCK_M = 128
+RESIDUAL_BLOCK_N = {4: 64, 2: 128}     # by element size: fp32 tiles are half as wide
+RESIDUAL_BLOCK_K = {4: 32, 2: 64}
+RESIDUAL_WARPS = {4: 4, 2: 8}
+RESIDUAL_GROUP_M = 8             # grouped program order: neighbouring programs share B tiles
+MAX_STAGES = 3
+
+
+def dot_block(n: int) -> int:
+    """Smallest power-of-two tile side >= n that tl.dot accepts."""
+    return max(TL_DOT_MIN, 1 << max(0, int(n) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class DeviceProps:
+    """What a launch configuration depends on: ``interpreter`` True means small interpreter tiles."""
+
+    sm_count: int
+    shared_bytes: int                 # shared memory a block may use (opt-in maximum)
+    capability: tuple[int, int]
+    interpreter: bool = False
+
+
+ARCH_PROPS = {  # the compile check's targets; SM counts of the A100 and H100/H200
+    "sm_80": DeviceProps(sm_count=108, shared_bytes=163 * 1024, capability=(8, 0)),
+    "sm_90": DeviceProps(sm_count=132, shared_bytes=227 * 1024, capability=(9, 0)),
+}
+INTERPRETER_PROPS = DeviceProps(sm_count=1, shared_bytes=1 << 30, capability=(0, 0), interpreter=True)
+_EMULATED: list[DeviceProps] = []
+
+
+def sm_count_override() -> int | None:
+    value = os.environ.get("GIFT_SM_COUNT", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"GIFT_SM_COUNT={value!r} is not a positive integer SM count; unset it or give e.g. 132.")
+    return int(value)
+
+
+@contextlib.contextmanager
+def emulate_device(props: DeviceProps):
+    """Within the block, `device_props` returns ``props`` for every device (the compile check uses it)."""
+    _EMULATED.append(props)
+    try:
+        yield props
+    finally:
+        _EMULATED.pop()
+
+
+def device_props(device: torch.device) -> DeviceProps:
+    """The properties launch configurations are computed from, for tensors on ``device``."""
+    if _EMULATED:
+        return _EMULATED[-1]
+    override = sm_count_override()
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        shared = getattr(p, "shared_memory_per_block_optin", 0) or 48 * 1024
+        return DeviceProps(override or p.multi_processor_count, shared, (p.major, p.minor))
+    if override is not None:
+        return DeviceProps(override, ARCH_PROPS["sm_90"].shared_bytes, ARCH_PROPS["sm_90"].capability)
+    return INTERPRETER_PROPS
+
+
+# input_precision of every fp32 tl.dot: three TF32 tensor-core products (fp32 accuracy). "ieee" lowers to
+# scalar FMA loops that ptxas unrolls (minutes of compile at M = r = 64); the interpreter ignores it.
+F32_DOT_PRECISION = "tf32x3"
+
+
+@dataclass(frozen=True)
+class PacaLaunch:
+    """Launch configuration of the PaCa kernels for tokens (L, N, r), M clusters, ``heads`` heads.
+
+    The backward kernels reduce over N in ``splits`` programs per (layer[, head]); split ``s`` handles the
+    N-blocks ``[s * blocks_per_split, min((s + 1) * blocks_per_split, n_blocks))`` (never one past N)."""
+
+    block_n: int
+    block_m: int
+    block_r: int
+    n_blocks: int
+    splits: int
+    blocks_per_split: int
+    num_warps_fwd: int
+    num_warps_bwd: int
+    num_stages: int
+
+    def split_ranges(self) -> list[range]:
+        """The N-blocks each split's program visits, as the kernels compute them."""
+        return [range(s * self.blocks_per_split, min((s + 1) * self.blocks_per_split, self.n_blocks))
+                for s in range(self.splits)]
+
+
+def split_blocks(n_blocks: int, programs_per_split: int, props: DeviceProps) -> tuple[int, int]:
+    """``(splits, blocks_per_split)`` for a reduction over ``n_blocks`` blocks run by ``programs_per_split``
+    programs per split: about PROGRAMS_PER_SM programs per SM, and no split without a block."""
+    if props.interpreter or n_blocks <= 1:
+        return 1, max(1, n_blocks)
+    wanted = cdiv(PROGRAMS_PER_SM * props.sm_count, programs_per_split)
+    splits = max(1, min(n_blocks, wanted))
+    blocks_per_split = cdiv(n_blocks, splits)
+    return cdiv(n_blocks, blocks_per_split), blocks_per_split
+
+
+def paca_launch(L: int, N: int, M: int, r: int, heads: int, props: DeviceProps) -> PacaLaunch:
+    block_m, block_r = dot_block(M), dot_block(r)
+    if props.interpreter:
+        block_n = INTERPRETER_BLOCK
+    elif block_m >= 256 and block_r >= 128:
+        block_n = PACA_BLOCK_N_HUGE
+    elif block_m > 64 or block_r > 64:
+        block_n = PACA_BLOCK_N_LARGE
+    else:
+        block_n = PACA_BLOCK_N_SMALL
+    n_blocks = cdiv(N, block_n)
+    splits, per_split = split_blocks(n_blocks, L * heads, props)
+    return PacaLaunch(block_n=block_n, block_m=block_m, block_r=block_r, n_blocks=n_blocks, splits=splits,
+                      blocks_per_split=per_split, num_warps_fwd=1 if props.interpreter else PACA_WARPS_FWD,
+                      num_warps_bwd=1 if props.interpreter else PACA_WARPS_BWD, num_stages=1 if props.interpreter else 2)
+
+
+@dataclass(frozen=True)
+class ResidualLaunch:
+    """Launch configuration of the GEMM with low-rank epilogue ``(M, K) @ (K, N) + (M, R) @ (N, R)^T``."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    block_r: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def residual_launch(M: int, N: int, K: int, R: int, dtype: torch.dtype, props: DeviceProps) -> ResidualLaunch:
+    block_r = dot_block(R)
+    if props.interpreter:
+        return ResidualLaunch(INTERPRETER_BLOCK, INTERPRETER_BLOCK, INTERPRETER_BLOCK, block_r, 4, 1, 1)
+    size = torch.tensor([], dtype=dtype).element_size()
+    bm, bn, bk = RESIDUAL_BLOCK_M, RESIDUAL_BLOCK_N[size], RESIDUAL_BLOCK_K[size]
+    per_stage = (bm * bk + bk * bn) * size
+    epilogue = (bm + bn) * block_r * size
+    stages = max(1, min(MAX_STAGES, (props.shared_bytes - epilogue) // per_stage))
+    return ResidualLaunch(bm, bn, bk, block_r, RESIDUAL_GROUP_M, RESIDUAL_WARPS[size], stages)
