@@ -21,6 +21,11 @@ PROGRAMS_PER_SM = 2              # split the N-reductions until about this many 
 PACA_BLOCK_N_SMALL = 64          # PaCa rows per program when the (M x r) tiles are at most 64 x 64
 PACA_BLOCK_N_LARGE = 32          # ... when M or r is 128 or more
 PACA_BLOCK_N_HUGE = 16           # ... when both are (M >= 256 and r >= 128)
+PACA_CLUSTER_DOT = 64 * 64 * 64  # most (rows x r x r) of one cluster-side dot: rows of clusters per program
+PACA_STAGES = 2                  # software pipelining of the loops over N-blocks
+PACA_STAGES_CLUSTER = 1          # the cluster-side loop over heads: no double-buffered (r x r) weights
+PACA_MAX_TILE = 64 * 64          # most elements of the padded (M x r) tiles a PaCa program holds: larger ones
+                                 # overflow an A100's shared memory in the backward (see compile_check)
 PACA_WARPS_FWD = 4
 PACA_WARPS_BWD = 8               # backward holds two (M x r) accumulators beside its (BLOCK_N x M) tiles
 RESIDUAL_BLOCK_M = 128
@@ -106,12 +111,14 @@ class PacaLaunch:
     block_n: int
     block_m: int
     block_r: int
+    block_m_cluster: int              # clusters per program of the forward's pooling / cluster-side kernel
     n_blocks: int
     splits: int
     blocks_per_split: int
     num_warps_fwd: int
     num_warps_bwd: int
     num_stages: int
+    num_stages_cluster: int
 
     def split_ranges(self) -> list[range]:
         """The N-blocks each split's program visits, as the kernels compute them."""
@@ -130,6 +137,14 @@ def split_blocks(n_blocks: int, programs_per_split: int, props: DeviceProps) -> 
     return cdiv(n_blocks, blocks_per_split), blocks_per_split
 
 
+def paca_triton_unsupported(M: int, r: int) -> str | None:
+    """Why the Triton PaCa kernels cannot take M clusters at rank r (None: they can)."""
+    if dot_block(M) * dot_block(r) > PACA_MAX_TILE:
+        return (f"the Triton PaCa kernels hold (M x r) tiles of at most {PACA_MAX_TILE} elements and M={M}, r={r} "
+                f"pads to {dot_block(M)} x {dot_block(r)}")
+    return None
+
+
 def paca_launch(L: int, N: int, M: int, r: int, heads: int, props: DeviceProps) -> PacaLaunch:
     block_m, block_r = dot_block(M), dot_block(r)
     if props.interpreter:
@@ -142,9 +157,12 @@ def paca_launch(L: int, N: int, M: int, r: int, heads: int, props: DeviceProps) 
         block_n = PACA_BLOCK_N_SMALL
     n_blocks = cdiv(N, block_n)
     splits, per_split = split_blocks(n_blocks, L * heads, props)
-    return PacaLaunch(block_n=block_n, block_m=block_m, block_r=block_r, n_blocks=n_blocks, splits=splits,
+    block_m_cluster = min(block_m, max(TL_DOT_MIN, PACA_CLUSTER_DOT // (block_r * block_r)))
+    return PacaLaunch(block_n=block_n, block_m=block_m, block_r=block_r, block_m_cluster=block_m_cluster,
+                      n_blocks=n_blocks, splits=splits,
                       blocks_per_split=per_split, num_warps_fwd=1 if props.interpreter else PACA_WARPS_FWD,
-                      num_warps_bwd=1 if props.interpreter else PACA_WARPS_BWD, num_stages=1 if props.interpreter else 2)
+                      num_warps_bwd=1 if props.interpreter else PACA_WARPS_BWD, num_stages=1 if props.interpreter else PACA_STAGES,
+                      num_stages_cluster=1 if props.interpreter else PACA_STAGES_CLUSTER)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Triton kernels for `paca_attention` (sigmoid assignment), forward and backward.
 
 Launches (per call, all L layers at once):
-  forward   1. `_paca_cluster_fwd`: one program per layer; one pass over N pools the cluster tokens
+  forward   1. `_paca_cluster_fwd`: programs over (layer, block of clusters); one pass over N pools the cluster tokens
                (logits, sigmoid, /N, C^T U accumulated on chip, l2 over r), then derives the folded
                cluster keys Kq, biases cq and values Vp (see `paca._cluster_side`).
             2. `_paca_attn_fwd`: programs over (layer, block of N rows): logits U Kq^T + cq, softmax over
@@ -30,7 +30,7 @@ from .paca import PacaParams, _cluster_side, _cluster_side_backward
 # masks only where a length is not a multiple of its block (N) or not a power of two (M, r)
 _even_sizes = triton.heuristics({
     "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
-    "EVEN_M": lambda a: a["M"] == a["BLOCK_M"],
+    "EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0,
     "EVEN_R": lambda a: a["R"] == a["BLOCK_R"],
 })
 
@@ -72,14 +72,15 @@ def _l2_rows(t):
 @_even_sizes
 @triton.jit
 def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, KQ, CQ, VP,
-                      N, M, R, inv_n, scale,
-                      H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                      N, M, R, inv_n, scale, H, D,
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_R: tl.constexpr, DT: tl.constexpr, F32_DOT: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
+    """Programs over (layer, block of BLOCK_M clusters): every cluster row is independent."""
     layer = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    wc = _load_rows(Wc, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)                  # (M, R)
+    wc = _load_rows(Wc, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)                  # (BLOCK_M, R)
     if EVEN_M:
         bc = tl.load(Bc + offs_m).to(tl.float32)
     else:
@@ -100,24 +101,23 @@ def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, KQ, CQ, V
         tl.store(PNORM + layer * M + offs_m, pnorm)
     else:
         tl.store(PNORM + layer * M + offs_m, pnorm, mask=offs_m < M)
-    # cluster side (M rows, fp32 whatever the input dtype): K, V, then per head the folded keys/values
+    # cluster side (fp32 whatever the input dtype): K, V, then per head the folded keys/values. Each (r x r)
+    # weight is loaded right before its one dot, so that at most one of them is on chip at a time.
     offs_rr = tl.arange(0, BLOCK_R)
-    wk = _load_rows(Wk, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)                 # (out, in)
-    wv = _load_rows(Wv, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
-    wq = _load_rows(Wq, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
-    wp = _load_rows(Wp, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
     bk = tl.load(Bk + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    k = _dot(z, tl.trans(_load_rows(Wk, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)), tl.float32, F32_DOT) + bk[None, :]
     bv = tl.load(Bv + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    v = _dot(z, tl.trans(_load_rows(Wv, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)), tl.float32, F32_DOT) + bv[None, :]
     bq = tl.load(Bq + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
-    k = tl.dot(z, tl.trans(wk), input_precision=F32_DOT) + bk[None, :]
-    v = tl.dot(z, tl.trans(wv), input_precision=F32_DOT) + bv[None, :]
-    for j in tl.static_range(H):
+    for j in range(0, H):          # a loop (H is a runtime argument): code size does not grow with H
         in_head = (offs_r >= j * D) & (offs_r < (j + 1) * D)
         kj = tl.where(in_head[None, :], k, 0.0)
         vj = tl.where(in_head[None, :], v, 0.0)
-        kq = tl.dot(kj, wq, input_precision=F32_DOT) * scale                 # (M, R)
-        cq = tl.sum(kj * bq[None, :], axis=1) * scale                               # (M,)
-        vp = tl.dot(vj, tl.trans(wp), input_precision=F32_DOT)               # (M, R)
+        wq = _load_rows(Wq, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)             # (out, in)
+        kq = _dot(kj, wq, tl.float32, F32_DOT) * scale                             # (BLOCK_M, R)
+        cq = tl.sum(kj * bq[None, :], axis=1) * scale                               # (BLOCK_M,)
+        wp = _load_rows(Wp, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+        vp = _dot(vj, tl.trans(wp), tl.float32, F32_DOT)                           # (BLOCK_M, R)
         base = (layer * H + j) * M
         _store_rows(KQ + base * R, kq, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
         _store_rows(VP + base * R, vp, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
@@ -134,8 +134,8 @@ def _head_probs(u, kq, cq, offs_m, M, DT: tl.constexpr, F32_DOT: tl.constexpr, E
 
 @_even_sizes
 @triton.jit
-def _paca_attn_fwd(T, KQ, CQ, VP, Bp, OUT, LSE, N, M, R,
-                   H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+def _paca_attn_fwd(T, KQ, CQ, VP, Bp, OUT, LSE, N, M, R, H,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                    DT: tl.constexpr, F32_DOT: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
     layer = tl.program_id(0)
@@ -146,7 +146,7 @@ def _paca_attn_fwd(T, KQ, CQ, VP, Bp, OUT, LSE, N, M, R,
     u, _ = _l2_rows(t)
     bp = tl.load(Bp + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
     out = t + bp[None, :]
-    for j in tl.static_range(H):
+    for j in range(0, H):
         base = (layer * H + j) * M
         kq = _load_rows(KQ + base * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
         vp = _load_rows(VP + base * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
@@ -166,8 +166,8 @@ def _paca_attn_fwd(T, KQ, CQ, VP, Bp, OUT, LSE, N, M, R,
 
 @_even_sizes
 @triton.jit
-def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M, R, n_blocks, blocks_per_split,
-                   H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M, R, H, n_blocks, blocks_per_split,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                    DT: tl.constexpr, F32_DOT: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
     layer_head = tl.program_id(0)          # layer * H + head
@@ -241,6 +241,9 @@ def _paca_cluster_bwd(T, G, DU, DP, Wc, Bc, DT_OUT, DWC_PART, DBC_PART, N, M, R,
     tl.store(DBC_PART + part * M + offs_m, dbc, mask=offs_m < M)
 
 
+KERNELS = (_paca_cluster_fwd, _paca_attn_fwd, _paca_attn_bwd, _paca_cluster_bwd)  # what the launchers launch
+
+
 # ------------------------------------------------------------------------------------------ launchers
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -270,10 +273,12 @@ def paca_attention_triton_forward(t: torch.Tensor, p: PacaParams, num_heads: int
     scale = 1.0 / math.sqrt(R // num_heads)
     tiles = _tiles(cfg, t.dtype)
     params = [x.contiguous() for x in p]
-    _paca_cluster_fwd[(L,)](t, *params[:9], z, pnorm, kq, cq, vp, N, M, R, 1.0 / N, scale,
-                            H=num_heads, D=R // num_heads, num_warps=cfg.num_warps_fwd, **tiles)
-    _paca_attn_fwd[(L, cfg.n_blocks)](t, kq, cq, vp, params[9], out, lse, N, M, R,
-                                      H=num_heads, num_warps=cfg.num_warps_fwd, **tiles)
+    cluster_tiles = dict(tiles, BLOCK_M=cfg.block_m_cluster, num_stages=cfg.num_stages_cluster)
+    _paca_cluster_fwd[(L, triton.cdiv(M, cfg.block_m_cluster))](
+        t, *params[:9], z, pnorm, kq, cq, vp, N, M, R, 1.0 / N, scale, num_heads, R // num_heads,
+        num_warps=cfg.num_warps_fwd, **cluster_tiles)
+    _paca_attn_fwd[(L, cfg.n_blocks)](t, kq, cq, vp, params[9], out, lse, N, M, R, num_heads,
+                                      num_warps=cfg.num_warps_fwd, **tiles)
     return out, (z, pnorm, kq, cq, vp, lse, cfg)
 
 
@@ -306,8 +311,8 @@ class PacaAttentionTriton(torch.autograd.Function):
         dkq_part, dvp_part = torch.empty(splits, L * h, M, R, **f32), torch.empty(splits, L * h, M, R, **f32)
         dcq_part = torch.empty(splits, L * h, M, **f32)
         tiles = _tiles(cfg, t.dtype)
-        _paca_attn_bwd[(L * h, splits)](t, g, kq, cq, vp, lse, du_heads, dkq_part, dcq_part, dvp_part, N, M, R,
-                                        cfg.n_blocks, bps, H=h, num_warps=cfg.num_warps_bwd, **tiles)
+        _paca_attn_bwd[(L * h, splits)](t, g, kq, cq, vp, lse, du_heads, dkq_part, dcq_part, dvp_part, N, M, R, h,
+                                        cfg.n_blocks, bps, num_warps=cfg.num_warps_bwd, **tiles)
         dkq = dkq_part.sum(0).view(L, h * M, R)
         dvp = dvp_part.sum(0).view(L, h * M, R)
         dcq = dcq_part.sum(0).view(L, h * M)

@@ -75,6 +75,9 @@ def _matmul_lowrank_epilogue(A, B, P, Q, BIAS, OUT, M, N, K, R,
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+KERNELS = (_matmul_lowrank_epilogue,)  # what the launcher launches
+
+
 def matmul_lowrank_epilogue(a, b, p, q, bias=None):
     """``a @ b + p @ q^T (+ bias)`` in one kernel; ``b`` may be any 2-D strided view. Returns (M, N) in a's dtype."""
     M, K = a.shape

@@ -80,6 +80,13 @@ def test_paca_with_gpu_splits_matches_float64_reference(monkeypatch, sm_count, d
         assert all(torch.equal(got[k], again[k]) for k in got)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_paca_with_several_cluster_blocks_matches_float64_reference(dtype):
+    """M=20 at r=128: the forward's cluster kernel runs 2 programs of 16 clusters per layer (the second ragged)."""
+    assert paca_launch(2, 37, 20, 128, 2, device_props(torch.device("cpu"))).block_m_cluster == 16
+    _paca_agrees((2, 37, 20, 128, 2), dtype)
+
+
 def test_paca_at_vit_h_shape_with_132_sms_matches_float64_reference(monkeypatch):
     monkeypatch.setenv("GIFT_SM_COUNT", "132")
     _paca_agrees(VIT_H_SHAPE, torch.float32)
