@@ -161,6 +161,30 @@ def sample(specs: list[CompileSpec], k: int | None) -> list[CompileSpec]:
     return chosen
 
 
+def largest(specs: list[CompileSpec]) -> list[CompileSpec]:
+    """Per kernel and operand dtype, the specs with the largest ``BLOCK_M * BLOCK_R`` (where limits bite):
+    one per (BLOCK_M, BLOCK_R, BLOCK_N), the one with the most masks."""
+    def c(s):
+        return dict(s.constexprs)
+
+    def tile(s):
+        return c(s).get("BLOCK_M", 1) * c(s).get("BLOCK_R", 1)
+
+    best: dict = {}
+    for s in specs:
+        group = (s.kernel, c(s).get("DT"), next(t for _, t in s.signature if t.startswith("*")))
+        best[group] = max(best.get(group, 0), tile(s))
+    chosen: dict = {}
+    for s in specs:
+        group = (s.kernel, c(s).get("DT"), next(t for _, t in s.signature if t.startswith("*")))
+        if tile(s) == best[group]:
+            key = group + (c(s).get("BLOCK_M"), c(s).get("BLOCK_R"), c(s).get("BLOCK_N"))
+            masks = sum(1 for k, v in s.constexprs if k.startswith("EVEN") and not v)
+            if key not in chosen or masks > chosen[key][0]:
+                chosen[key] = (masks, s)
+    return [s for _, s in chosen.values()]
+
+
 @dataclass
 class CompileResult:
     arch: str
@@ -278,6 +302,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets among " + ", ".join(ARCH_PROPS))
     parser.add_argument("--json", help="write every compile's row and the per-kernel summary to this file")
     parser.add_argument("--sample", type=int, help="compile only this many configs per arch (spread over the table)")
+    parser.add_argument("--largest", action="store_true",
+                        help="compile only each kernel's largest tiles per dtype (where shared memory and spills bite)")
     parser.add_argument("--kernel", help="compile only this kernel (e.g. _paca_cluster_fwd)")
     parser.add_argument("--match", help="compile only configs whose description contains this text")
     parser.add_argument("--summary-md", help="write the per-kernel summary as a markdown table to this file")
@@ -304,7 +330,7 @@ def main(argv=None) -> int:
             print(f"compile_check: no {arch} config matches --kernel {args.kernel!r} --match {args.match!r}.",
                   file=sys.stderr)
             return 2
-        specs = sample(planned, args.sample)
+        specs = sample(largest(planned) if args.largest else planned, args.sample)
         print(f"{arch}: {len(specs)} of {len(planned)} distinct compiles; {len(torch_rows)} table rows take the torch "
               f"path (the Triton kernels do not support them), e.g. {torch_rows[0] if torch_rows else '-'}", flush=True)
         print(f"{'kernel':<26} {'config':<70} {'regs':>5} {'spill':>6} {'shared':>7} {'sec':>6}")

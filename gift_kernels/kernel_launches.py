@@ -124,3 +124,43 @@ def op_launch_counts(op: str, dtype: torch.dtype, shape: tuple, device="cpu") ->
     grad = grad.to(device=device, dtype=dtype)
     _, backward = count_launches(lambda: torch.autograd.grad(out, leaves, grad))
     return {"forward": forward, "backward": backward}
+
+
+COUNT_SHAPES = {"paca_attention": (2, 20, 5, 8, 2), "lowrank_residual_linear": (7, 24, 40, 5)}
+README_START, README_END = "<!-- launch-counts:start -->", "<!-- launch-counts:end -->"
+
+
+def launch_count_markdown() -> str:
+    """The README's table of Triton launches and aten compute ops per op, direction and dtype (measured)."""
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    lines = ["| op (Triton backend) | direction | " + " | ".join(str(d).replace("torch.", "") for d in dtypes) + " |",
+             "|---|---|" + "---|" * len(dtypes)]
+    counts = {(op, d): op_launch_counts(op, d, shape) for op, shape in COUNT_SHAPES.items() for d in dtypes}
+    for op in COUNT_SHAPES:
+        for direction in ("forward", "backward"):
+            cells = [counts[op, d][direction].summary() for d in dtypes]
+            lines.append(f"| `{op}` | {direction} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def readme_with_counts(readme: str, table: str) -> str:
+    """``readme`` with the text between the launch-count markers replaced by ``table``."""
+    if README_START not in readme or README_END not in readme:
+        raise ValueError(f"README has no {README_START} ... {README_END} block to fill.")
+    head, rest = readme.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{table}\n{README_END}{tail}"
+
+
+if __name__ == "__main__":  # python -m gift_kernels.kernel_launches README.md: rewrite the README's count table
+    import os
+    import sys
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    path = sys.argv[1] if len(sys.argv) > 1 else "README.md"
+    with open(path) as f:
+        text = readme_with_counts(f.read(), launch_count_markdown())
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    print(launch_count_markdown())

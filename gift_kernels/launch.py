@@ -18,11 +18,12 @@ import torch
 TL_DOT_MIN = 16                  # tl.dot needs every side of both operands >= 16
 INTERPRETER_BLOCK = 16           # tile side under the interpreter: small tiles keep it quick
 PROGRAMS_PER_SM = 2              # split the N-reductions until about this many programs per SM
-PACA_BLOCK_N_SMALL = 64          # PaCa rows per program when the (M x r) tiles are at most 64 x 64
-PACA_BLOCK_N_LARGE = 32          # ... when M or r is 128 or more
-PACA_BLOCK_N_HUGE = 16           # ... when both are (M >= 256 and r >= 128)
+PACA_BLOCK_N_MAX = 64            # PaCa rows per program, at most
+PACA_ROW_TILE_BYTES = 16 * 1024  # most bytes of one program's (BLOCK_N x (M + r)) row tiles, in the dots' operand
+                                 # dtype: fp32 (64, 64) gets BLOCK_N = 32, 16-bit 64 (shared memory, compile_check)
 PACA_CLUSTER_DOT = 64 * 64 * 64  # most (rows x r x r) of one cluster-side dot: rows of clusters per program
-PACA_STAGES = 2                  # software pipelining of the loops over N-blocks
+PACA_STAGES = 2                  # software pipelining of the loops over N-blocks (16-bit backward, forward)
+PACA_STAGES_BWD_FP32 = 1         # fp32 backward: no double-buffered row tiles (A100 shared memory)
 PACA_STAGES_CLUSTER = 1          # the cluster-side loop over heads: no double-buffered (r x r) weights
 PACA_MAX_TILE = 64 * 64          # most elements of the padded (M x r) tiles a PaCa program holds: larger ones
                                  # overflow an A100's shared memory in the backward (see compile_check)
@@ -118,6 +119,7 @@ class PacaLaunch:
     num_warps_fwd: int
     num_warps_bwd: int
     num_stages: int
+    num_stages_bwd: int
     num_stages_cluster: int
 
     def split_ranges(self) -> list[range]:
@@ -145,23 +147,26 @@ def paca_triton_unsupported(M: int, r: int) -> str | None:
     return None
 
 
-def paca_launch(L: int, N: int, M: int, r: int, heads: int, props: DeviceProps) -> PacaLaunch:
+def paca_launch(L: int, N: int, M: int, r: int, heads: int, dtype: torch.dtype, props: DeviceProps) -> PacaLaunch:
     block_m, block_r = dot_block(M), dot_block(r)
+    operand_bytes = torch.tensor([], dtype=dtype).element_size()
     if props.interpreter:
         block_n = INTERPRETER_BLOCK
-    elif block_m >= 256 and block_r >= 128:
-        block_n = PACA_BLOCK_N_HUGE
-    elif block_m > 64 or block_r > 64:
-        block_n = PACA_BLOCK_N_LARGE
     else:
-        block_n = PACA_BLOCK_N_SMALL
+        block_n = PACA_BLOCK_N_MAX
+        while block_n > TL_DOT_MIN and block_n * (block_m + block_r) * operand_bytes > PACA_ROW_TILE_BYTES:
+            block_n //= 2
     n_blocks = cdiv(N, block_n)
     splits, per_split = split_blocks(n_blocks, L * heads, props)
     block_m_cluster = min(block_m, max(TL_DOT_MIN, PACA_CLUSTER_DOT // (block_r * block_r)))
+    stages = 1 if props.interpreter else PACA_STAGES
+    stages_bwd = PACA_STAGES_BWD_FP32 if dtype == torch.float32 and not props.interpreter else stages
     return PacaLaunch(block_n=block_n, block_m=block_m, block_r=block_r, block_m_cluster=block_m_cluster,
-                      n_blocks=n_blocks, splits=splits,
-                      blocks_per_split=per_split, num_warps_fwd=1 if props.interpreter else PACA_WARPS_FWD,
-                      num_warps_bwd=1 if props.interpreter else PACA_WARPS_BWD, num_stages=1 if props.interpreter else PACA_STAGES,
+                      n_blocks=n_blocks, splits=splits, blocks_per_split=per_split,
+                      num_warps_fwd=1 if props.interpreter else PACA_WARPS_FWD,
+                      num_warps_bwd=1 if props.interpreter else PACA_WARPS_BWD,
+                      num_stages=stages,
+                      num_stages_bwd=stages_bwd,
                       num_stages_cluster=1 if props.interpreter else PACA_STAGES_CLUSTER)
 
 

@@ -250,7 +250,7 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 def _launch(t: torch.Tensor, M: int, num_heads: int) -> PacaLaunch:
     L, N, R = t.shape
-    return paca_launch(L, N, M, R, num_heads, device_props(t.device))
+    return paca_launch(L, N, M, R, num_heads, t.dtype, device_props(t.device))
 
 
 def _tiles(cfg: PacaLaunch, dtype: torch.dtype) -> dict:
@@ -310,7 +310,7 @@ class PacaAttentionTriton(torch.autograd.Function):
         du_heads = torch.empty(L * h, N, R, **f32)
         dkq_part, dvp_part = torch.empty(splits, L * h, M, R, **f32), torch.empty(splits, L * h, M, R, **f32)
         dcq_part = torch.empty(splits, L * h, M, **f32)
-        tiles = _tiles(cfg, t.dtype)
+        tiles = dict(_tiles(cfg, t.dtype), num_stages=cfg.num_stages_bwd)
         _paca_attn_bwd[(L * h, splits)](t, g, kq, cq, vp, lse, du_heads, dkq_part, dcq_part, dvp_part, N, M, R, h,
                                         cfg.n_blocks, bps, num_warps=cfg.num_warps_bwd, **tiles)
         dkq = dkq_part.sum(0).view(L, h * M, R)
