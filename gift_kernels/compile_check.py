@@ -28,6 +28,7 @@ import torch
 from .launch import ARCH_PROPS, emulate_device
 
 COMPILE_SECONDS_LIMIT = 60.0
+README_COMPILE_START, README_COMPILE_END = "<!-- compile-check:start -->", "<!-- compile-check:end -->"
 # ViT-Ti/S/B/L/H/g/G: (depth L, width N)
 VIT_SHAPES = {"Ti": (12, 192), "S": (12, 384), "B": (12, 768), "L": (24, 1024), "H": (32, 1280), "g": (40, 1408),
               "G": (48, 1664)}
@@ -306,7 +307,7 @@ def main(argv=None) -> int:
                         help="compile only each kernel's largest tiles per dtype (where shared memory and spills bite)")
     parser.add_argument("--kernel", help="compile only this kernel (e.g. _paca_cluster_fwd)")
     parser.add_argument("--match", help="compile only configs whose description contains this text")
-    parser.add_argument("--summary-md", help="write the per-kernel summary as a markdown table to this file")
+    parser.add_argument("--readme", help="write the per-kernel summary into this file's compile-check block")
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in ARCH_PROPS]
@@ -346,11 +347,15 @@ def main(argv=None) -> int:
     if args.json:
         _write_json_atomic(args.json, dict(results=[asdict(r) for r in results], summary=summary(results),
                                            failures=failures))
-    if args.summary_md:
-        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(args.summary_md)) or ".",
-                                         delete=False, suffix=".tmp") as f:
-            f.write(summary_markdown(results) + "\n")
-        os.replace(f.name, args.summary_md)
+    if args.readme:
+        from .kernel_launches import write_marked_block
+
+        command = "python -m gift_kernels.compile_check " + " ".join(argv if argv is not None else sys.argv[1:])
+        selection = "the full shape table" if not (args.largest or args.sample or args.kernel or args.match) else \
+            "a selection of the shape table (see the command)"
+        body = (f"Produced by `{command}` on {selection}: {len(results)} compiles, {len(failures)} problems.\n\n"
+                + summary_markdown(results))
+        write_marked_block(args.readme, README_COMPILE_START, README_COMPILE_END, body)
     if failures:
         print(f"{len(failures)} problems:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1

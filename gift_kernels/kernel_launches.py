@@ -143,13 +143,24 @@ def launch_count_markdown() -> str:
     return "\n".join(lines)
 
 
-def readme_with_counts(readme: str, table: str) -> str:
-    """``readme`` with the text between the launch-count markers replaced by ``table``."""
-    if README_START not in readme or README_END not in readme:
-        raise ValueError(f"README has no {README_START} ... {README_END} block to fill.")
-    head, rest = readme.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_START}\n{table}\n{README_END}{tail}"
+def replace_marked_block(text: str, start: str, end: str, body: str) -> str:
+    """``text`` with what lies between the marker lines ``start`` and ``end`` replaced by ``body``."""
+    if start not in text or end not in text:
+        raise ValueError(f"the file has no {start} ... {end} block to fill.")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def write_marked_block(path: str, start: str, end: str, body: str) -> None:
+    """Replace the marked block of the file at ``path`` (written atomically)."""
+    import os
+
+    with open(path) as f:
+        text = replace_marked_block(f.read(), start, end, body)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":  # python -m gift_kernels.kernel_launches README.md: rewrite the README's count table
@@ -157,10 +168,6 @@ if __name__ == "__main__":  # python -m gift_kernels.kernel_launches README.md: 
     import sys
 
     os.environ["TRITON_INTERPRET"] = "1"
-    path = sys.argv[1] if len(sys.argv) > 1 else "README.md"
-    with open(path) as f:
-        text = readme_with_counts(f.read(), launch_count_markdown())
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-    print(launch_count_markdown())
+    table = launch_count_markdown()
+    write_marked_block(sys.argv[1] if len(sys.argv) > 1 else "README.md", README_START, README_END, table)
+    print(table)
