@@ -36,6 +36,7 @@ RANKS = (8, 16, 64, 128)
 CLUSTERS = (16, 64, 256)
 HEADS = (1, 2, 4)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ACTIVATIONS = ("sigmoid", "softmax")
 TOKENS = (197, 256)            # tokens per image: ragged and even row counts of the residual projection
 BATCH = 8
 _TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
@@ -93,14 +94,14 @@ def _const(v):
     return str(v) if type(v).__name__ == "dtype" else v
 
 
-def _paca_launches(L, N, M, r, heads, dtype):
+def _paca_launches(L, N, M, r, heads, dtype, activation):
     from .paca_triton import PacaAttentionTriton
 
     meta = dict(device="meta", dtype=dtype)
     t = torch.empty(L, N, r, **meta, requires_grad=True)
     params = [torch.empty(*s, **meta, requires_grad=True) for s in
               [(M, r), (M,)] + [(r, r), (r,)] * 4]
-    out = PacaAttentionTriton.apply(t, heads, *params)
+    out = PacaAttentionTriton.apply(t, heads, activation, *params)
     torch.autograd.grad(out, [t, *params], torch.empty_like(out))
 
 
@@ -121,9 +122,10 @@ def shape_table():
     None) says why the launchers take the torch path there, so there is nothing to compile."""
     from .launch import paca_triton_unsupported
 
-    for (model, (L, N)), r, M, heads, dtype in itertools.product(VIT_SHAPES.items(), RANKS, CLUSTERS, HEADS, DTYPES):
-        yield (f"paca ViT-{model} L={L} N={N} M={M} r={r} h={heads} {_TYPE_NAMES[dtype]}", _paca_launches,
-               (L, N, M, r, heads, dtype), paca_triton_unsupported(M, r))
+    for (model, (L, N)), r, M, heads, dtype, activation in itertools.product(
+            VIT_SHAPES.items(), RANKS, CLUSTERS, HEADS, DTYPES, ACTIVATIONS):
+        yield (f"paca ViT-{model} L={L} N={N} M={M} r={r} h={heads} {_TYPE_NAMES[dtype]} {activation}", _paca_launches,
+               (L, N, M, r, heads, dtype, activation), paca_triton_unsupported(M, r))
     for (model, (_, N)), tokens, r, dtype in itertools.product(VIT_SHAPES.items(), TOKENS, RANKS, DTYPES):
         for d_in, d_out in ((N, 3 * N), (N, N), (N, 4 * N), (4 * N, N)):
             yield (f"residual ViT-{model} rows={BATCH * tokens} {d_in}->{d_out} r={r} {_TYPE_NAMES[dtype]}",

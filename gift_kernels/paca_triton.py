@@ -1,4 +1,4 @@
-"""Triton kernels for `paca_attention` (sigmoid assignment), forward and backward.
+"""Triton kernels for `paca_attention` (sigmoid or softmax assignment), forward and backward.
 
 Launches (per call, all L layers at once):
   forward   1. `_paca_cluster_fwd`: programs over (layer, block of clusters); one pass over N pools the cluster tokens
@@ -9,7 +9,7 @@ Launches (per call, all L layers at once):
   backward  3. `_paca_attn_bwd`: programs over (layer x head, split of N): probabilities recomputed from
                the log-sum-exp; dU (attention path) per row, and per-split partial sums of dVp, dKq, dcq.
             -  torch: sum of the partials in a fixed order, then the (M x r)-sized cluster-side backward.
-            4. `_paca_cluster_bwd`: programs over (layer, split of N): dC = U dP^T, the sigmoid backward,
+            4. `_paca_cluster_bwd`: programs over (layer, split of N): dC = U dP^T, the sigmoid/softmax backward,
                dU (cluster path), the l2 backward to dT, per-split partials of dWc, dbc.
 Every reduction over N is a fixed-order loop or a fixed-order sum of per-split partials: no atomics,
 so two runs give bitwise equal results. Tiles, warps and splits: `launch.paca_launch`.
@@ -71,12 +71,14 @@ def _l2_rows(t):
 
 @_even_sizes
 @triton.jit
-def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, KQ, CQ, VP,
+def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, LSE_C, KQ, CQ, VP,
                       N, M, R, inv_n, scale, H, D,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_R: tl.constexpr, DT: tl.constexpr, F32_DOT: tl.constexpr,
+                      BLOCK_R: tl.constexpr, DT: tl.constexpr, F32_DOT: tl.constexpr, SOFTMAX: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
-    """Programs over (layer, block of BLOCK_M clusters): every cluster row is independent."""
+    """Programs over (layer, block of BLOCK_M clusters): every cluster row is independent. ``SOFTMAX``: the
+    assignment is a softmax over the N tokens (online, like flash attention; its log-sum-exp goes to LSE_C),
+    else sigmoid / N."""
     layer = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
@@ -86,15 +88,30 @@ def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, KQ, CQ, V
     else:
         bc = tl.load(Bc + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)
     pooled = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)      # softmax: running max and sum over N
+    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     t_layer = T + layer * N * R
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         u, _ = _l2_rows(_load_rows(t_layer, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R))
         logits = _dot(u, tl.trans(wc), DT, F32_DOT) + bc[None, :]
-        c = tl.sigmoid(logits) * inv_n
-        if not EVEN_N:
-            c = tl.where(offs_n[:, None] < N, c, 0.0)
+        if SOFTMAX:
+            if not EVEN_N:
+                logits = tl.where(offs_n[:, None] < N, logits, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(logits, axis=0))
+            c = tl.exp(logits - new_max[None, :])
+            rescale = tl.exp(run_max - new_max)
+            run_sum = run_sum * rescale + tl.sum(c, axis=0)
+            pooled = pooled * rescale[:, None]
+            run_max = new_max
+        else:
+            c = tl.sigmoid(logits) * inv_n
+            if not EVEN_N:
+                c = tl.where(offs_n[:, None] < N, c, 0.0)
         pooled += _dot(tl.trans(c), u, DT, F32_DOT)
+    if SOFTMAX:
+        pooled = pooled / run_sum[:, None]
+        tl.store(LSE_C + layer * M + offs_m, run_max + tl.log(run_sum), mask=offs_m < M)
     z, pnorm = _l2_rows(pooled)
     _store_rows(Z + layer * M * R, z, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
     if EVEN_M:
@@ -206,7 +223,8 @@ def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M
 
 @_even_sizes
 @triton.jit
-def _paca_cluster_bwd(T, G, DU, DP, Wc, Bc, DT_OUT, DWC_PART, DBC_PART, N, M, R, inv_n, n_blocks, blocks_per_split,
+def _paca_cluster_bwd(T, G, DU, DP, Z, PNORM, LSE_C, Wc, Bc, DT_OUT, DWC_PART, DBC_PART, N, M, R, inv_n,
+                      n_blocks, blocks_per_split, SOFTMAX: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                       DT: tl.constexpr, F32_DOT: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
@@ -217,6 +235,11 @@ def _paca_cluster_bwd(T, G, DU, DP, Wc, Bc, DT_OUT, DWC_PART, DBC_PART, N, M, R,
     wc = _load_rows(Wc, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
     bc = tl.load(Bc + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)
     dp = _load_rows(DP + layer * M * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    if SOFTMAX:  # softmax over N: sum_n C[n, m] dC[n, m] = dP[m] . P[m], with P = Z max(||P||, eps)
+        z = _load_rows(Z + layer * M * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+        pnorm = tl.load(PNORM + layer * M + offs_m, mask=offs_m < M, other=0.0)
+        lse_c = tl.load(LSE_C + layer * M + offs_m, mask=offs_m < M, other=0.0)
+        delta = tl.sum(dp * z, axis=1) * tl.maximum(pnorm, 1e-12)
     dwc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     dbc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     first = split * blocks_per_split                    # blocks [first, last): never one past N
@@ -225,11 +248,16 @@ def _paca_cluster_bwd(T, G, DU, DP, Wc, Bc, DT_OUT, DWC_PART, DBC_PART, N, M, R,
         u, norm = _l2_rows(_load_rows(T + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R))
         g = _load_rows(G + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
         du = _load_rows(DU + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
-        sig = tl.sigmoid(_dot(u, tl.trans(wc), DT, F32_DOT) + bc[None, :])
+        logits = _dot(u, tl.trans(wc), DT, F32_DOT) + bc[None, :]
         keep = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-        c = tl.where(keep, sig * inv_n, 0.0)
         dc = _dot(u, tl.trans(dp), DT, F32_DOT)
-        ds = tl.where(keep, dc * sig * (1.0 - sig) * inv_n, 0.0)
+        if SOFTMAX:
+            c = tl.where(keep, tl.exp(logits - lse_c[None, :]), 0.0)
+            ds = tl.where(keep, c * (dc - delta[None, :]), 0.0)
+        else:
+            sig = tl.sigmoid(logits)
+            c = tl.where(keep, sig * inv_n, 0.0)
+            ds = tl.where(keep, dc * sig * (1.0 - sig) * inv_n, 0.0)
         du += _dot(c, dp, DT, F32_DOT) + _dot(ds, wc, DT, F32_DOT)
         dwc += _dot(tl.trans(ds), u, DT, F32_DOT)
         dbc += tl.sum(ds, axis=0)
@@ -259,14 +287,15 @@ def _tiles(cfg: PacaLaunch, dtype: torch.dtype) -> dict:
                 F32_DOT=F32_DOT_PRECISION, num_stages=cfg.num_stages)
 
 
-def paca_attention_triton_forward(t: torch.Tensor, p: PacaParams, num_heads: int):
-    """Returns ``out (L, N, r)`` and what backward needs: Z, ||P||, Kq, cq, Vp, lse."""
+def paca_attention_triton_forward(t: torch.Tensor, p: PacaParams, num_heads: int, activation: str = "sigmoid"):
+    """Returns ``out (L, N, r)`` and what backward needs: Z, ||P||, the assignment's log-sum-exp over N
+    (softmax; else unused), Kq, cq, Vp, lse."""
     L, N, R = t.shape
     M = p.cluster_w.shape[0]
     cfg = _launch(t, M, num_heads)
     t = t.contiguous()
     f32 = dict(device=t.device, dtype=torch.float32)
-    z, pnorm = torch.empty(L, M, R, **f32), torch.empty(L, M, **f32)
+    z, pnorm, lse_c = torch.empty(L, M, R, **f32), torch.empty(L, M, **f32), torch.empty(L, M, **f32)
     kq, vp, cq = torch.empty(L, num_heads * M, R, **f32), torch.empty(L, num_heads * M, R, **f32), torch.empty(L, num_heads * M, **f32)
     lse = torch.empty(L, num_heads, N, **f32)
     out = torch.empty_like(t)
@@ -275,26 +304,27 @@ def paca_attention_triton_forward(t: torch.Tensor, p: PacaParams, num_heads: int
     params = [x.contiguous() for x in p]
     cluster_tiles = dict(tiles, BLOCK_M=cfg.block_m_cluster, num_stages=cfg.num_stages_cluster)
     _paca_cluster_fwd[(L, triton.cdiv(M, cfg.block_m_cluster))](
-        t, *params[:9], z, pnorm, kq, cq, vp, N, M, R, 1.0 / N, scale, num_heads, R // num_heads,
-        num_warps=cfg.num_warps_fwd, **cluster_tiles)
+        t, *params[:9], z, pnorm, lse_c, kq, cq, vp, N, M, R, 1.0 / N, scale, num_heads, R // num_heads,
+        SOFTMAX=activation == "softmax", num_warps=cfg.num_warps_fwd, **cluster_tiles)
     _paca_attn_fwd[(L, cfg.n_blocks)](t, kq, cq, vp, params[9], out, lse, N, M, R, num_heads,
                                       num_warps=cfg.num_warps_fwd, **tiles)
-    return out, (z, pnorm, kq, cq, vp, lse, cfg)
+    return out, (z, pnorm, lse_c, kq, cq, vp, lse, cfg)
 
 
 class PacaAttentionTriton(torch.autograd.Function):
-    """Triton path of `paca_attention` (sigmoid assignment)."""
+    """Triton path of `paca_attention` (sigmoid or softmax assignment)."""
 
     @staticmethod
-    def forward(ctx, t, num_heads, *params):
-        out, (z, pnorm, kq, cq, vp, lse, cfg) = paca_attention_triton_forward(t, PacaParams(*params), num_heads)
-        ctx.save_for_backward(t, z, pnorm, lse, *params)
-        ctx.num_heads, ctx.cfg = num_heads, cfg
+    def forward(ctx, t, num_heads, activation, *params):
+        out, (z, pnorm, lse_c, kq, cq, vp, lse, cfg) = paca_attention_triton_forward(t, PacaParams(*params), num_heads,
+                                                                                      activation)
+        ctx.save_for_backward(t, z, pnorm, lse_c, lse, *params)
+        ctx.num_heads, ctx.activation, ctx.cfg = num_heads, activation, cfg
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        t, z, pnorm, lse, *params = ctx.saved_tensors
+        t, z, pnorm, lse_c, lse, *params = ctx.saved_tensors
         p = PacaParams(*params)
         h, cfg = ctx.num_heads, ctx.cfg
         L, N, R = t.shape
@@ -320,9 +350,10 @@ class PacaAttentionTriton(torch.autograd.Function):
         dp, grads = _cluster_side_backward(z, pnorm.unsqueeze(-1), p32, h, scale, kh, vh, wq_h, wp_h, dkq, dcq, dvp)
         dt = torch.empty_like(t)
         dwc_part, dbc_part = torch.empty(splits, L, M, R, **f32), torch.empty(splits, L, M, **f32)
-        _paca_cluster_bwd[(L, splits)](t, g, du.contiguous(), dp.contiguous(), p.cluster_w.contiguous(),
-                                       p.cluster_b.contiguous(), dt, dwc_part, dbc_part, N, M, R, 1.0 / N,
-                                       cfg.n_blocks, bps, num_warps=cfg.num_warps_bwd, **tiles)
+        _paca_cluster_bwd[(L, splits)](t, g, du.contiguous(), dp.contiguous(), z, pnorm, lse_c,
+                                       p.cluster_w.contiguous(), p.cluster_b.contiguous(), dt, dwc_part, dbc_part, N, M, R, 1.0 / N,
+                                       cfg.n_blocks, bps, SOFTMAX=ctx.activation == "softmax",
+                                       num_warps=cfg.num_warps_bwd, **tiles)
         grads = grads._replace(cluster_w=dwc_part.sum((0, 1)), cluster_b=dbc_part.sum((0, 1)),
                                proj_b=g.float().sum((0, 1)))
-        return (dt, None, *(gr.to(x.dtype) for gr, x in zip(grads, p)))
+        return (dt, None, None, *(gr.to(x.dtype) for gr, x in zip(grads, p)))

@@ -71,13 +71,13 @@ def test_splits_visit_every_block_once_and_never_one_past_n(sm_count):
                     assert cfg.splits <= max(1, cdiv(2 * sm_count, L * heads))
 
 
-def _paca_agrees(shape, dtype, device="cpu"):
+def _paca_agrees(shape, dtype, device="cpu", activation="sigmoid"):
     _skip_unless_triton(device, dtype)
     t, params, grad = paca_case(shape)
     heads = shape[4]
-    exact = paca_outputs_and_grads(t, params, grad, heads, torch.float64, "reference")
-    baseline = paca_outputs_and_grads(t, params, grad, heads, dtype, "reference", device=device)
-    got = paca_outputs_and_grads(t, params, grad, heads, dtype, "triton", device=device)
+    exact = paca_outputs_and_grads(t, params, grad, heads, torch.float64, "reference", activation)
+    baseline = paca_outputs_and_grads(t, params, grad, heads, dtype, "reference", activation, device=device)
+    got = paca_outputs_and_grads(t, params, grad, heads, dtype, "triton", activation, device=device)
     assert_agree(got, exact, dtype, baseline=baseline)
     return got, (t, params, grad)
 
@@ -93,12 +93,16 @@ def test_paca_with_gpu_splits_matches_float64_reference(monkeypatch, device, sm_
         assert all(torch.equal(got[k], again[k]) for k in got)
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_paca_with_several_cluster_blocks_matches_float64_reference(device, dtype):
-    """M=20 at r=128: the forward's cluster kernel runs 2 programs of 16 clusters per layer (the second ragged)."""
-    assert paca_launch(2, 37, 20, 128, 2, dtype, device_props(torch.device("cpu"))).block_m_cluster == 16
-    _paca_agrees((2, 37, 20, 128, 2), dtype, device)
+def test_paca_with_several_cluster_blocks_matches_float64_reference(monkeypatch, device, dtype, activation):
+    """M=20 at r=128: the forward's cluster kernel runs 2 programs of 16 clusters per layer (the second ragged);
+    with 108 SMs the backward splits N (the last block ragged) per layer."""
+    monkeypatch.setenv("GIFT_SM_COUNT", "108")
+    cfg = paca_launch(2, 37, 20, 128, 2, dtype, device_props(torch.device("cpu")))
+    assert cfg.block_m_cluster == 16 and cfg.splits >= 2
+    _paca_agrees((2, 37, 20, 128, 2), dtype, device, activation)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,6 +8,7 @@ import torch
 
 import gift_kernels
 from gift_kernels import PacaParams, l2_mlp_residual, l2_mlp_residual_reference, paca_attention, paca_attention_reference
+from gift_kernels.launch import paca_triton_unsupported
 from gift_kernels.testing import assert_agree, paca_case, paca_outputs_and_grads, residual_case, residual_outputs_and_grads
 
 BACKENDS = ["torch", "triton"]
@@ -73,13 +74,29 @@ def test_paca_attention_is_deterministic(device, backend):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_softmax_assignment_falls_back_to_torch_under_auto_and_is_refused_by_triton():
-    t, params, grad = paca_case((1, 7, 5, 8, 1))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 7, 5, 8, 1), (1, 100, 64, 64, 1), (3, 197, 5, 24, 3)],
+                         ids=lambda s: "L{}-N{}-M{}-r{}-h{}".format(*s))
+def test_paca_attention_softmax_assignment_matches_float64_reference(shape, dtype):
+    _skip_unsupported("cpu", "triton", dtype)
+    t, params, grad = paca_case(shape, seed=5)
+    heads = shape[4]
+    exact = paca_outputs_and_grads(t, params, grad, heads, torch.float64, "reference", "softmax")
+    baseline = paca_outputs_and_grads(t, params, grad, heads, dtype, "reference", "softmax")
+    got = paca_outputs_and_grads(t, params, grad, heads, dtype, "triton", "softmax")
+    assert_agree(got, exact, dtype, baseline=baseline)
+    again = paca_outputs_and_grads(t, params, grad, heads, dtype, "triton", "softmax")
+    assert all(torch.equal(got[k], again[k]) for k in got)
+
+
+def test_paca_attention_too_large_for_triton_falls_back_under_auto_and_is_refused_by_triton():
+    t, params, _ = paca_case((1, 7, 100, 64, 1))
     p = PacaParams(*(x.float() for x in params))
-    with pytest.raises(RuntimeError, match="sigmoid assignment only"):
-        paca_attention(t.float(), p, 1, "softmax", backend="triton")
-    out = paca_attention(t.float(), p, 1, "softmax", backend="auto")
-    torch.testing.assert_close(out, paca_attention_reference(t.float(), p, 1, "softmax"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"tiles of at most 4096 elements and M=100, r=64 pads to 128 x 64"):
+        paca_attention(t.float(), p, 1, backend="triton")
+    reason = paca_triton_unsupported(100, 64)
+    assert gift_kernels.resolve_backend(torch.device("cuda"), torch.float32, "auto", unsupported=reason) == "torch"
+    assert paca_triton_unsupported(64, 64) is None and paca_triton_unsupported(256, 16) is None
 
 
 def test_paca_attention_rejects_bad_inputs():
