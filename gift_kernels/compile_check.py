@@ -238,9 +238,9 @@ def compile_one(spec: CompileSpec, arch: str) -> CompileResult:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .kernel_launches import _innermost, triton_kernels
+    from .kernel_launches import innermost_kernel, triton_kernels
 
-    fn = _innermost(triton_kernels()[spec.kernel])
+    fn = innermost_kernel(triton_kernels()[spec.kernel])
     dtypes = {str(d): d for d in (tl.float32, tl.float16, tl.bfloat16)}
     constexprs = {k: dtypes.get(v, v) if isinstance(v, str) and k == "DT" else v for k, v in spec.constexprs}
     signature, attrs = {}, {}
@@ -352,7 +352,9 @@ def main(argv=None) -> int:
     if args.readme:
         from .kernel_launches import write_marked_block
 
-        command = "python -m gift_kernels.compile_check " + " ".join(argv if argv is not None else sys.argv[1:])
+        shown = [f"--arch {args.arch}"] + (["--largest"] if args.largest else []) + \
+            [f"--{k} {v!r}" for k, v in (("sample", args.sample), ("kernel", args.kernel), ("match", args.match)) if v]
+        command = "python -m gift_kernels.compile_check " + " ".join(shown)
         selection = "the full shape table" if not (args.largest or args.sample or args.kernel or args.match) else \
             "a selection of the shape table (see the command)"
         body = (f"Produced by `{command}` on {selection}: {len(results)} compiles, {len(failures)} problems.\n\n"

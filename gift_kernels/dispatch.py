@@ -67,6 +67,9 @@ def _why_not_triton(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype not in TRITON_DTYPES:
         return f"the Triton kernels take {[str(d) for d in TRITON_DTYPES]}, not {dtype}"
     if device.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] < 8:
+            major, minor = torch.cuda.get_device_capability(device)
+            return f"the Triton kernels need compute capability 8.0+ (tf32x3 fp32 dots) and this GPU is {major}.{minor}"
         return None
     if device.type == "cpu" and interpreter_enabled():
         return None

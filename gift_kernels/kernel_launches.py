@@ -25,7 +25,7 @@ class TritonLaunch:
     fn: Any = None                                  # the innermost JITFunction / InterpretedFunction
 
 
-def _innermost(kernel):
+def innermost_kernel(kernel):
     """The object whose ``run`` launches: @triton.heuristics wraps the @triton.jit function in ``.fn``."""
     while not hasattr(kernel, "arg_names") or type(kernel).__name__ == "Heuristics":
         kernel = kernel.fn
@@ -36,7 +36,7 @@ def triton_kernels() -> dict[str, Any]:
     """Every Triton kernel the gift_kernels launchers launch, by name (``KERNELS`` of each Triton module)."""
     from . import paca_triton, residual_triton
 
-    return {_innermost(k).fn.__name__: k for module in (paca_triton, residual_triton) for k in module.KERNELS}
+    return {innermost_kernel(k).fn.__name__: k for module in (paca_triton, residual_triton) for k in module.KERNELS}
 
 
 @contextlib.contextmanager
@@ -46,7 +46,7 @@ def record_triton_launches(execute: bool = True):
     launches: list[TritonLaunch] = []
     patched = []
     for name, kernel in triton_kernels().items():
-        inner = _innermost(kernel)
+        inner = innermost_kernel(kernel)
         original = inner.run
 
         def run(*args, grid, warmup, _name=name, _inner=inner, _original=original, **kwargs):
