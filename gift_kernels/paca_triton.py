@@ -1,14 +1,16 @@
 """Triton kernels for `paca_attention` (sigmoid or softmax assignment), forward and backward.
 
 Launches (per call, all L layers at once):
-  forward   1. `_paca_cluster_fwd`: programs over (layer, block of clusters); one pass over N pools the cluster tokens
-               (logits, sigmoid, /N, C^T U accumulated on chip, l2 over r), then derives the folded
-               cluster keys Kq, biases cq and values Vp (see `paca._cluster_side`).
+  forward   1. `_paca_cluster_fwd`: programs over (layer, block of clusters); one pass over N pools the
+               cluster tokens (logits, sigmoid / N or an online softmax over N, C^T U accumulated on chip,
+               l2 over r), then derives the folded cluster keys Kq, biases cq and values Vp (see
+               `paca._cluster_side`; a loop over heads, one (r x r) weight on chip at a time).
             2. `_paca_attn_fwd`: programs over (layer, block of N rows): logits U Kq^T + cq, softmax over
                the M clusters on chip, A Vp + bp + T in the epilogue; the fp32 log-sum-exp is saved.
   backward  3. `_paca_attn_bwd`: programs over (layer x head, split of N): probabilities recomputed from
                the log-sum-exp; dU (attention path) per row, and per-split partial sums of dVp, dKq, dcq.
-            -  torch: sum of the partials in a fixed order, then the (M x r)-sized cluster-side backward.
+            -  torch: sum of the partials in a fixed order, then the (M x r)-sized cluster-side backward
+               (the aten ops counted in the README's launch table).
             4. `_paca_cluster_bwd`: programs over (layer, split of N): dC = U dP^T, the sigmoid/softmax backward,
                dU (cluster path), the l2 backward to dT, per-split partials of dWc, dbc.
 Every reduction over N is a fixed-order loop or a fixed-order sum of per-split partials: no atomics,
