@@ -21,12 +21,14 @@ PROGRAMS_PER_SM = 2              # split the N-reductions until about this many 
 PACA_BLOCK_N_MAX = 64            # PaCa rows per program, at most
 PACA_ROW_TILE_BYTES = 16 * 1024  # most bytes of one program's (BLOCK_N x (M + r)) row tiles, in the dots' operand
                                  # dtype: fp32 (64, 64) gets BLOCK_N = 32, 16-bit 64 (shared memory, compile_check)
-PACA_CLUSTER_DOT = 64 * 64 * 64  # most (rows x r x r) of one cluster-side dot: rows of clusters per program
 PACA_STAGES = 2                  # software pipelining of the loops over N-blocks (16-bit backward, forward)
 PACA_STAGES_BWD_FP32 = 1         # fp32 backward: no double-buffered row tiles (A100 shared memory)
 PACA_STAGES_CLUSTER = 1          # the cluster-side loop over heads: no double-buffered (r x r) weights
 PACA_MAX_TILE = 64 * 64          # most elements of the padded (M x r) tiles a PaCa program holds: larger ones
                                  # overflow an A100's shared memory in the backward (see compile_check)
+PACA_MAX_R = 64                  # padded r at most: the cluster-side backward's (r x r) tiles at r = 128 take
+                                 # over 60 s in ptxas for sm_80
+PACA_SUM_BLOCK = 1024            # elements per program of the final fixed-order sums of partial gradients
 PACA_WARPS_FWD = 4
 PACA_WARPS_BWD = 8               # backward holds two (M x r) accumulators beside its (BLOCK_N x M) tiles
 RESIDUAL_BLOCK_M = 128
@@ -112,7 +114,6 @@ class PacaLaunch:
     block_n: int
     block_m: int
     block_r: int
-    block_m_cluster: int              # clusters per program of the forward's pooling / cluster-side kernel
     n_blocks: int
     splits: int
     blocks_per_split: int
@@ -121,6 +122,7 @@ class PacaLaunch:
     num_stages: int
     num_stages_bwd: int
     num_stages_cluster: int
+    block_sum: int
 
     def split_ranges(self) -> list[range]:
         """The N-blocks each split's program visits, as the kernels compute them."""
@@ -141,9 +143,9 @@ def split_blocks(n_blocks: int, programs_per_split: int, props: DeviceProps) -> 
 
 def paca_triton_unsupported(M: int, r: int) -> str | None:
     """Why the Triton PaCa kernels cannot take M clusters at rank r (None: they can)."""
-    if dot_block(M) * dot_block(r) > PACA_MAX_TILE:
-        return (f"the Triton PaCa kernels hold (M x r) tiles of at most {PACA_MAX_TILE} elements and M={M}, r={r} "
-                f"pads to {dot_block(M)} x {dot_block(r)}")
+    if dot_block(M) * dot_block(r) > PACA_MAX_TILE or dot_block(r) > PACA_MAX_R:
+        return (f"the Triton PaCa kernels hold (M x r) tiles of at most {PACA_MAX_TILE} elements with r <= "
+                f"{PACA_MAX_R}, and M={M}, r={r} pads to {dot_block(M)} x {dot_block(r)}")
     return None
 
 
@@ -158,16 +160,16 @@ def paca_launch(L: int, N: int, M: int, r: int, heads: int, dtype: torch.dtype, 
             block_n //= 2
     n_blocks = cdiv(N, block_n)
     splits, per_split = split_blocks(n_blocks, L * heads, props)
-    block_m_cluster = min(block_m, max(TL_DOT_MIN, PACA_CLUSTER_DOT // (block_r * block_r)))
     stages = 1 if props.interpreter else PACA_STAGES
     stages_bwd = PACA_STAGES_BWD_FP32 if dtype == torch.float32 and not props.interpreter else stages
-    return PacaLaunch(block_n=block_n, block_m=block_m, block_r=block_r, block_m_cluster=block_m_cluster,
-                      n_blocks=n_blocks, splits=splits, blocks_per_split=per_split,
+    return PacaLaunch(block_n=block_n, block_m=block_m, block_r=block_r, n_blocks=n_blocks, splits=splits,
+                      blocks_per_split=per_split,
                       num_warps_fwd=1 if props.interpreter else PACA_WARPS_FWD,
                       num_warps_bwd=1 if props.interpreter else PACA_WARPS_BWD,
                       num_stages=stages,
                       num_stages_bwd=stages_bwd,
-                      num_stages_cluster=1 if props.interpreter else PACA_STAGES_CLUSTER)
+                      num_stages_cluster=1 if props.interpreter else PACA_STAGES_CLUSTER,
+                      block_sum=INTERPRETER_BLOCK * 16 if props.interpreter else PACA_SUM_BLOCK)
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,16 @@ import triton
 import triton.language as tl
 
 from .launch import F32_DOT_PRECISION, PacaLaunch, device_props, paca_launch
-from .paca import PacaParams, _cluster_side, _cluster_side_backward
+from .paca import PacaParams
 
 
-# masks only where a length is not a multiple of its block (N) or not a power of two (M, r)
-_even_sizes = triton.heuristics({
-    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
+# masks only where a length is not a multiple of its block (N, M) or not a power of two (r)
+_EVEN_M_R = {
     "EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0,
     "EVEN_R": lambda a: a["R"] == a["BLOCK_R"],
-})
+}
+_even_sizes = triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0, **_EVEN_M_R})
+_even_m_r = triton.heuristics(_EVEN_M_R)
 
 
 @triton.jit
@@ -225,11 +226,13 @@ def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M
 
 @_even_sizes
 @triton.jit
-def _paca_cluster_bwd(T, G, DU, DP, Z, PNORM, LSE_C, Wc, Bc, DT_OUT, DWC_PART, DBC_PART, N, M, R, inv_n,
+def _paca_cluster_bwd(T, G, DU, DP, Z, PNORM, LSE_C, Wc, Bc, DT_OUT, PART, N, M, R, H, inv_n,
                       n_blocks, blocks_per_split, SOFTMAX: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                       DT: tl.constexpr, F32_DOT: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
+    """``DU`` holds the attention path's dU per head, summed here in head order. Row ``split * L + layer`` of
+    ``PART`` gets this program's partial sums ``[dWc (M x R) | dbc (M) | dbp (R)]``."""
     layer = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -244,12 +247,15 @@ def _paca_cluster_bwd(T, G, DU, DP, Z, PNORM, LSE_C, Wc, Bc, DT_OUT, DWC_PART, D
         delta = tl.sum(dp * z, axis=1) * tl.maximum(pnorm, 1e-12)
     dwc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     dbc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    dbp = tl.zeros((BLOCK_R,), dtype=tl.float32)
     first = split * blocks_per_split                    # blocks [first, last): never one past N
     for block in range(first, tl.minimum(first + blocks_per_split, n_blocks)):
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         u, norm = _l2_rows(_load_rows(T + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R))
         g = _load_rows(G + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
-        du = _load_rows(DU + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
+        du = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for j in range(0, H):
+            du += _load_rows(DU + (layer * H + j) * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
         logits = _dot(u, tl.trans(wc), DT, F32_DOT) + bc[None, :]
         keep = (offs_n[:, None] < N) & (offs_m[None, :] < M)
         dc = _dot(u, tl.trans(dp), DT, F32_DOT)
@@ -263,15 +269,89 @@ def _paca_cluster_bwd(T, G, DU, DP, Z, PNORM, LSE_C, Wc, Bc, DT_OUT, DWC_PART, D
         du += _dot(c, dp, DT, F32_DOT) + _dot(ds, wc, DT, F32_DOT)
         dwc += _dot(tl.trans(ds), u, DT, F32_DOT)
         dbc += tl.sum(ds, axis=0)
+        dbp += tl.sum(g, axis=0)
         dot = tl.sum(du * u, axis=1) * (norm >= 1e-12).to(tl.float32)
         dt = g + (du - u * dot[:, None]) / tl.maximum(norm, 1e-12)[:, None]
         _store_rows(DT_OUT + layer * N * R, dt, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
-    part = split * tl.num_programs(0) + layer
-    _store_rows(DWC_PART + part * M * R, dwc, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
-    tl.store(DBC_PART + part * M + offs_m, dbc, mask=offs_m < M)
+    row = PART + (split * tl.num_programs(0) + layer) * (M * R + M + R)
+    _store_rows(row, dwc, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    tl.store(row + M * R + offs_m, dbc, mask=offs_m < M)
+    tl.store(row + M * R + M + offs_r, dbp, mask=offs_r < R)
 
 
-KERNELS = (_paca_cluster_fwd, _paca_attn_fwd, _paca_attn_bwd, _paca_cluster_bwd)  # what the launchers launch
+@_even_m_r
+@triton.jit
+def _paca_cluster_side_bwd(Z, PNORM, Wq, Bq, Wk, Bk, Wv, Bv, Wp, DKQ_PART, DCQ_PART, DVP_PART, DP, PART,
+                           L, M, R, H, D, scale, splits,
+                           BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, F32_DOT: tl.constexpr,
+                           EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
+    """Backward of the cluster side (`paca._cluster_side_backward`), one program per layer: the split partials
+    of dKq, dcq, dVp summed in split order, then dK, dV, dZ, the l2 backward to dP (stored), and this layer's
+    row of ``PART``: ``[dWq | dWk | dWv | dWp (R x R each) | dbq | dbk | dbv (R each)]``."""
+    layer = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_rr = tl.arange(0, BLOCK_R)
+    z = _load_rows(Z + layer * M * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    bk = tl.load(Bk + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    k = _dot(z, tl.trans(_load_rows(Wk, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)), tl.float32, F32_DOT) + bk[None, :]
+    bv = tl.load(Bv + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    v = _dot(z, tl.trans(_load_rows(Wv, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)), tl.float32, F32_DOT) + bv[None, :]
+    bq = tl.load(Bq + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    dk = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dwq = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+    dwp = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+    dbq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for j in range(0, H):
+        lh = layer * H + j
+        dkq = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        dvp = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        dcq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for s in range(0, splits):                                         # fixed order: deterministic
+            part = (s * L * H + lh) * M
+            dkq += _load_rows(DKQ_PART + part * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+            dvp += _load_rows(DVP_PART + part * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+            dcq += tl.load(DCQ_PART + part + offs_m, mask=offs_m < M, other=0.0)
+        in_head = ((offs_r >= j * D) & (offs_r < (j + 1) * D))[None, :]
+        kj = tl.where(in_head, k, 0.0)
+        vj = tl.where(in_head, v, 0.0)
+        wq = _load_rows(Wq, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)             # (out, in)
+        dk += tl.where(in_head, _dot(dkq, tl.trans(wq), tl.float32, F32_DOT) + dcq[:, None] * bq[None, :], 0.0)
+        dwq += _dot(tl.trans(kj), dkq, tl.float32, F32_DOT)
+        dbq += tl.sum(kj * dcq[:, None], axis=0)
+        wp = _load_rows(Wp, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+        dv += tl.where(in_head, _dot(dvp, wp, tl.float32, F32_DOT), 0.0)
+        dwp += _dot(tl.trans(dvp), vj, tl.float32, F32_DOT)
+    dk = dk * scale
+    dz = _dot(dk, _load_rows(Wk, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R), tl.float32, F32_DOT) + \
+        _dot(dv, _load_rows(Wv, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R), tl.float32, F32_DOT)
+    pnorm = tl.load(PNORM + layer * M + offs_m, mask=offs_m < M, other=0.0)
+    dot = tl.sum(dz * z, axis=1) * (pnorm >= 1e-12).to(tl.float32)
+    _store_rows(DP + layer * M * R, (dz - z * dot[:, None]) / tl.maximum(pnorm, 1e-12)[:, None],
+                offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    row = PART + layer * (4 * R * R + 3 * R)
+    _store_rows(row, dwq * scale, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+    _store_rows(row + R * R, _dot(tl.trans(dk), z, tl.float32, F32_DOT), offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+    _store_rows(row + 2 * R * R, _dot(tl.trans(dv), z, tl.float32, F32_DOT), offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+    _store_rows(row + 3 * R * R, dwp, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+    tl.store(row + 4 * R * R + offs_r, dbq * scale, mask=offs_r < R)
+    tl.store(row + 4 * R * R + R + offs_r, tl.sum(dk, axis=0), mask=offs_r < R)
+    tl.store(row + 4 * R * R + 2 * R + offs_r, tl.sum(dv, axis=0), mask=offs_r < R)
+
+
+@triton.jit
+def _sum_rows(X, OUT, P, K, BLOCK_K: tl.constexpr):
+    """``OUT[k] = sum_p X[p, k]`` in row order (deterministic), stored in OUT's dtype."""
+    offs = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for p in range(0, P):
+        acc += tl.load(X + p * K + offs, mask=offs < K, other=0.0)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=offs < K)
+
+
+KERNELS = (_paca_cluster_fwd, _paca_attn_fwd, _paca_attn_bwd, _paca_cluster_side_bwd, _paca_cluster_bwd,
+           _sum_rows)  # what the launchers launch
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -304,8 +384,8 @@ def paca_attention_triton_forward(t: torch.Tensor, p: PacaParams, num_heads: int
     scale = 1.0 / math.sqrt(R // num_heads)
     tiles = _tiles(cfg, t.dtype)
     params = [x.contiguous() for x in p]
-    cluster_tiles = dict(tiles, BLOCK_M=cfg.block_m_cluster, num_stages=cfg.num_stages_cluster)
-    _paca_cluster_fwd[(L, triton.cdiv(M, cfg.block_m_cluster))](
+    cluster_tiles = dict(tiles, num_stages=cfg.num_stages_cluster)
+    _paca_cluster_fwd[(L, triton.cdiv(M, cfg.block_m))](
         t, *params[:9], z, pnorm, lse_c, kq, cq, vp, N, M, R, 1.0 / N, scale, num_heads, R // num_heads,
         SOFTMAX=activation == "softmax", num_warps=cfg.num_warps_fwd, **cluster_tiles)
     _paca_attn_fwd[(L, cfg.n_blocks)](t, kq, cq, vp, params[9], out, lse, N, M, R, num_heads,
@@ -320,23 +400,18 @@ class PacaAttentionTriton(torch.autograd.Function):
     def forward(ctx, t, num_heads, activation, *params):
         out, (z, pnorm, lse_c, kq, cq, vp, lse, cfg) = paca_attention_triton_forward(t, PacaParams(*params), num_heads,
                                                                                       activation)
-        ctx.save_for_backward(t, z, pnorm, lse_c, lse, *params)
+        ctx.save_for_backward(t, z, pnorm, lse_c, kq, cq, vp, lse, *params)
         ctx.num_heads, ctx.activation, ctx.cfg = num_heads, activation, cfg
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        t, z, pnorm, lse_c, lse, *params = ctx.saved_tensors
+        t, z, pnorm, lse_c, kq, cq, vp, lse, *params = ctx.saved_tensors
         p = PacaParams(*params)
         h, cfg = ctx.num_heads, ctx.cfg
         L, N, R = t.shape
         M = z.shape[1]
-        scale = 1.0 / math.sqrt(R // h)
         t, g = t.contiguous(), grad_out.contiguous()
-        # the cluster side in fp32 from the saved Z (cheap, M rows), as the forward kernel derived it
-        p32 = PacaParams(*(x.float() for x in p))
-        kh, vh, wq_h, wp_h, kq, cq, vp = _cluster_side(z, p32, h, scale)
-        kq, vp, cq = kq.contiguous(), vp.contiguous(), cq.reshape(L, h * M).contiguous()
         f32 = dict(device=t.device, dtype=torch.float32)
         splits, bps = cfg.splits, cfg.blocks_per_split
         du_heads = torch.empty(L * h, N, R, **f32)
@@ -345,17 +420,31 @@ class PacaAttentionTriton(torch.autograd.Function):
         tiles = dict(_tiles(cfg, t.dtype), num_stages=cfg.num_stages_bwd)
         _paca_attn_bwd[(L * h, splits)](t, g, kq, cq, vp, lse, du_heads, dkq_part, dcq_part, dvp_part, N, M, R, h,
                                         cfg.n_blocks, bps, num_warps=cfg.num_warps_bwd, **tiles)
-        dkq = dkq_part.sum(0).view(L, h * M, R)
-        dvp = dvp_part.sum(0).view(L, h * M, R)
-        dcq = dcq_part.sum(0).view(L, h * M)
-        du = du_heads.view(L, h, N, R).sum(1) if h > 1 else du_heads.view(L, N, R)
-        dp, grads = _cluster_side_backward(z, pnorm.unsqueeze(-1), p32, h, scale, kh, vh, wq_h, wp_h, dkq, dcq, dvp)
+        dp = torch.empty(L, M, R, **f32)
+        side_part = torch.empty(L, 4 * R * R + 3 * R, **f32)
+        _paca_cluster_side_bwd[(L,)](z, pnorm, p.q_w, p.q_b, p.k_w, p.k_b, p.v_w, p.v_b, p.proj_w, dkq_part, dcq_part,
+                                     dvp_part, dp, side_part, L, M, R, h, R // h, 1.0 / math.sqrt(R // h), splits,
+                                     BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, F32_DOT=F32_DOT_PRECISION,
+                                     num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_cluster)
         dt = torch.empty_like(t)
-        dwc_part, dbc_part = torch.empty(splits, L, M, R, **f32), torch.empty(splits, L, M, **f32)
-        _paca_cluster_bwd[(L, splits)](t, g, du.contiguous(), dp.contiguous(), z, pnorm, lse_c,
-                                       p.cluster_w.contiguous(), p.cluster_b.contiguous(), dt, dwc_part, dbc_part, N, M, R, 1.0 / N,
-                                       cfg.n_blocks, bps, SOFTMAX=ctx.activation == "softmax",
-                                       num_warps=cfg.num_warps_bwd, **tiles)
-        grads = grads._replace(cluster_w=dwc_part.sum((0, 1)), cluster_b=dbc_part.sum((0, 1)),
-                               proj_b=g.float().sum((0, 1)))
-        return (dt, None, None, *(gr.to(x.dtype) for gr, x in zip(grads, p)))
+        cluster_part = torch.empty(splits * L, M * R + M + R, **f32)
+        _paca_cluster_bwd[(L, splits)](t, g, du_heads, dp, z, pnorm, lse_c, p.cluster_w, p.cluster_b, dt,
+                                       cluster_part, N, M, R, h, 1.0 / N, cfg.n_blocks, bps,
+                                       SOFTMAX=ctx.activation == "softmax", num_warps=cfg.num_warps_bwd, **tiles)
+        side = _sum_partials(side_part, p.q_w.dtype, cfg)
+        cluster = _sum_partials(cluster_part, p.q_w.dtype, cfg)
+        rr = R * R
+        grads = PacaParams(cluster_w=cluster[:M * R].view(M, R), cluster_b=cluster[M * R:M * R + M],
+                           q_w=side[:rr].view(R, R), q_b=side[4 * rr:4 * rr + R],
+                           k_w=side[rr:2 * rr].view(R, R), k_b=side[4 * rr + R:4 * rr + 2 * R],
+                           v_w=side[2 * rr:3 * rr].view(R, R), v_b=side[4 * rr + 2 * R:],
+                           proj_w=side[3 * rr:4 * rr].view(R, R), proj_b=cluster[M * R + M:])
+        return (dt, None, None, *grads)
+
+
+def _sum_partials(part: torch.Tensor, dtype: torch.dtype, cfg: PacaLaunch) -> torch.Tensor:
+    """``part (P, K)`` summed over P in row order, as a (K,) tensor of ``dtype`` (one launch)."""
+    out = torch.empty(part.shape[1], device=part.device, dtype=dtype)
+    _sum_rows[(triton.cdiv(part.shape[1], cfg.block_sum),)](part, out, part.shape[0], part.shape[1],
+                                                            BLOCK_K=cfg.block_sum, num_warps=cfg.num_warps_fwd)
+    return out

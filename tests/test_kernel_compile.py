@@ -37,7 +37,6 @@ def test_sampled_compile_check_passes_for_sm80_and_sm90(tmp_path):
 def test_fp32_cluster_kernel_at_vit_h_shape_has_no_unrolled_scalar_dots(tmp_path):
     """Issue fault 3: IEEE fp32 tl.dots unrolled into ~100k scalar FMAs (134k PTX lines, minutes of ptxas)."""
     cfg = paca_launch(32, 1280, 64, 64, 1, torch.float32, ARCH_PROPS["sm_90"])
-    assert cfg.block_m_cluster == 64
     proc, report = _compile_check(tmp_path, "--arch", "sm_90", "--kernel", "_paca_cluster_fwd",
                                   "--match", f"fp32 BLOCK_M=64 BLOCK_N={cfg.block_n} BLOCK_R=64 even=MNR")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -96,13 +96,12 @@ def test_paca_with_gpu_splits_matches_float64_reference(monkeypatch, device, sm_
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_paca_with_several_cluster_blocks_matches_float64_reference(monkeypatch, device, dtype, activation):
-    """M=20 at r=128: the forward's cluster kernel runs 2 programs of 16 clusters per layer (the second ragged);
-    with 108 SMs the backward splits N (the last block ragged) per layer."""
+def test_paca_with_gpu_splits_and_heads_matches_float64_reference(monkeypatch, device, dtype, activation):
+    """Both assignments with 2 heads and ragged M, r, N; with 108 SMs the backward splits N (last block ragged)."""
     monkeypatch.setenv("GIFT_SM_COUNT", "108")
-    cfg = paca_launch(2, 37, 20, 128, 2, dtype, device_props(torch.device("cpu")))
-    assert cfg.block_m_cluster == 16 and cfg.splits >= 2
-    _paca_agrees((2, 37, 20, 128, 2), dtype, device, activation)
+    cfg = paca_launch(2, 137, 20, 48, 2, dtype, device_props(torch.device("cpu")))
+    assert cfg.splits >= 2 and cfg.n_blocks * cfg.block_n > 137
+    _paca_agrees((2, 137, 20, 48, 2), dtype, device, activation)
 
 
 @pytest.mark.parametrize("device", DEVICES)

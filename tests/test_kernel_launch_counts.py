@@ -16,7 +16,9 @@ pytestmark = pytest.mark.skipif(not gift_kernels.triton_available("cpu"), reason
 def test_forward_launches(dtype):
     paca = op_launch_counts("paca_attention", dtype, COUNT_SHAPES["paca_attention"])
     assert paca["forward"].triton == ["_paca_cluster_fwd", "_paca_attn_fwd"] and paca["forward"].aten == []
-    assert paca["backward"].triton == ["_paca_attn_bwd", "_paca_cluster_bwd"]
+    assert paca["backward"].triton == ["_paca_attn_bwd", "_paca_cluster_side_bwd", "_paca_cluster_bwd", "_sum_rows",
+                                       "_sum_rows"]
+    assert paca["backward"].aten == []                     # partial sums, cluster side and casts all in kernels
     residual = op_launch_counts("lowrank_residual_linear", dtype, COUNT_SHAPES["lowrank_residual_linear"])
     assert residual["forward"].triton == ["_matmul_lowrank_epilogue"] and residual["forward"].aten == ["mm"]
     assert residual["backward"].triton == ["_matmul_lowrank_epilogue"] and residual["backward"].aten == ["mm"] * 3

@@ -92,11 +92,12 @@ def test_paca_attention_softmax_assignment_matches_float64_reference(shape, dtyp
 def test_paca_attention_too_large_for_triton_falls_back_under_auto_and_is_refused_by_triton():
     t, params, _ = paca_case((1, 7, 100, 64, 1))
     p = PacaParams(*(x.float() for x in params))
-    with pytest.raises(RuntimeError, match=r"tiles of at most 4096 elements and M=100, r=64 pads to 128 x 64"):
+    with pytest.raises(RuntimeError, match=r"tiles of at most 4096 elements with r <= 64, and M=100, r=64 pads to"):
         paca_attention(t.float(), p, 1, backend="triton")
     reason = paca_triton_unsupported(100, 64)
     assert gift_kernels.resolve_backend(torch.device("cuda"), torch.float32, "auto", unsupported=reason) == "torch"
     assert paca_triton_unsupported(64, 64) is None and paca_triton_unsupported(256, 16) is None
+    assert paca_triton_unsupported(16, 128) is not None
 
 
 def test_paca_attention_rejects_bad_inputs():
