@@ -8,11 +8,13 @@ Launches (per call, all L layers at once):
             2. `_paca_attn_fwd`: programs over (layer, block of N rows): logits U Kq^T + cq, softmax over
                the M clusters on chip, A Vp + bp + T in the epilogue; the fp32 log-sum-exp is saved.
   backward  3. `_paca_attn_bwd`: programs over (layer x head, split of N): probabilities recomputed from
-               the log-sum-exp; dU (attention path) per row, and per-split partial sums of dVp, dKq, dcq.
-            -  torch: sum of the partials in a fixed order, then the (M x r)-sized cluster-side backward
-               (the aten ops counted in the README's launch table).
-            4. `_paca_cluster_bwd`: programs over (layer, split of N): dC = U dP^T, the sigmoid/softmax backward,
-               dU (cluster path), the l2 backward to dT, per-split partials of dWc, dbc.
+               the log-sum-exp; dU (attention path) per row and head, per-split partial sums of dVp, dKq, dcq.
+            4. `_paca_cluster_side_bwd`: one program per layer: the split partials summed in split order,
+               the (M x r)-sized cluster-side backward (dK, dV, dZ, the l2 backward to dP) and the layer's
+               partial gradients of Wq, bq, Wk, bk, Wv, bv, Wp.
+            5. `_paca_cluster_bwd`: programs over (layer, split of N): dU summed over heads, dC = U dP^T, the
+               sigmoid/softmax backward, dU (cluster path), the l2 backward to dT, partials of dWc, dbc, dbp.
+            6-7. `_sum_rows` twice: the partial gradients summed in row order, written in the parameters' dtype.
 Every reduction over N is a fixed-order loop or a fixed-order sum of per-split partials: no atomics,
 so two runs give bitwise equal results. Tiles, warps and splits: `launch.paca_launch`.
 fp32 dots run at ``input_precision=F32_DOT`` (tf32x3: three TF32 tensor-core products, fp32 accuracy).
