@@ -1,15 +1,21 @@
 """The one place that decides whether an op runs its Triton kernels or its torch path.
 
 ``GIFT_KERNELS=auto|torch|triton`` (or an op's ``backend=`` argument):
-  * ``auto``: Triton for CUDA tensors (float32/float16/bfloat16), the torch path otherwise
-    (CPU tensors, float64).
+  * ``auto``: on CUDA tensors (float32/float16/bfloat16) what each op measured or chose (PaCa: Triton;
+    the residual projection: the torch path, unless a one-time timing of both backends on this device,
+    cached in ``~/.cache/gift/kernels.json``, found Triton faster; see `measured_choice`); the torch path
+    otherwise (CPU tensors, float64).
   * ``torch``: always the torch path.
   * ``triton``: the Triton kernels, on CUDA or on CPU tensors under ``TRITON_INTERPRET=1``;
     where they cannot run (no CUDA and no interpreter, float64) a ``RuntimeError`` says why.
 """
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -61,6 +67,9 @@ def _why_not_triton(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype not in TRITON_DTYPES:
         return f"the Triton kernels take {[str(d) for d in TRITON_DTYPES]}, not {dtype}"
     if device.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] < 8:
+            major, minor = torch.cuda.get_device_capability(device)
+            return f"the Triton kernels need compute capability 8.0+ (tf32x3 fp32 dots) and this GPU is {major}.{minor}"
         return None
     if device.type == "cpu" and interpreter_enabled():
         return None
@@ -68,10 +77,11 @@ def _why_not_triton(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def resolve_backend(device: torch.device, dtype: torch.dtype, backend: str | None = None, op: str = "op",
-                    unsupported: str | None = None) -> str:
+                    unsupported: str | None = None, auto: Callable[[], str] | None = None) -> str:
     """``"triton"`` or ``"torch"`` for an op on tensors of this device and dtype.
 
     ``unsupported`` names a feature of this call that the Triton kernels lack (auto then takes torch).
+    ``auto`` returns what ``auto`` picks where Triton could run on CUDA (default: Triton).
     """
     requested = requested_backend(backend)
     if requested == "torch":
@@ -82,9 +92,79 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, backend: str | Non
             raise RuntimeError(f"{op}: GIFT_KERNELS=triton was asked for, but {why}. "
                                f"Use GIFT_KERNELS=auto or torch.")
         return "triton"
-    return "triton" if why is None and device.type == "cuda" else "torch"
+    if why is not None or device.type != "cuda":
+        return "torch"
+    return auto() if auto is not None else "triton"
 
 
 def active_backend(device: torch.device | str | None = None, backend: str | None = None) -> str:
     """What ops on float32 tensors of ``device`` (default: CUDA if present, else CPU) will run."""
     return resolve_backend(_default_device(device), torch.float32, backend)
+
+
+# ------------------------------------------------------------------------------ measured per-device choices
+CACHE_ENV = "GIFT_KERNELS_CACHE"
+_CHOICES: dict[str, dict] = {}           # path -> {entry: {"backend": name, "seconds": {name: s}}}
+
+
+def choices_path() -> Path:
+    """``$GIFT_KERNELS_CACHE`` or ``~/.cache/gift/kernels.json``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gift" / "kernels.json")
+
+
+def _load_choices(path: Path) -> dict:
+    key = str(path)
+    if key not in _CHOICES:
+        try:
+            data = json.loads(path.read_text())
+            _CHOICES[key] = data if isinstance(data, dict) else {}
+        except FileNotFoundError:
+            _CHOICES[key] = {}
+        except (OSError, ValueError):
+            _CHOICES[key] = {}                # unreadable: measured again and rewritten
+    return _CHOICES[key]
+
+
+def _save_choices(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass                                  # a read-only home: the choice still holds for this process
+
+
+def cuda_timer(fn: Callable[[], object], repeats: int = 10) -> float:
+    """Median seconds of ``fn`` on the current CUDA stream (after one warm-up call, which compiles)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def measured_choice(device_name: str, op: str, key: str, candidates: dict[str, Callable[[], object]],
+                    timer: Callable[[Callable[[], object]], float] | None = None, path: Path | None = None) -> str:
+    """The fastest of ``candidates`` (backend name -> a call of the op) for ``op`` at ``key`` on ``device_name``:
+    timed once with ``timer`` (default `cuda_timer`), then read back from the JSON cache at ``path``
+    (default `choices_path`)."""
+    path = path or choices_path()
+    data = _load_choices(path)
+    entry = f"{device_name} | {op} | {key}"
+    known = data.get(entry)
+    if isinstance(known, dict) and known.get("backend") in candidates:
+        return known["backend"]
+    timer = timer or cuda_timer
+    seconds = {name: float(timer(fn)) for name, fn in candidates.items()}
+    best = min(seconds, key=seconds.get)
+    data[entry] = {"backend": best, "seconds": seconds}
+    _save_choices(path, data)
+    return best

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import resolve_backend
+from .launch import paca_triton_unsupported
 
 EPS = 1e-12  # l2 normalisation: x / max(||x||, EPS), torch F.normalize semantics
 
@@ -188,11 +189,11 @@ def paca_attention(t: torch.Tensor, params: PacaParams, num_heads: int, activati
     dtypes = {t.dtype} | {p.dtype for p in params}
     if len(dtypes) != 1:
         raise TypeError(f"paca_attention needs one dtype for tokens and parameters, got {sorted(map(str, dtypes))}.")
-    unsupported = "the Triton PaCa kernels implement the sigmoid assignment only" if activation != "sigmoid" else None
+    unsupported = paca_triton_unsupported(params.cluster_w.shape[0], t.shape[-1])
     if resolve_backend(t.device, t.dtype, backend, "paca_attention", unsupported) == "triton":
         from .paca_triton import PacaAttentionTriton
 
-        return PacaAttentionTriton.apply(t, num_heads, *params)
+        return PacaAttentionTriton.apply(t, num_heads, activation, *params)
     if t.dtype in (torch.float16, torch.bfloat16):  # the torch path computes 16-bit inputs in fp32
         return PacaAttentionTorch.apply(t.float(), num_heads, activation, *(x.float() for x in params)).to(t.dtype)
     return PacaAttentionTorch.apply(t, num_heads, activation, *params)

@@ -1,18 +1,23 @@
-"""Triton kernels for `paca_attention` (sigmoid assignment), forward and backward.
+"""Triton kernels for `paca_attention` (sigmoid or softmax assignment), forward and backward.
 
 Launches (per call, all L layers at once):
-  forward   1. `_paca_cluster_fwd`: one program per layer; one pass over N pools the cluster tokens
-               (logits, sigmoid, /N, C^T U accumulated on chip, l2 over r), then derives the folded
-               cluster keys Kq, biases cq and values Vp (see `paca._cluster_side`).
+  forward   1. `_paca_cluster_fwd`: programs over (layer, block of clusters); one pass over N pools the
+               cluster tokens (logits, sigmoid / N or an online softmax over N, C^T U accumulated on chip,
+               l2 over r), then derives the folded cluster keys Kq, biases cq and values Vp (see
+               `paca._cluster_side`; a loop over heads, one (r x r) weight on chip at a time).
             2. `_paca_attn_fwd`: programs over (layer, block of N rows): logits U Kq^T + cq, softmax over
                the M clusters on chip, A Vp + bp + T in the epilogue; the fp32 log-sum-exp is saved.
   backward  3. `_paca_attn_bwd`: programs over (layer x head, split of N): probabilities recomputed from
-               the log-sum-exp; dU (attention path) per row, and per-split partial sums of dVp, dKq, dcq.
-            -  torch: sum of the partials in a fixed order, then the (M x r)-sized cluster-side backward.
-            4. `_paca_cluster_bwd`: programs over (layer, split of N): dC = U dP^T, the sigmoid backward,
-               dU (cluster path), the l2 backward to dT, per-split partials of dWc, dbc.
+               the log-sum-exp; dU (attention path) per row and head, per-split partial sums of dVp, dKq, dcq.
+            4. `_paca_cluster_side_bwd`: one program per layer: the split partials summed in split order,
+               the (M x r)-sized cluster-side backward (dK, dV, dZ, the l2 backward to dP) and the layer's
+               partial gradients of Wq, bq, Wk, bk, Wv, bv, Wp.
+            5. `_paca_cluster_bwd`: programs over (layer, split of N): dU summed over heads, dC = U dP^T, the
+               sigmoid/softmax backward, dU (cluster path), the l2 backward to dT, partials of dWc, dbc, dbp.
+            6-7. `_sum_rows` twice: the partial gradients summed in row order, written in the parameters' dtype.
 Every reduction over N is a fixed-order loop or a fixed-order sum of per-split partials: no atomics,
-so two runs give bitwise equal results. fp32 inputs use IEEE-precision dots (no TF32).
+so two runs give bitwise equal results. Tiles, warps and splits: `launch.paca_launch`.
+fp32 dots run at ``input_precision=F32_DOT`` (tf32x3: three TF32 tensor-core products, fp32 accuracy).
 """
 from __future__ import annotations
 
@@ -22,22 +27,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .paca import PacaParams, _cluster_side, _cluster_side_backward
+from .launch import F32_DOT_PRECISION, PacaLaunch, device_props, paca_launch
+from .paca import PacaParams
 
 
-# masks only where a length is not a multiple of its block (N) or not a power of two (M, r)
-_even_sizes = triton.heuristics({
-    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
-    "EVEN_M": lambda a: a["M"] == a["BLOCK_M"],
+# masks only where a length is not a multiple of its block (N, M) or not a power of two (r)
+_EVEN_M_R = {
+    "EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0,
     "EVEN_R": lambda a: a["R"] == a["BLOCK_R"],
-})
+}
+_even_sizes = triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0, **_EVEN_M_R})
+_even_m_r = triton.heuristics(_EVEN_M_R)
 
 
 @triton.jit
-def _dot16(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
-    """Dot in the input precision: IEEE fp32, or 16-bit operands (``DT``) with fp32 accumulation."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+def _dot(a, b, DT: tl.constexpr, F32_DOT: tl.constexpr):
+    """``a @ b`` accumulated in fp32: 16-bit operands when ``DT`` is 16-bit, else fp32 operands at
+    ``input_precision=F32_DOT`` (see `launch.F32_DOT_PRECISION`)."""
+    if DT == tl.float32:
+        return tl.dot(a, b, input_precision=F32_DOT)
     return tl.dot(a.to(DT), b.to(DT))
 
 
@@ -68,53 +76,70 @@ def _l2_rows(t):
 
 @_even_sizes
 @triton.jit
-def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, KQ, CQ, VP,
-                      N, M, R, inv_n, scale,
-                      H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_R: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr,
+def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, LSE_C, KQ, CQ, VP,
+                      N, M, R, inv_n, scale, H, D,
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_R: tl.constexpr, DT: tl.constexpr, F32_DOT: tl.constexpr, SOFTMAX: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
+    """Programs over (layer, block of BLOCK_M clusters): every cluster row is independent. ``SOFTMAX``: the
+    assignment is a softmax over the N tokens (online, like flash attention; its log-sum-exp goes to LSE_C),
+    else sigmoid / N."""
     layer = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    wc = _load_rows(Wc, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)                  # (M, R)
+    wc = _load_rows(Wc, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)                  # (BLOCK_M, R)
     if EVEN_M:
         bc = tl.load(Bc + offs_m).to(tl.float32)
     else:
         bc = tl.load(Bc + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)
     pooled = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)      # softmax: running max and sum over N
+    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     t_layer = T + layer * N * R
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         u, _ = _l2_rows(_load_rows(t_layer, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R))
-        logits = _dot16(u, tl.trans(wc), IEEE, DT) + bc[None, :]
-        c = tl.sigmoid(logits) * inv_n
-        if not EVEN_N:
-            c = tl.where(offs_n[:, None] < N, c, 0.0)
-        pooled += _dot16(tl.trans(c), u, IEEE, DT)
+        logits = _dot(u, tl.trans(wc), DT, F32_DOT) + bc[None, :]
+        if SOFTMAX:
+            if not EVEN_N:
+                logits = tl.where(offs_n[:, None] < N, logits, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(logits, axis=0))
+            c = tl.exp(logits - new_max[None, :])
+            rescale = tl.exp(run_max - new_max)
+            run_sum = run_sum * rescale + tl.sum(c, axis=0)
+            pooled = pooled * rescale[:, None]
+            run_max = new_max
+        else:
+            c = tl.sigmoid(logits) * inv_n
+            if not EVEN_N:
+                c = tl.where(offs_n[:, None] < N, c, 0.0)
+        pooled += _dot(tl.trans(c), u, DT, F32_DOT)
+    if SOFTMAX:
+        pooled = pooled / run_sum[:, None]
+        tl.store(LSE_C + layer * M + offs_m, run_max + tl.log(run_sum), mask=offs_m < M)
     z, pnorm = _l2_rows(pooled)
     _store_rows(Z + layer * M * R, z, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
     if EVEN_M:
         tl.store(PNORM + layer * M + offs_m, pnorm)
     else:
         tl.store(PNORM + layer * M + offs_m, pnorm, mask=offs_m < M)
-    # cluster side (M rows, fp32 IEEE whatever the input dtype): K, V, then per head the folded keys/values
+    # cluster side (fp32 whatever the input dtype): K, V, then per head the folded keys/values. Each (r x r)
+    # weight is loaded right before its one dot, so that at most one of them is on chip at a time.
     offs_rr = tl.arange(0, BLOCK_R)
-    wk = _load_rows(Wk, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)                 # (out, in)
-    wv = _load_rows(Wv, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
-    wq = _load_rows(Wq, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
-    wp = _load_rows(Wp, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
     bk = tl.load(Bk + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    k = _dot(z, tl.trans(_load_rows(Wk, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)), tl.float32, F32_DOT) + bk[None, :]
     bv = tl.load(Bv + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    v = _dot(z, tl.trans(_load_rows(Wv, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)), tl.float32, F32_DOT) + bv[None, :]
     bq = tl.load(Bq + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
-    k = tl.dot(z, tl.trans(wk), input_precision="ieee") + bk[None, :]
-    v = tl.dot(z, tl.trans(wv), input_precision="ieee") + bv[None, :]
-    for j in tl.static_range(H):
+    for j in range(0, H):          # a loop (H is a runtime argument): code size does not grow with H
         in_head = (offs_r >= j * D) & (offs_r < (j + 1) * D)
         kj = tl.where(in_head[None, :], k, 0.0)
         vj = tl.where(in_head[None, :], v, 0.0)
-        kq = tl.dot(kj, wq, input_precision="ieee") * scale                 # (M, R)
-        cq = tl.sum(kj * bq[None, :], axis=1) * scale                               # (M,)
-        vp = tl.dot(vj, tl.trans(wp), input_precision="ieee")               # (M, R)
+        wq = _load_rows(Wq, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)             # (out, in)
+        kq = _dot(kj, wq, tl.float32, F32_DOT) * scale                             # (BLOCK_M, R)
+        cq = tl.sum(kj * bq[None, :], axis=1) * scale                               # (BLOCK_M,)
+        wp = _load_rows(Wp, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+        vp = _dot(vj, tl.trans(wp), tl.float32, F32_DOT)                           # (BLOCK_M, R)
         base = (layer * H + j) * M
         _store_rows(KQ + base * R, kq, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
         _store_rows(VP + base * R, vp, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
@@ -122,8 +147,8 @@ def _paca_cluster_fwd(T, Wc, Bc, Wq, Bq, Wk, Bk, Wv, Bv, Wp, Z, PNORM, KQ, CQ, V
 
 
 @triton.jit
-def _head_probs(u, kq, cq, offs_m, M, IEEE: tl.constexpr, DT: tl.constexpr, EVEN_M: tl.constexpr):
-    logits = _dot16(u, tl.trans(kq), IEEE, DT) + cq[None, :]
+def _head_probs(u, kq, cq, offs_m, M, DT: tl.constexpr, F32_DOT: tl.constexpr, EVEN_M: tl.constexpr):
+    logits = _dot(u, tl.trans(kq), DT, F32_DOT) + cq[None, :]
     if not EVEN_M:
         logits = tl.where(offs_m[None, :] < M, logits, float("-inf"))
     return logits
@@ -131,9 +156,9 @@ def _head_probs(u, kq, cq, offs_m, M, IEEE: tl.constexpr, DT: tl.constexpr, EVEN
 
 @_even_sizes
 @triton.jit
-def _paca_attn_fwd(T, KQ, CQ, VP, Bp, OUT, LSE, N, M, R,
-                   H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                   IEEE: tl.constexpr, DT: tl.constexpr,
+def _paca_attn_fwd(T, KQ, CQ, VP, Bp, OUT, LSE, N, M, R, H,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                   DT: tl.constexpr, F32_DOT: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
     layer = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -143,16 +168,16 @@ def _paca_attn_fwd(T, KQ, CQ, VP, Bp, OUT, LSE, N, M, R,
     u, _ = _l2_rows(t)
     bp = tl.load(Bp + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
     out = t + bp[None, :]
-    for j in tl.static_range(H):
+    for j in range(0, H):
         base = (layer * H + j) * M
         kq = _load_rows(KQ + base * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
         vp = _load_rows(VP + base * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
         cq = tl.load(CQ + base + offs_m, mask=offs_m < M, other=0.0)
-        logits = _head_probs(u, kq, cq, offs_m, M, IEEE, DT, EVEN_M)
+        logits = _head_probs(u, kq, cq, offs_m, M, DT, F32_DOT, EVEN_M)
         row_max = tl.max(logits, axis=1)
         e = tl.exp(logits - row_max[:, None])
         row_sum = tl.sum(e, axis=1)
-        out += _dot16(e / row_sum[:, None], vp, IEEE, DT)
+        out += _dot(e / row_sum[:, None], vp, DT, F32_DOT)
         lse_ptrs = LSE + (layer * H + j) * N + offs_n
         if EVEN_N:
             tl.store(lse_ptrs, row_max + tl.log(row_sum))
@@ -163,9 +188,9 @@ def _paca_attn_fwd(T, KQ, CQ, VP, Bp, OUT, LSE, N, M, R,
 
 @_even_sizes
 @triton.jit
-def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M, R, blocks_per_split,
-                   H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                   IEEE: tl.constexpr, DT: tl.constexpr,
+def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M, R, H, n_blocks, blocks_per_split,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                   DT: tl.constexpr, F32_DOT: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
     layer_head = tl.program_id(0)          # layer * H + head
     split = tl.program_id(1)
@@ -179,20 +204,21 @@ def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M
     dkq = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     dvp = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     dcq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for b in range(0, blocks_per_split):
-        offs_n = (split * blocks_per_split + b) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = split * blocks_per_split                    # blocks [first, last): never one past N
+    for block in range(first, tl.minimum(first + blocks_per_split, n_blocks)):
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         u, _ = _l2_rows(_load_rows(T + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R))
         g = _load_rows(G + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
         lse = tl.load(LSE + layer_head * N + offs_n, mask=offs_n < N, other=0.0)
-        a = tl.exp(_head_probs(u, kq, cq, offs_m, M, IEEE, DT, EVEN_M) - lse[:, None])
+        a = tl.exp(_head_probs(u, kq, cq, offs_m, M, DT, F32_DOT, EVEN_M) - lse[:, None])
         if not EVEN_N:
             a = tl.where(offs_n[:, None] < N, a, 0.0)
-        da = _dot16(g, tl.trans(vp), IEEE, DT)                                     # (BLOCK_N, M)
+        da = _dot(g, tl.trans(vp), DT, F32_DOT)                                     # (BLOCK_N, M)
         dlogits = a * (da - tl.sum(da * a, axis=1)[:, None])
-        dvp += _dot16(tl.trans(a), g, IEEE, DT)
-        dkq += _dot16(tl.trans(dlogits), u, IEEE, DT)
+        dvp += _dot(tl.trans(a), g, DT, F32_DOT)
+        dkq += _dot(tl.trans(dlogits), u, DT, F32_DOT)
         dcq += tl.sum(dlogits, axis=0)
-        du = _dot16(dlogits, kq, IEEE, DT)
+        du = _dot(dlogits, kq, DT, F32_DOT)
         _store_rows(DU + layer_head * N * R, du, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
     part = (split * tl.num_programs(0) + layer_head) * M
     _store_rows(DKQ_PART + part * R, dkq, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
@@ -202,10 +228,13 @@ def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M
 
 @_even_sizes
 @triton.jit
-def _paca_cluster_bwd(T, G, DU, DP, Wc, Bc, DT_OUT, DWC_PART, DBC_PART, N, M, R, inv_n, blocks_per_split,
+def _paca_cluster_bwd(T, G, DU, DP, Z, PNORM, LSE_C, Wc, Bc, DT_OUT, PART, N, M, R, H, inv_n,
+                      n_blocks, blocks_per_split, SOFTMAX: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                      IEEE: tl.constexpr, DT: tl.constexpr,
+                      DT: tl.constexpr, F32_DOT: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
+    """``DU`` holds the attention path's dU per head, summed here in head order. Row ``split * L + layer`` of
+    ``PART`` gets this program's partial sums ``[dWc (M x R) | dbc (M) | dbp (R)]``."""
     layer = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -213,110 +242,211 @@ def _paca_cluster_bwd(T, G, DU, DP, Wc, Bc, DT_OUT, DWC_PART, DBC_PART, N, M, R,
     wc = _load_rows(Wc, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
     bc = tl.load(Bc + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)
     dp = _load_rows(DP + layer * M * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    if SOFTMAX:  # softmax over N: sum_n C[n, m] dC[n, m] = dP[m] . P[m], with P = Z max(||P||, eps)
+        z = _load_rows(Z + layer * M * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+        pnorm = tl.load(PNORM + layer * M + offs_m, mask=offs_m < M, other=0.0)
+        lse_c = tl.load(LSE_C + layer * M + offs_m, mask=offs_m < M, other=0.0)
+        delta = tl.sum(dp * z, axis=1) * tl.maximum(pnorm, 1e-12)
     dwc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     dbc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for b in range(0, blocks_per_split):
-        offs_n = (split * blocks_per_split + b) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dbp = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    first = split * blocks_per_split                    # blocks [first, last): never one past N
+    for block in range(first, tl.minimum(first + blocks_per_split, n_blocks)):
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         u, norm = _l2_rows(_load_rows(T + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R))
         g = _load_rows(G + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
-        du = _load_rows(DU + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
-        sig = tl.sigmoid(_dot16(u, tl.trans(wc), IEEE, DT) + bc[None, :])
+        du = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for j in range(0, H):
+            du += _load_rows(DU + (layer * H + j) * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
+        logits = _dot(u, tl.trans(wc), DT, F32_DOT) + bc[None, :]
         keep = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-        c = tl.where(keep, sig * inv_n, 0.0)
-        dc = _dot16(u, tl.trans(dp), IEEE, DT)
-        ds = tl.where(keep, dc * sig * (1.0 - sig) * inv_n, 0.0)
-        du += _dot16(c, dp, IEEE, DT) + _dot16(ds, wc, IEEE, DT)
-        dwc += _dot16(tl.trans(ds), u, IEEE, DT)
+        dc = _dot(u, tl.trans(dp), DT, F32_DOT)
+        if SOFTMAX:
+            c = tl.where(keep, tl.exp(logits - lse_c[None, :]), 0.0)
+            ds = tl.where(keep, c * (dc - delta[None, :]), 0.0)
+        else:
+            sig = tl.sigmoid(logits)
+            c = tl.where(keep, sig * inv_n, 0.0)
+            ds = tl.where(keep, dc * sig * (1.0 - sig) * inv_n, 0.0)
+        du += _dot(c, dp, DT, F32_DOT) + _dot(ds, wc, DT, F32_DOT)
+        dwc += _dot(tl.trans(ds), u, DT, F32_DOT)
         dbc += tl.sum(ds, axis=0)
+        dbp += tl.sum(g, axis=0)
         dot = tl.sum(du * u, axis=1) * (norm >= 1e-12).to(tl.float32)
         dt = g + (du - u * dot[:, None]) / tl.maximum(norm, 1e-12)[:, None]
         _store_rows(DT_OUT + layer * N * R, dt, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
-    part = split * tl.num_programs(0) + layer
-    _store_rows(DWC_PART + part * M * R, dwc, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
-    tl.store(DBC_PART + part * M + offs_m, dbc, mask=offs_m < M)
+    row = PART + (split * tl.num_programs(0) + layer) * (M * R + M + R)
+    _store_rows(row, dwc, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    tl.store(row + M * R + offs_m, dbc, mask=offs_m < M)
+    tl.store(row + M * R + M + offs_r, dbp, mask=offs_r < R)
+
+
+@_even_m_r
+@triton.jit
+def _paca_cluster_side_bwd(Z, PNORM, Wq, Bq, Wk, Bk, Wv, Bv, Wp, DKQ_PART, DCQ_PART, DVP_PART, DP, PART,
+                           L, M, R, H, D, scale, splits,
+                           BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, F32_DOT: tl.constexpr,
+                           EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
+    """Backward of the cluster side (`paca._cluster_side_backward`), one program per layer: the split partials
+    of dKq, dcq, dVp summed in split order, then dK, dV, dZ, the l2 backward to dP (stored), and this layer's
+    row of ``PART``: ``[dWq | dWk | dWv | dWp (R x R each) | dbq | dbk | dbv (R each)]``."""
+    layer = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_rr = tl.arange(0, BLOCK_R)
+    z = _load_rows(Z + layer * M * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    bk = tl.load(Bk + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    k = _dot(z, tl.trans(_load_rows(Wk, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)), tl.float32, F32_DOT) + bk[None, :]
+    bv = tl.load(Bv + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    v = _dot(z, tl.trans(_load_rows(Wv, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)), tl.float32, F32_DOT) + bv[None, :]
+    bq = tl.load(Bq + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    dk = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dwq = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+    dwp = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+    dbq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for j in range(0, H):
+        lh = layer * H + j
+        dkq = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        dvp = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        dcq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for s in range(0, splits):                                         # fixed order: deterministic
+            part = (s * L * H + lh) * M
+            dkq += _load_rows(DKQ_PART + part * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+            dvp += _load_rows(DVP_PART + part * R, offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+            dcq += tl.load(DCQ_PART + part + offs_m, mask=offs_m < M, other=0.0)
+        in_head = ((offs_r >= j * D) & (offs_r < (j + 1) * D))[None, :]
+        kj = tl.where(in_head, k, 0.0)
+        vj = tl.where(in_head, v, 0.0)
+        wq = _load_rows(Wq, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)             # (out, in)
+        dk += tl.where(in_head, _dot(dkq, tl.trans(wq), tl.float32, F32_DOT) + dcq[:, None] * bq[None, :], 0.0)
+        dwq += _dot(tl.trans(kj), dkq, tl.float32, F32_DOT)
+        dbq += tl.sum(kj * dcq[:, None], axis=0)
+        wp = _load_rows(Wp, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+        dv += tl.where(in_head, _dot(dvp, wp, tl.float32, F32_DOT), 0.0)
+        dwp += _dot(tl.trans(dvp), vj, tl.float32, F32_DOT)
+    dk = dk * scale
+    dz = _dot(dk, _load_rows(Wk, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R), tl.float32, F32_DOT) + \
+        _dot(dv, _load_rows(Wv, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R), tl.float32, F32_DOT)
+    pnorm = tl.load(PNORM + layer * M + offs_m, mask=offs_m < M, other=0.0)
+    dot = tl.sum(dz * z, axis=1) * (pnorm >= 1e-12).to(tl.float32)
+    _store_rows(DP + layer * M * R, (dz - z * dot[:, None]) / tl.maximum(pnorm, 1e-12)[:, None],
+                offs_m, offs_r, M, R, R, EVEN_M, EVEN_R)
+    row = PART + layer * (4 * R * R + 3 * R)
+    _store_rows(row, dwq * scale, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+    _store_rows(row + R * R, _dot(tl.trans(dk), z, tl.float32, F32_DOT), offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+    _store_rows(row + 2 * R * R, _dot(tl.trans(dv), z, tl.float32, F32_DOT), offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+    _store_rows(row + 3 * R * R, dwp, offs_rr, offs_r, R, R, R, EVEN_R, EVEN_R)
+    tl.store(row + 4 * R * R + offs_r, dbq * scale, mask=offs_r < R)
+    tl.store(row + 4 * R * R + R + offs_r, tl.sum(dk, axis=0), mask=offs_r < R)
+    tl.store(row + 4 * R * R + 2 * R + offs_r, tl.sum(dv, axis=0), mask=offs_r < R)
+
+
+@triton.jit
+def _sum_rows(X, OUT, P, K, BLOCK_K: tl.constexpr):
+    """``OUT[k] = sum_p X[p, k]`` in row order (deterministic), stored in OUT's dtype."""
+    offs = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for p in range(0, P):
+        acc += tl.load(X + p * K + offs, mask=offs < K, other=0.0)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=offs < K)
+
+
+KERNELS = (_paca_cluster_fwd, _paca_attn_fwd, _paca_attn_bwd, _paca_cluster_side_bwd, _paca_cluster_bwd,
+           _sum_rows)  # what the launchers launch
 
 
 # ------------------------------------------------------------------------------------------ launchers
-def _launch_config(t: torch.Tensor, M: int, num_heads: int) -> dict:
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _launch(t: torch.Tensor, M: int, num_heads: int) -> PacaLaunch:
     L, N, R = t.shape
-    interpret = t.device.type != "cuda"
-    block_n = 16 if interpret else (64 if R <= 64 and M <= 64 else 32)
-    n_blocks = triton.cdiv(N, block_n)
-    target = 1 if interpret else 2 * torch.cuda.get_device_properties(t.device).multi_processor_count
-    splits = max(1, min(n_blocks, triton.cdiv(target, L * num_heads)))
-    blocks_per_split = triton.cdiv(n_blocks, splits)
-    splits = triton.cdiv(n_blocks, blocks_per_split)
-    dt = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(t.dtype, tl.float32)
-    return dict(BLOCK_N=block_n, BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_R=max(16, triton.next_power_of_2(R)),
-                IEEE=t.dtype == torch.float32, DT=dt, splits=splits, blocks_per_split=blocks_per_split,
-                num_warps=1 if interpret else 4,
-                # backward holds two (M x r) accumulators beside its (BLOCK_N x M) tiles: more warps, fewer spills
-                num_warps_bwd=1 if interpret else 8)
+    return paca_launch(L, N, M, R, num_heads, t.dtype, device_props(t.device))
 
 
-def paca_attention_triton_forward(t: torch.Tensor, p: PacaParams, num_heads: int):
-    """Returns ``out (L, N, r)`` and what backward needs: Z, ||P||, Kq, cq, Vp, lse."""
+def _tiles(cfg: PacaLaunch, dtype: torch.dtype) -> dict:
+    """The constexprs every PaCa kernel takes."""
+    return dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, DT=_TL_DTYPES[dtype],
+                F32_DOT=F32_DOT_PRECISION, num_stages=cfg.num_stages)
+
+
+def paca_attention_triton_forward(t: torch.Tensor, p: PacaParams, num_heads: int, activation: str = "sigmoid"):
+    """Returns ``out (L, N, r)`` and what backward needs: Z, ||P||, the assignment's log-sum-exp over N
+    (softmax; else unused), Kq, cq, Vp, lse."""
     L, N, R = t.shape
     M = p.cluster_w.shape[0]
-    cfg = _launch_config(t, M, num_heads)
+    cfg = _launch(t, M, num_heads)
     t = t.contiguous()
     f32 = dict(device=t.device, dtype=torch.float32)
-    z, pnorm = torch.empty(L, M, R, **f32), torch.empty(L, M, **f32)
+    z, pnorm, lse_c = torch.empty(L, M, R, **f32), torch.empty(L, M, **f32), torch.empty(L, M, **f32)
     kq, vp, cq = torch.empty(L, num_heads * M, R, **f32), torch.empty(L, num_heads * M, R, **f32), torch.empty(L, num_heads * M, **f32)
     lse = torch.empty(L, num_heads, N, **f32)
     out = torch.empty_like(t)
     scale = 1.0 / math.sqrt(R // num_heads)
-    blocks = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], IEEE=cfg["IEEE"], DT=cfg["DT"],
-                  num_warps=cfg["num_warps"])
+    tiles = _tiles(cfg, t.dtype)
     params = [x.contiguous() for x in p]
-    _paca_cluster_fwd[(L,)](t, *params[:9], z, pnorm, kq, cq, vp, N, M, R, 1.0 / N, scale,
-                            H=num_heads, D=R // num_heads, **blocks)
-    _paca_attn_fwd[(L, triton.cdiv(N, cfg["BLOCK_N"]))](t, kq, cq, vp, params[9], out, lse, N, M, R,
-                                                         H=num_heads, **blocks)
-    return out, (z, pnorm, kq, cq, vp, lse, cfg)
+    cluster_tiles = dict(tiles, num_stages=cfg.num_stages_cluster)
+    _paca_cluster_fwd[(L, triton.cdiv(M, cfg.block_m))](
+        t, *params[:9], z, pnorm, lse_c, kq, cq, vp, N, M, R, 1.0 / N, scale, num_heads, R // num_heads,
+        SOFTMAX=activation == "softmax", num_warps=cfg.num_warps_fwd, **cluster_tiles)
+    _paca_attn_fwd[(L, cfg.n_blocks)](t, kq, cq, vp, params[9], out, lse, N, M, R, num_heads,
+                                      num_warps=cfg.num_warps_fwd, **tiles)
+    return out, (z, pnorm, lse_c, kq, cq, vp, lse, cfg)
 
 
 class PacaAttentionTriton(torch.autograd.Function):
-    """Triton path of `paca_attention` (sigmoid assignment)."""
+    """Triton path of `paca_attention` (sigmoid or softmax assignment)."""
 
     @staticmethod
-    def forward(ctx, t, num_heads, *params):
-        out, (z, pnorm, kq, cq, vp, lse, cfg) = paca_attention_triton_forward(t, PacaParams(*params), num_heads)
-        ctx.save_for_backward(t, z, pnorm, lse, *params)
-        ctx.num_heads, ctx.cfg = num_heads, cfg
+    def forward(ctx, t, num_heads, activation, *params):
+        out, (z, pnorm, lse_c, kq, cq, vp, lse, cfg) = paca_attention_triton_forward(t, PacaParams(*params), num_heads,
+                                                                                      activation)
+        ctx.save_for_backward(t, z, pnorm, lse_c, kq, cq, vp, lse, *params)
+        ctx.num_heads, ctx.activation, ctx.cfg = num_heads, activation, cfg
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        t, z, pnorm, lse, *params = ctx.saved_tensors
+        t, z, pnorm, lse_c, kq, cq, vp, lse, *params = ctx.saved_tensors
         p = PacaParams(*params)
         h, cfg = ctx.num_heads, ctx.cfg
         L, N, R = t.shape
         M = z.shape[1]
-        scale = 1.0 / math.sqrt(R // h)
         t, g = t.contiguous(), grad_out.contiguous()
-        # the cluster side in fp32 from the saved Z (cheap, M rows), as the forward kernel derived it
-        p32 = PacaParams(*(x.float() for x in p))
-        kh, vh, wq_h, wp_h, kq, cq, vp = _cluster_side(z, p32, h, scale)
-        kq, vp, cq = kq.contiguous(), vp.contiguous(), cq.reshape(L, h * M).contiguous()
         f32 = dict(device=t.device, dtype=torch.float32)
-        splits, bps = cfg["splits"], cfg["blocks_per_split"]
+        splits, bps = cfg.splits, cfg.blocks_per_split
         du_heads = torch.empty(L * h, N, R, **f32)
         dkq_part, dvp_part = torch.empty(splits, L * h, M, R, **f32), torch.empty(splits, L * h, M, R, **f32)
         dcq_part = torch.empty(splits, L * h, M, **f32)
-        blocks = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], IEEE=cfg["IEEE"], DT=cfg["DT"],
-                      num_warps=cfg["num_warps_bwd"])
-        _paca_attn_bwd[(L * h, splits)](t, g, kq, cq, vp, lse, du_heads, dkq_part, dcq_part, dvp_part, N, M, R, bps,
-                                        H=h, **blocks)
-        dkq = dkq_part.sum(0).view(L, h * M, R)
-        dvp = dvp_part.sum(0).view(L, h * M, R)
-        dcq = dcq_part.sum(0).view(L, h * M)
-        du = du_heads.view(L, h, N, R).sum(1) if h > 1 else du_heads.view(L, N, R)
-        dp, grads = _cluster_side_backward(z, pnorm.unsqueeze(-1), p32, h, scale, kh, vh, wq_h, wp_h, dkq, dcq, dvp)
+        tiles = dict(_tiles(cfg, t.dtype), num_stages=cfg.num_stages_bwd)
+        _paca_attn_bwd[(L * h, splits)](t, g, kq, cq, vp, lse, du_heads, dkq_part, dcq_part, dvp_part, N, M, R, h,
+                                        cfg.n_blocks, bps, num_warps=cfg.num_warps_bwd, **tiles)
+        dp = torch.empty(L, M, R, **f32)
+        side_part = torch.empty(L, 4 * R * R + 3 * R, **f32)
+        _paca_cluster_side_bwd[(L,)](z, pnorm, p.q_w, p.q_b, p.k_w, p.k_b, p.v_w, p.v_b, p.proj_w, dkq_part, dcq_part,
+                                     dvp_part, dp, side_part, L, M, R, h, R // h, 1.0 / math.sqrt(R // h), splits,
+                                     BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, F32_DOT=F32_DOT_PRECISION,
+                                     num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_cluster)
         dt = torch.empty_like(t)
-        dwc_part, dbc_part = torch.empty(splits, L, M, R, **f32), torch.empty(splits, L, M, **f32)
-        _paca_cluster_bwd[(L, splits)](t, g, du.contiguous(), dp.contiguous(), p.cluster_w.contiguous(),
-                                       p.cluster_b.contiguous(), dt, dwc_part, dbc_part, N, M, R, 1.0 / N, bps, **blocks)
-        grads = grads._replace(cluster_w=dwc_part.sum((0, 1)), cluster_b=dbc_part.sum((0, 1)),
-                               proj_b=g.float().sum((0, 1)))
-        return (dt, None, *(gr.to(x.dtype) for gr, x in zip(grads, p)))
+        cluster_part = torch.empty(splits * L, M * R + M + R, **f32)
+        _paca_cluster_bwd[(L, splits)](t, g, du_heads, dp, z, pnorm, lse_c, p.cluster_w, p.cluster_b, dt,
+                                       cluster_part, N, M, R, h, 1.0 / N, cfg.n_blocks, bps,
+                                       SOFTMAX=ctx.activation == "softmax", num_warps=cfg.num_warps_bwd, **tiles)
+        side = _sum_partials(side_part, p.q_w.dtype, cfg)
+        cluster = _sum_partials(cluster_part, p.q_w.dtype, cfg)
+        rr = R * R
+        grads = PacaParams(cluster_w=cluster[:M * R].view(M, R), cluster_b=cluster[M * R:M * R + M],
+                           q_w=side[:rr].view(R, R), q_b=side[4 * rr:4 * rr + R],
+                           k_w=side[rr:2 * rr].view(R, R), k_b=side[4 * rr + R:4 * rr + 2 * R],
+                           v_w=side[2 * rr:3 * rr].view(R, R), v_b=side[4 * rr + 2 * R:],
+                           proj_w=side[3 * rr:4 * rr].view(R, R), proj_b=cluster[M * R + M:])
+        return (dt, None, None, *grads)
+
+
+def _sum_partials(part: torch.Tensor, dtype: torch.dtype, cfg: PacaLaunch) -> torch.Tensor:
+    """``part (P, K)`` summed over P in row order, as a (K,) tensor of ``dtype`` (one launch)."""
+    out = torch.empty(part.shape[1], device=part.device, dtype=dtype)
+    _sum_rows[(triton.cdiv(part.shape[1], cfg.block_sum),)](part, out, part.shape[0], part.shape[1],
+                                                            BLOCK_K=cfg.block_sum, num_warps=cfg.num_warps_fwd)
+    return out

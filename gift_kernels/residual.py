@@ -11,10 +11,12 @@ W and b are frozen: backward returns gradients for x, psi and T only, and saves 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from .dispatch import resolve_backend
+from .dispatch import measured_choice, resolve_backend
 
 
 def lowrank_residual_linear_reference(x, weight, bias, psi, tokens):
@@ -59,6 +61,25 @@ class LowRankResidualLinear(torch.autograd.Function):
         return grad_x, None, None, grad_psi, grad_tokens, None
 
 
+def _measured_backend(x, weight, bias, psi, tokens) -> str:
+    """What ``auto`` runs on CUDA: the torch path (cuBLAS) unless both were timed on this device at this
+    shape and dtype (rows rounded up to a power of two) and Triton was faster; see `dispatch.measured_choice`."""
+    if torch.compiler.is_compiling():
+        return "torch"
+    from .residual_triton import matmul_lowrank_epilogue
+
+    with torch.no_grad():
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        p, q = x2 @ psi.detach().to(x.dtype), tokens.detach().to(x.dtype)
+        w_t = weight.detach().t()
+        candidates = {name: functools.partial(fn, x2, w_t, p, q, bias) for name, fn in
+                      (("torch", matmul_lowrank_torch), ("triton", matmul_lowrank_epilogue))}
+        rows = 1 << max(0, x2.shape[0] - 1).bit_length()
+        key = (f"rows<={rows} d_in={x.shape[-1]} d_out={weight.shape[0]} r={psi.shape[1]} {x.dtype} "
+               f"bias={bias is not None}")
+        return measured_choice(torch.cuda.get_device_name(x.device), "lowrank_residual_linear", key, candidates)
+
+
 def lowrank_residual_linear(x, weight, bias, psi, tokens, backend: str | None = None):
     """``x W^T + b + (x psi) T^T`` for any leading dims of x; see the module docstring for shapes.
 
@@ -71,6 +92,7 @@ def lowrank_residual_linear(x, weight, bias, psi, tokens, backend: str | None = 
         raise TypeError(f"lowrank_residual_linear needs one dtype for x, W and b, got {sorted(map(str, dtypes))}; "
                         f"cast them (or run under torch.autocast) first.")
     matmul_lowrank = matmul_lowrank_torch
-    if resolve_backend(x.device, x.dtype, backend, "lowrank_residual_linear") == "triton":
+    auto = functools.partial(_measured_backend, x, weight, bias, psi, tokens)
+    if resolve_backend(x.device, x.dtype, backend, "lowrank_residual_linear", auto=auto) == "triton":
         from .residual_triton import matmul_lowrank_epilogue as matmul_lowrank
     return LowRankResidualLinear.apply(x, weight, bias, psi, tokens, matmul_lowrank)

@@ -7,13 +7,15 @@ forward:  y  = x W^T + b + (x psi) T^T     A = x, B = W^T (strided view), P = x 
 backward: dx = g W + (g T) psi^T           A = g, B = W,                  P = g T,   Q = psi
 The skinny products x psi, g T, x^T (g T) and g^T (x psi) stay with the vendor BLAS. The low-rank
 term is added on chip, so y (or dx) is written once. x and W may be 16-bit while psi and T are fp32:
-P and Q are cast to the GEMM's operand dtype for the epilogue dot.
+P and Q are cast to the GEMM's operand dtype for the epilogue dot. Tiles: `launch.residual_launch`.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import F32_DOT_PRECISION, device_props, residual_launch
 
 
 @triton.heuristics({
@@ -25,7 +27,7 @@ import triton.language as tl
 @triton.jit
 def _matmul_lowrank_epilogue(A, B, P, Q, BIAS, OUT, M, N, K, R,
                              stride_am, stride_ak, stride_bk, stride_bn, stride_pm, stride_qn, stride_om,
-                             HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                              GROUP_M: tl.constexpr,
                              EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, EVEN_R: tl.constexpr):
@@ -49,8 +51,8 @@ def _matmul_lowrank_epilogue(A, B, P, Q, BIAS, OUT, M, N, K, R,
         else:
             a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (k0 + offs_k[None, :] < K), other=0.0)
             b = tl.load(b_ptrs, mask=(k0 + offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
+        if A.dtype.element_ty == tl.float32:
+            acc += tl.dot(a, b, input_precision=F32_DOT)
         else:
             acc += tl.dot(a, b)
         a_ptrs += BLOCK_K * stride_ak
@@ -60,8 +62,8 @@ def _matmul_lowrank_epilogue(A, B, P, Q, BIAS, OUT, M, N, K, R,
     q_mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
     p = tl.load(P + offs_m[:, None] * stride_pm + offs_r[None, :], mask=p_mask, other=0.0)
     q = tl.load(Q + offs_n[:, None] * stride_qn + offs_r[None, :], mask=q_mask, other=0.0)
-    if IEEE:
-        acc += tl.dot(p.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
+    if A.dtype.element_ty == tl.float32:
+        acc += tl.dot(p.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision=F32_DOT)
     else:
         acc += tl.dot(p.to(A.dtype.element_ty), tl.trans(q.to(A.dtype.element_ty)))
     if HAS_BIAS:
@@ -73,12 +75,7 @@ def _matmul_lowrank_epilogue(A, B, P, Q, BIAS, OUT, M, N, K, R,
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def _blocks(a: torch.Tensor, M: int, N: int, R: int) -> dict:
-    if a.device.type != "cuda":  # interpreter: small tiles keep it quick
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=1)
-    big = a.dtype != torch.float32
-    return dict(BLOCK_M=128, BLOCK_N=128 if big else 64, BLOCK_K=64 if big else 32, GROUP_M=8,
-                num_warps=8 if big else 4, num_stages=3)
+KERNELS = (_matmul_lowrank_epilogue,)  # what the launcher launches
 
 
 def matmul_lowrank_epilogue(a, b, p, q, bias=None):
@@ -90,10 +87,11 @@ def matmul_lowrank_epilogue(a, b, p, q, bias=None):
         a = a.contiguous()
     p, q = p.contiguous(), q.contiguous()
     out = torch.empty(M, N, device=a.device, dtype=a.dtype)
-    cfg = _blocks(a, M, N, R)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    cfg = residual_launch(M, N, K, R, a.dtype, device_props(a.device))
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     _matmul_lowrank_epilogue[grid](
         a, b, p, q, bias if bias is not None else out, out, M, N, K, R,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), p.stride(0), q.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, BLOCK_R=max(16, triton.next_power_of_2(R)), **cfg)
+        HAS_BIAS=bias is not None, F32_DOT=F32_DOT_PRECISION, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

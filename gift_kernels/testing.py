@@ -196,3 +196,38 @@ def residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype: torch.dtype, b
         out = lowrank_residual_linear(xs, *wb, *lr, backend=backend)
     dx, dpsi, dt = torch.autograd.grad(out, [xs, *lr], grad.to(device=device, dtype=out.dtype))
     return {"output": out.detach().cpu(), "dx": dx.cpu(), "dpsi": dpsi.cpu(), "dT": dt.cpu()}
+
+
+# ------------------------------------------------------------------------------ one op checked end to end
+def check_paca(shape, dtype: torch.dtype, backend: str, activation: str = "sigmoid", seed: int = 0,
+               device="cpu") -> tuple[dict[str, torch.Tensor], Callable[[], dict[str, torch.Tensor]]]:
+    """`paca_attention` at ``shape = (L, N, M, r, heads)`` in ``dtype`` on ``backend``/``device`` against the
+    float64 reference (`exact_and_baseline`: rounded inputs, fp32 baseline), every tensor at its own scale.
+    Raises ``AssertionError`` on disagreement; returns the results and a function that reruns the op."""
+    t, params, grad = paca_case(shape, seed)
+    heads = shape[4]
+
+    def run(inputs, run_dtype, run_backend="reference", run_device="cpu"):
+        return paca_outputs_and_grads(inputs[0], inputs[1:-1], inputs[-1], heads, run_dtype, run_backend, activation,
+                                      device=run_device)
+
+    inputs = [t, *params, grad]
+    exact, baseline = exact_and_baseline(run, inputs, dtype)
+    got = run(inputs, dtype, backend, device)
+    assert_agree(got, exact, dtype, baseline=baseline,
+                 zero_by_construction=paca_zero_gradients(shape[2], shape[1], activation))
+    return got, lambda: run(inputs, dtype, backend, device)
+
+
+def check_residual(shape, dtype: torch.dtype, backend: str, bias: bool = True,
+                   device="cpu") -> tuple[dict[str, torch.Tensor], Callable[[], dict[str, torch.Tensor]]]:
+    """`lowrank_residual_linear` at ``shape = (rows, d_in, d_out, r)``, checked like `check_paca`."""
+    inputs = list(residual_case(shape, bias))
+
+    def run(args, run_dtype, run_backend="reference", run_device="cpu"):
+        return residual_outputs_and_grads(*args, run_dtype, run_backend, device=run_device)
+
+    exact, baseline = exact_and_baseline(run, inputs, dtype)
+    got = run(inputs, dtype, backend, device)
+    assert_agree(got, exact, dtype, baseline=baseline)
+    return got, lambda: run(inputs, dtype, backend, device)

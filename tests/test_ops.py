@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import gift_kernels
-from gift_kernels import PacaParams, l2_mlp_residual, l2_mlp_residual_reference, paca_attention, paca_attention_reference
-from gift_kernels.testing import (assert_agree, paca_case, paca_outputs_and_grads, paca_zero_gradients, residual_case,
-                                  residual_outputs_and_grads)
+from gift_kernels import PacaParams, l2_mlp_residual, l2_mlp_residual_reference, paca_attention
+from gift_kernels.launch import paca_triton_unsupported
+from gift_kernels.testing import (assert_agree, check_paca, check_residual, paca_case, paca_outputs_and_grads,
+                                  paca_zero_gradients, residual_case, residual_outputs_and_grads)
 
 BACKENDS = ["torch", "triton"]
 # CPU always (Triton there under the interpreter); CUDA when present (bench/gpu_check.sh), with bf16
@@ -41,13 +42,8 @@ PACA_SHAPES = [
 @pytest.mark.parametrize("shape", PACA_SHAPES, ids=lambda s: "L{}-N{}-M{}-r{}-h{}".format(*s))
 def test_paca_attention_matches_float64_reference(shape, device, backend, dtype):
     _skip_unsupported(device, backend, dtype)
-    t, params, grad = paca_case(shape)
-    heads = shape[4]
-    exact = paca_outputs_and_grads(t, params, grad, heads, torch.float64, "reference")
-    baseline = paca_outputs_and_grads(t, params, grad, heads, dtype, "reference", device=device)
-    got = paca_outputs_and_grads(t, params, grad, heads, dtype, backend, device=device)
+    got, _ = check_paca(shape, dtype, backend, device=device)
     assert got["output"].dtype == dtype and got["d_cluster_w"].dtype == dtype
-    assert_agree(got, exact, dtype, baseline=baseline, zero_by_construction=paca_zero_gradients(shape[2], shape[1]))
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
@@ -75,13 +71,24 @@ def test_paca_attention_is_deterministic(device, backend):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_softmax_assignment_falls_back_to_torch_under_auto_and_is_refused_by_triton():
-    t, params, grad = paca_case((1, 7, 5, 8, 1))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 7, 5, 8, 1), (1, 100, 64, 64, 1), (3, 197, 5, 24, 3)],
+                         ids=lambda s: "L{}-N{}-M{}-r{}-h{}".format(*s))
+def test_paca_attention_softmax_assignment_matches_float64_reference(shape, dtype):
+    _skip_unsupported("cpu", "triton", dtype)
+    got, again = check_paca(shape, dtype, "triton", "softmax", seed=5)
+    assert all(torch.equal(got[k], v) for k, v in again().items())
+
+
+def test_paca_attention_too_large_for_triton_falls_back_under_auto_and_is_refused_by_triton():
+    t, params, _ = paca_case((1, 7, 100, 64, 1))
     p = PacaParams(*(x.float() for x in params))
-    with pytest.raises(RuntimeError, match="sigmoid assignment only"):
-        paca_attention(t.float(), p, 1, "softmax", backend="triton")
-    out = paca_attention(t.float(), p, 1, "softmax", backend="auto")
-    torch.testing.assert_close(out, paca_attention_reference(t.float(), p, 1, "softmax"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"tiles of at most 4096 elements with r <= 64, and M=100, r=64 pads to"):
+        paca_attention(t.float(), p, 1, backend="triton")
+    reason = paca_triton_unsupported(100, 64)
+    assert gift_kernels.resolve_backend(torch.device("cuda"), torch.float32, "auto", unsupported=reason) == "torch"
+    assert paca_triton_unsupported(64, 64) is None and paca_triton_unsupported(256, 16) is None
+    assert paca_triton_unsupported(16, 128) is not None
 
 
 def test_paca_attention_rejects_bad_inputs():
@@ -137,12 +144,8 @@ RESIDUAL_SHAPES = [(1, 8, 8, 8), (7, 24, 40, 5), (100, 64, 24, 24), (197, 40, 64
 @pytest.mark.parametrize("shape", RESIDUAL_SHAPES, ids=lambda s: "rows{}-in{}-out{}-r{}".format(*s))
 def test_lowrank_residual_matches_float64_reference(shape, device, backend, dtype):
     _skip_unsupported(device, backend, dtype)
-    x, w, b, psi, tokens, grad = residual_case(shape, bias=shape[0] != 7)
-    exact = residual_outputs_and_grads(x, w, b, psi, tokens, grad, torch.float64, "reference")
-    baseline = residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype, "reference", device=device)
-    got = residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype, backend, device=device)
+    got, _ = check_residual(shape, dtype, backend, bias=shape[0] != 7, device=device)
     assert got["output"].dtype == dtype
-    assert_agree(got, exact, dtype, baseline=baseline)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

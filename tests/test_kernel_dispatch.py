@@ -1,0 +1,102 @@
+"""`auto` picks only what was measured: the residual projection's per-device timing cache, on CPU with fake timers."""
+import json
+
+import pytest
+import torch
+
+import gift_kernels
+from gift_kernels import dispatch, residual
+from gift_kernels.testing import residual_case
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "gift" / "kernels.json"
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(path))
+    monkeypatch.setattr(dispatch, "_CHOICES", {})
+    return path
+
+
+class FakeTimer:
+    """Seconds per candidate function name; records what was timed."""
+
+    def __init__(self, seconds):
+        self.seconds, self.timed = seconds, []
+
+    def __call__(self, fn):
+        self.timed.append(fn.__name__)
+        return self.seconds[fn.__name__]
+
+
+def _candidates():
+    def torch_path(): ...
+
+    def triton_path(): ...
+
+    return {"torch": torch_path, "triton": triton_path}
+
+
+def test_measured_choice_times_once_per_device_and_key_and_persists(cache):
+    candidates = _candidates()
+    timer = FakeTimer({"torch_path": 2.0, "triton_path": 1.0})
+    assert dispatch.measured_choice("H200", "op", "k1", candidates, timer=timer) == "triton"
+    assert dispatch.measured_choice("H200", "op", "k1", candidates, timer=timer) == "triton"
+    assert timer.timed == ["torch_path", "triton_path"]                      # measured once
+    slow_triton = FakeTimer({"torch_path": 1.0, "triton_path": 3.0})
+    assert dispatch.measured_choice("A100", "op", "k1", candidates, timer=slow_triton) == "torch"
+    assert dispatch.measured_choice("H200", "op", "k2", candidates, timer=slow_triton) == "torch"
+    saved = json.loads(cache.read_text())
+    assert saved["H200 | op | k1"] == {"backend": "triton", "seconds": {"torch": 2.0, "triton": 1.0}}
+    assert saved["A100 | op | k1"]["backend"] == "torch"
+    dispatch._CHOICES.clear()                                                 # a new process reads the file
+    never = FakeTimer({})
+    assert dispatch.measured_choice("H200", "op", "k1", candidates, timer=never) == "triton" and not never.timed
+
+
+def test_unreadable_cache_is_measured_again_and_rewritten(cache):
+    cache.parent.mkdir(parents=True)
+    cache.write_text("{not json")
+    candidates = _candidates()
+    assert dispatch.measured_choice("H200", "op", "k", candidates,
+                                    timer=FakeTimer({"torch_path": 1.0, "triton_path": 2.0})) == "torch"
+    assert json.loads(cache.read_text())["H200 | op | k"]["backend"] == "torch"
+
+
+def test_auto_asks_the_op_on_cuda_only_and_env_forces(monkeypatch):
+    monkeypatch.delenv("GIFT_KERNELS", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    asked = []
+
+    def auto():
+        asked.append(1)
+        return "torch"
+
+    assert dispatch.resolve_backend(cuda, torch.float16, auto=auto) == "torch" and asked == [1]
+    assert dispatch.resolve_backend(cuda, torch.float16) == "triton"              # PaCa: Triton on CUDA
+    assert dispatch.resolve_backend(cpu, torch.float32, auto=auto) == "torch" and asked == [1]
+    monkeypatch.setenv("GIFT_KERNELS", "triton")
+    assert dispatch.resolve_backend(cuda, torch.float16, auto=auto) == "triton" and asked == [1]
+    monkeypatch.setenv("GIFT_KERNELS", "torch")
+    assert dispatch.resolve_backend(cuda, torch.float16, auto=auto) == "torch" and asked == [1]
+
+
+@pytest.mark.skipif(not gift_kernels.triton_available("cpu"), reason="needs TRITON_INTERPRET=1")
+def test_residual_auto_times_both_backends_on_the_real_call(cache, monkeypatch):
+    """The residual op's auto choice: both candidates run (the Triton one under the interpreter) and the
+    faster by the (fake) timer is cached under the device name, shape and dtype."""
+    ran = []
+
+    def fake_timer(fn):
+        fn()
+        ran.append(fn.func.__name__)
+        return {"matmul_lowrank_torch": 5.0, "matmul_lowrank_epilogue": 4.0}[fn.func.__name__]
+
+    monkeypatch.setattr(dispatch, "cuda_timer", fake_timer)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    x, w, b, psi, tokens, _ = (v.float() if v is not None else None for v in residual_case((20, 24, 40, 8)))
+    assert residual._measured_backend(x, w, b, psi, tokens) == "triton"
+    assert ran == ["matmul_lowrank_torch", "matmul_lowrank_epilogue"]
+    (entry, value), = json.loads(cache.read_text()).items()
+    assert entry == "Fake GPU | lowrank_residual_linear | rows<=64 d_in=24 d_out=40 r=8 torch.float32 bias=True"
+    assert value["backend"] == "triton"
+    assert residual._measured_backend(x, w, b, psi, tokens) == "triton" and len(ran) == 2
