@@ -211,6 +211,9 @@ def _paca_attn_bwd(T, G, KQ, CQ, VP, LSE, DU, DKQ_PART, DCQ_PART, DVP_PART, N, M
         g = _load_rows(G + layer * N * R, offs_n, offs_r, N, R, R, EVEN_N, EVEN_R)
         lse = tl.load(LSE + layer_head * N + offs_n, mask=offs_n < N, other=0.0)
         a = tl.exp(_head_probs(u, kq, cq, offs_m, M, DT, F32_DOT, EVEN_M) - lse[:, None])
+        # rows renormalised: exp(logits - lse) alone sums to 1 only to ~ulp(lse), and that error lands on the
+        # small, cancellation-heavy Q/K gradients (BLOCK_M spans all M, so this is one row sum)
+        a = a / tl.sum(a, axis=1)[:, None]
         if not EVEN_N:
             a = tl.where(offs_n[:, None] < N, a, 0.0)
         da = _dot(g, tl.trans(vp), DT, F32_DOT)                                     # (BLOCK_N, M)

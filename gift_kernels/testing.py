@@ -125,9 +125,10 @@ def paca_zero_gradients(num_clusters: int, num_tokens: int, activation: str = "s
     """Keys of `paca_outputs_and_grads` whose gradient is zero in exact arithmetic: ``d_k_b`` always (the key
     bias adds ``Q_n . b_k`` to every cluster's logit of a softmax over clusters); ``d_cluster_b`` with the
     softmax assignment (``b_c[m]`` is added to all N logits of a softmax over tokens); with one cluster every
-    query/key gradient (the softmax is 1); with one token the cluster assignment's (``Z = l2(c u) = u``)."""
+    query/key gradient (the softmax is 1); with one token the cluster assignment's (``Z = l2(c u) = u``) and,
+    every cluster token then being the same, every query/key gradient too (all keys equal: uniform softmax)."""
     keys = ["d_k_b"] + (["d_cluster_b"] if activation == "softmax" else [])
-    if num_clusters == 1:
+    if num_clusters == 1 or num_tokens == 1:
         keys += ["d_q_w", "d_q_b", "d_k_w"]
     if num_tokens == 1:
         keys += ["d_cluster_w"] + (["d_cluster_b"] if activation != "softmax" else [])

@@ -143,7 +143,13 @@ def test_zero_by_construction_lists_are_exactly_the_zero_gradients(op):
 
 def test_zero_by_construction_degenerate_paca_shapes():
     assert set(paca_zero_gradients(1, 7)) == {"d_k_b", "d_q_w", "d_q_b", "d_k_w"}
-    assert set(paca_zero_gradients(5, 1)) == {"d_k_b", "d_cluster_w", "d_cluster_b"}
+    assert set(paca_zero_gradients(5, 1)) == {"d_k_b", "d_q_w", "d_q_b", "d_k_w", "d_cluster_w", "d_cluster_b"}
+    for activation in ("sigmoid", "softmax"):  # one token: every cluster token is the same, so are the keys
+        t, params, grad = paca_case((3, 1, 5, 8, 1))
+        exact = paca_outputs_and_grads(t, params, grad, 1, torch.float64, "reference", activation)
+        largest = max(v.abs().max().item() for v in exact.values())
+        zero = {k for k, v in exact.items() if v.abs().max().item() <= 1e-12 * largest}
+        assert zero == set(paca_zero_gradients(5, 1, activation))
     t, params, grad = paca_case((2, 1, 1, 8, 1))
     exact = paca_outputs_and_grads(t, params, grad, 1, torch.float64, "reference")
     largest = max(v.abs().max().item() for v in exact.values())
