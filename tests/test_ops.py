@@ -9,7 +9,8 @@ import torch
 import gift_kernels
 from gift_kernels import PacaParams, l2_mlp_residual, l2_mlp_residual_reference, paca_attention, paca_attention_reference
 from gift_kernels.launch import paca_triton_unsupported
-from gift_kernels.testing import assert_agree, paca_case, paca_outputs_and_grads, residual_case, residual_outputs_and_grads
+from gift_kernels.testing import (assert_agree, paca_case, paca_outputs_and_grads, residual_case,
+                                  residual_outputs_and_grads)
 
 BACKENDS = ["torch", "triton"]
 # CPU always (Triton there under the interpreter); CUDA when present (bench/gpu_check.sh), with bf16
@@ -168,7 +169,8 @@ def test_lowrank_residual_takes_16bit_weights_with_fp32_gift_weights(device, bac
     _skip_unsupported(device, backend, dtype)
     x, w, b, psi, tokens, grad = residual_case((100, 64, 24, 24))
     exact = residual_outputs_and_grads(x, w, b, psi, tokens, grad, torch.float64, "reference")
-    got = residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype, backend, gift_dtype=torch.float32, device=device)
+    got = residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype, backend, gift_dtype=torch.float32,
+                                     device=device)
     assert got["output"].dtype == dtype and got["dpsi"].dtype == torch.float32 and got["dT"].dtype == torch.float32
     baseline = residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype, "reference", device=device)
     assert_agree(got, exact, dtype, baseline=baseline)
