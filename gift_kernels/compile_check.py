@@ -314,7 +314,8 @@ def main(argv=None) -> int:
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in ARCH_PROPS]
     if unknown or not archs:
-        print(f"compile_check: unknown --arch {unknown or args.arch!r}; choose from {sorted(ARCH_PROPS)}.", file=sys.stderr)
+        print(f"compile_check: unknown --arch {unknown or args.arch!r}; choose from {sorted(ARCH_PROPS)}.",
+              file=sys.stderr)
         return 2
     if args.sample is not None and args.sample < 1:
         print(f"compile_check: --sample {args.sample} must be at least 1.", file=sys.stderr)
@@ -341,7 +342,8 @@ def main(argv=None) -> int:
             r = compile_one(spec, arch)
             results.append(r)
             problems = r.problems(ARCH_PROPS[arch].shared_bytes)
-            print(f"{r.kernel:<26} {r.config:<70} {r.registers or '-':>5} {r.spill_bytes if r.spill_bytes is not None else '-':>6} "
+            spill = r.spill_bytes if r.spill_bytes is not None else "-"
+            print(f"{r.kernel:<26} {r.config:<70} {r.registers or '-':>5} {spill:>6} "
                   f"{r.shared_bytes if r.shared_bytes is not None else '-':>7} {r.seconds:>6.1f}"
                   + (f"  FAIL: {'; '.join(problems)}" if problems else ""), flush=True)
             failures += [f"{arch} {r.kernel} [{r.config}] ({r.example}): {p}" for p in problems]

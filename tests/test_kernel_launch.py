@@ -19,7 +19,7 @@ SM_COUNTS = [80, 108, 132]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 RAGGED_SPLIT_SHAPE = (12, 448, 16, 16, 4)           # (L, N, M, r, heads): N a multiple of BLOCK_N = 64
 VIT_H_SHAPE = (32, 1280, 64, 64, 1)                 # the shape (there: 7 splits x 3 blocks for 20 blocks)
-# CPU under the interpreter; CUDA too where present (bench/gpu_check.sh), there with bf16 and GIFT_SM_COUNT on the device
+# CPU under the interpreter; CUDA too where present (bench/gpu_check.sh): there with bf16, GIFT_SM_COUNT on the GPU
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -159,7 +159,8 @@ def test_lowrank_residual_takes_16bit_weights_with_fp32_gift_weights(device, bac
     _skip_unsupported(device, backend, dtype)
     x, w, b, psi, tokens, grad = residual_case((100, 64, 24, 24))
     exact = residual_outputs_and_grads(x, w, b, psi, tokens, grad, torch.float64, "reference")
-    got = residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype, backend, gift_dtype=torch.float32, device=device)
+    got = residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype, backend, gift_dtype=torch.float32,
+                                     device=device)
     assert got["output"].dtype == dtype and got["dpsi"].dtype == torch.float32 and got["dT"].dtype == torch.float32
     baseline = residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype, "reference", device=device)
     assert_agree(got, exact, dtype, baseline=baseline)
