@@ -87,6 +87,15 @@ def twin_models(backbone: nn.Module, cfg: GIFTConfig, dtype: torch.dtype = torch
 MODEL_BASELINE_FACTOR = 5.0
 
 
+def _pre_norm(block: nn.Module, name: str) -> nn.Module | None:
+    """``block.<name>``; for ``norm2`` under ``memory="mlp"`` (moved inside the recomputed MLP, an
+    ``nn.Identity`` left in its place) the moved LayerNorm, ``block.mlp.norm``."""
+    norm = getattr(block, name, None)
+    if name == "norm2" and isinstance(norm, nn.Identity):
+        return getattr(getattr(block, "mlp", None), "norm", norm)
+    return norm
+
+
 def shift_invariant_targets(model: nn.Module) -> list[str]:
     """Target keys whose layers add their output to a timm ViT's residual stream unscaled (``attn.proj`` and
     ``mlp.fc2`` with LayerScale off), which the rest of the network reads only through LayerNorms over
@@ -98,7 +107,7 @@ def shift_invariant_targets(model: nn.Module) -> list[str]:
         return []
     block_names = {f"blocks.{i}" for i in range(len(blocks))}
     for block in blocks:
-        if not all(isinstance(getattr(block, n, None), nn.LayerNorm) for n in ("norm1", "norm2")):
+        if not all(isinstance(_pre_norm(block, n), nn.LayerNorm) for n in ("norm1", "norm2")):
             return []
         if not all(isinstance(getattr(block, n, nn.Identity()), nn.Identity) for n in ("ls1", "ls2")):
             return []

@@ -200,3 +200,13 @@ def test_model_level_16bit_autocast_sees_zeroed_and_negated_gradients(dtype):
               if [line.rsplit(": abs ", 1)[0] for line in
                   model_disagreements({**got, key: mutate(got[key])}, exact, baseline, ref, dtype)] != [key]]
     assert not missed, f"gross errors the 16-bit check did not see (or blamed on another tensor): {missed}"
+
+
+def test_zero_gradient_names_do_not_depend_on_the_memory_mode():
+    """memory="mlp" moves norm2 inside the recomputed MLP: the shift-invariant biases stay zero by construction."""
+    from gift import FastGIFT
+
+    names = {mode: zero_gradient_names(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=8, num_clusters=5), memory=mode))
+             for mode in ("none", "mlp", "block")}
+    assert any(n.endswith("mlp.fc2.bias") for n in names["none"])
+    assert names["mlp"] == names["none"] == names["block"]
