@@ -151,7 +151,7 @@ def paca_triton_unsupported(M: int, r: int) -> str | None:
 
 def paca_launch(L: int, N: int, M: int, r: int, heads: int, dtype: torch.dtype, props: DeviceProps) -> PacaLaunch:
     block_m, block_r = dot_block(M), dot_block(r)
-    operand_bytes = torch.tensor([], dtype=dtype).element_size()
+    operand_bytes = dtype.itemsize
     if props.interpreter:
         block_n = INTERPRETER_BLOCK
     else:
@@ -189,7 +189,7 @@ def residual_launch(M: int, N: int, K: int, R: int, dtype: torch.dtype, props: D
     block_r = dot_block(R)
     if props.interpreter:
         return ResidualLaunch(INTERPRETER_BLOCK, INTERPRETER_BLOCK, INTERPRETER_BLOCK, block_r, 4, 1, 1)
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     bm, bn, bk = RESIDUAL_BLOCK_M, RESIDUAL_BLOCK_N[size], RESIDUAL_BLOCK_K[size]
     per_stage = (bm * bk + bk * bn) * size
     epilogue = (bm + bn) * block_r * size
