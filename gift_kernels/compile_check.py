@@ -8,7 +8,8 @@ count, shared memory, capability) while `kernel_launches.record_triton_launches`
 without running it. Launches that reach the compiler identically (same constexprs, argument types and
 options) are compiled once. For each compile it reports registers, spill (local) bytes, shared bytes and
 compile seconds, and exits with status 1 on a compile error, any spill, shared memory over the arch's
-limit or a compile over ``COMPILE_SECONDS_LIMIT``; 2 on bad arguments.
+limit or over the launchers' estimate (`launch.paca_kernel_shared_bytes`), or a compile over
+``COMPILE_SECONDS_LIMIT``; 2 on bad arguments.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .launch import ARCH_PROPS, emulate_device
+from .launch import ARCH_PROPS, emulate_device, paca_kernel_shared_bytes
 
 COMPILE_SECONDS_LIMIT = 60.0
 README_COMPILE_START, README_COMPILE_END = "<!-- compile-check:start -->", "<!-- compile-check:end -->"
@@ -117,7 +118,7 @@ def _residual_launches(rows, d_in, d_out, r, bias, dtype):
     torch.autograd.grad(out, [x, psi, tokens], torch.empty_like(out))
 
 
-def shape_table():
+def shape_table(arch: str = "sm_80"):
     """``(description, function, args, torch_reason)`` for every op call of the table; ``torch_reason`` (else
     None) says why the launchers take the torch path there, so there is nothing to compile."""
     from .launch import paca_triton_unsupported
@@ -125,7 +126,7 @@ def shape_table():
     for (model, (L, N)), r, M, heads, dtype, activation in itertools.product(
             VIT_SHAPES.items(), RANKS, CLUSTERS, HEADS, DTYPES, ACTIVATIONS):
         yield (f"paca ViT-{model} L={L} N={N} M={M} r={r} h={heads} {_TYPE_NAMES[dtype]} {activation}", _paca_launches,
-               (L, N, M, r, heads, dtype, activation), paca_triton_unsupported(M, r))
+               (L, N, M, r, heads, dtype, activation), paca_triton_unsupported(M, r, dtype, ARCH_PROPS[arch]))
     for (model, (_, N)), tokens, r, dtype in itertools.product(VIT_SHAPES.items(), TOKENS, RANKS, DTYPES):
         for d_in, d_out in ((N, 3 * N), (N, N), (N, 4 * N), (4 * N, N)):
             yield (f"residual ViT-{model} rows={BATCH * tokens} {d_in}->{d_out} r={r} {_TYPE_NAMES[dtype]}",
@@ -140,7 +141,7 @@ def planned_specs(arch: str) -> tuple[list[CompileSpec], list[str]]:
     specs: dict = {}
     torch_rows = []
     with emulate_device(ARCH_PROPS[arch]), record_triton_launches(execute=False) as launches:
-        for example, fn, args, torch_reason in shape_table():
+        for example, fn, args, torch_reason in shape_table(arch):
             if torch_reason:
                 torch_rows.append(f"{example}: {torch_reason}")
                 continue
@@ -200,6 +201,7 @@ class CompileResult:
     seconds: float = 0.0
     ptx_lines: int = 0
     scalar_fp32_fmas: int = 0            # fma.rn.f32 in the PTX: unrolled IEEE dots show up here
+    estimated_shared_bytes: int | None = None   # what `launch.paca_kernel_shared_bytes` gates the launch with
     error: str | None = None
 
     def problems(self, shared_limit: int) -> list[str]:
@@ -210,6 +212,9 @@ class CompileResult:
             out.append(f"spills {self.spill_bytes} bytes per thread")
         if self.shared_bytes is not None and self.shared_bytes > shared_limit:
             out.append(f"shared {self.shared_bytes} B > {shared_limit} B")
+        if self.estimated_shared_bytes is not None and (self.shared_bytes or 0) > self.estimated_shared_bytes:
+            out.append(f"shared {self.shared_bytes} B > the launchers' estimate {self.estimated_shared_bytes} B "
+                       f"(launch.PACA_SHARED_FIT is not conservative here)")
         if self.seconds > COMPILE_SECONDS_LIMIT:
             out.append(f"compile took {self.seconds:.0f} s > {COMPILE_SECONDS_LIMIT:.0f} s")
         return out
@@ -250,6 +255,11 @@ def compile_one(spec: CompileSpec, arch: str) -> CompileResult:
         if flags == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
     result = CompileResult(arch, spec.kernel, spec.config(), spec.example)
+    tiles = dict(spec.constexprs)
+    if "BLOCK_M" in tiles and "BLOCK_R" in tiles:
+        result.estimated_shared_bytes = paca_kernel_shared_bytes(
+            spec.kernel, tiles["BLOCK_M"], tiles.get("BLOCK_N", 0), tiles["BLOCK_R"],
+            4 if tiles.get("DT", "fp32") == "fp32" else 2, ARCH_PROPS[arch].capability)
     start = time.perf_counter()
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
