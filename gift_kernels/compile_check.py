@@ -5,11 +5,11 @@ configuration the launchers choose for a table of ViT shapes, compiled to cubin 
 
 The launchers run forward and backward on ``meta`` tensors under `launch.emulate_device` (the arch's SM
 count, shared memory, capability) while `kernel_launches.record_triton_launches` records every launch
-without running it. Launches that reach the compiler identically (same constexprs, argument types and
-options) are compiled once. For each compile it reports registers, spill (local) bytes, shared bytes and
-compile seconds, and exits with status 1 on a compile error, any spill, shared memory over the arch's
-limit or over the launchers' estimate (`launch.paca_kernel_shared_bytes`), or a compile over
-``COMPILE_SECONDS_LIMIT``; 2 on bad arguments.
+without running it. Launches that reach the compiler identically (same constexprs, argument types with
+the JIT's integer specialisations: equal to 1, divisible by 16; same options) are compiled once. For each
+compile it reports registers, spill (local) bytes, shared bytes and compile seconds, and exits with status
+1 on a compile error, any spill, shared memory over the arch's limit or over the launchers' estimate
+(`launch.paca_kernel_shared_bytes`), or a compile over ``COMPILE_SECONDS_LIMIT``; 2 on bad arguments.
 """
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ HEADS = (1, 2, 4)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTIVATIONS = ("sigmoid", "softmax")
 TOKENS = (197, 256)            # tokens per image: ragged and even row counts of the residual projection
+RAGGED_PACA = (12, 200, 48, 24, 2)      # (L, N, M, r, heads): no length a multiple of its tile (EVEN_* False)
+RAGGED_RESIDUAL = (197, 200, 136, 24)   # (tokens, d_in, d_out, r): likewise
 BATCH = 8
 _TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
                torch.int64: "i64"}
@@ -62,20 +64,23 @@ class CompileSpec:
         short = {k: v for k, v in self.constexprs if not k.startswith("EVEN") and k not in ("F32_DOT",)}
         even = "".join(k[-1] for k, v in self.constexprs if k.startswith("EVEN") and v)
         dtype = next((t[1:].split(":")[0] for _, t in self.signature if t.startswith("*")), "?")
+        ones = ",".join(n for n, t in self.signature if t.endswith(":1"))
+        div16 = ",".join(n for n, t in self.signature if t.startswith("i") and t.endswith(":D"))
         return (f"{dtype} " + " ".join(f"{k}={v}" for k, v in short.items() if k != "DT")
-                + f" even={even or '-'} w{self.num_warps} s{self.num_stages}")
+                + f" even={even or '-'} w{self.num_warps} s{self.num_stages} one={ones or '-'} div16={div16 or '-'}")
 
 
 def _arg_type(value) -> str:
-    """Triton signature type of one runtime argument; pointers carry the JIT's 16-byte alignment (":D").
-    Integers are left unspecialised (the JIT also specialises ints by ``== 1`` and ``% 16``: variants of
-    the same code, left out so that the table's compiles are deduplicated by constexprs and dtypes)."""
+    """Triton signature type of one runtime argument, specialised as the JIT specialises a real launch:
+    pointers carry its 16-byte alignment (":D"), an integer equal to 1 becomes the constant 1 (":1") and one
+    divisible by 16 carries the divisibility-16 attribute (":D")."""
     if isinstance(value, torch.Tensor):
         return "*" + _TYPE_NAMES[value.dtype] + ":D"
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
-        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        kind = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        return kind + (":1" if value == 1 else ":D" if value % 16 == 0 else "")
     if isinstance(value, float):
         return "fp32"
     raise TypeError(f"compile_check: cannot type a kernel argument {value!r}")
@@ -127,6 +132,14 @@ def shape_table(arch: str = "sm_80"):
             VIT_SHAPES.items(), RANKS, CLUSTERS, HEADS, DTYPES, ACTIVATIONS):
         yield (f"paca ViT-{model} L={L} N={N} M={M} r={r} h={heads} {_TYPE_NAMES[dtype]} {activation}", _paca_launches,
                (L, N, M, r, heads, dtype, activation), paca_triton_unsupported(M, r, dtype, ARCH_PROPS[arch]))
+    for dtype, activation in itertools.product(DTYPES, ACTIVATIONS):
+        L, N, M, r, heads = RAGGED_PACA
+        yield (f"paca ragged L={L} N={N} M={M} r={r} h={heads} {_TYPE_NAMES[dtype]} {activation}", _paca_launches,
+               (L, N, M, r, heads, dtype, activation), paca_triton_unsupported(M, r, dtype, ARCH_PROPS[arch]))
+    for dtype in DTYPES:
+        tokens, d_in, d_out, r = RAGGED_RESIDUAL
+        yield (f"residual ragged rows={BATCH * tokens} {d_in}->{d_out} r={r} {_TYPE_NAMES[dtype]}",
+               _residual_launches, (BATCH * tokens, d_in, d_out, r, True, dtype), None)
     for (model, (_, N)), tokens, r, dtype in itertools.product(VIT_SHAPES.items(), TOKENS, RANKS, DTYPES):
         for d_in, d_out in ((N, 3 * N), (N, N), (N, 4 * N), (4 * N, N)):
             yield (f"residual ViT-{model} rows={BATCH * tokens} {d_in}->{d_out} r={r} {_TYPE_NAMES[dtype]}",
@@ -254,6 +267,8 @@ def compile_one(spec: CompileSpec, arch: str) -> CompileResult:
         signature[name] = kind
         if flags == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif flags == "1":                       # the JIT passes an integer argument equal to 1 as a constant
+            signature[name], constexprs[name] = "constexpr", 1
     result = CompileResult(arch, spec.kernel, spec.config(), spec.example)
     tiles = dict(spec.constexprs)
     if "BLOCK_M" in tiles and "BLOCK_R" in tiles:
