@@ -50,6 +50,16 @@ def test_paca_attention_matches_float64_reference(shape, device, backend, dtype,
     assert got["output"].dtype == dtype and got["d_cluster_w"].dtype == dtype
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "known: fp16 Triton at (2, 10, 17, 40, 2) seed 0, sigmoid: d_q_w abs 1.43e-6 > 1.21e-6, d_q_b 4.71e-6 > 3.66e-6, "
+    "d_k_w 3.38e-6 > 3.07e-6 (tolerance 5e-3 x scale + 2 x the fp32-math baseline), ~1.2x. fp32 operands in the "
+    "backward's dkq/dvp dots do not fix it (d_q_b, d_k_w unchanged, d_cluster_b then 1.16x over): the 16-bit "
+    "operands of the logits dots (forward and the backward's recompute) dominate"))
+def test_paca_attention_fp16_triton_at_ragged_two_head_shape_seed_0_matches_float64_reference():
+    _skip_unsupported("cpu", "triton", torch.float16)
+    check_paca((2, 10, 17, 40, 2), torch.float16, "triton", "sigmoid", seed=0)
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
 def test_paca_attention_torch_path_gradcheck(activation):
     t, params, _ = paca_case((2, 7, 5, 6, 3), seed=3)
