@@ -5,10 +5,11 @@ configuration the launchers choose for a table of ViT shapes, compiled to cubin 
 
 The launchers run forward and backward on ``meta`` tensors under `launch.emulate_device` (the arch's SM
 count, shared memory, capability) while `kernel_launches.record_triton_launches` records every launch
-without running it. Launches that reach the compiler identically (same constexprs, argument types and
-options) are compiled once. For each compile it reports registers, spill (local) bytes, shared bytes and
-compile seconds, and exits with status 1 on a compile error, any spill, shared memory over the arch's
-limit or a compile over ``COMPILE_SECONDS_LIMIT``; 2 on bad arguments.
+without running it. Launches that reach the compiler identically (same constexprs, argument types with
+the JIT's integer specialisations: equal to 1, divisible by 16; same options) are compiled once. For each
+compile it reports registers, spill (local) bytes, shared bytes and compile seconds, and exits with status
+1 on a compile error, any spill, shared memory over the arch's limit or over the launchers' estimate
+(`launch.paca_kernel_shared_bytes`), or a compile over ``COMPILE_SECONDS_LIMIT``; 2 on bad arguments.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .launch import ARCH_PROPS, emulate_device
+from .launch import ARCH_PROPS, emulate_device, paca_kernel_shared_bytes
 
 COMPILE_SECONDS_LIMIT = 60.0
 README_COMPILE_START, README_COMPILE_END = "<!-- compile-check:start -->", "<!-- compile-check:end -->"
@@ -38,6 +39,8 @@ HEADS = (1, 2, 4)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTIVATIONS = ("sigmoid", "softmax")
 TOKENS = (197, 256)            # tokens per image: ragged and even row counts of the residual projection
+RAGGED_PACA = (12, 200, 48, 24, 2)      # (L, N, M, r, heads): no length a multiple of its tile (EVEN_* False)
+RAGGED_RESIDUAL = (197, 200, 136, 24)   # (tokens, d_in, d_out, r): likewise
 BATCH = 8
 _TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
                torch.int64: "i64"}
@@ -61,20 +64,23 @@ class CompileSpec:
         short = {k: v for k, v in self.constexprs if not k.startswith("EVEN") and k not in ("F32_DOT",)}
         even = "".join(k[-1] for k, v in self.constexprs if k.startswith("EVEN") and v)
         dtype = next((t[1:].split(":")[0] for _, t in self.signature if t.startswith("*")), "?")
+        ones = ",".join(n for n, t in self.signature if t.endswith(":1"))
+        div16 = ",".join(n for n, t in self.signature if t.startswith("i") and t.endswith(":D"))
         return (f"{dtype} " + " ".join(f"{k}={v}" for k, v in short.items() if k != "DT")
-                + f" even={even or '-'} w{self.num_warps} s{self.num_stages}")
+                + f" even={even or '-'} w{self.num_warps} s{self.num_stages} one={ones or '-'} div16={div16 or '-'}")
 
 
 def _arg_type(value) -> str:
-    """Triton signature type of one runtime argument; pointers carry the JIT's 16-byte alignment (":D").
-    Integers are left unspecialised (the JIT also specialises ints by ``== 1`` and ``% 16``: variants of
-    the same code, left out so that the table's compiles are deduplicated by constexprs and dtypes)."""
+    """Triton signature type of one runtime argument, specialised as the JIT specialises a real launch:
+    pointers carry its 16-byte alignment (":D"), an integer equal to 1 becomes the constant 1 (":1") and one
+    divisible by 16 carries the divisibility-16 attribute (":D")."""
     if isinstance(value, torch.Tensor):
         return "*" + _TYPE_NAMES[value.dtype] + ":D"
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
-        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        kind = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        return kind + (":1" if value == 1 else ":D" if value % 16 == 0 else "")
     if isinstance(value, float):
         return "fp32"
     raise TypeError(f"compile_check: cannot type a kernel argument {value!r}")
@@ -117,7 +123,7 @@ def _residual_launches(rows, d_in, d_out, r, bias, dtype):
     torch.autograd.grad(out, [x, psi, tokens], torch.empty_like(out))
 
 
-def shape_table():
+def shape_table(arch: str = "sm_80"):
     """``(description, function, args, torch_reason)`` for every op call of the table; ``torch_reason`` (else
     None) says why the launchers take the torch path there, so there is nothing to compile."""
     from .launch import paca_triton_unsupported
@@ -125,7 +131,15 @@ def shape_table():
     for (model, (L, N)), r, M, heads, dtype, activation in itertools.product(
             VIT_SHAPES.items(), RANKS, CLUSTERS, HEADS, DTYPES, ACTIVATIONS):
         yield (f"paca ViT-{model} L={L} N={N} M={M} r={r} h={heads} {_TYPE_NAMES[dtype]} {activation}", _paca_launches,
-               (L, N, M, r, heads, dtype, activation), paca_triton_unsupported(M, r))
+               (L, N, M, r, heads, dtype, activation), paca_triton_unsupported(M, r, dtype, ARCH_PROPS[arch]))
+    for dtype, activation in itertools.product(DTYPES, ACTIVATIONS):
+        L, N, M, r, heads = RAGGED_PACA
+        yield (f"paca ragged L={L} N={N} M={M} r={r} h={heads} {_TYPE_NAMES[dtype]} {activation}", _paca_launches,
+               (L, N, M, r, heads, dtype, activation), paca_triton_unsupported(M, r, dtype, ARCH_PROPS[arch]))
+    for dtype in DTYPES:
+        tokens, d_in, d_out, r = RAGGED_RESIDUAL
+        yield (f"residual ragged rows={BATCH * tokens} {d_in}->{d_out} r={r} {_TYPE_NAMES[dtype]}",
+               _residual_launches, (BATCH * tokens, d_in, d_out, r, True, dtype), None)
     for (model, (_, N)), tokens, r, dtype in itertools.product(VIT_SHAPES.items(), TOKENS, RANKS, DTYPES):
         for d_in, d_out in ((N, 3 * N), (N, N), (N, 4 * N), (4 * N, N)):
             yield (f"residual ViT-{model} rows={BATCH * tokens} {d_in}->{d_out} r={r} {_TYPE_NAMES[dtype]}",
@@ -140,7 +154,7 @@ def planned_specs(arch: str) -> tuple[list[CompileSpec], list[str]]:
     specs: dict = {}
     torch_rows = []
     with emulate_device(ARCH_PROPS[arch]), record_triton_launches(execute=False) as launches:
-        for example, fn, args, torch_reason in shape_table():
+        for example, fn, args, torch_reason in shape_table(arch):
             if torch_reason:
                 torch_rows.append(f"{example}: {torch_reason}")
                 continue
@@ -200,6 +214,7 @@ class CompileResult:
     seconds: float = 0.0
     ptx_lines: int = 0
     scalar_fp32_fmas: int = 0            # fma.rn.f32 in the PTX: unrolled IEEE dots show up here
+    estimated_shared_bytes: int | None = None   # what `launch.paca_kernel_shared_bytes` gates the launch with
     error: str | None = None
 
     def problems(self, shared_limit: int) -> list[str]:
@@ -210,6 +225,9 @@ class CompileResult:
             out.append(f"spills {self.spill_bytes} bytes per thread")
         if self.shared_bytes is not None and self.shared_bytes > shared_limit:
             out.append(f"shared {self.shared_bytes} B > {shared_limit} B")
+        if self.estimated_shared_bytes is not None and (self.shared_bytes or 0) > self.estimated_shared_bytes:
+            out.append(f"shared {self.shared_bytes} B > the launchers' estimate {self.estimated_shared_bytes} B "
+                       f"(launch.PACA_SHARED_FIT is not conservative here)")
         if self.seconds > COMPILE_SECONDS_LIMIT:
             out.append(f"compile took {self.seconds:.0f} s > {COMPILE_SECONDS_LIMIT:.0f} s")
         return out
@@ -249,7 +267,14 @@ def compile_one(spec: CompileSpec, arch: str) -> CompileResult:
         signature[name] = kind
         if flags == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif flags == "1":                       # the JIT passes an integer argument equal to 1 as a constant
+            signature[name], constexprs[name] = "constexpr", 1
     result = CompileResult(arch, spec.kernel, spec.config(), spec.example)
+    tiles = dict(spec.constexprs)
+    if "BLOCK_M" in tiles and "BLOCK_R" in tiles:
+        result.estimated_shared_bytes = paca_kernel_shared_bytes(
+            spec.kernel, tiles["BLOCK_M"], tiles.get("BLOCK_N", 0), tiles["BLOCK_R"],
+            4 if tiles.get("DT", "fp32") == "fp32" else 2, ARCH_PROPS[arch].capability)
     start = time.perf_counter()
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),

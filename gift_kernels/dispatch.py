@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -18,6 +20,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+try:
+    import fcntl
+except ImportError:                           # Windows: no lock around the cache's read-merge-replace
+    fcntl = None
 
 BACKENDS = ("auto", "torch", "triton")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -115,25 +122,51 @@ def choices_path() -> Path:
 def _load_choices(path: Path) -> dict:
     key = str(path)
     if key not in _CHOICES:
-        try:
-            data = json.loads(path.read_text())
-            _CHOICES[key] = data if isinstance(data, dict) else {}
-        except FileNotFoundError:
-            _CHOICES[key] = {}
-        except (OSError, ValueError):
-            _CHOICES[key] = {}                # unreadable: measured again and rewritten
+        _CHOICES[key] = _read_choices(path)   # unreadable: measured again and rewritten
     return _CHOICES[key]
 
 
+def _read_choices(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):             # missing or unreadable: nothing to keep
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _save_choices(path: Path, data: dict) -> None:
+    """Merges ``data`` into the file at ``path`` (re-read under an exclusive lock on ``path.lock``, so that
+    processes measuring at once keep each other's entries) and replaces it atomically; ``data`` gets the
+    file's other entries."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        with open(f"{path}.lock", "a") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file closes
+            merged = {**_read_choices(path), **data}
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(merged, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        data.update(merged)
     except OSError:
         pass                                  # a read-only home: the choice still holds for this process
+
+
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+    """The gift and Triton versions: a cached choice holds for the code that was measured."""
+    try:
+        gift_version = importlib.metadata.version("gift")
+    except importlib.metadata.PackageNotFoundError:
+        gift_version = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return f"gift {gift_version} triton {triton_version}"
 
 
 def cuda_timer(fn: Callable[[], object], repeats: int = 10) -> float:
@@ -155,10 +188,10 @@ def measured_choice(device_name: str, op: str, key: str, candidates: dict[str, C
                     timer: Callable[[Callable[[], object]], float] | None = None, path: Path | None = None) -> str:
     """The fastest of ``candidates`` (backend name -> a call of the op) for ``op`` at ``key`` on ``device_name``:
     timed once with ``timer`` (default `cuda_timer`), then read back from the JSON cache at ``path``
-    (default `choices_path`)."""
+    (default `choices_path`). Entries are keyed by device, op, key and `code_version`."""
     path = path or choices_path()
     data = _load_choices(path)
-    entry = f"{device_name} | {op} | {key}"
+    entry = f"{device_name} | {op} | {key} | {code_version()}"
     known = data.get(entry)
     if isinstance(known, dict) and known.get("backend") in candidates:
         return known["backend"]

@@ -58,8 +58,9 @@ class DeviceProps:
     interpreter: bool = False
 
 
-ARCH_PROPS = {  # the compile check's targets; SM counts of the A100 and H100/H200
+ARCH_PROPS = {  # the compile check's targets; SM counts of the A100, RTX 3090 (A10, RTX 4090, L4: 99 KiB too), H100
     "sm_80": DeviceProps(sm_count=108, shared_bytes=163 * 1024, capability=(8, 0)),
+    "sm_86": DeviceProps(sm_count=82, shared_bytes=99 * 1024, capability=(8, 6)),
     "sm_90": DeviceProps(sm_count=132, shared_bytes=227 * 1024, capability=(9, 0)),
 }
 INTERPRETER_PROPS = DeviceProps(sm_count=1, shared_bytes=1 << 30, capability=(0, 0), interpreter=True)
@@ -141,17 +142,72 @@ def split_blocks(n_blocks: int, programs_per_split: int, props: DeviceProps) -> 
     return cdiv(n_blocks, blocks_per_split), blocks_per_split
 
 
-def paca_triton_unsupported(M: int, r: int) -> str | None:
-    """Why the Triton PaCa kernels cannot take M clusters at rank r (None: they can)."""
+# Shared memory per block of each PaCa kernel, estimated from its tiles:
+#     bytes <= size * (a * BLOCK_M * BLOCK_R + b * BLOCK_N * BLOCK_M + c * BLOCK_N * BLOCK_R)
+# with ``size`` the dots' operand bytes (fp32 always for `_paca_cluster_side_bwd`, whose (r x r) weight tiles
+# stand in for the (BLOCK_N x ...) row tiles: there BLOCK_N reads BLOCK_R). The (a, b, c) are fitted to the
+# shared bytes `compile_check` measures (cuobjdump SHARED, Triton's metadata.shared) over its shape table,
+# each at or above every measurement; compile_check fails any compile that needs more than this estimate.
+# "mma": compute capability 8.x (A100, A10, RTX 30xx/40xx, L4: sm_80 and sm_86 measured); "any": others
+# (sm_90's wgmma dots stage more operands in shared memory; fitted to all measured archs).
+PACA_SHARED_FIT = {
+    "mma": {
+        "_paca_cluster_fwd": {4: (0.5, 1.5, 3.5), 2: (0.0, 1.0, 1.0)},
+        "_paca_attn_fwd": {4: (4.0, 0.0, 2.5), 2: (4.5, 0.0, 1.0)},
+        "_paca_attn_bwd": {4: (7.5, 1.0, 3.0), 2: (4.5, 1.5, 2.5)},
+        "_paca_cluster_side_bwd": {4: (0.0, 6.0, 0.0)},
+        "_paca_cluster_bwd": {4: (6.25, 3.625, 4.0), 2: (4.5, 1.5, 1.5)},
+    },
+    "any": {
+        "_paca_cluster_fwd": {4: (0.5, 1.5, 3.5), 2: (0.0, 1.0, 3.0)},
+        "_paca_attn_fwd": {4: (4.0, 0.0, 2.5), 2: (5.0, 0.0, 1.0)},
+        "_paca_attn_bwd": {4: (7.5, 1.5, 3.0), 2: (4.5, 1.5, 2.5)},
+        "_paca_cluster_side_bwd": {4: (0.0, 9.0, 0.0)},
+        "_paca_cluster_bwd": {4: (6.25, 3.625, 4.0), 2: (4.5, 1.5, 2.0)},
+    },
+}
+
+
+def paca_kernel_shared_bytes(kernel: str, block_m: int, block_n: int, block_r: int, operand_bytes: int,
+                             capability: tuple[int, int]) -> int | None:
+    """Estimated shared bytes per block of PaCa ``kernel`` at these tiles (None: not a fitted kernel)."""
+    fit = PACA_SHARED_FIT["mma" if capability[0] == 8 else "any"].get(kernel)
+    if fit is None:
+        return None
+    if kernel == "_paca_cluster_side_bwd":
+        operand_bytes, block_n = 4, block_r
+    a, b, c = fit[2 if operand_bytes <= 2 else 4]
+    return int(operand_bytes * (a * block_m * block_r + b * block_n * block_m + c * block_n * block_r))
+
+
+def paca_shared_bytes(cfg: PacaLaunch, dtype: torch.dtype, capability: tuple[int, int]) -> dict[str, int]:
+    """Per PaCa kernel, its estimated shared bytes per block at the launch configuration ``cfg``."""
+    return {k: paca_kernel_shared_bytes(k, cfg.block_m, cfg.block_n, cfg.block_r, dtype.itemsize, capability)
+            for k in PACA_SHARED_FIT["any"]}
+
+
+def paca_triton_unsupported(M: int, r: int, dtype: torch.dtype = torch.float32,
+                            props: DeviceProps | None = None) -> str | None:
+    """Why the Triton PaCa kernels cannot take M clusters at rank r in ``dtype`` on a device with ``props``
+    (None: they can; ``props`` None or the interpreter's: the tile limits only)."""
     if dot_block(M) * dot_block(r) > PACA_MAX_TILE or dot_block(r) > PACA_MAX_R:
         return (f"the Triton PaCa kernels hold (M x r) tiles of at most {PACA_MAX_TILE} elements with r <= "
                 f"{PACA_MAX_R}, and M={M}, r={r} pads to {dot_block(M)} x {dot_block(r)}")
+    if props is None or props.interpreter or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    need = paca_shared_bytes(paca_launch(1, 1, M, r, 1, dtype, props), dtype, props.capability)
+    kernel = max(need, key=need.get)
+    if need[kernel] > props.shared_bytes:
+        major, minor = props.capability
+        return (f"the Triton PaCa kernels need about {need[kernel]} B of shared memory per block ({kernel} at M={M}, "
+                f"r={r}, {str(dtype).replace('torch.', '')}) and this GPU (compute capability {major}.{minor}) "
+                f"allows {props.shared_bytes} B")
     return None
 
 
 def paca_launch(L: int, N: int, M: int, r: int, heads: int, dtype: torch.dtype, props: DeviceProps) -> PacaLaunch:
     block_m, block_r = dot_block(M), dot_block(r)
-    operand_bytes = torch.tensor([], dtype=dtype).element_size()
+    operand_bytes = dtype.itemsize
     if props.interpreter:
         block_n = INTERPRETER_BLOCK
     else:
@@ -189,7 +245,7 @@ def residual_launch(M: int, N: int, K: int, R: int, dtype: torch.dtype, props: D
     block_r = dot_block(R)
     if props.interpreter:
         return ResidualLaunch(INTERPRETER_BLOCK, INTERPRETER_BLOCK, INTERPRETER_BLOCK, block_r, 4, 1, 1)
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     bm, bn, bk = RESIDUAL_BLOCK_M, RESIDUAL_BLOCK_N[size], RESIDUAL_BLOCK_K[size]
     per_stage = (bm * bk + bk * bn) * size
     epilogue = (bm + bn) * block_r * size

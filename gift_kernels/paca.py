@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import resolve_backend
-from .launch import paca_triton_unsupported
+from .launch import device_props, paca_triton_unsupported
 
 EPS = 1e-12  # l2 normalisation: x / max(||x||, EPS), torch F.normalize semantics
 
@@ -189,7 +189,7 @@ def paca_attention(t: torch.Tensor, params: PacaParams, num_heads: int, activati
     dtypes = {t.dtype} | {p.dtype for p in params}
     if len(dtypes) != 1:
         raise TypeError(f"paca_attention needs one dtype for tokens and parameters, got {sorted(map(str, dtypes))}.")
-    unsupported = paca_triton_unsupported(params.cluster_w.shape[0], t.shape[-1])
+    unsupported = paca_triton_unsupported(params.cluster_w.shape[0], t.shape[-1], t.dtype, device_props(t.device))
     if resolve_backend(t.device, t.dtype, backend, "paca_attention", unsupported) == "triton":
         from .paca_triton import PacaAttentionTriton
 

@@ -38,10 +38,35 @@ def test_fp32_cluster_kernel_at_vit_h_shape_has_no_unrolled_scalar_dots(tmp_path
     """Issue fault 3: IEEE fp32 tl.dots unrolled into ~100k scalar FMAs (134k PTX lines, minutes of ptxas)."""
     cfg = paca_launch(32, 1280, 64, 64, 1, torch.float32, ARCH_PROPS["sm_90"])
     proc, report = _compile_check(tmp_path, "--arch", "sm_90", "--kernel", "_paca_cluster_fwd",
-                                  "--match", f"fp32 BLOCK_M=64 BLOCK_N={cfg.block_n} BLOCK_R=64 SOFTMAX=False even=MNR")
+                                  "--match", f"fp32 BLOCK_M=64 BLOCK_N={cfg.block_n} BLOCK_R=64 SOFTMAX=False even=MNR "
+                                             f"w{cfg.num_warps_fwd} s{cfg.num_stages_cluster} one=H ")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (row,) = report["results"]
     assert row["scalar_fp32_fmas"] < 5000 and row["ptx_lines"] < 40000, row
+
+
+def test_shape_table_sends_what_overflows_99_kib_of_shared_memory_to_torch_on_sm86():
+    from gift_kernels.compile_check import shape_table
+
+    def reasons(arch):
+        return {example: reason for example, _, _, reason in shape_table(arch)}
+
+    sm86, sm80 = reasons("sm_86"), reasons("sm_80")
+    for row in ("paca ViT-B L=12 N=768 M=64 r=64 h=1 fp32 sigmoid",
+                "paca ViT-B L=12 N=768 M=256 r=16 h=1 fp32 softmax"):
+        assert "shared memory per block" in sm86[row] and "allows 101376 B" in sm86[row], row
+        assert sm80[row] is None, row
+    assert sm86["paca ViT-B L=12 N=768 M=64 r=16 h=1 fp32 sigmoid"] is None
+    assert sm86["paca ragged L=12 N=200 M=48 r=24 h=2 fp32 softmax"] is None
+
+
+def test_compile_check_for_sm86_measures_no_more_shared_memory_than_the_launchers_estimate(tmp_path):
+    proc, report = _compile_check(tmp_path, "--arch", "sm_86", "--kernel", "_paca_cluster_bwd", "--sample", "1",
+                                  "--match", "fp32 BLOCK_M=64 BLOCK_N=32 BLOCK_R=16 SOFTMAX=True even=MN")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = report["results"]
+    assert row["error"] is None and row["shared_bytes"] <= min(row["estimated_shared_bytes"], 101376), row
+    assert "take the torch path" in proc.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,5 +1,6 @@
 """`auto` picks only what was measured: the residual projection's per-device timing cache, on CPU with fake timers."""
 import json
+import multiprocessing
 
 import pytest
 import torch
@@ -45,9 +46,9 @@ def test_measured_choice_times_once_per_device_and_key_and_persists(cache):
     slow_triton = FakeTimer({"torch_path": 1.0, "triton_path": 3.0})
     assert dispatch.measured_choice("A100", "op", "k1", candidates, timer=slow_triton) == "torch"
     assert dispatch.measured_choice("H200", "op", "k2", candidates, timer=slow_triton) == "torch"
-    saved = json.loads(cache.read_text())
-    assert saved["H200 | op | k1"] == {"backend": "triton", "seconds": {"torch": 2.0, "triton": 1.0}}
-    assert saved["A100 | op | k1"]["backend"] == "torch"
+    saved, version = json.loads(cache.read_text()), dispatch.code_version()
+    assert saved[f"H200 | op | k1 | {version}"] == {"backend": "triton", "seconds": {"torch": 2.0, "triton": 1.0}}
+    assert saved[f"A100 | op | k1 | {version}"]["backend"] == "torch"
     dispatch._CHOICES.clear()                                                 # a new process reads the file
     never = FakeTimer({})
     assert dispatch.measured_choice("H200", "op", "k1", candidates, timer=never) == "triton" and not never.timed
@@ -59,7 +60,50 @@ def test_unreadable_cache_is_measured_again_and_rewritten(cache):
     candidates = _candidates()
     assert dispatch.measured_choice("H200", "op", "k", candidates,
                                     timer=FakeTimer({"torch_path": 1.0, "triton_path": 2.0})) == "torch"
-    assert json.loads(cache.read_text())["H200 | op | k"]["backend"] == "torch"
+    assert json.loads(cache.read_text())[f"H200 | op | k | {dispatch.code_version()}"]["backend"] == "torch"
+
+
+def test_cached_choice_is_keyed_by_gift_and_triton_versions(cache, monkeypatch):
+    candidates = _candidates()
+    assert dispatch.measured_choice("H200", "op", "k", candidates, timer=FakeTimer({"torch_path": 1.0,
+                                                                                    "triton_path": 2.0})) == "torch"
+    assert dispatch.code_version().startswith("gift ") and " triton " in dispatch.code_version()
+    monkeypatch.setattr(dispatch, "code_version", lambda: "gift 9.9 triton 9.9")    # upgraded code: measured again
+    timer = FakeTimer({"torch_path": 2.0, "triton_path": 1.0})
+    assert dispatch.measured_choice("H200", "op", "k", candidates, timer=timer) == "triton" and len(timer.timed) == 2
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_two_writers_that_loaded_the_cache_before_either_saved_keep_both_entries(cache):
+    """Processes A and B both read the (empty) cache, then each measures its own key and saves."""
+    views = []
+    for _ in range(2):                        # what each process loaded
+        dispatch._load_choices(cache)
+        views.append(dispatch._CHOICES.pop(str(cache)))
+    for view, key in zip(views, ("keyA", "keyB")):
+        dispatch._CHOICES[str(cache)] = view
+        dispatch.measured_choice("H200", "op", key, _candidates(), timer=FakeTimer({"torch_path": 1.0,
+                                                                                    "triton_path": 2.0}))
+    version = dispatch.code_version()
+    assert sorted(json.loads(cache.read_text())) == [f"H200 | op | keyA | {version}", f"H200 | op | keyB | {version}"]
+    assert f"H200 | op | keyA | {version}" in views[1]           # B's process now knows A's entry too
+
+
+def _write_keys(path, prefix):
+    dispatch._CHOICES.clear()
+    for i in range(15):
+        dispatch.measured_choice("H200", "op", f"{prefix}{i}", {"torch": None}, timer=lambda fn: 1.0, path=path)
+
+
+def test_two_processes_writing_at_once_keep_every_entry(cache):
+    ctx = multiprocessing.get_context("fork")
+    writers = [ctx.Process(target=_write_keys, args=(cache, prefix)) for prefix in ("a", "b")]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+    assert [w.exitcode for w in writers] == [0, 0]
+    assert len(json.loads(cache.read_text())) == 30
 
 
 def test_auto_asks_the_op_on_cuda_only_and_env_forces(monkeypatch):
@@ -97,6 +141,7 @@ def test_residual_auto_times_both_backends_on_the_real_call(cache, monkeypatch):
     assert residual._measured_backend(x, w, b, psi, tokens) == "triton"
     assert ran == ["matmul_lowrank_torch", "matmul_lowrank_epilogue"]
     (entry, value), = json.loads(cache.read_text()).items()
-    assert entry == "Fake GPU | lowrank_residual_linear | rows<=64 d_in=24 d_out=40 r=8 torch.float32 bias=True"
+    assert entry == ("Fake GPU | lowrank_residual_linear | rows<=64 d_in=24 d_out=40 r=8 torch.float32 bias=True | "
+                     + dispatch.code_version())
     assert value["backend"] == "triton"
     assert residual._measured_backend(x, w, b, psi, tokens) == "triton" and len(ran) == 2

@@ -96,6 +96,16 @@ def test_paca_with_gpu_splits_and_heads_matches_float64_reference(monkeypatch, d
     _paca_agrees((2, 137, 20, 48, 2), dtype, device, activation)
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_paca_with_ragged_n_and_uneven_splits_matches_float64_reference_and_is_deterministic(monkeypatch, activation):
+    """2 SMs, 3 heads: 5 blocks of 64 rows (the last one 44 rows) in 2 splits of 3 and 2 blocks."""
+    monkeypatch.setenv("GIFT_SM_COUNT", "2")
+    cfg = paca_launch(1, 300, 5, 24, 3, torch.float32, device_props(torch.device("cpu")))
+    assert [len(rg) for rg in cfg.split_ranges()] == [3, 2] and 300 % cfg.block_n != 0
+    got, rerun = _paca_agrees((1, 300, 5, 24, 3), torch.float32, activation=activation)
+    assert all(torch.equal(got[k], v) for k, v in rerun().items())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_paca_at_vit_h_shape_with_108_sms_matches_float64_reference(monkeypatch, device):
     """fp32 takes 32-row blocks at M = r = 64: 7 splits x 6 blocks for 40 blocks on 108 SMs."""
