@@ -20,8 +20,12 @@ def pytest_addoption(parser):
     group.addoption("--bench-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="compute dtype of the training step (autocast for 16-bit)")
     group.addoption("--bench-batch", type=int, default=None, help="override every model's batch size")
-    group.addoption("--bench-rounds", type=int, default=None,
-                    help="interleaved timing rounds of every model and op (default: $GIFT_BENCH_ROUNDS, else per model)")
+    group.addoption(
+        "--bench-rounds",
+        type=int,
+        default=None,
+        help="interleaved timing rounds of every model and op (default: $GIFT_BENCH_ROUNDS, else per model)",
+    )
     group.addoption("--bench-out", default=None, help="results folder (default bench/results/<device>)")
 
 

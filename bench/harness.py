@@ -18,8 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gift
-from gift.base import find_targets
+from gift.dtypes import autocast_for
+from gift.lora import lora_model
 from gift.memory import SavedTensorCounter  # noqa: F401  (the bench's saved-bytes instrument; re-exported)
+from gift.targets import find_targets
 from gift.testing import model_disagreements, outputs_and_grads, randomize_gift_, zero_gradient_names
 from gift_kernels.testing import relative_errors
 
@@ -137,7 +139,7 @@ class Provider:
     gift_model: gift.GIFTReference | gift.FastGIFT | None = None
 
     def step(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        with _autocast(x, dtype):
+        with autocast_for(x.device, dtype):
             loss = F.cross_entropy(self.model(x).float(), y)
         loss.backward()
         self.optimizer.step()
@@ -198,8 +200,6 @@ def build_provider(name: str, backbone: nn.Module, rank: int, gift_state: dict |
         first_target_module(backbone, config.target_modules).register_forward_pre_hook(_restart_backward_here)
         return Provider(name, backbone, torch.optim.AdamW(_trainable(backbone), lr=1e-4))
     if name == "lora":
-        from gift.backbones import lora_model
-
         model = lora_model(backbone, rank, config.target_modules)
         return Provider(name, model, torch.optim.AdamW(_trainable(model), lr=1e-4))
     if name == "reference":
@@ -223,13 +223,9 @@ def random_gift_state(backbone: nn.Module, rank: int, seed: int = 0) -> dict:
     return randomize_gift_(model, seed=seed, scale=0.1, psi_scale=0.02).gift_state_dict()
 
 
-def _autocast(x: torch.Tensor, dtype: torch.dtype | None):
-    return torch.autocast(x.device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
-
-
 def saved_bytes_of_step(provider: Provider, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None) -> int:
     """Bytes saved for backward by one forward (activations; parameters and buffers not counted)."""
-    with SavedTensorCounter(exclude=provider.model) as counter, _autocast(x, dtype):
+    with SavedTensorCounter(exclude=provider.model) as counter, autocast_for(x.device, dtype):
         loss = F.cross_entropy(provider.model(x).float(), y)
     loss.backward()
     provider.model.zero_grad(set_to_none=True)

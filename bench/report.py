@@ -4,15 +4,15 @@ from __future__ import annotations
 import csv
 import glob
 import os
-import re
 
 from bench.harness import format_ratio
+from gift.dtypes import short_name
+from gift.files import atomic_write_text, replace_marked_block
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 COLUMNS = ["kernel", "x", "provider", "mode", "metric", "value", "device", "dtype", "torch", "triton"]
 
-
-# Targets of issue 11, stated against LoRA at the same rank: (model label, metric, limit, what)
+# The bench's targets, stated against LoRA at the same rank: (model label, metric, limit, what)
 TARGETS = [
     ("vit_base_patch16_224 b8", "ratio_vs_lora", 1.00, "step time"),
     ("vit_small_patch16_224 b2", "ratio_vs_lora", 1.05, "step time"),
@@ -21,7 +21,12 @@ TARGETS = [
 ]
 SPREAD_MODEL = "vit_base_patch16_224 b8"  # its ratios should have a half-IQR under 1%
 FAST_PROVIDERS = ("fast_triton", "fast_torch")  # what FastGIFT runs by default on the device (Triton on CUDA)
-STEP_RATIOS = [("floor", "x floor"), ("lora", "x LoRA r=64"), ("naive_merged", "x naive_merged"), ("reference", "x reference")]
+STEP_RATIOS = [
+    ("floor", "x floor"),
+    ("lora", "x LoRA r=64"),
+    ("naive_merged", "x naive_merged"),
+    ("reference", "x reference"),
+]
 OP_RATIOS = [("reference", "x reference"), ("fast_torch", "x torch path"), ("floor", "x frozen linear")]
 
 
@@ -43,8 +48,7 @@ def _ratio(m: dict, base: str) -> str:
 
 def dtype_label(rows) -> str:
     """The run's dtype as the tables name it (``float32`` -> ``fp32``), from its rows."""
-    dtype = rows[0].get("dtype") or "float32"
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+    return short_name(rows[0].get("dtype") or "float32")
 
 
 def _agreement(m: dict, provider: str, dtype: str) -> str:
@@ -72,15 +76,19 @@ def target_lines(rows) -> list[str]:
         shown = _ratio(m, "lora") if metric == "ratio_vs_lora" else f"{value:.3f}"
         floor = _ratio(m, "floor") if metric == "ratio_vs_lora" else _fmt(m.get("saved_vs_floor"), ".3f")
         q3 = m.get(f"{metric}_q3", value)
-        verdict = ("met" if q3 <= limit else "met at the median (q3 above)") if value <= limit else f"**missed**: {shown}x"
+        verdict = (
+            ("met" if q3 <= limit else "met at the median (q3 above)") if value <= limit else f"**missed**: {shown}x"
+        )
         lines.append(f"- {model}, FastGIFT ({provider}) {what} <= {limit:.2f}x LoRA r=64: {verdict} "
                      f"(measured {shown}x LoRA; {floor}x the fair floor)")
     spread = [(m[f"ratio_vs_{b}_q3"] - m[f"ratio_vs_{b}_q1"]) / 2 / m[f"ratio_vs_{b}"]
               for (x, _), m in steps.items() if x == SPREAD_MODEL for b, _ in STEP_RATIOS if f"ratio_vs_{b}_q1" in m]
     if lines and spread:
         worst = max(spread)
-        lines.append(f"- spread: the widest half-IQR of a {SPREAD_MODEL} ratio is ±{100 * worst:.1f}% "
-                     + ("(aim: under ±1%)" if worst < 0.01 else "(**over the ±1% aim**: more rounds, or a quieter machine)"))
+        lines.append(
+            f"- spread: the widest half-IQR of a {SPREAD_MODEL} ratio is ±{100 * worst:.1f}% "
+            + ("(aim: under ±1%)" if worst < 0.01 else "(**over the ±1% aim**: more rounds, or a quieter machine)")
+        )
     return lines
 
 
@@ -99,10 +107,14 @@ def markdown(rows) -> str:
     steps = _pivot(rows, "train_step")
     if steps:
         peak = any("cuda_step_peak_mib" in m for m in steps.values())
-        lines += ["| model | provider | rounds | step ms | " + " | ".join(h for _, h in STEP_RATIOS)
-                  + " | saved MiB | x LoRA saved | x floor saved |" + (" GPU step peak MiB |" if peak else "")
-                  + " agreement out / grad |",
-                  "|---|---|---:|---:|" + "---:|" * len(STEP_RATIOS) + "---:|---:|---:|" + ("---:|" if peak else "") + "---|"]
+        lines += [
+            "| model | provider | rounds | step ms | "
+            + " | ".join(h for _, h in STEP_RATIOS)
+            + " | saved MiB | x LoRA saved | x floor saved |"
+            + (" GPU step peak MiB |" if peak else "")
+            + " agreement out / grad |",
+            "|---|---|---:|---:|" + "---:|" * len(STEP_RATIOS) + "---:|---:|---:|" + ("---:|" if peak else "") + "---|",
+        ]
         for (x, provider), m in steps.items():
             lines.append(f"| {x} | {provider} | {_fmt(m.get('rounds'), '.0f')} | {_fmt(m.get('time_ms_p50'), '.1f')} | "
                          + " | ".join(_ratio(m, b) for b, _ in STEP_RATIOS)
@@ -115,9 +127,14 @@ def markdown(rows) -> str:
         ops = _pivot(rows, kernel)
         if not ops:
             continue
-        lines += [f"**{kernel}** (forward + backward; inputs prepared outside the timed region)", "",
-                  "| shape | provider | ms | " + " | ".join(h for _, h in OP_RATIOS) + " | saved MiB | agreement out / grad |",
-                  "|---|---|---:|" + "---:|" * len(OP_RATIOS) + "---:|---|"]
+        lines += [
+            f"**{kernel}** (forward + backward; inputs prepared outside the timed region)",
+            "",
+            "| shape | provider | ms | "
+            + " | ".join(h for _, h in OP_RATIOS)
+            + " | saved MiB | agreement out / grad |",
+            "|---|---|---:|" + "---:|" * len(OP_RATIOS) + "---:|---|",
+        ]
         for (x, provider), m in ops.items():
             lines.append(f"| {x} | {provider} | {_fmt(m.get('time_ms_p50'), '.2f')} | "
                          + " | ".join(_ratio(m, b) for b, _ in OP_RATIOS)
@@ -182,10 +199,8 @@ def update_readme(results_root: str, readme: str) -> None:
     if START not in text or END not in text:
         return
     body = "\n".join(parts) if parts else "No bench results yet: run `make bench`."
-    generated = f"{START}\n<!-- generated by `make bench` from bench/results/*/results.md; do not edit by hand -->\n{body}\n{END}"
-    text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: generated, text, flags=re.S)
-    with open(readme, "w", encoding="utf-8") as f:
-        f.write(text)
+    generated = f"\n<!-- generated by `make bench` from bench/results/*/results.md; do not edit by hand -->\n{body}\n"
+    atomic_write_text(readme, replace_marked_block(text, START, END, generated))
 
 
 def _read_csv(path: str) -> list[dict]:

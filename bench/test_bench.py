@@ -14,6 +14,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+import gift.timm_models  # noqa: F401  (registers gift's small timm models, for GIFT_BENCH_MODELS)
 import gift_kernels
 from bench.harness import (
     PROVIDERS,
@@ -44,7 +45,7 @@ from gift_kernels.testing import (
 )
 
 RANK = 64
-# (timm model, batch, timing rounds on CPU). Rounds: ~15 min for `make bench` on a 2-core CPU (bench/README.md).
+# (timm model, batch, timing rounds on CPU); bench/README.md says how long `make bench` takes with them.
 MODELS = [("vit_small_patch16_224", 2, 40), ("vit_base_patch16_224", 8, 24)]
 LARGE_MODELS = [("vit_large_patch16_224", 8, 6), ("vit_huge_patch14_224", 8, 4)]
 CUDA_ROUNDS = 30
@@ -64,9 +65,19 @@ def _sync(device):
 
 def _add_rows(cfg, kernel, x_label, provider, metrics: dict, mode="fwd+bwd"):
     for metric, value in metrics.items():
-        cfg["rows"].append({"kernel": kernel, "x": x_label, "provider": provider, "mode": mode, "metric": metric,
-                            "value": value, "device": device_slug(cfg["device"]), "dtype": str(cfg["dtype"]).replace("torch.", ""),
-                            **_versions()})
+        cfg["rows"].append(
+            {
+                "kernel": kernel,
+                "x": x_label,
+                "provider": provider,
+                "mode": mode,
+                "metric": metric,
+                "value": value,
+                "device": device_slug(cfg["device"]),
+                "dtype": str(cfg["dtype"]).replace("torch.", ""),
+                **_versions(),
+            }
+        )
 
 
 def _ratio_metrics(ratios: dict, provider: str) -> dict:
@@ -103,20 +114,22 @@ def _models(cfg) -> list[tuple[str, int, int]]:
         for item in listed.split(","):
             name, _, batch = item.partition(":")
             if not batch.isdigit():
-                raise ValueError(f"GIFT_BENCH_MODELS entry {item!r} is not name:batch (e.g. gift_vit_micro_patch4_32:2).")
+                raise ValueError(
+                    f"GIFT_BENCH_MODELS entry {item!r} is not name:batch (e.g. gift_vit_micro_patch4_32:2)."
+                )
             models.append((name, int(batch), 10))
     else:
         models = MODELS + (LARGE_MODELS if cfg["large"] else [])
     default = (lambda r: CUDA_ROUNDS) if cfg["device"].type == "cuda" else (lambda r: r)
-    return [(name, cfg["batch"] or batch, cfg["rounds"] or bench_rounds(default(rounds))) for name, batch, rounds in models]
+    return [
+        (name, cfg["batch"] or batch, cfg["rounds"] or bench_rounds(default(rounds))) for name, batch, rounds in models
+    ]
 
 
 def measure_model(name: str, batch: int, rounds: int, cfg: dict) -> dict:
     key = (name, batch)
     if key in _cache:
         return _cache[key]
-    import gift  # noqa: F401  (registers gift's small timm models)
-
     device, dtype = cfg["device"], cfg["dtype"]
     torch.manual_seed(0)
     backbone = timm.create_model(name, pretrained=False, num_classes=10).to(device)
@@ -140,7 +153,9 @@ def measure_model(name: str, batch: int, rounds: int, cfg: dict) -> dict:
              for p, prov in providers.items() if prov.gift_model is not None and p != "reference"}
 
     saved = {p: saved_bytes_of_step(prov, x, y, dtype) for p, prov in providers.items()}
-    peak = {p: cuda_step_peak_bytes(prov, x, y, dtype) for p, prov in providers.items()} if device.type == "cuda" else {}
+    peak = (
+        {p: cuda_step_peak_bytes(prov, x, y, dtype) for p, prov in providers.items()} if device.type == "cuda" else {}
+    )
     times = interleaved_times({p: (lambda prov=prov: prov.step(x, y, dtype)) for p, prov in providers.items()},
                               rounds=rounds, warmup=1, sync=_sync(device))
     result = dict(providers=providers, skipped=skipped, x=x, y=y, times=times, saved=saved, peak=peak, agree=agree,
@@ -267,9 +282,13 @@ def test_op(benchmark, bench_config, kernel, shape_index, provider):
     if key not in _cache:  # interleaved timing of all available providers of this op
         names = [p for p in OP_PROVIDERS
                  if _unavailable_reason(p, device) is None and not (kernel == "paca_step" and p == "floor")]
-        times = interleaved_times({p: _op_call(_op_fn(kernel, p, heads)) for p in names},
-                                  rounds=bench_config["rounds"] or bench_rounds(OP_ROUNDS), warmup=2, sync=_sync(device),
-                                  prepare={p: (lambda p=p: _op_leaves(kernel, p, tensors, trained)) for p in names})
+        times = interleaved_times(
+            {p: _op_call(_op_fn(kernel, p, heads)) for p in names},
+            rounds=bench_config["rounds"] or bench_rounds(OP_ROUNDS),
+            warmup=2,
+            sync=_sync(device),
+            prepare={p: (lambda p=p: _op_leaves(kernel, p, tensors, trained)) for p in names},
+        )
         _cache[key] = (times, {b: paired_ratios(times, b) for b in ("floor", "reference", "fast_torch")})
     times, ratios = _cache[key]
     *leaves, grad = _op_leaves(kernel, provider, tensors, trained)
@@ -290,5 +309,7 @@ def test_op(benchmark, bench_config, kernel, shape_index, provider):
     _add_rows(bench_config, kernel, x_label, provider, metrics)
     benchmark.extra_info.update(metrics)
     call = _op_call(_op_fn(kernel, provider, heads))
-    benchmark.pedantic(call, setup=lambda: (_op_leaves(kernel, provider, tensors, trained), {}), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(
+        call, setup=lambda: (_op_leaves(kernel, provider, tensors, trained), {}), rounds=3, warmup_rounds=1
+    )
     assert not bad, f"{provider} {kernel} {x_label} disagrees with float64:\n" + "\n".join(bad)

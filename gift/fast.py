@@ -14,15 +14,16 @@ import logging
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from gift_kernels import PacaParams, l2_mlp_residual, lowrank_residual_linear, paca_attention
 
-from .base import GIFTModelBase, TargetGroup
-from .config import GIFTConfig
+from .config import MEMORY_MODES, GIFTConfig
 from .generator import Hypernet, PaCa
-
-MEMORY_MODES = ("none", "mlp", "block")
+from .memory import module_tensors, storage_bytes
+from .predict import choose_memory_mode, plan_model
+from .recompute import apply_memory_mode, check_memory_mode, refuse_reentrant_checkpointing, undo_memory_mode
+from .targets import TargetGroup, replace_module
+from .wrapper import GIFTModelBase
 
 
 class StepResiduals:
@@ -72,21 +73,16 @@ class GIFTLinear(nn.Linear):
     recomputation, or merged) it is the plain linear layer.
     """
 
-    @classmethod
-    def wrap(cls, linear: nn.Linear, residuals: StepResiduals, key: str, layer: int,
-             backend: str | None = None) -> "GIFTLinear":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new.residuals, new.key, new.layer, new.backend = residuals, key, layer, backend
-        return new
+    def __init__(self, linear: nn.Linear, residuals: StepResiduals, key: str, layer: int, backend: str | None = None):
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a new weight; this layer takes linear's
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.residuals, self.key, self.layer, self.backend = residuals, key, layer, backend
 
     def unwrap(self) -> nn.Linear:
-        linear = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(linear)
-        linear.in_features, linear.out_features = self.in_features, self.out_features
+        """The plain ``nn.Linear`` holding the same weight and bias Parameters."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight, linear.bias = self.weight, self.bias
         return linear
 
@@ -107,49 +103,6 @@ class GIFTLinear(nn.Linear):
         return super().extra_repr() + f", gift={self.key}[{self.layer}]"
 
 
-class KeysAsBefore:
-    """A state-dict hook for a module whose children were moved into a `Recomputed` wrapper: as a
-    ``state_dict`` post-hook (``saving=True``) it shows the keys as they were before the move, as a
-    ``load_state_dict`` pre-hook (``saving=False``) it takes them so. ``moves``: (path before, path now)
-    pairs relative to the module, e.g. ``("mlp.", "mlp.body.")``."""
-
-    def __init__(self, moves: list[tuple[str, str]], saving: bool):
-        self.moves, self.saving = moves, saving
-
-    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *hook_args) -> None:
-        for key in list(state_dict):
-            if not key.startswith(prefix):
-                continue
-            rest = key[len(prefix):]
-            for before, now in self.moves:
-                old, new = (now, before) if self.saving else (before, now)
-                if rest.startswith(old) and (self.saving or not rest.startswith(now)):
-                    state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
-                    break
-
-
-class Recomputed(nn.Module):
-    """``body(norm(x))`` recomputed in backward instead of keeping its activations
-    (non-reentrant ``torch.utils.checkpoint``): what ``memory="mlp"`` puts in place of each block's MLP
-    (with the block's pre-norm moved inside) and ``memory="block"`` around blocks of backbones without
-    timm's ``set_grad_checkpointing``. Its submodules are ``norm`` (``nn.Identity`` if none) and ``body``:
-    module paths under it gain ``.norm`` / ``.body`` while it is in place, but state-dict keys do not
-    (`KeysAsBefore` on the parent module); ``set_memory("none")`` restores the original modules."""
-
-    def __init__(self, body: nn.Module, norm: nn.Module | None = None):
-        super().__init__()
-        self.norm = nn.Identity() if norm is None else norm
-        self.body = body
-
-    def _run(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.body(self.norm(x), *args, **kwargs)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return checkpoint(self._run, x, *args, use_reentrant=False, **kwargs)
-        return self._run(x, *args, **kwargs)
-
-
 def paca_params(attn: PaCa) -> PacaParams:
     """The parameters of a `PaCa` module in the order the fused op takes them."""
     return PacaParams(attn.cluster.cluster.weight, attn.cluster.cluster.bias, attn.q.weight, attn.q.bias,
@@ -168,36 +121,6 @@ def run_hypernet(hypernet: Hypernet, tokens: torch.Tensor, backend: str | None =
     return tokens
 
 
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-def _is_prenorm_block(block: nn.Module) -> bool:
-    """timm's pre-norm ViT blocks compute ``x + ls2(mlp(norm2(x)))``: norm2 feeds mlp and nothing else."""
-    from timm.models.vision_transformer import Block
-
-    try:
-        from timm.models.eva import EvaBlock
-    except ImportError:
-        EvaBlock = Block
-    return type(block) in (Block, EvaBlock) and isinstance(getattr(block, "norm2", None), nn.Module)
-
-
-def _timm_grad_checkpointing(backbone: nn.Module) -> bool:
-    """Whether ``backbone`` offers timm's ``set_grad_checkpointing()`` (and its ``grad_checkpointing`` flag)."""
-    return callable(getattr(backbone, "set_grad_checkpointing", None)) and hasattr(backbone, "grad_checkpointing")
-
-
-def _refuse_reentrant_checkpointing() -> None:
-    """Raise when timm checkpoints reentrantly: the recomputed blocks would not reach the generator."""
-    from timm.layers import use_reentrant_ckpt
-
-    if use_reentrant_ckpt():
-        raise ValueError("timm's grad checkpointing (memory='block') needs its non-reentrant mode (reentrant drops "
-                         "the generator's gradients); call timm.layers.set_reentrant_ckpt(False).")
-
-
 class FastGIFT(GIFTModelBase):
     """GIFT on a frozen ``backbone``: same constructor, attributes and checkpoints as `GIFTReference`.
 
@@ -207,15 +130,15 @@ class FastGIFT(GIFTModelBase):
         memory: ``"none"``; ``"mlp"`` recomputes each block's MLP (and its pre-norm) in backward;
             ``"block"`` recomputes whole blocks (timm's ``set_grad_checkpointing()`` where the backbone
             has it, else a `Recomputed` wrapper around each of ``backbone.blocks``); ``"auto"``: at the
-            first training forward, the fastest of those whose predicted peak (`gift.plan`, for that
-            input shape and AdamW) fits `gift.plan.FIT_FRACTION` of ``memory_budget`` (see `choose_memory`).
+            first training forward, the fastest of those whose predicted peak (`gift.predict`, for that
+            input shape and AdamW) fits `gift.predict.FIT_FRACTION` of ``memory_budget`` (see `choose_memory`).
         memory_budget: bytes (or ``"24GiB"``) for ``memory="auto"``; default: on CUDA the device's free
             memory plus what this model already holds there, on CPU no limit.
         backbone_dtype: store the frozen backbone weights in this dtype (e.g. ``torch.bfloat16``);
             forward then runs the backbone under autocast in that dtype. The head and the generator
             keep their own dtypes.
-        backend: ``"auto" | "torch" | "triton"`` for the fused ops (default: ``GIFT_KERNELS``, else
-            auto: Triton on CUDA); see `gift_kernels.dispatch`.
+        backend: ``"auto" | "torch" | "triton"`` for the fused ops (default: the ``GIFT_BACKEND``
+            environment variable, else auto: Triton on CUDA); see `gift_kernels.dispatch`.
 
     Per-step state lives in ``step_residuals`` (`StepResiduals`) only; merge state in
     ``merged_tokens`` only (None when not merged).
@@ -231,10 +154,10 @@ class FastGIFT(GIFTModelBase):
         self.step_residuals = StepResiduals()
         groups = []
         for group in self.target_groups:
-            wrapped = tuple(GIFTLinear.wrap(m, self.step_residuals, group.key, layer, backend)
+            wrapped = tuple(GIFTLinear(m, self.step_residuals, group.key, layer, backend)
                             for layer, m in enumerate(group.modules))
             for name, module in zip(group.names, wrapped):
-                _replace_module(self.backbone, name, module)
+                replace_module(self.backbone, name, module)
             groups.append(TargetGroup(group.key, group.names, wrapped))
         self.target_groups = groups
         self.backbone_dtype = backbone_dtype
@@ -256,82 +179,27 @@ class FastGIFT(GIFTModelBase):
         return self.merged_tokens is not None
 
     # ------------------------------------------------------------------ memory modes
-    def _blocks(self) -> nn.Module:
-        blocks = getattr(self.backbone, "blocks", None)
-        if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
-            raise ValueError(f"memory modes 'mlp' and 'block' need backbone.blocks (a timm ViT); "
-                             f"{type(self.backbone).__name__} has none. Use memory='none'.")
-        return blocks
-
-    def _move_keys(self, parent: nn.Module, moves: list[tuple[str, str]]) -> None:
-        self._key_hook_handles += [parent.register_state_dict_post_hook(KeysAsBefore(moves, saving=True)),
-                                   parent.register_load_state_dict_pre_hook(KeysAsBefore(moves, saving=False))]
-
-    def _undo_memory_mode(self) -> None:
-        for handle in self._key_hook_handles:
-            handle.remove()
-        self._key_hook_handles = []
-        if self.memory == "none":
-            return
-        blocks = self._blocks()
-        for i, block in enumerate(blocks):
-            if isinstance(block, Recomputed):
-                blocks[i] = block = block.body
-            if isinstance(getattr(block, "mlp", None), Recomputed):
-                wrapper = block.mlp
-                block.mlp = wrapper.body
-                if not isinstance(wrapper.norm, nn.Identity):
-                    block.norm2 = wrapper.norm
-        if _timm_grad_checkpointing(self.backbone):
-            self.backbone.set_grad_checkpointing(False)
-
     def set_memory(self, memory: str) -> None:
         """Switch between ``"none"``, ``"mlp"`` and ``"block"`` recomputation (reversible; ends a pending "auto")."""
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory={memory!r} is unknown; choose one of {MEMORY_MODES}.")
+        check_memory_mode(self.backbone, memory)
         self.memory_pending = False
-        if memory == "mlp":
-            blocks = [b for b in self._blocks() if isinstance(getattr(b, "mlp", None), nn.Module)]
-            if not blocks:
-                raise ValueError("memory='mlp' needs blocks with an .mlp submodule (timm ViT); use 'block' or 'none'.")
-        if memory == "block" and not _timm_grad_checkpointing(self.backbone):
-            self._blocks()
-        self._undo_memory_mode()
-        if memory == "mlp":
-            for block in blocks:
-                if _is_prenorm_block(block):  # recompute norm2 too: x + ls2(mlp(norm2(x))) -> x + ls2(mlp'(x))
-                    block.mlp, block.norm2 = Recomputed(block.mlp, norm=block.norm2), nn.Identity()
-                    self._move_keys(block, [("mlp.", "mlp.body."), ("norm2.", "mlp.norm.")])
-                else:
-                    block.mlp = Recomputed(block.mlp)
-                    self._move_keys(block, [("mlp.", "mlp.body.")])
-        elif memory == "block":
-            if _timm_grad_checkpointing(self.backbone):
-                _refuse_reentrant_checkpointing()
-                self.backbone.set_grad_checkpointing(True)
-            else:
-                blocks = self._blocks()
-                for i, block in enumerate(blocks):
-                    blocks[i] = Recomputed(block)
-                self._move_keys(blocks, [(f"{i}.", f"{i}.body.") for i in range(len(blocks))])
+        undo_memory_mode(self.backbone, self.memory, self._key_hook_handles)
+        self.memory, self._key_hook_handles = "none", []
+        self._key_hook_handles = apply_memory_mode(self.backbone, memory)
         self.memory = memory
 
     def _default_memory_budget(self) -> int | None:
         device = self._backbone_device()
         if device.type != "cuda":
             return None
-        from .memory import module_tensors, storage_bytes
-
         return torch.cuda.mem_get_info(device)[0] + storage_bytes(t for t in module_tensors(self) if t.device == device)
 
     def choose_memory(self, input_shape: tuple[int, ...], budget: int | str | None = None,
                       amp: torch.dtype | None = None) -> str:
         """Switch to the fastest memory mode whose predicted training-step peak fits ``budget`` (default:
         ``memory_budget``, else see the class doc) for inputs of ``input_shape`` (B, C, H, W) under
-        autocast ``amp``; ``memory_reason`` says why in one line. Raises `gift.plan.DoesNotFit` (naming
+        autocast ``amp``; ``memory_reason`` says why in one line. Raises `gift.predict.DoesNotFit` (naming
         the batch size that would fit) when no mode does."""
-        from .plan import choose_memory_mode, plan_model
-
         budget = budget if budget is not None else self.memory_budget
         budget = budget if budget is not None else self._default_memory_budget()
         mode, reason = choose_memory_mode(plan_model(self, tuple(input_shape), budget, amp))
@@ -372,10 +240,14 @@ class FastGIFT(GIFTModelBase):
         if self.memory_pending and torch.is_grad_enabled():
             amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
             self.choose_memory(x.shape, amp=amp)
-        if self.merged_tokens is not None and torch.is_grad_enabled() and any(p.requires_grad for p in self.gift_parameters()):
+        if (
+            self.merged_tokens is not None
+            and torch.is_grad_enabled()
+            and any(p.requires_grad for p in self.gift_parameters())
+        ):
             raise RuntimeError("FastGIFT is merged; call unmerge() before training (or run under torch.no_grad()).")
         if torch.is_grad_enabled() and getattr(self.backbone, "grad_checkpointing", False) is True:
-            _refuse_reentrant_checkpointing()
+            refuse_reentrant_checkpointing()
         kept = self.step_residuals.by_key
         self.step_residuals.by_key = {} if self.merged_tokens is not None else self.generator_residuals()
         self.step_residuals.in_forward = True
@@ -431,5 +303,5 @@ class FastGIFT(GIFTModelBase):
         self.set_memory("none")
         for group in self.target_groups:
             for name, module in zip(group.names, group.modules):
-                _replace_module(self.backbone, name, module.unwrap())
+                replace_module(self.backbone, name, module.unwrap())
         return self.backbone

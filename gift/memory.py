@@ -7,7 +7,6 @@ no storage, no compute). `gift plan`, ``FastGIFT(memory="auto")`` and the bench 
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -17,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from .dtypes import autocast_for
 
 
 def storages(t: torch.Tensor) -> Iterator[torch.UntypedStorage]:
@@ -125,7 +126,7 @@ class StepBytes:
     alive (activation gradients, recomputed activations, parameter gradients); peak: the most alive
     at once (the forward's own transients too), parameters, optimizer state and the input batch included;
     ema: a model-EMA copy of every parameter and buffer (timm's ``ModelEmaV3``), 0 when there is none
-    (`measure_training_step` keeps none; `gift.plan` adds it to ``peak`` for ``--model-ema``).
+    (`measure_training_step` keeps none; `gift.predict` adds it to ``peak`` for ``--model-ema``).
     """
 
     frozen: int
@@ -146,13 +147,6 @@ class StepBytes:
 def logits_of(output) -> torch.Tensor:
     """The logits of a model's output (a tensor, or an object with ``.logits`` as Hugging Face returns)."""
     return output if isinstance(output, torch.Tensor) else output.logits
-
-
-def autocast_for(device: torch.device, amp: torch.dtype | None):
-    """``torch.autocast`` in ``amp`` (bf16/fp16), or nothing for None/float32."""
-    if amp in (None, torch.float32):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=amp)
 
 
 def measure_training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None = None,

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import GIFTModelBase
 from .config import GIFTConfig
+from .wrapper import GIFTModelBase
 
 
 class _ResidualHook:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from gift_kernels.testing import disagreements
 
 from .config import GIFTConfig
+from .dtypes import autocast_for
 from .fast import FastGIFT
 from .reference import GIFTReference
 
@@ -32,10 +33,6 @@ def randomize_gift_(model: nn.Module, seed: int = 1, scale: float = 0.1, psi_sca
     return model
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
-
-
 def outputs_and_grads(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
                       autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """``{"output": logits, name: grad}`` for every trainable parameter after one forward/backward.
@@ -45,7 +42,7 @@ def outputs_and_grads(model: nn.Module, x: torch.Tensor, target: torch.Tensor | 
     Leaves the model's ``.grad`` cleared.
     """
     model.zero_grad(set_to_none=True)
-    with _autocast(x.device, autocast_dtype):
+    with autocast_for(x.device, autocast_dtype):
         out = model(x)
     logits = out.to(torch.promote_types(out.dtype, torch.float32))
     if target is None:
@@ -74,16 +71,13 @@ def twin_models(backbone: nn.Module, cfg: GIFTConfig, dtype: torch.dtype = torch
 # ------------------------------------------------------------------------------------ agreement
 # A whole model's gradients pass through many reductions that a fast path associates differently from the
 # reference (x psi before T^T instead of a dense W + dW; Wq, Wp folded into the cluster side; torch.compile's
-# fusions). Correct fp32 code then lands at up to ~4x the reference's own error on cancellation-heavy
-# gradients (measured: FastGIFT's torch path 4.1x over 16 input draws, torch.compile 3.5x), where one kernel
-# against the same math stays within gift_kernels.testing.BASELINE_FACTOR = 2. In fp32 a 1% error in any single
-# gradient still fails (tests/test_agreement.py::test_model_level_mutation_fails). Under fp16/bf16 autocast the
-# baseline is the reference under the same autocast, whose own error is percent-level (autocast rounds weights and
-# activations at every matmul), so only gross errors are guaranteed to fail: a zeroed or negated gradient does
-# (tests/test_agreement.py::test_model_level_16bit_autocast_sees_zeroed_and_negated_gradients); on the tiny test
-# ViT (rank 8, 5 clusters) a gradient scaled by 1.05 (fp16) or 1.10 (bf16) passed. A baseline built as
-# `gift_kernels.testing.exact_and_baseline` does (fp32 on inputs rounded to the dtype) is no option here: it fails
-# the correct autocast result (measured on that ViT: 2 tensors in bf16, 1 in fp16), as it models 16-bit inputs only.
+# fusions), so correct fp32 code lands at a few times the reference's own error on cancellation-heavy gradients,
+# where one kernel against the same math stays within gift_kernels.testing.BASELINE_FACTOR. In fp32 a 1% error in
+# any single gradient still fails (tests/model/test_testing.py shows both). Under fp16/bf16 autocast the baseline is
+# the reference under the same autocast, whose own error is percent-level (autocast rounds weights and activations
+# at every matmul), so only gross errors are guaranteed to fail: a zeroed or negated gradient (tested). A baseline
+# built as `gift_kernels.testing.exact_and_baseline` does (fp32 on inputs rounded to the dtype) is no option here:
+# it models 16-bit inputs only, and so fails correct autocast results.
 MODEL_BASELINE_FACTOR = 5.0
 
 
@@ -113,7 +107,9 @@ def shift_invariant_targets(model: nn.Module) -> list[str]:
             return []
     keys = []
     for group in model.target_groups:
-        if all(name.rsplit(".", 2)[0] in block_names and name.endswith(("attn.proj", "mlp.fc2")) for name in group.names):
+        if all(
+            name.rsplit(".", 2)[0] in block_names and name.endswith(("attn.proj", "mlp.fc2")) for name in group.names
+        ):
             keys.append(group.key)
     return keys
 

@@ -7,13 +7,15 @@ import os
 
 import numpy as np
 
-from ..base import atomic_write
+from ..files import atomic_write
 from .errors import missing_extra
 
 
 def palette(n: int) -> np.ndarray:
     """``n`` distinct RGB colours (uint8), evenly spread in hue."""
-    return np.array([[int(255 * c) for c in colorsys.hsv_to_rgb(i / max(n, 1), 0.75, 0.95)] for i in range(n)], np.uint8)
+    return np.array(
+        [[int(255 * c) for c in colorsys.hsv_to_rgb(i / max(n, 1), 0.75, 0.95)] for i in range(n)], np.uint8
+    )
 
 
 def heat(values: np.ndarray) -> np.ndarray:

@@ -1,0 +1,444 @@
+"""The training loop of `gift finetune` (and of `gift sweep` and the demo, which call `finetune`): one
+job from a `FinetuneConfig`, checked before it trains, checkpointed every epoch (atomically), resumed
+to the same result bit for bit (also after Ctrl-C mid-step), and run on several processes under
+``torchrun`` (DDP: gloo on CPU, NCCL on CUDA). `finetune` = `start_run`, then per epoch
+`train_one_epoch`, `evaluate` and `end_epoch` (`train`).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.utils import ModelEmaV3
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from ..backbones import backbone_identity, create_backbone
+from ..dtypes import autocast_for
+from ..fast import FastGIFT
+from ..files import atomic_write, atomic_write_json, atomic_write_text
+from ..lora import save_lora_adapter
+from ..plan import wrap_for_training
+from .data import absolute_data_spec, open_train_val
+from .errors import UsageError, check_output_folder, library_errors
+from .render import curves_unavailable, write_curves
+from .run_config import FinetuneConfig, choose_finetune_memory, probe_data_config, training_setup
+from .runtime import Dist, accuracy, batch_of, init_distributed
+
+CHECKPOINT = "checkpoint.pt"
+RUN_FILES = (CHECKPOINT, "metrics.csv", "metrics.json", "curves.png", "adapter", "eval.json")
+
+
+# ---------------------------------------------------------------------------------------- model
+def build_model(cfg: FinetuneConfig, backbone, memory: str | None = None):
+    """Wrap ``backbone`` for ``cfg.method`` (GIFT in memory mode ``memory``, default ``cfg.memory``);
+    returns (model, GIFT model or None)."""
+    model = wrap_for_training(training_setup(cfg), backbone, memory or cfg.memory)
+    return model, (model if isinstance(model, FastGIFT) else None)
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def epoch_order(n: int, seed: int, epoch: int):
+    """The shuffled sample order of one epoch: a function of (seed, epoch) only, so resume repeats it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict) -> dict:
+    """What a checkpoint must agree on to be resumed (the number of epochs may grow)."""
+    frozen = {k: v for k, v in backbone.items() if k != "pretrained_path"}
+    return {
+        "model": cfg.model,
+        "method": cfg.method,
+        "num_classes": num_classes,
+        "rank": cfg.rank,
+        "block": cfg.block,
+        "num_clusters": cfg.num_clusters,
+        "cluster_activation": cfg.cluster_activation,
+        "train_split": cfg.train_split,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "seed": cfg.seed,
+        "backbone": frozen,
+    }
+
+
+def save_checkpoint(path: str, model, optimizer, scheduler, identity, epochs, epoch, step_in_epoch, history,
+                    partial, rng, ema=None) -> None:
+    """Everything `resume` needs; ``rng`` is the RNG state to continue from (that before the next step);
+    ``ema``: the `--model-ema` model (its trained weights are kept)."""
+    state = {"format": "gift-finetune-v2", "identity": identity, "epochs": epochs, "epoch": epoch,
+             "step_in_epoch": step_in_epoch, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": rng, "history": history, "partial": partial,
+             "ema": None if ema is None else trainable_state(ema)}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str, identity: dict) -> dict:
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: no checkpoint at {path!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UsageError(f"--resume: cannot read {path!r}: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != "gift-finetune-v2":
+        raise UsageError(f"--resume: {path!r} is not a checkpoint of this gift version's finetune")
+    saved = state["identity"]
+    diff = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+    if diff:
+        text = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise UsageError(f"--resume: checkpoint {path!r} is from another model or config ({text})")
+    return state
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Ctrl-C (SIGINT) inside the block is held until the block ends, so its work is all or nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------------------- training
+def lr_lambda(total_steps: int, warmup_steps: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def write_metrics(output: str, history: list[dict], curves: bool) -> None:
+    csv_text = io.StringIO(newline="")
+    w = csv.DictWriter(csv_text, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(os.path.join(output, "metrics.csv"), csv_text.getvalue())
+    atomic_write_json(os.path.join(output, "metrics.json"), history)
+    if curves:
+        write_curves(os.path.join(output, "curves.png"), history)
+
+
+def prepare_output(cfg: FinetuneConfig) -> None:
+    """The run folder exists and is writable; an earlier run in it is kept unless --resume or --overwrite."""
+    check_output_folder(cfg.output)
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output, f))]
+    if held and not (cfg.resume or cfg.overwrite):
+        raise UsageError(f"--output {cfg.output!r} already holds a run ({', '.join(held)}); "
+                         f"pass --resume to continue it or --overwrite to replace it")
+    if cfg.overwrite:  # every torchrun process may get here: whoever comes second finds nothing left
+        for f in held:
+            path = os.path.join(cfg.output, f)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+
+
+def say(d, text: str, err: bool = False) -> None:
+    """One line from the main process only."""
+    if d.main:
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def finetune(cfg: FinetuneConfig, keep_model: bool = False) -> dict:
+    """Run one fine-tuning job. Returns the summary: ``method``, ``trainable_parameters``, ``top1`` and
+    ``top5`` (validation, last epoch), ``step_time_s``, ``history``, ``output`` (the run folder), ``main``
+    (this is the process that reports), and the trained ``model`` with ``keep_model``.
+
+    Raises `UsageError` / `DataError` for bad input, before any training step."""
+    cfg.validate()
+    with library_errors():
+        image_size, mean, std = probe_data_config(cfg.model)
+    prepare_output(cfg)
+    d = init_distributed(cfg.device)
+    try:
+        if cfg.batch_size % d.world_size:
+            raise UsageError(
+                f"--batch-size {cfg.batch_size} (the global batch) is not divisible by {d.world_size} processes"
+            )
+        train_set, val_set, classes, skipped = open_train_val(cfg.data, image_size, mean, std, cfg.embedded,
+                                                              cfg.skip_bad_images, cfg.train_split, cfg.eval_split)
+        steps_per_epoch = len(train_set) // cfg.batch_size
+        if steps_per_epoch == 0:
+            raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
+        if skipped:
+            say(d, f"skipped {skipped} unreadable image(s) (--skip-bad-images)")
+        for split_set in (train_set, val_set):  # local benchmark copies say what they read, and from where
+            if hasattr(split_set, "describe") and not cfg.quiet:
+                say(d, split_set.describe())
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        with library_errors():
+            identity = backbone_identity(cfg.model, len(classes), cfg.drop_path, cfg.seed, cfg.pretrained_file,
+                                         cfg.pretrained)
+            backbone = create_backbone(cfg.model, len(classes), cfg.drop_path, cfg.pretrained_file, cfg.pretrained)
+        with library_errors(f"--method {cfg.method} on {cfg.model}"):
+            memory, reason = choose_finetune_memory(cfg, len(classes), cfg.batch_size // d.world_size, d.device)
+            if reason:
+                say(d, reason)
+            model, gift_model = build_model(cfg, backbone, memory)
+        run = start_run(cfg, d, model, gift_model, identity, train_set, val_set, classes, steps_per_epoch)
+        return train(run, keep_model)
+    finally:
+        d.close()
+
+
+@dataclass
+class Run:
+    """One fine-tuning run between its steps: the model and what trains it, where it is (``history``,
+    this epoch's ``partial`` sums) and where a checkpoint taken now continues from (``resume_at``
+    (epoch, step) with the RNG state ``resume_rng``)."""
+
+    cfg: FinetuneConfig
+    d: Dist
+    model: nn.Module
+    gift_model: FastGIFT | None
+    train_module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: nn.Module | None
+    identity: dict
+    run_info: dict
+    train_set: Dataset
+    val_set: Dataset
+    steps_per_epoch: int
+    trainable_parameters: int
+    curves_missing: str | None
+    history: list[dict] = field(default_factory=list)
+    partial: dict = field(default_factory=lambda: {"loss_sum": 0.0, "count": 0, "step_time": 0.0})
+    start: tuple[int, int] = (0, 0)
+    resume_at: tuple[int, int] = (0, 0)
+    resume_rng: dict | None = None
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.cfg.output, CHECKPOINT)
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.cfg.batch_size // self.d.world_size
+
+
+def start_run(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, train_set, val_set, classes,
+              steps_per_epoch: int) -> Run:
+    """The `Run` of ``model`` before its first step: on its device (DDP over the processes), AdamW, the
+    warm-up-then-cosine schedule, the gradient scaler (float16), the EMA copy (``--model-ema``)."""
+    curves_missing = curves_unavailable()
+    model.to(d.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_module = model
+    if d.world_size > 1:
+        train_module = nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+        )
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    total = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, max(1, round(total * cfg.warmup))))
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "float16")
+    run_info = {"model": cfg.model, "method": cfg.method, "num_classes": len(classes), "classes": list(classes),
+                "trainable_parameters": sum(p.numel() for p in params),
+                "backbone": backbone_id, "amp": cfg.amp,
+                "data": {"data": absolute_data_spec(cfg.data), "train_split": cfg.train_split,
+                         "eval_split": cfg.eval_split, **asdict(cfg.embedded)}}
+    return Run(cfg, d, model, gift_model, train_module, optimizer, scheduler, scaler, ema,
+               run_identity(cfg, len(classes), backbone_id), run_info, train_set, val_set, steps_per_epoch,
+               run_info["trainable_parameters"], curves_missing)
+
+
+def resume(run: Run) -> bool:
+    """Load the run's checkpoint into it (trainable weights, EMA, optimizer, schedule, RNG); True when
+    the run had already done all its epochs. Raises `UsageError` for a checkpoint of another run."""
+    cfg, d = run.cfg, run.d
+    state = load_checkpoint(run.checkpoint_path, run.identity)
+    run.history, run.partial = state["history"], state["partial"]
+    start_epoch, start_step = run.start = state["epoch"], state["step_in_epoch"]
+    if start_epoch > cfg.epochs or (start_epoch == cfg.epochs and start_step):
+        raise UsageError(f"--epochs {cfg.epochs} is fewer than the {start_epoch} epoch(s) the run in "
+                         f"{cfg.output!r} has done; pass --epochs {state['epochs']} or more")
+    with torch.no_grad():
+        for n, p in run.model.named_parameters():
+            if p.requires_grad:
+                p.copy_(state["trainable"][n])
+        if run.ema is not None:
+            if state.get("ema") is None:
+                raise UsageError(f"--resume --model-ema: the run in {cfg.output!r} was trained without --model-ema")
+            for n, p in run.ema.module.named_parameters():
+                if n in state["ema"]:
+                    p.copy_(state["ema"][n])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    if start_epoch == cfg.epochs:
+        say(d, f"the run in {cfg.output} is already finished ({cfg.epochs} epochs); "
+               f"pass --epochs N > {cfg.epochs} to extend it")
+        return True
+    if cfg.epochs != state["epochs"]:
+        say(d, f"extending the run from {state['epochs']} to {cfg.epochs} epochs: the learning-rate schedule "
+               f"now spans {cfg.epochs} epochs")
+    say(d, f"resumed from {run.checkpoint_path} at epoch {start_epoch + 1}, step {start_step}")
+    return False
+
+
+def save_run(run: Run, epoch: int, step: int, partial: dict, rng: dict) -> None:
+    """The checkpoint (to continue at ``epoch``, ``step`` with RNG state ``rng``) and the adapters, from
+    the main process."""
+    cfg = run.cfg
+    if not run.d.main:
+        return
+    save_checkpoint(run.checkpoint_path, run.model, run.optimizer, run.scheduler, run.identity, cfg.epochs, epoch,
+                    step, run.history, partial, rng, None if run.ema is None else run.ema.module)
+    if run.gift_model is not None:
+        run.gift_model.save_adapter(os.path.join(cfg.output, "adapter"), run=run.run_info)
+        if run.ema is not None:
+            run.ema.module.save_adapter(os.path.join(cfg.output, "adapter_ema"), run=run.run_info)
+    elif cfg.method == "lora":
+        save_lora_adapter(run.model, os.path.join(cfg.output, "adapter"), run.run_info)
+
+
+def train_one_epoch(run: Run, epoch: int, first_step: int = 0) -> None:
+    """Steps ``first_step``.. of ``epoch``: each update, its step count and the RNG state a checkpoint
+    continues from are one unit that Ctrl-C does not split (`interrupts_held`)."""
+    cfg, d, local = run.cfg, run.d, run.local_batch_size
+    order = epoch_order(len(run.train_set), cfg.seed, epoch)
+    run.model.train()
+    bar = tqdm(range(first_step, run.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not d.main or cfg.quiet, leave=False)
+    for step in bar:
+        batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size][
+            d.process_rank * local : (d.process_rank + 1) * local
+        ]
+        x, y = batch_of(run.train_set, batch)
+        start = time.perf_counter()
+        run.optimizer.zero_grad(set_to_none=True)  # no gradients alive in forward, as `gift plan` counts
+        with autocast_for(d.device, cfg.amp):
+            loss = F.cross_entropy(run.train_module(x.to(d.device)).float(), y.to(d.device))
+        run.scaler.scale(loss).backward()
+        with interrupts_held():  # the update, the step count and the RNG to resume from: all or nothing
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.scheduler.step()
+            if run.ema is not None:
+                run.ema.update(run.model)
+            run.partial["step_time"] += time.perf_counter() - start
+            run.partial["loss_sum"] += loss.item() * len(y)
+            run.partial["count"] += len(y)
+            run.resume_at, run.resume_rng = (epoch, step + 1), rng_state()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
+def evaluate(run: Run, epoch: int) -> tuple[dict, dict] | None:
+    """Top-1 / top-5 on the eval split after ``epoch`` (and of the EMA model, ``{}`` without one), or None
+    in an epoch that ``--eval-every`` skips."""
+    cfg, d = run.cfg, run.d
+    if not ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+        return None
+    batch_size = max(run.local_batch_size, 64)
+    scores = accuracy(run.model, run.val_set, batch_size, d, cfg.amp)
+    ema_scores = {} if run.ema is None else accuracy(run.ema.module, run.val_set, batch_size, d, cfg.amp)
+    return scores, ema_scores
+
+
+def end_epoch(run: Run, epoch: int, evaluated: tuple[dict, dict] | None) -> None:
+    """The epoch's line of the history, then the checkpoint and the metrics files: all or nothing."""
+    cfg, d = run.cfg, run.d
+    loss_sum, count = d.all_reduce([run.partial["loss_sum"], run.partial["count"]])
+    nan = {"top1": float("nan"), "top5": float("nan")}
+    scores, ema_scores = evaluated if evaluated is not None else (nan, {} if run.ema is None else nan)
+    with interrupts_held():
+        run.history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1), "val_top1": scores["top1"],
+                            "val_top5": scores["top5"], "lr": run.scheduler.get_last_lr()[0],
+                            "step_time_s": run.partial["step_time"] / run.steps_per_epoch,
+                            **{f"val_{k}_ema": ema_scores[k] for k in ("top1", "top5") if k in ema_scores}})
+        run.partial = {"loss_sum": 0.0, "count": 0, "step_time": 0.0}
+        run.resume_at, run.resume_rng = (epoch + 1, 0), rng_state()
+        save_run(run, *run.resume_at, run.partial, run.resume_rng)
+        if d.main:
+            write_metrics(cfg.output, run.history, curves=not run.curves_missing)
+
+
+def summary(run: Run, keep_model: bool) -> dict:
+    """What `finetune` returns (see there)."""
+    history = run.history
+    kept = {"model": run.model} if keep_model else {}
+    last = history[-1] if history else {}
+    return {**kept, "method": run.cfg.method, "trainable_parameters": run.trainable_parameters,
+            "top1": last.get("val_top1", float("nan")), "top5": last.get("val_top5", float("nan")),
+            "step_time_s": float(np.mean([h["step_time_s"] for h in history])) if history else float("nan"),
+            "history": history, "output": run.cfg.output, "main": run.d.main}
+
+
+def train(run: Run, keep_model: bool = False) -> dict:
+    """The epochs of ``run`` (from its checkpoint with ``--resume``), each `train_one_epoch`, `evaluate` and
+    `end_epoch`; Ctrl-C saves a checkpoint that continues from the last whole step. Returns `summary`."""
+    cfg, d = run.cfg, run.d
+    if cfg.resume and resume(run):
+        return summary(run, keep_model)
+    if run.curves_missing:
+        say(d, f"note: {run.curves_missing}")
+    if run.identity["backbone"]["pretrained"] == "random":
+        say(d, f"warning: {cfg.model} starts from a random initialisation (seed {cfg.seed}; no --pretrained or "
+               f"--pretrained-file): fine for tests, not for real fine-tuning", err=True)
+    start_epoch, start_step = run.start
+    run.resume_at, run.resume_rng = run.start, rng_state()  # where a Ctrl-C checkpoint continues from
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            train_one_epoch(run, epoch, start_step if epoch == start_epoch else 0)
+            evaluated = evaluate(run, epoch)
+            end_epoch(run, epoch, evaluated)
+            if not cfg.quiet:
+                say(d, f"epoch {epoch + 1}/{cfg.epochs}: train loss {run.history[-1]['train_loss']:.4f}"
+                       + (f", {cfg.eval_split} top-1 {evaluated[0]['top1']:.4f}" if evaluated is not None else ""))
+            if cfg.stop_after and epoch + 1 - start_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:
+                say(d, f"stopped after {cfg.stop_after} epoch(s) as asked; continue with --resume")
+                break
+    except KeyboardInterrupt:
+        save_run(run, *run.resume_at, run.partial, run.resume_rng)
+        say(d, f"\ninterrupted: saved {run.checkpoint_path} (epoch {run.resume_at[0] + 1}, step {run.resume_at[1]}); "
+               f"continue with --resume")
+        raise
+    return summary(run, keep_model)

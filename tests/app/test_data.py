@@ -1,0 +1,236 @@
+"""gift.app.datasets: imagefolder, fgvc-json and vtab1k trees written here; counts, labels, splits, bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gift.app.data import (
+    DataSpec,
+    FGVCJsonImages,
+    ImageFolderDataset,
+    ScanResult,
+    VTAB1kImages,
+    open_local_split,
+    parse_data_spec,
+    split_file_name,
+)
+from gift.app.errors import DataError
+from tests.helpers import broken_image, fgvc_tree, vtab_tree, write_image
+
+SIZE = 8
+
+
+def json_line(mapping, key) -> int:
+    """The 1-based line of ``key`` in ``json.dump(mapping, indent=2)``."""
+    lines = json.dumps(mapping, indent=2).splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.startswith(f'  "{key}":'))
+
+
+def pixel_labels(ds):
+    """(first pixel value before normalisation, label) of every item: which image carries which label."""
+    return sorted((round(float(x[0, 0, 0]) * 127.5 + 127.5), y) for x, y in ds)
+
+
+def test_parse_data_spec():
+    assert parse_data_spec("fgvc-json:/d/cub") == DataSpec("fgvc-json", "/d/cub")
+    assert parse_data_spec("vtab1k:/d/vtab-1k/dtd").name == "dtd"
+    assert parse_data_spec("imagefolder:/d/x/").name == "x"
+    assert parse_data_spec("/some/folder") == DataSpec("imagefolder", "/some/folder")
+    assert parse_data_spec("default").format == "embedded"
+    with pytest.raises(DataError, match="unknown format 'coco'"):
+        parse_data_spec("coco:/d")
+    with pytest.raises(DataError, match="names no folder"):
+        parse_data_spec("vtab1k:")
+
+
+def test_split_names_and_vtab_aliases():
+    assert (
+        split_file_name("vtab1k", "train") == "train800" and split_file_name("vtab1k", "trainval") == "train800val200"
+    )
+    assert split_file_name("vtab1k", "val") == "val200" and split_file_name("fgvc-json", "test") == "test"
+    with pytest.raises(DataError, match="fgvc-json data has no split 'train800'"):
+        split_file_name("fgvc-json", "train800")
+
+
+def test_imagefolder_splits_labels_and_items_match_gift_finetune(tmp_path):
+    for split, n in (("train", 2), ("val", 1), ("test", 1)):
+        for c, name in enumerate(("cat", "dog")):
+            for i in range(n):
+                write_image(str(tmp_path / split / name / f"{i}.png"), 40 * c + i)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.4)
+    train = open_local_split(f"imagefolder:{tmp_path}", "train", SIZE, mean, std)
+    assert (train.classes, train.num_classes, len(train)) == (["cat", "dog"], 2, 4)
+    assert (
+        len(open_local_split(str(tmp_path), "trainval", SIZE)) == 6
+        and len(open_local_split(str(tmp_path), "test", SIZE)) == 2
+    )
+    plain = ImageFolderDataset(ScanResult(train.files, train.classes, []), SIZE, mean, std)
+    x, y = train[3]
+    assert x.shape == (3, SIZE, SIZE) and torch.equal(x, plain[3][0]) and y == plain[3][1] == 1
+    with pytest.raises(DataError, match="no split 'val200'"):
+        open_local_split(str(tmp_path), "val200", SIZE)
+    os.makedirs(tmp_path / "val" / "bird")
+    write_image(str(tmp_path / "val" / "bird" / "0.png"), 1)
+    with pytest.raises(DataError, match=r"val: class folders \['bird', 'cat', 'dog'\] differ"):
+        open_local_split(str(tmp_path), "val", SIZE)
+
+
+def test_imagefolder_bad_image_named_or_skipped(tmp_path):
+    write_image(str(tmp_path / "train" / "a" / "0.png"), 1)
+    broken_image(str(tmp_path / "train" / "a" / "1.png"))
+    with pytest.raises(DataError, match="1.png"):
+        open_local_split(str(tmp_path), "train", SIZE)
+    ds = open_local_split(str(tmp_path), "train", SIZE, skip_bad_images=True)
+    assert len(ds) == 1 and ds.skipped == [str(tmp_path / "train" / "a" / "1.png")]
+    broken_image(str(tmp_path / "train" / "a" / "0.png"))
+    with pytest.raises(DataError, match=r"none of the 2 listed images can be read \(empty split\)"):
+        open_local_split(str(tmp_path), "train", SIZE, skip_bad_images=True)
+    with pytest.raises(DataError, match="test: no such folder"):
+        open_local_split(str(tmp_path), "test", SIZE, skip_bad_images=True)
+
+
+@pytest.mark.parametrize("image_dir", ["images", ""])
+def test_fgvc_json_numeric_label_order_same_for_every_split(tmp_path, image_dir):
+    listed = fgvc_tree(str(tmp_path), image_dir)
+    spec = f"fgvc-json:{tmp_path}"
+    train, val, test = (open_local_split(spec, s, SIZE) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test), len(open_local_split(spec, "trainval", SIZE))) == (9, 3, 6, 12)
+    assert train.classes == val.classes == test.classes == ["003.Crow", "007.Sparrow", "012.Wren"]
+    expected = {3: 0, 7: 1, 12: 2}  # numeric, not string order ("007" < "12" < "3")
+    for ds, split in ((train, "train"), (test, "test")):
+        by_path = {os.path.relpath(p, ds.image_root).replace(os.sep, "/"): y for p, y in ds.files}
+        assert by_path == {rel: expected[int(cid)] for rel, cid in listed[split].items()}
+    assert pixel_labels(val) == [(30, 0), (70, 1), (120, 2)]
+    want_root = os.path.join(str(tmp_path), "images") if image_dir else str(tmp_path)
+    assert train.image_root == want_root
+    assert ("images under" in train.describe()) == bool(image_dir) and "9 images of 3 classes" in train.describe()
+
+
+def test_fgvc_json_class_names_fall_back_to_ids(tmp_path):
+    for rel, cid in (("jpg/a.png", 1), ("jpg/b.png", 2)):
+        write_image(str(tmp_path / rel), 5)
+    (tmp_path / "train.json").write_text(json.dumps({"jpg/a.png": 1, "jpg/b.png": 2}))
+    assert FGVCJsonImages(str(tmp_path), "train", SIZE).classes == ["1", "2"]
+
+
+def test_fgvc_json_bad_input_names_file_and_line(tmp_path):
+    fgvc_tree(str(tmp_path))
+    root = str(tmp_path)
+    os.remove(os.path.join(root, "test.json"))
+    with pytest.raises(DataError, match=r"test\.json: no such file"):
+        open_local_split(f"fgvc-json:{root}", "test", SIZE)
+    val = json.load(open(os.path.join(root, "val.json")))
+    key = sorted(val)[1]
+    line = json_line(val, key)
+    with open(os.path.join(root, "val.json"), "w") as f:
+        json.dump({**val, key: "99"}, f, indent=2)
+    with pytest.raises(DataError, match=rf"val\.json:{line}: class 99 is not among the 3 classes"):
+        open_local_split(f"fgvc-json:{root}", "val", SIZE)
+    with open(os.path.join(root, "val.json"), "w") as f:
+        json.dump({**val, key: "sparrow"}, f, indent=2)
+    with pytest.raises(DataError, match=rf"val\.json:{line}: class id 'sparrow'.*not a non-negative integer"):
+        open_local_split(f"fgvc-json:{root}", "val", SIZE)
+    with open(os.path.join(root, "val.json"), "w") as f:
+        f.write("{}")
+    with pytest.raises(DataError, match=r"val\.json:1: lists no images \(empty split\)"):
+        open_local_split(f"fgvc-json:{root}", "val", SIZE)
+    with open(os.path.join(root, "val.json"), "w") as f:
+        f.write('{\n"a.jpg": 1,\n')
+    with pytest.raises(DataError, match=r"val\.json:3: not valid JSON"):
+        open_local_split(f"fgvc-json:{root}", "val", SIZE)
+    train = json.load(open(os.path.join(root, "train.json")))
+    broken = sorted(train)[2]
+    broken_image(os.path.join(root, "images", broken))
+    line = json_line(train, broken)
+    with pytest.raises(DataError, match=rf"train\.json:{line}: cannot read image .*{broken}"):
+        open_local_split(f"fgvc-json:{root}", "train", SIZE)
+    assert len(open_local_split(f"fgvc-json:{root}", "train", SIZE, skip_bad_images=True)) == 8
+    for rel in train:
+        broken_image(os.path.join(root, "images", rel))
+    with pytest.raises(DataError, match=r"none of the 9 listed images can be read \(empty split\)"):
+        open_local_split(f"fgvc-json:{root}", "train", SIZE, skip_bad_images=True)
+    fgvc_tree(root)
+    missing = list(train)[-1]
+    os.remove(os.path.join(root, "images", missing))
+    with pytest.raises(
+        DataError, match=rf"train\.json:{json_line(train, missing)}: cannot read image .* \(no such file\)"
+    ):
+        open_local_split(f"fgvc-json:{root}", "train", SIZE)
+    os.remove(os.path.join(root, "images", next(iter(train))))
+    with pytest.raises(DataError, match=r"train\.json:2: cannot read image .* \(no such file\)"):
+        open_local_split(f"fgvc-json:{root}", "train", SIZE)  # the root comes from the images that exist
+    os.rename(os.path.join(root, "images"), os.path.join(root, "pictures"))
+    with pytest.raises(DataError, match=r"train\.json:\d+: image .* is neither under .*images/ nor"):
+        open_local_split(f"fgvc-json:{root}", "train", SIZE)
+
+
+@pytest.mark.parametrize("image_dir", ["", "images"])
+def test_vtab1k_splits_aliases_and_labels(tmp_path, image_dir):
+    folder = vtab_tree(str(tmp_path), "dtd", image_dir=image_dir)
+    spec = f"vtab1k:{folder}"
+    train = open_local_split(spec, "train800", SIZE)
+    assert train.num_classes == 47 and train.classes[:3] == ["0", "1", "2"] and len(train) == 6
+    assert len(open_local_split(spec, "train", SIZE)) == 6 and len(open_local_split(spec, "val", SIZE)) == 3
+    assert len(open_local_split(spec, "train800val200", SIZE)) == 9 and len(open_local_split(spec, "test", SIZE)) == 6
+    assert pixel_labels(open_local_split(spec, "val200", SIZE)) == [(0, 0), (10, 1), (20, 2)]
+    assert train.image_root == (os.path.join(folder, "images") if image_dir else folder)
+
+
+def test_vtab1k_unknown_task_counts_its_labels(tmp_path):
+    folder = vtab_tree(str(tmp_path), "my_task", labels=(0, 4))
+    assert VTAB1kImages(folder, "test", SIZE).num_classes == 5
+
+
+def test_vtab1k_bad_input_names_file_and_line(tmp_path):
+    folder = vtab_tree(str(tmp_path), "kitti")
+    test_txt = os.path.join(folder, "test.txt")
+    lines = open(test_txt).read().splitlines()
+    lines[3] = lines[3].rsplit(None, 1)[0] + " 4"  # kitti has 4 classes: 0..3
+    open(test_txt, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"test\.txt:4: label 4 is outside the 4 classes 0\.\.3 of kitti"):
+        open_local_split(f"vtab1k:{folder}", "test", SIZE)
+    lines[3] = "no-label-here.png"
+    open(test_txt, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"test\.txt:4: expected 'relative/path.jpg LABEL'"):
+        open_local_split(f"vtab1k:{folder}", "test", SIZE)
+    open(os.path.join(folder, "val200.txt"), "w").write("\n")
+    with pytest.raises(DataError, match=r"val200\.txt:1: lists no images \(empty split\)"):
+        open_local_split(f"vtab1k:{folder}", "val", SIZE)
+    os.remove(os.path.join(folder, "train800val200.txt"))
+    with pytest.raises(DataError, match=r"train800val200\.txt: no such file"):
+        open_local_split(f"vtab1k:{folder}", "trainval", SIZE)
+    second = open(os.path.join(folder, "train800.txt")).read().splitlines()[1].rsplit(None, 1)[0]
+    broken_image(os.path.join(folder, second))
+    with pytest.raises(DataError, match=rf"train800\.txt:2: cannot read image .*{second}"):
+        open_local_split(f"vtab1k:{folder}", "train", SIZE)
+    with pytest.raises(DataError, match="no such VTAB-1k task folder"):
+        open_local_split(f"vtab1k:{tmp_path}/nothing", "train", SIZE)
+
+
+def test_a_missing_first_image_is_named_or_skipped_and_does_not_hide_the_image_root(tmp_path):
+    folder = vtab_tree(str(tmp_path / "v"), "dtd")
+    first = open(os.path.join(folder, "train800.txt")).readline().split()[0]
+    os.remove(os.path.join(folder, first))
+    with pytest.raises(DataError, match="train800.txt:1: cannot read image .*no such file.*--skip-bad-images"):
+        open_local_split(f"vtab1k:{folder}", "train800", SIZE)
+    ds = open_local_split(f"vtab1k:{folder}", "train800", SIZE, skip_bad_images=True)
+    assert len(ds) == 5 and ds.skipped == [os.path.join(folder, first)]
+    splits = fgvc_tree(str(tmp_path / "f"))
+    rel = next(iter(splits["train"]))
+    os.remove(tmp_path / "f" / "images" / rel)
+    ds = open_local_split(f"fgvc-json:{tmp_path / 'f'}", "train", SIZE, skip_bad_images=True)
+    assert len(ds) == 8 and ds.image_root == str(tmp_path / "f" / "images")
+
+
+def test_image_broken_after_its_header_is_named_at_load_time(tmp_path):
+    folder = vtab_tree(str(tmp_path), "dtd", labels=(0,))
+    ds = open_local_split(f"vtab1k:{folder}", "test", SIZE)
+    path = ds.files[1][0]
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8) + 9).save(path, format="PNG")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])  # header intact, pixels cut off
+    with pytest.raises(DataError, match=r"test\.txt:2: cannot read image"):
+        ds[1]

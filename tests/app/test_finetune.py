@@ -1,0 +1,196 @@
+"""`gift finetune`: resume equivalence, Ctrl-C, DDP on 2 CPU processes, and every bad input."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import gift.app.train as finetune_module
+from gift.adapters import load_gift_adapter
+from gift.app.cli import main
+from gift.app.data import SyntheticShapes, make_shapes
+from gift.files import atomic_write
+from gift_kernels.testing import relative_errors
+
+TINY = ["--train-size", "96", "--val-size", "32", "--batch-size", "32", "--quiet", "--drop-path", "0.1"]
+
+
+def run(tmp, name, *extra):
+    out = str(tmp / name)
+    assert main(["finetune", *TINY, "--output", out, *extra]) == 0
+    return out
+
+
+def adapter(out):
+    return load_file(os.path.join(out, "adapter", "gift_adapter.safetensors"))
+
+
+def test_embedded_dataset_is_deterministic_with_masks_and_two_labelings():
+    a, b = make_shapes(8, 32, seed=3), make_shapes(8, 32, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    images, masks, shapes, patterns = a
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8 and masks.shape == (8, 32, 32)
+    assert ((masks.float().mean((1, 2)) > 0.05) & (masks.float().mean((1, 2)) < 0.6)).all()  # one object, not the frame
+    assert not torch.equal(images, make_shapes(8, 32, seed=4)[0])
+    ds_shape, ds_pattern = SyntheticShapes(8, task="shape", seed=3), SyntheticShapes(8, task="pattern", seed=3)
+    assert torch.equal(ds_shape[0][0], ds_pattern[0][0]) and ds_shape.labels.tolist() == shapes.tolist()
+    assert ds_pattern.labels.tolist() == patterns.tolist()
+
+
+def test_finetune_writes_metrics_curves_and_adapter(tmp_path):
+    out = run(tmp_path, "run", "--epochs", "2")
+    for f in ("metrics.csv", "metrics.json", "curves.png", "checkpoint.pt", "adapter/gift_config.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    assert Image.open(os.path.join(out, "curves.png")).format == "PNG"
+    assert open(os.path.join(out, "metrics.csv")).read().count("\n") == 3
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
+    whole = run(tmp_path, "whole", "--epochs", "3")
+    part = run(tmp_path, "part", "--epochs", "3", "--stop-after", "1")
+    assert len(open(os.path.join(part, "metrics.csv")).read().splitlines()) == 2
+    run(tmp_path, "part", "--epochs", "3", "--resume")
+    a, b = adapter(whole), adapter(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert open(os.path.join(whole, "metrics.json")).read().count("val_top1") == 3
+
+
+def test_no_gradient_is_alive_during_a_training_forward(tmp_path, monkeypatch):
+    """`gift plan` / --memory auto count a step with no gradients alive in its forward: finetune frees them first."""
+    real, alive = finetune_module.build_model, []
+
+    def build_with_hook(*args, **kwargs):
+        model, gift_model = real(*args, **kwargs)
+        model.register_forward_pre_hook(
+            lambda m, inputs: alive.append(any(p.grad is not None for p in m.parameters())) if m.training else None)
+        return model, gift_model
+
+    monkeypatch.setattr(finetune_module, "build_model", build_with_hook)
+    run(tmp_path, "run", "--epochs", "1", "--train-size", "64")
+    assert alive == [False, False]
+
+
+def test_ctrl_c_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch):
+    whole = run(tmp_path, "whole", "--epochs", "2")
+    calls = {"n": 0}
+    real = finetune_module.batch_of
+
+    def interrupt_in_epoch_two(dataset, indices):
+        calls["n"] += 1
+        if calls["n"] == 5:  # 3 training batches per epoch: epoch 2, its second step
+            raise KeyboardInterrupt
+        return real(dataset, indices)
+
+    monkeypatch.setattr(finetune_module, "batch_of", interrupt_in_epoch_two)
+    out = str(tmp_path / "cut")
+    assert main(["finetune", *TINY, "--epochs", "2", "--output", out]) == 130
+    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 1)  # saved mid-epoch: one step of epoch 2 done
+    monkeypatch.setattr(finetune_module, "batch_of", real)
+    assert main(["finetune", *TINY, "--epochs", "2", "--output", out, "--resume"]) == 0
+    a, b = adapter(whole), adapter(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
+    common = [*TINY[:-2], "--drop-path", "0", "--epochs", "2", "--device", "cpu"]
+    single = str(tmp_path / "single")
+    assert main(["finetune", *common, "--output", single]) == 0
+    double = str(tmp_path / "ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "gift", "finetune", *common, "--output", double],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done:") == 1  # only rank 0 prints the summary line
+    # Same global batch; only the order of the gradient sums differs (two half batches, all-reduced).
+    # PaCa's key bias and the FFN's output bias have exactly-zero gradients (a softmax over clusters
+    # and the ViT's LayerNorms cannot see them), so Adam moves them by rounding noise alone: they are
+    # compared through the model's outputs, every other tensor directly.
+    a, b = adapter(single), adapter(double)
+    invariant = ("attn.k.bias", "mlp.fc2.bias")
+    errors = relative_errors({k: v for k, v in b.items() if not k.endswith(invariant)},
+                             {k: v for k, v in a.items() if not k.endswith(invariant)})
+    assert max(rel for _, rel in errors.values()) < 1e-3, sorted(errors.items(), key=lambda kv: -kv[1][1])[:3]
+    assert max(err for err, _ in errors.values()) > 0  # two processes really ran: sums in another order
+    images = torch.stack([SyntheticShapes(16, seed=9)[i][0] for i in range(16)])
+    logits = []
+    for out in (single, double):
+        model = load_gift_adapter(os.path.join(out, "adapter")).eval()  # the run's random backbone, rebuilt
+        with torch.no_grad():
+            logits.append(model(images))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def _write_tree(root, classes=("a", "b"), per_class=2, size=16):
+    for split in ("train", "val"):
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((size, size, 3), 40 * i, dtype=np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def _error(capsys, *args):
+    capsys.readouterr()
+    code = main(["finetune", *TINY, "--epochs", "1", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_inputs_give_one_line_and_status_2(tmp_path, capsys):
+    out = ["--output", str(tmp_path / "o")]
+    assert "does not exist" in _error(capsys, "--data", str(tmp_path / "nowhere"), *out)
+    (tmp_path / "empty").mkdir()
+    assert "has no train/ folder" in _error(capsys, "--data", str(tmp_path / "empty"), *out)
+    os.makedirs(tmp_path / "noclasses" / "train")
+    os.makedirs(tmp_path / "noclasses" / "val")
+    assert "has no class folders" in _error(capsys, "--data", str(tmp_path / "noclasses"), *out)
+    _write_tree(tmp_path / "tree")
+    os.makedirs(tmp_path / "tree" / "train" / "c")
+    os.makedirs(tmp_path / "tree" / "val" / "c")
+    Image.new("RGB", (4, 4)).save(tmp_path / "tree" / "val" / "c" / "x.png")
+    err = _error(capsys, "--data", str(tmp_path / "tree"), *out)
+    assert "class folder" in err and "train/c" in err and "has no images" in err
+    os.rmdir(tmp_path / "tree" / "train" / "c")
+    os.remove(tmp_path / "tree" / "val" / "c" / "x.png")
+    os.rmdir(tmp_path / "tree" / "val" / "c")
+    (tmp_path / "tree" / "train" / "a" / "broken.png").write_bytes(b"not an image at all")
+    err = _error(capsys, "--data", str(tmp_path / "tree"), *out)
+    assert "cannot read image" in err and "broken.png" in err and "--skip-bad-images" in err
+    assert main(["finetune", "--train-size", "4", "--val-size", "4", "--batch-size", "2", "--quiet", "--epochs", "1",
+                 "--data", str(tmp_path / "tree"), "--skip-bad-images", "--output", str(tmp_path / "skipped")]) == 0
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().out
+    err = _error(capsys, "--model", "vit_smal_patch16_224", *out)
+    assert "unknown model 'vit_smal_patch16_224'" in err and "vit_small_patch16_224" in err
+    torch.save({"patch_embed.proj.weight": torch.zeros(7, 3, 4, 4)}, tmp_path / "wrong.pth")
+    err = _error(capsys, "--pretrained-file", str(tmp_path / "wrong.pth"), *out)
+    assert "does not fit VisionTransformer" in err and "patch_embed.proj.weight" in err
+    assert "--batch-size must be >= 1, got 0" in _error(capsys, "--batch-size", "0", *out)
+
+
+def test_resume_from_another_model_or_config_is_refused(tmp_path, capsys):
+    out = run(tmp_path, "r", "--epochs", "1")
+    err = _error(capsys, "--output", out, "--resume", "--rank", "8")
+    assert "is from another model or config" in err and "rank: checkpoint 16 vs now 8" in err
+    err = _error(capsys, "--output", out, "--resume", "--lr", "0.5", "--weight-decay", "0.25")
+    assert "lr: checkpoint" in err and "vs now 0.5" in err and "weight_decay: checkpoint" in err
+    err = _error(capsys, "--output", str(tmp_path / "fresh"), "--resume")
+    assert "--resume: no checkpoint at" in err
+
+
+def test_atomically_written_files_get_the_umask_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write(str(tmp_path / "f.txt"), lambda tmp: open(tmp, "w").write("x"))
+        run(tmp_path, "run", "--epochs", "1")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "f.txt").st_mode & 0o777) == 0o640
+    for f in ("checkpoint.pt", "metrics.json", "adapter/gift_adapter.safetensors", "adapter/gift_config.json"):
+        assert (os.stat(tmp_path / "run" / f).st_mode & 0o777) == 0o640, f

@@ -1,0 +1,27 @@
+"""bench/report.py: the bench's tables and the README section from its rows."""
+from bench import report
+
+
+def test_report_states_met_and_missed_targets_with_numbers_and_the_runs_dtype():
+    def row(x, provider, metric, value):
+        return {"kernel": "train_step", "x": x, "provider": provider, "mode": "step", "metric": metric, "value": value,
+                "device": "cpu", "dtype": "bfloat16", "torch": "2", "triton": "3"}
+
+    b8, s2 = "vit_base_patch16_224 b8", "vit_small_patch16_224 b2"
+    rows = [row(b8, "fast_torch", "ratio_vs_lora", 1.074), row(b8, "fast_torch", "ratio_vs_lora_q1", 1.066),
+            row(b8, "fast_torch", "ratio_vs_lora_q3", 1.082), row(b8, "fast_torch", "ratio_vs_floor", 1.12),
+            row(b8, "fast_torch", "saved_vs_lora", 1.021), row(b8, "fast_torch", "saved_vs_floor", 1.05),
+            row(s2, "fast_torch", "ratio_vs_lora", 1.01), row(s2, "fast_torch", "ratio_vs_lora_q1", 0.99),
+            row(s2, "fast_torch", "ratio_vs_lora_q3", 1.06)]
+    lines = report.target_lines(rows)
+    assert len(lines) == 4  # ViT-S saved bytes were not measured: no line
+    assert "step time <= 1.00x LoRA r=64: **missed**: 1.074 ±0.008x" in lines[0]
+    assert "1.120x the fair floor" in lines[0]
+    assert "<= 1.05x LoRA r=64: met at the median (q3 above) (measured" in lines[1]  # median 1.01, q3 1.06
+    assert "saved bytes <= 1.03x LoRA r=64: met (measured 1.021x LoRA; 1.050x the fair floor)" in lines[2]
+    assert lines[3] == "- spread: the widest half-IQR of a vit_base_patch16_224 b8 ratio is ±0.7% (aim: under ±1%)"
+    rows[-1] = row(s2, "fast_torch", "ratio_vs_lora_q3", 1.04)
+    assert "<= 1.05x LoRA r=64: met (measured" in report.target_lines(rows)[1]
+    rows += [row(b8, "reference", "reference_own_out_rel", 3e-3), row(b8, "reference", "reference_own_grad_rel", 5e-3)]
+    md = report.markdown(rows)
+    assert "own bf16 error 3.0e-03 / 5.0e-03" in md and "its own bf16-vs-float64 error" in md and "fp32" not in md

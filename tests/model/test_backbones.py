@@ -1,0 +1,42 @@
+"""gift.backbones: a local weights file loads through timm's own loader, and what a model expects."""
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from gift.backbones import create_backbone, data_config
+
+MICRO = "gift_vit_micro_patch4_32"
+
+
+def _save(model, path) -> str:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+def test_a_local_file_loads_with_its_head_when_it_fits_and_without_it_when_not(tmp_path):
+    torch.manual_seed(1)
+    source = create_backbone(MICRO, 4)
+    path = _save(source, tmp_path / "w.safetensors")
+    same = create_backbone(MICRO, 4, pretrained_file=path)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in same.state_dict().items())
+    other = create_backbone(MICRO, 7, pretrained_file=path)
+    assert other.head.weight.shape == (7, 96)
+    kept = {k: v for k, v in other.state_dict().items() if not k.startswith("head.")}
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in kept.items())
+
+
+def test_a_file_of_another_width_or_with_keys_missing_is_named(tmp_path):
+    narrow = _save(create_backbone(MICRO, 4).__class__(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
+                                                       num_classes=4), tmp_path / "narrow.safetensors")
+    with pytest.raises(ValueError, match=r"narrow.safetensors' does not fit VisionTransformer \(size mismatch for"):
+        create_backbone(MICRO, 4, pretrained_file=narrow)
+    torch.save({"patch_embed.proj.weight": torch.zeros(96, 3, 4, 4)}, tmp_path / "part.pth")
+    with pytest.raises(ValueError, match=r"does not fit VisionTransformer \(missing \['cls_token'"):
+        create_backbone(MICRO, 4, pretrained_file=str(tmp_path / "part.pth"))
+
+
+def test_data_config_is_timms_for_the_micro_vit_at_any_size():
+    assert data_config(create_backbone(MICRO, 4)) == ((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    with torch.device("meta"):
+        assert data_config(timm.create_model(MICRO, img_size=64)).input_size == (3, 64, 64)

@@ -1,0 +1,447 @@
+"""FastGIFT agrees with GIFTReference and has the deployment and memory features of a PEFT adapter."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gift import FastGIFT, GIFTConfig, GIFTReference
+from gift.fast import GIFTLinear
+from gift.testing import assert_model_agrees, model_exact_and_baseline, outputs_and_grads, randomize_gift_, twin_models
+from gift_kernels import lowrank_residual_linear, lowrank_residual_linear_reference
+from gift_kernels.testing import assert_agree
+from tests.helpers import ToyViT, tiny_timm_vit
+
+
+# ---------------------------------------------------------------- the residual op
+@pytest.mark.parametrize("bias", [True, False])
+def test_lowrank_residual_gradcheck(bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, dtype=torch.float64) if bias else None
+    psi = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, p, t: lowrank_residual_linear(x, w, b, p, t), (x, psi, tokens))
+
+
+def test_lowrank_residual_matches_dense_reference_and_its_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, 13, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(11, 13, dtype=torch.float64), torch.randn(11, dtype=torch.float64)
+    psi = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    got, want = lowrank_residual_linear(x, w, b, psi, tokens), lowrank_residual_linear_reference(x, w, b, psi, tokens)
+    g = torch.randn_like(got)
+    grads_got = torch.autograd.grad(got, (x, psi, tokens), g)
+    grads_want = torch.autograd.grad(want, (x, psi, tokens), g)
+    assert_agree({"y": got, "dx": grads_got[0], "dpsi": grads_got[1], "dT": grads_got[2]},
+                 {"y": want, "dx": grads_want[0], "dpsi": grads_want[1], "dT": grads_want[2]}, torch.float64)
+
+
+def test_lowrank_residual_refuses_trainable_weight_and_mixed_dtypes():
+    x, psi, t = torch.randn(2, 4), torch.randn(4, 2), torch.randn(3, 2)
+    with pytest.raises(ValueError, match="treats W and b as frozen"):
+        lowrank_residual_linear(x, torch.randn(3, 4, requires_grad=True), None, psi, t)
+    with pytest.raises(TypeError, match="needs one dtype"):
+        lowrank_residual_linear(x, torch.randn(3, 4, dtype=torch.float64), None, psi, t)
+
+
+# ---------------------------------------------------------------- agreement with the reference
+RAGGED = {
+    "ragged_heads": GIFTConfig(rank=24, num_heads=3, num_clusters=5),
+    "two_blocks": GIFTConfig(rank=8, num_clusters=5, num_blocks=2),
+    "identity": GIFTConfig(rank=8, block="identity"),
+    "paca_attn_softmax": GIFTConfig(
+        rank=6, num_heads=2, num_clusters=3, block="paca_attn", cluster_activation="softmax"
+    ),
+    "two_keys_with_biases": GIFTConfig(
+        rank=6,
+        num_clusters=5,
+        target_modules=("attn.proj", "mlp.fc2"),
+        in_projection_bias=True,
+        out_projection_bias=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RAGGED))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_agrees_with_reference_on_ragged_configs(name, dtype):
+    cfg = RAGGED[name]
+    if dtype == torch.float64:
+        cfg = GIFTConfig.from_dict({**cfg.to_dict(), "dtype": "float64"})
+    torch.manual_seed(0)
+    ref, fast = twin_models(ToyViT(dim=12, depth=3, hidden=20), cfg, dtype)  # 12: not a multiple of 8
+    x = torch.randn(3, 7, 12, dtype=dtype)
+    got = outputs_and_grads(fast, x)
+    exact, want = model_exact_and_baseline(ref, x)
+    assert got["output"].dtype == dtype
+    assert set(got) == set(want) and len(got) > 3
+    # against the exact answer; fp32 may be off by 1e-5 of each tensor plus twice the fp32 reference's own error
+    assert_model_agrees(got, exact, want if dtype != torch.float64 else None, ref)
+
+
+def test_fast_keeps_the_parameter_names_and_storage_of_the_backbone():
+    backbone = ToyViT()
+    names = [n for n, _ in backbone.named_parameters()]
+    weight = backbone.blocks[0].attn.proj.weight
+    fast = FastGIFT(backbone, GIFTConfig(rank=4, num_clusters=3))
+    assert [n[len("backbone."):] for n, _ in fast.named_parameters() if n.startswith("backbone.")] == names
+    assert isinstance(fast.backbone.blocks[0].attn.proj, GIFTLinear)
+    assert fast.backbone.blocks[0].attn.proj.weight is weight
+    ref = GIFTReference(ToyViT(), GIFTConfig(rank=4, num_clusters=3))
+    assert list(fast.gift_state_dict()) == list(ref.gift_state_dict())
+
+
+def test_zero_initialised_fast_model_equals_backbone(toy_vit):
+    bare = copy.deepcopy(toy_vit)
+    fast = FastGIFT(toy_vit, GIFTConfig(rank=4, num_clusters=3))
+    x = torch.randn(2, 5, 12)
+    assert torch.equal(fast(x), bare(x))
+
+
+# ---------------------------------------------------------------- merge / unmerge
+def test_merge_unmerge_and_merge_and_unload():
+    torch.manual_seed(0)
+    fast = randomize_gift_(FastGIFT(ToyViT(), GIFTConfig(rank=4, num_clusters=3, target_modules=("attn.proj", "fc2"))))
+    original = {k: v.clone() for k, v in fast.backbone.state_dict().items()}
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        before = fast(x)
+        fast.merge()
+        merged = fast(x)
+        assert fast.merged
+        with pytest.raises(RuntimeError, match="already merged"):
+            fast.merge()
+    with pytest.raises(RuntimeError, match="call unmerge\\(\\) before training"):
+        fast(x)
+    with torch.no_grad():
+        fast.unmerge()
+        after = fast(x)
+    torch.testing.assert_close(merged, before, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-7)
+    for k, v in fast.backbone.state_dict().items():
+        torch.testing.assert_close(v, original[k], rtol=0, atol=1e-6)
+    plain = fast.merge_and_unload()
+    assert not any(isinstance(m, GIFTLinear) for m in plain.modules())
+    assert type(plain.blocks[0].attn.proj) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_backbone_outside_the_models_forward_is_the_plain_or_merged_backbone():
+    """After a training step the kept residuals serve only its backward: backbone(x) elsewhere is the frozen
+    backbone, and merge() does not add them a second time."""
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3)), seed=1, scale=0.3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = fast.backbone.forward_features(x)
+    fast.train()(x).sum().backward()
+    assert fast.step_residuals.by_key  # kept for the backward's recomputation
+    fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast.backbone.forward_features(x), plain, rtol=0, atol=0)
+        adapted = fast(x)
+        fast.merge()
+        torch.testing.assert_close(fast.backbone(x), adapted, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_refuses_non_finite_weights_and_changes_nothing():
+    fast = randomize_gift_(FastGIFT(ToyViT(), GIFTConfig(rank=4, block="identity")))
+    with torch.no_grad():
+        fast.out_projections["attn:proj"].weight[0, 0] = float("inf")
+    before = {k: v.clone() for k, v in fast.backbone.state_dict().items()}
+    with pytest.raises(ValueError, match=r"Merging GIFT into 'blocks\.0\.attn\.proj' gives non-finite weights"):
+        fast.merge()
+    assert all(torch.equal(v, before[k]) for k, v in fast.backbone.state_dict().items())
+    assert not fast.merged and fast.merged_tokens is None
+
+
+# ---------------------------------------------------------------- adapters
+def test_adapter_round_trip_is_small_and_atomic(tmp_path):
+    cfg = GIFTConfig(rank=6, num_clusters=5, num_heads=2)
+    torch.manual_seed(0)
+    src = randomize_gift_(FastGIFT(ToyViT(), cfg))
+    src.save_adapter(tmp_path / "adapter")
+    files = sorted(os.listdir(tmp_path / "adapter"))
+    assert files == ["gift_adapter.safetensors", "gift_config.json"]  # no temp files left
+    torch.manual_seed(0)
+    dst = FastGIFT.from_adapter(ToyViT(), tmp_path / "adapter")
+    x = torch.randn(2, 5, 12)
+    assert torch.equal(src(x), dst(x))
+    torch.manual_seed(0)
+    ref = GIFTReference.from_adapter(ToyViT(), tmp_path / "adapter")  # same format for both wrappers
+    torch.testing.assert_close(ref(x), src(x), rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_for_another_backbone_is_refused(tmp_path):
+    FastGIFT(ToyViT(dim=12), GIFTConfig(rank=4, num_clusters=3)).save_adapter(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"is for targets \{'attn:proj': \[2, 12, 12\]\}.*\[2, 16, 16\]\}: wrong backbone"
+    ):
+        FastGIFT(ToyViT(dim=16), GIFTConfig(rank=4, num_clusters=3)).load_adapter(tmp_path)
+    with pytest.raises(ValueError, match="was saved with GIFTConfig"):
+        FastGIFT(ToyViT(dim=12), GIFTConfig(rank=8, num_clusters=3)).load_adapter(tmp_path)
+    with pytest.raises(FileNotFoundError, match="gift_config.json' does not exist"):
+        FastGIFT(ToyViT(dim=12), GIFTConfig(rank=4, num_clusters=3)).load_adapter(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------- memory, precision, compile
+def test_memory_modes_and_timm_grad_checkpointing_give_the_same_gradients():
+    cfg = GIFTConfig(rank=8, num_clusters=5)
+    ref, fast = twin_models(tiny_timm_vit(), cfg)
+    x = torch.randn(2, 3, 32, 32)
+    want = outputs_and_grads(fast, x)
+    for memory in ("mlp", "block"):
+        fast.set_memory(memory)
+        assert_model_agrees(outputs_and_grads(fast.train(), x), want, None, fast)
+    fast.set_memory("none")
+    fast.backbone.set_grad_checkpointing(True)
+    assert_model_agrees(outputs_and_grads(fast, x), want, None, fast)
+    with pytest.raises(ValueError, match="memory='huge' is unknown"):
+        fast.set_memory("huge")
+    with pytest.raises(ValueError, match="need backbone.blocks"):
+        FastGIFT(nn.Sequential(nn.Linear(4, 4)), GIFTConfig(rank=2, target_modules=("0",)), memory="block")
+
+
+def test_timm_reentrant_checkpointing_is_refused_at_the_training_forward():
+    """Reentrant checkpointing would drop the generator's gradients silently, however it was switched on."""
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    fast = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3), memory="block")
+    x, before = torch.randn(2, 3, 32, 32), use_reentrant_ckpt()
+    set_reentrant_ckpt(True)
+    try:
+        with pytest.raises(ValueError, match="set_reentrant_ckpt\\(False\\)"):
+            fast(x)
+        with torch.no_grad():
+            fast(x)  # evaluation recomputes nothing
+        fast.set_memory("none")
+        fast.backbone.set_grad_checkpointing(True)  # switched on behind FastGIFT's back
+        with pytest.raises(ValueError, match="non-reentrant"):
+            fast(x)
+    finally:
+        set_reentrant_ckpt(before)
+
+
+def test_autocast_bf16_keeps_the_generator_in_fp32():
+    ref, fast = twin_models(tiny_timm_vit(), GIFTConfig(rank=8, num_clusters=5))
+    x = torch.randn(2, 3, 32, 32)
+    want = outputs_and_grads(ref, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast(x)
+    assert out.dtype == torch.bfloat16
+    out.float().mul(torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in fast.gift_parameters())
+    torch.testing.assert_close(out.float(), want["output"], rtol=0.1, atol=0.1)
+
+
+def test_backbone_weights_stored_in_bf16():
+    ref, fast = twin_models(tiny_timm_vit(), GIFTConfig(rank=8, num_clusters=5), backbone_dtype=torch.bfloat16)
+    assert fast.backbone.blocks[0].attn.proj.weight.dtype == torch.bfloat16
+    assert fast.backbone.head.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in fast.gift_parameters())
+    x = torch.randn(2, 3, 32, 32)
+    got = outputs_and_grads(fast, x)
+    grads = [g for k, g in got.items() if k != "output"]
+    assert len(grads) > 3 and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(got["output"].float(), outputs_and_grads(ref, x)["output"], rtol=0.1, atol=0.1)
+
+
+def test_torch_compile_matches_eager():
+    _, fast = twin_models(ToyViT(), GIFTConfig(rank=8, num_clusters=5))
+    x = torch.randn(2, 5, 12)
+    exact, eager = model_exact_and_baseline(
+        fast, x
+    )  # both fp32 results against the exact answer, eager as the baseline
+    compiled = torch.compile(fast)
+    got = outputs_and_grads(compiled, x)
+    got = {k.replace("_orig_mod.", ""): v for k, v in got.items()}
+    assert_model_agrees(got, exact, eager, fast)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [GIFTConfig(rank=16, num_clusters=5), GIFTConfig(rank=24, num_heads=3, num_clusters=7, num_blocks=2)],
+    ids=["paca-r16", "paca-r24-h3-2blocks"],
+)
+def test_fast_with_triton_kernels_agrees_with_reference(cfg, monkeypatch):
+    import gift_kernels.residual_triton as residual_triton
+    from gift_kernels.paca_triton import PacaAttentionTriton
+
+    monkeypatch.setenv("GIFT_KERNELS", "triton")  # on CPU tensors: the Triton interpreter (conftest sets it)
+    calls = []
+    original = PacaAttentionTriton.apply
+    monkeypatch.setattr(PacaAttentionTriton, "apply", lambda *a: calls.append("PacaAttentionTriton") or original(*a))
+    original_mm = residual_triton.matmul_lowrank_epilogue
+    monkeypatch.setattr(residual_triton, "matmul_lowrank_epilogue",
+                        lambda *a: calls.append("matmul_lowrank_epilogue") or original_mm(*a))
+    backbone = tiny_timm_vit()
+    ref, fast = twin_models(backbone, cfg)
+    x = torch.randn(2, 3, 32, 32)
+    got = outputs_and_grads(fast, x)
+    exact, want = model_exact_and_baseline(ref, x)
+    # 3 target layers: one fused GEMM forward each, one backward (dx) for layers 1 and 2 (block 0's
+    # attention output needs no gradient: frozen weights, an input that needs none)
+    assert calls.count("PacaAttentionTriton") == cfg.num_blocks and calls.count("matmul_lowrank_epilogue") == 5
+    assert_model_agrees(got, exact, want, ref)
+
+
+# ---------------------------------------------------------------- no per-step tensors on the modules
+def tiny_hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                    image_size=16, patch_size=8, num_labels=3)
+    return ViTForImageClassification(cfg)
+
+
+def _logits(out):
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _copies_work(model, x):
+    """deepcopy, pickle and timm's ModelEmaV3 of ``model`` work and give the model's eval output."""
+    import io
+    import pickle
+
+    from timm.utils import ModelEmaV3
+
+    for module in model.modules():
+        if isinstance(module, GIFTLinear):
+            assert not any(isinstance(v, torch.Tensor) for v in vars(module).values())
+    assert all(t.grad_fn is None for pair in model.step_residuals.by_key.values() for t in pair)
+    with torch.no_grad():
+        want = _logits(model.eval()(x))
+    model.train()
+    buffer = io.BytesIO()
+    pickle.dump(model, buffer)
+    copies = [copy.deepcopy(model), pickle.loads(buffer.getvalue()), ModelEmaV3(model).module]
+    for other in copies:
+        assert other.step_residuals.by_key == {} and other.step_residuals is not model.step_residuals
+        layer = other.target_groups[0].modules[0]
+        assert layer.residuals is other.step_residuals and layer.weight is not model.target_groups[0].modules[0].weight
+        with torch.no_grad():
+            torch.testing.assert_close(_logits(other.eval()(x)), want)
+    ema = ModelEmaV3(model, decay=0.5)
+    ema.update(model)
+    return want
+
+
+@pytest.mark.parametrize(
+    "backbone, memory", [("timm", "none"), ("timm", "mlp"), ("timm", "block"), ("transformers", "none")]
+)
+def test_deepcopy_pickle_and_timm_ema_after_forward_and_after_backward(backbone, memory):
+    if backbone == "timm":
+        model, x = tiny_timm_vit(), torch.randn(2, 3, 32, 32)
+        cfg = GIFTConfig(rank=4, num_clusters=3)
+    else:
+        model, x = tiny_hf_vit(), torch.randn(2, 3, 16, 16)
+        cfg = GIFTConfig(rank=4, num_clusters=3, target_modules=("attention.o_proj",))
+    fast = randomize_gift_(FastGIFT(model, cfg, memory=memory))
+    out = _logits(fast.train()(x))
+    _copies_work(fast, x)
+    out.float().pow(2).sum().backward()
+    _copies_work(fast, x)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fast.gift_parameters())
+
+
+@pytest.mark.parametrize("make", [tiny_timm_vit, ToyViT], ids=["timm", "toy"])
+def test_state_dict_round_trip_after_a_training_forward_in_any_memory_mode(make):
+    """Keys are those of memory='none' in every mode, so a checkpoint of one mode loads into another."""
+    x = torch.randn(2, 3, 32, 32) if make is tiny_timm_vit else torch.randn(2, 5, 12)
+    torch.manual_seed(0)
+    reference_keys = list(FastGIFT(make(), GIFTConfig(rank=4, num_clusters=3)).state_dict())
+    for saved_in, loaded_in in (("mlp", "none"), ("block", "mlp"), ("none", "block")):
+        torch.manual_seed(0)
+        fast = randomize_gift_(FastGIFT(make(), GIFTConfig(rank=4, num_clusters=3), memory=saved_in))
+        fast(x).sum().backward()
+        state = fast.state_dict()
+        assert list(state) == reference_keys
+        assert all(not t.requires_grad and t.grad_fn is None for t in state.values())
+        other = FastGIFT(make(), GIFTConfig(rank=4, num_clusters=3), memory=loaded_in)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.zero_()
+        other.load_state_dict(state)
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), fast(x))
+
+
+def test_memory_modes_use_timm_checkpointing_and_a_wrapper_module_reversibly():
+    """block: timm's own set_grad_checkpointing(); mlp: a `Recomputed` module around each MLP (with norm2 inside);
+    none: the original modules back (gradients of all modes agree: test_memory_modes_and_timm_grad_checkpointing...)."""
+    from gift.recompute import Recomputed
+
+    fast = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))
+    mlps, norms = [b.mlp for b in fast.backbone.blocks], [b.norm2 for b in fast.backbone.blocks]
+    fast.set_memory("block")
+    assert fast.backbone.grad_checkpointing and not any(isinstance(m, Recomputed) for m in fast.modules())
+    fast.set_memory("mlp")
+    assert not fast.backbone.grad_checkpointing
+    assert all(isinstance(b.mlp, Recomputed) and isinstance(b.norm2, nn.Identity) for b in fast.backbone.blocks)
+    assert [b.mlp.body for b in fast.backbone.blocks] == mlps and [b.mlp.norm for b in fast.backbone.blocks] == norms
+    fast.set_memory("none")
+    assert not any(isinstance(m, Recomputed) for m in fast.modules())
+    assert [b.mlp for b in fast.backbone.blocks] == mlps and [b.norm2 for b in fast.backbone.blocks] == norms
+
+
+# ---------------------------------------------------------------- memory="auto"
+def test_memory_auto_picks_the_fastest_mode_that_fits_at_the_first_training_step():
+    from gift.plan import FIT_FRACTION, DoesNotFit, plan_model
+
+    x = torch.randn(2, 3, 32, 32)
+    probe = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))
+    # budgets for which a predicted peak fits (the margin for the CUDA allocator kept)
+    peaks = {m: int(b.peak / FIT_FRACTION) + 1 for m, b in plan_model(probe, x.shape, None).modes.items()}
+    assert peaks["none"] > peaks["mlp"] > peaks["block"]
+    fast = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3), memory="auto",
+                    memory_budget=(peaks["mlp"] + peaks["block"]) // 2)
+    assert fast.memory == "none" and fast.memory_pending
+    with torch.no_grad():
+        fast(x)  # evaluation decides nothing
+    assert fast.memory_pending
+    fast(x).sum().backward()
+    assert fast.memory == "block" and not fast.memory_pending
+    assert fast.memory_reason.startswith("memory=block: predicted peak") and "memory=mlp needs" in fast.memory_reason
+    assert fast.choose_memory(x.shape, budget=peaks["none"]) == "none"
+    with pytest.raises(DoesNotFit, match=r"batch size 2 does not fit .* in any memory mode.*batch size 1 would fit"):
+        fast.choose_memory(
+            x.shape,
+            budget=(
+                peaks["block"] + int(plan_model(probe, (1, 3, 32, 32), None).modes["block"].peak / FIT_FRACTION) + 1
+            )
+            // 2,
+        )
+
+
+def test_memory_block_without_timm_wraps_each_block():
+    from gift.recompute import Recomputed
+
+    _, fast = twin_models(ToyViT(), GIFTConfig(rank=4, num_clusters=3))
+    x = torch.randn(2, 5, 12)
+    want = outputs_and_grads(fast, x)
+    fast.set_memory("block")
+    assert all(isinstance(b, Recomputed) for b in fast.backbone.blocks)
+    assert_agree(outputs_and_grads(fast, x), want, torch.float32)
+    fast.set_memory("none")
+    assert not any(isinstance(m, Recomputed) for m in fast.modules())
+
+
+def test_two_forwards_then_one_backward_recompute_with_the_right_residuals():
+    """Gradient accumulation in a checkpointed mode: both forwards' blocks are recomputed in one backward."""
+    _, fast = twin_models(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))
+    x1, x2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+
+    def grads():
+        fast.zero_grad(set_to_none=True)
+        (fast(x1).pow(2).sum() + fast(x2).pow(2).sum()).backward()
+        return {n: p.grad for n, p in fast.named_parameters() if p.requires_grad}
+
+    want = grads()
+    for memory in ("mlp", "block"):
+        fast.set_memory(memory)
+        assert_agree(grads(), want, torch.float32)
