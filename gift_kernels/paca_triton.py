@@ -4,7 +4,7 @@ Launches (per call, all L layers at once):
   forward   1. `_paca_cluster_fwd`: programs over (layer, block of clusters); one pass over N pools the
                cluster tokens (logits, sigmoid / N or an online softmax over N, C^T U accumulated on chip,
                l2 over r), then derives the folded cluster keys Kq, biases cq and values Vp (see
-               `paca._cluster_side`; a loop over heads, one (r x r) weight on chip at a time).
+               `paca_math.cluster_side`; a loop over heads, one (r x r) weight on chip at a time).
             2. `_paca_attn_fwd`: programs over (layer, block of N rows): logits U Kq^T + cq, softmax over
                the M clusters on chip, A Vp + bp + T in the epilogue; the fp32 log-sum-exp is saved.
   backward  3. `_paca_attn_bwd`: programs over (layer x head, split of N): probabilities recomputed from
@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .launch import F32_DOT_PRECISION, PacaLaunch, device_props, paca_launch
-from .paca import PacaParams
+from .paca_math import PacaParams
 
 
 # masks only where a length is not a multiple of its block (N, M) or not a power of two (r)
@@ -290,7 +290,7 @@ def _paca_cluster_side_bwd(Z, PNORM, Wq, Bq, Wk, Bk, Wv, Bv, Wp, DKQ_PART, DCQ_P
                            L, M, R, H, D, scale, splits,
                            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, F32_DOT: tl.constexpr,
                            EVEN_M: tl.constexpr, EVEN_R: tl.constexpr):
-    """Backward of the cluster side (`paca._cluster_side_backward`), one program per layer: the split partials
+    """Backward of the cluster side (`paca_math.cluster_side_backward`), one program per layer: the split partials
     of dKq, dcq, dVp summed in split order, then dK, dV, dZ, the l2 backward to dP (stored), and this layer's
     row of ``PART``: ``[dWq | dWk | dWv | dWp (R x R each) | dbq | dbk | dbv (R each)]``."""
     layer = tl.program_id(0)

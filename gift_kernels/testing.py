@@ -33,6 +33,10 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 
+from .paca import paca_attention
+from .paca_math import PacaParams, paca_attention_reference
+from .residual import lowrank_residual_linear, lowrank_residual_linear_reference
+
 # max error, relative to each tensor's own scale, allowed for a computation in this dtype
 TOLERANCES: dict[torch.dtype, float] = {
     torch.float64: 1e-9,
@@ -156,8 +160,6 @@ def paca_outputs_and_grads(t, params, grad, heads: int, dtype: torch.dtype, back
                            device="cpu") -> dict[str, torch.Tensor]:
     """Run `paca_attention` (``backend="reference"``: `paca_attention_reference`) in ``dtype`` on ``device``;
     returns CPU tensors ``{"output", "d_t", "d_<PacaParams field>"...}``."""
-    from .paca import PacaParams, paca_attention, paca_attention_reference
-
     leaves = [x.to(device=device, dtype=dtype).requires_grad_(True) for x in [t, *params]]
     if backend == "reference":
         out = paca_attention_reference(leaves[0], PacaParams(*leaves[1:]), heads, activation)
@@ -185,8 +187,6 @@ def residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype: torch.dtype, b
                                gift_dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
     """Run `lowrank_residual_linear` (``backend="reference"``: its reference) with x, W, b in ``dtype`` and psi, T
     in ``gift_dtype`` (default ``dtype``); returns CPU tensors ``{"output", "dx", "dpsi", "dT"}``."""
-    from .residual import lowrank_residual_linear, lowrank_residual_linear_reference
-
     gift_dtype = gift_dtype or dtype
     xs = x.to(device=device, dtype=dtype).requires_grad_(True)
     wb = [w.to(device=device, dtype=dtype), None if b is None else b.to(device=device, dtype=dtype)]
