@@ -54,8 +54,9 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).flatten(-2)
 
 
-def paca_attention_reference(t: torch.Tensor, p: PacaParams, num_heads: int, activation: str = "sigmoid") -> torch.Tensor:
-    """Plain-torch reference, differentiated by autograd."""
+def paca_attention_reference(t: torch.Tensor, p: PacaParams, num_heads: int,
+                             activation: str = "sigmoid") -> torch.Tensor:
+    """Plain-torch reference for tokens ``t`` (L, N, r), differentiated by autograd."""
     u = torch.nn.functional.normalize(t, dim=-1, eps=EPS)
     logits = u @ p.cluster_w.t() + p.cluster_b
     c = torch.softmax(logits, dim=-2) if activation == "softmax" else torch.sigmoid(logits) / t.shape[-2]

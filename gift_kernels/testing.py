@@ -33,6 +33,7 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 
+from .dispatch import triton_available
 from .paca import paca_attention
 from .paca_math import PacaParams, paca_attention_reference
 from .residual import lowrank_residual_linear, lowrank_residual_linear_reference
@@ -232,3 +233,20 @@ def check_residual(shape, dtype: torch.dtype, backend: str, bias: bool = True,
     got = run(inputs, dtype, backend, device)
     assert_agree(got, exact, dtype, baseline=baseline)
     return got, lambda: run(inputs, dtype, backend, device)
+
+
+# ------------------------------------------------------------------------------ what the op tests can run here
+def available_devices() -> list[str]:
+    """The devices op tests run on: CPU always (Triton there under the interpreter), CUDA where present."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def skip_unless_runnable(device: str, backend: str, dtype: torch.dtype) -> None:
+    """``pytest.skip`` an op test on ``backend`` in ``dtype`` that cannot run on ``device`` here. bf16 runs on
+    CUDA only: the interpreter's bf16 ``tl.dot`` returns garbage without an error."""
+    import pytest  # a test dependency: this module is also imported by the bench and gift.testing
+
+    if backend == "triton" and not triton_available(device):
+        pytest.skip(f"Triton cannot run on {device} here (CPU needs TRITON_INTERPRET=1)")
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("bf16 is tested on CUDA only: the interpreter's bf16 tl.dot returns garbage")

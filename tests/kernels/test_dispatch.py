@@ -1,4 +1,5 @@
-"""`auto` picks only what was measured: the residual projection's per-device timing cache, on CPU with fake timers."""
+"""The dispatch point (dispatch.py): what each backend request resolves to, and `auto` picking only what was
+measured: the residual projection's per-device timing cache, on CPU with fake timers."""
 import json
 import multiprocessing
 
@@ -8,6 +9,27 @@ import torch
 import gift_kernels
 from gift_kernels import dispatch, residual
 from gift_kernels.testing import residual_case
+
+
+def test_dispatch_point(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only decisions")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("GIFT_KERNELS", "torch")
+    assert gift_kernels.active_backend("cpu") == "torch"
+    monkeypatch.setenv("GIFT_KERNELS", "auto")
+    assert gift_kernels.active_backend("cpu") == "torch"  # auto: torch on CPU, even with the interpreter
+    monkeypatch.setenv("GIFT_KERNELS", "triton")
+    assert gift_kernels.active_backend("cpu") == "triton"  # TRITON_INTERPRET=1 in this suite
+    with pytest.raises(RuntimeError, match="GIFT_KERNELS=triton was asked for, but the Triton kernels take"):
+        gift_kernels.resolve_backend(torch.device("cpu"), torch.float64, op="paca_attention")
+    assert gift_kernels.resolve_backend(torch.device("cpu"), torch.float64, backend="auto") == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CPU tensors need TRITON_INTERPRET=1"):
+        gift_kernels.resolve_backend(torch.device("cpu"), torch.float32)
+    monkeypatch.setenv("GIFT_KERNELS", "fast")
+    with pytest.raises(ValueError, match="GIFT_KERNELS / backend='fast' is unknown"):
+        gift_kernels.active_backend("cpu")
 
 
 @pytest.fixture
