@@ -393,8 +393,8 @@ def _require_contiguous(launcher: str, **tensors: torch.Tensor) -> None:
     """The kernels index rows as ``base + row * width``: a strided view would be read as if it were row-major."""
     strided = [name for name, x in tensors.items() if not x.is_contiguous()]
     if strided:
-        raise ValueError(f"{launcher} takes contiguous tensors, and {', '.join(strided)} are not; call .contiguous() "
-                         f"on them (PacaAttentionTriton does so for you).")
+        raise ValueError(f"{launcher} takes contiguous tensors; not contiguous: {', '.join(strided)}. Call "
+                         f".contiguous() on them first (PacaAttentionTriton does so itself).")
 
 
 def paca_triton_forward(t: torch.Tensor, p: PacaParams, num_heads: int, activation: str = "sigmoid"):

@@ -12,6 +12,7 @@ from gift_kernels.testing import (
     assert_agree,
     available_devices,
     check_paca,
+    exact_and_baseline,
     paca_case,
     paca_outputs_and_grads,
     paca_zero_gradients,
@@ -105,3 +106,44 @@ def test_paca_attention_rejects_bad_inputs():
         paca_attention(t.float(), p, 3)
     with pytest.raises(TypeError, match="needs one dtype"):
         paca_attention(t, p, 1)
+
+
+def _strided(x):
+    """``x``'s values in a non-contiguous view: 2-D and 3-D tensors stored transposed, 1-D ones at every other
+    element (NaN in between)."""
+    if x.dim() == 1:
+        return torch.stack([x, torch.full_like(x, float("nan"))], -1)[:, 0]
+    return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def test_paca_attention_triton_takes_strided_tokens_parameters_and_output_gradient():
+    """Every tensor of both directions a non-contiguous view: the Triton path still agrees with the float64
+    reference (kernels that read a view as if it were row-major would not)."""
+    skip_unless_runnable("cpu", "triton", torch.float32)
+    shape = (2, 7, 5, 8, 2)
+    t, params, grad = paca_case(shape, seed=4)
+
+    def run(inputs, dtype):
+        return paca_outputs_and_grads(inputs[0], inputs[1:-1], inputs[-1], 2, dtype, "reference")
+
+    exact, baseline = exact_and_baseline(run, [t, *params, grad], torch.float32)
+    leaves = [_strided(x.float()).requires_grad_(True) for x in [t, *params]]
+    out_grad = _strided(grad.float())
+    assert not any(x.is_contiguous() for x in [*leaves, out_grad])
+    out = paca_attention(leaves[0], PacaParams(*leaves[1:]), 2, backend="triton")
+    grads = torch.autograd.grad(out, leaves, out_grad)
+    got = {"output": out.detach(), **{f"d_{n}": g for n, g in zip(["t", *PacaParams._fields], grads)}}
+    assert_agree(got, exact, torch.float32, baseline=baseline, zero_by_construction=paca_zero_gradients(5, 7))
+
+
+def test_paca_triton_launchers_refuse_strided_tensors():
+    skip_unless_runnable("cpu", "triton", torch.float32)
+    from gift_kernels.paca_triton import paca_triton_backward, paca_triton_forward  # needs Triton
+
+    t, params, grad = paca_case((1, 7, 5, 8, 1))
+    t, grad, p = t.float(), grad.float(), PacaParams(*(x.float() for x in params))
+    with pytest.raises(ValueError, match="paca_triton_forward takes contiguous tensors; not contiguous: q_w, k_b"):
+        paca_triton_forward(t, p._replace(q_w=_strided(p.q_w), k_b=_strided(p.k_b)), 1)
+    _, saved, cfg = paca_triton_forward(t, p, 1)
+    with pytest.raises(ValueError, match="paca_triton_backward takes contiguous tensors; not contiguous: grad_out"):
+        paca_triton_backward(_strided(grad), t, p, saved, 1, "sigmoid", cfg)
