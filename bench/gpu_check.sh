@@ -25,7 +25,7 @@ timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_launch.py 
 echo "== compile check: sampled table for sm_80 and sm_90 (the full table: make bench) =="
 timeout 150 "$PY" -m gift_kernels.dev.compile_check --arch sm_80,sm_90 --sample 6 \
     ${OUT_DIR:+--json "$OUT_DIR/compile_check.json"} || status=1
-echo "== FastGIFT with GIFT_KERNELS=triton vs GIFTReference (CUDA) =="
+echo "== FastGIFT with the Triton backend vs GIFTReference (CUDA) =="
 timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py || status=1
 echo "== bench, bf16, large models on =="
 left=$((470 - ($(date +%s) - start)))

@@ -90,7 +90,7 @@ def paca_attention(t: torch.Tensor, params: PacaParams, num_heads: int, activati
                    backend: str | None = None) -> torch.Tensor:
     """``T + PaCa(l2(T))`` for tokens ``t`` of shape ``(L, N, r)``; see the module docstring.
 
-    ``backend``: ``"auto" | "torch" | "triton"`` (default: the ``GIFT_KERNELS`` variable, see `dispatch`).
+    ``backend``: ``"auto" | "torch" | "triton"`` (default: the ``GIFT_BACKEND`` variable, see `dispatch`).
     """
     if t.dim() != 3:
         raise ValueError(f"paca_attention expects tokens of shape (L, N, r), got {tuple(t.shape)}.")

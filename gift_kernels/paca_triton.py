@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import TRITON_DTYPE_NAMES
 from .launch import F32_DOT_PRECISION, PacaLaunch, device_props, paca_launch
 from .paca_math import EPS, PacaParams
 
@@ -375,9 +376,6 @@ KERNELS = (_paca_cluster_fwd, _paca_attn_fwd, _paca_attn_bwd, _paca_cluster_side
 
 
 # ------------------------------------------------------------------------------------------ launchers
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
 def _launch_config(t: torch.Tensor, M: int, num_heads: int) -> PacaLaunch:
     L, N, R = t.shape
     return paca_launch(L, N, M, R, num_heads, t.dtype, device_props(t.device))
@@ -385,8 +383,8 @@ def _launch_config(t: torch.Tensor, M: int, num_heads: int) -> PacaLaunch:
 
 def _launch_kwargs(cfg: PacaLaunch, dtype: torch.dtype) -> dict:
     """The constexprs and options every PaCa kernel launch takes."""
-    return dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, DT=_TL_DTYPES[dtype],
-                F32_DOT=F32_DOT_PRECISION, num_stages=cfg.num_stages)
+    return dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r,
+                DT=tl.dtype(TRITON_DTYPE_NAMES[dtype]), F32_DOT=F32_DOT_PRECISION, num_stages=cfg.num_stages)
 
 
 def _require_contiguous(launcher: str, **tensors: torch.Tensor) -> None:

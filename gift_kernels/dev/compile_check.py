@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..dispatch import TRITON_DTYPE_NAMES
 from ..launch import ARCH_PROPS, emulate_device, paca_kernel_shared_bytes, paca_triton_unsupported
 from ..residual import LowRankResidualLinear
 from .files import write_marked_block, write_text_atomic
@@ -45,8 +46,6 @@ TOKENS = (197, 256)            # tokens per image: ragged and even row counts of
 RAGGED_PACA = (12, 200, 48, 24, 2)      # (L, N, M, r, heads): no length a multiple of its tile (EVEN_* False)
 RAGGED_RESIDUAL = (197, 200, 136, 24)   # (tokens, d_in, d_out, r): likewise
 BATCH = 8
-_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-               torch.int64: "i64"}
 
 
 @dataclass(frozen=True)
@@ -77,8 +76,8 @@ def _arg_type(value) -> str:
     """Triton signature type of one runtime argument, specialised as the JIT specialises a real launch:
     pointers carry its 16-byte alignment (":D"), an integer equal to 1 becomes the constant 1 (":1") and one
     divisible by 16 carries the divisibility-16 attribute (":D")."""
-    if isinstance(value, torch.Tensor):
-        return "*" + _TYPE_NAMES[value.dtype] + ":D"
+    if isinstance(value, torch.Tensor) and value.dtype in TRITON_DTYPE_NAMES:
+        return "*" + TRITON_DTYPE_NAMES[value.dtype] + ":D"
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
@@ -130,19 +129,21 @@ def shape_table(arch: str = "sm_80"):
     None) says why the launchers take the torch path there, so there is nothing to compile."""
     for (model, (L, N)), r, M, heads, dtype, activation in itertools.product(
             VIT_SHAPES.items(), RANKS, CLUSTERS, HEADS, DTYPES, ACTIVATIONS):
-        yield (f"paca ViT-{model} L={L} N={N} M={M} r={r} h={heads} {_TYPE_NAMES[dtype]} {activation}", _paca_launches,
+        name = TRITON_DTYPE_NAMES[dtype]
+        yield (f"paca ViT-{model} L={L} N={N} M={M} r={r} h={heads} {name} {activation}", _paca_launches,
                (L, N, M, r, heads, dtype, activation), paca_triton_unsupported(M, r, dtype, ARCH_PROPS[arch]))
     for dtype, activation in itertools.product(DTYPES, ACTIVATIONS):
         L, N, M, r, heads = RAGGED_PACA
-        yield (f"paca ragged L={L} N={N} M={M} r={r} h={heads} {_TYPE_NAMES[dtype]} {activation}", _paca_launches,
+        yield (f"paca ragged L={L} N={N} M={M} r={r} h={heads} {TRITON_DTYPE_NAMES[dtype]} {activation}",
+               _paca_launches,
                (L, N, M, r, heads, dtype, activation), paca_triton_unsupported(M, r, dtype, ARCH_PROPS[arch]))
     for dtype in DTYPES:
         tokens, d_in, d_out, r = RAGGED_RESIDUAL
-        yield (f"residual ragged rows={BATCH * tokens} {d_in}->{d_out} r={r} {_TYPE_NAMES[dtype]}",
+        yield (f"residual ragged rows={BATCH * tokens} {d_in}->{d_out} r={r} {TRITON_DTYPE_NAMES[dtype]}",
                _residual_launches, (BATCH * tokens, d_in, d_out, r, True, dtype), None)
     for (model, (_, N)), tokens, r, dtype in itertools.product(VIT_SHAPES.items(), TOKENS, RANKS, DTYPES):
         for d_in, d_out in ((N, 3 * N), (N, N), (N, 4 * N), (4 * N, N)):
-            yield (f"residual ViT-{model} rows={BATCH * tokens} {d_in}->{d_out} r={r} {_TYPE_NAMES[dtype]}",
+            yield (f"residual ViT-{model} rows={BATCH * tokens} {d_in}->{d_out} r={r} {TRITON_DTYPE_NAMES[dtype]}",
                    _residual_launches, (BATCH * tokens, d_in, d_out, r, True, dtype), None)
 
 
@@ -255,8 +256,7 @@ def compile_one(spec: CompileSpec, arch: str) -> CompileResult:
     from triton.compiler import ASTSource
 
     fn = innermost_kernel(triton_kernels()[spec.kernel])
-    dtypes = {str(d): d for d in (tl.float32, tl.float16, tl.bfloat16)}
-    constexprs = {k: dtypes.get(v, v) if isinstance(v, str) and k == "DT" else v for k, v in spec.constexprs}
+    constexprs = {k: tl.dtype(v) if isinstance(v, str) and k == "DT" else v for k, v in spec.constexprs}
     signature, attrs = {}, {}
     for i, (name, kind) in enumerate(spec.signature):
         kind, _, flags = kind.partition(":")
