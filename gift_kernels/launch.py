@@ -39,6 +39,7 @@ RESIDUAL_BLOCK_K = {4: 32, 2: 64}
 RESIDUAL_WARPS = {4: 4, 2: 8}
 RESIDUAL_GROUP_M = 8             # grouped program order: neighbouring programs share B tiles
 MAX_STAGES = 3
+TRITON_DEFAULT_WARPS, TRITON_DEFAULT_STAGES = 4, 3   # what Triton gives a launch that names no num_warps / num_stages
 
 
 def dot_block(n: int) -> int:

@@ -103,7 +103,7 @@ def paca_attention(t: torch.Tensor, params: PacaParams, num_heads: int, activati
         raise TypeError(f"paca_attention needs one dtype for tokens and parameters, got {sorted(map(str, dtypes))}.")
     unsupported = paca_triton_unsupported(params.cluster_w.shape[0], t.shape[-1], t.dtype, device_props(t.device))
     if resolve_backend(t.device, t.dtype, backend, "paca_attention", unsupported) == "triton":
-        from .paca_triton import PacaAttentionTriton
+        from .paca_triton import PacaAttentionTriton  # imported once chosen: Triton is optional
 
         return PacaAttentionTriton.apply(t, num_heads, activation, *params)
     if t.dtype in (torch.float16, torch.bfloat16):  # the torch path computes 16-bit inputs in fp32

@@ -27,10 +27,17 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..dispatch import TRITON_DTYPE_NAMES
-from ..launch import ARCH_PROPS, emulate_device, paca_kernel_shared_bytes, paca_triton_unsupported
+from ..launch import (
+    ARCH_PROPS,
+    TRITON_DEFAULT_STAGES,
+    TRITON_DEFAULT_WARPS,
+    emulate_device,
+    paca_kernel_shared_bytes,
+    paca_triton_unsupported,
+)
 from ..residual import LowRankResidualLinear
 from .files import write_marked_block, write_text_atomic
-from .kernel_launches import innermost_kernel, record_triton_launches, triton_kernels
+from .kernel_launches import innermost_kernel, record_triton_launches, triton_kernels, triton_modules
 
 COMPILE_SECONDS_LIMIT = 60.0
 README_COMPILE_START, README_COMPILE_END = "<!-- compile-check:start -->", "<!-- compile-check:end -->"
@@ -91,7 +98,8 @@ def _arg_type(value) -> str:
 def compile_spec(launch, example: str) -> CompileSpec:
     """The compiler-visible part of one recorded launch."""
     kwargs = dict(launch.kwargs)
-    num_warps, num_stages = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 3)
+    num_warps = kwargs.pop("num_warps", TRITON_DEFAULT_WARPS)
+    num_stages = kwargs.pop("num_stages", TRITON_DEFAULT_STAGES)
     signature = [(name, _arg_type(value)) for name, value in zip(launch.arg_names, launch.args)]
     signature += [(name, "constexpr") for name in launch.arg_names[len(launch.args):]]
     return CompileSpec(launch.name, tuple(signature), tuple(sorted((k, _const(v)) for k, v in kwargs.items())),
@@ -103,24 +111,22 @@ def _const(v):
 
 
 def _paca_launches(L, N, M, r, heads, dtype, activation):
-    from ..paca_triton import PacaAttentionTriton  # Triton: this module imports without it
-
+    paca_triton, _ = triton_modules()
     meta = dict(device="meta", dtype=dtype)
     t = torch.empty(L, N, r, **meta, requires_grad=True)
     params = [torch.empty(*s, **meta, requires_grad=True) for s in
               [(M, r), (M,)] + [(r, r), (r,)] * 4]
-    out = PacaAttentionTriton.apply(t, heads, activation, *params)
+    out = paca_triton.PacaAttentionTriton.apply(t, heads, activation, *params)
     torch.autograd.grad(out, [t, *params], torch.empty_like(out))
 
 
 def _residual_launches(rows, d_in, d_out, r, bias, dtype):
-    from ..residual_triton import matmul_lowrank_epilogue  # Triton: this module imports without it
-
+    _, residual_triton = triton_modules()
     meta = dict(device="meta", dtype=dtype)
     x = torch.empty(rows, d_in, **meta, requires_grad=True)
     psi, tokens = (torch.empty(d, r, **meta, requires_grad=True) for d in (d_in, d_out))
     out = LowRankResidualLinear.apply(x, torch.empty(d_out, d_in, **meta), torch.empty(d_out, **meta) if bias else None,
-                                      psi, tokens, matmul_lowrank_epilogue)
+                                      psi, tokens, residual_triton.matmul_lowrank_epilogue)
     torch.autograd.grad(out, [x, psi, tokens], torch.empty_like(out))
 
 

@@ -42,12 +42,17 @@ def innermost_kernel(kernel):
     return kernel
 
 
-def triton_kernels() -> dict[str, Any]:
-    """Every Triton kernel the gift_kernels launchers launch, by name (``KERNELS`` of each Triton module)."""
-    # imported here: this module imports without Triton, and `main` sets TRITON_INTERPRET=1 before the kernels exist
+def triton_modules() -> tuple:
+    """The gift_kernels modules that define Triton kernels, ``(paca_triton, residual_triton)``. Imported on first
+    use: the dev tools import without Triton, and `main` sets TRITON_INTERPRET=1 before the kernels exist."""
     from .. import paca_triton, residual_triton
 
-    return {innermost_kernel(k).fn.__name__: k for module in (paca_triton, residual_triton) for k in module.KERNELS}
+    return paca_triton, residual_triton
+
+
+def triton_kernels() -> dict[str, Any]:
+    """Every Triton kernel the gift_kernels launchers launch, by name (``KERNELS`` of each Triton module)."""
+    return {innermost_kernel(k).fn.__name__: k for module in triton_modules() for k in module.KERNELS}
 
 
 @contextlib.contextmanager
