@@ -13,6 +13,7 @@ import torch
 
 import gift_kernels
 from gift_kernels import PacaParams, paca_attention
+from gift_kernels.dispatch import TRITON_DTYPES
 from gift_kernels.launch import (
     ARCH_PROPS,
     DeviceProps,
@@ -27,7 +28,7 @@ from gift_kernels.launch import (
 from gift_kernels.testing import available_devices, check_paca, check_residual, paca_case, skip_unless_runnable
 
 SM_COUNTS = [80, 108, 132]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(TRITON_DTYPES)                       # float32, float16, bfloat16
 RAGGED_SPLIT_SHAPE = (12, 448, 16, 16, 4)           # (L, N, M, r, heads): N a multiple of BLOCK_N = 64
 VIT_H_SHAPE = (32, 1280, 64, 64, 1)                 # the shape (there: 7 splits x 3 blocks for 20 blocks)
 # CPU under the interpreter; CUDA too where present (bench/gpu_check.sh): there with bf16, GIFT_SM_COUNT on the GPU

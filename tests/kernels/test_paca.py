@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gift_kernels import PacaParams, paca_attention
+from gift_kernels.dispatch import TRITON_DTYPES
 from gift_kernels.testing import (
     assert_agree,
     available_devices,
@@ -22,7 +23,7 @@ from gift_kernels.testing import (
 BACKENDS = ["torch", "triton"]
 # CPU always (Triton there under the interpreter); CUDA when present (bench/gpu_check.sh), with bf16
 DEVICES = available_devices()
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(TRITON_DTYPES)                       # float32, float16, bfloat16
 
 
 # (L, N, M, r, heads): every N in {1, 7, 100, 197}, M in {1, 5, 64}, r in {8, 24, 64}, heads in {1, 3}, L in {1, 3}

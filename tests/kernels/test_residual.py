@@ -4,6 +4,7 @@ bf16 on CUDA only)."""
 import pytest
 import torch
 
+from gift_kernels.dispatch import TRITON_DTYPES
 from gift_kernels.testing import (
     assert_agree,
     available_devices,
@@ -15,7 +16,7 @@ from gift_kernels.testing import (
 
 BACKENDS = ["torch", "triton"]
 DEVICES = available_devices()
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(TRITON_DTYPES)                       # float32, float16, bfloat16
 
 
 # (rows of x, d_in, d_out, r): ragged everywhere
