@@ -148,7 +148,7 @@ def test_paca_attention_too_large_for_triton_falls_back_under_auto_and_is_refuse
     assert paca_triton_unsupported(16, 128) is not None
 
 
-# shared bytes per block measured by `python -m gift_kernels.compile_check` (sm_80, fp32): the estimate is above
+# shared bytes per block measured by `python -m gift_kernels.dev.compile_check` (sm_80, fp32): the estimate is above
 MEASURED_FP32_SHARED = {(64, 64): {"_paca_attn_bwd": 131072, "_paca_cluster_bwd": 163840},
                         (256, 16): {"_paca_attn_bwd": 133120, "_paca_cluster_bwd": 165888}}
 
