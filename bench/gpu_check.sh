@@ -18,13 +18,14 @@ import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "device", torch.cuda.get_device_name())
 PY
 echo "== kernel tests on CUDA (fp32, fp16, bf16) =="
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py -k "cuda or dispatch" || status=1
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_paca.py tests/kernels/test_residual.py \
+    tests/kernels/test_dispatch.py -k "cuda or dispatch_point" || status=1
 echo "== ragged-split and ViT-H-shape kernel tests on CUDA (fp32, fp16, bf16) =="
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernel_launch.py -k cuda || status=1
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_launch.py -k cuda || status=1
 echo "== compile check: sampled table for sm_80 and sm_90 (the full table: make bench) =="
-timeout 150 "$PY" -m gift_kernels.compile_check --arch sm_80,sm_90 --sample 6 \
+timeout 150 "$PY" -m gift_kernels.dev.compile_check --arch sm_80,sm_90 --sample 6 \
     ${OUT_DIR:+--json "$OUT_DIR/compile_check.json"} || status=1
-echo "== FastGIFT with GIFT_KERNELS=triton vs GIFTReference (CUDA) =="
+echo "== FastGIFT with the Triton backend vs GIFTReference (CUDA) =="
 timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py || status=1
 echo "== bench, bf16, large models on =="
 left=$((470 - ($(date +%s) - start)))

@@ -1,7 +1,14 @@
-"""Fused ops for GIFT, free of model knowledge: each op is a torch path plus (where it pays) Triton kernels."""
+"""Fused ops for GIFT, free of model knowledge: each op is a torch path plus (where it pays) Triton kernels.
+
+Layers, each importing only those below it: `dev` (developer tools: compile check, launch counts) >
+`testing` (tolerances and op checks for tests and bench) > the ops `paca`, `residual`, `mlp` > their Triton
+kernels `paca_triton`, `residual_triton` > `paca_math` (what the PaCa ops share), `launch` (launch
+configurations) > `dispatch` (the backend choice). Nothing here imports `gift`.
+"""
 from .dispatch import active_backend, resolve_backend, triton_available
 from .mlp import l2_mlp_residual, l2_mlp_residual_reference
-from .paca import PacaParams, paca_attention, paca_attention_reference
+from .paca import paca_attention
+from .paca_math import PacaParams, paca_attention_reference
 from .residual import lowrank_residual_linear, lowrank_residual_linear_reference
 
 __all__ = [

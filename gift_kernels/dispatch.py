@@ -1,6 +1,7 @@
-"""The one place that decides whether an op runs its Triton kernels or its torch path.
+"""The one place that decides whether an op runs its Triton kernels or its torch path: the backend.
 
-``GIFT_KERNELS=auto|torch|triton`` (or an op's ``backend=`` argument):
+An op's ``backend=`` argument, else ``GIFT_BACKEND=auto|torch|triton``, else ``GIFT_KERNELS`` (the variable's
+old name, still read), else ``auto``:
   * ``auto``: on CUDA tensors (float32/float16/bfloat16) what each op measured or chose (PaCa: Triton;
     the residual projection: the torch path, unless a one-time timing of both backends on this device,
     cached in ``~/.cache/gift/kernels.json``, found Triton faster; see `measured_choice`); the torch path
@@ -27,13 +28,22 @@ except ImportError:                           # Windows: no lock around the cach
     fcntl = None
 
 BACKENDS = ("auto", "torch", "triton")
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKEND_ENV = "GIFT_BACKEND"
+OLD_BACKEND_ENV = "GIFT_KERNELS"  # the old name of GIFT_BACKEND, still read when GIFT_BACKEND is unset
+# the dtypes the Triton kernels take, by Triton's name for them (its signatures' "*fp32", tl.dtype("fp32"))
+TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+TRITON_DTYPES = tuple(TRITON_DTYPE_NAMES)
 
 
 def requested_backend(backend: str | None = None) -> str:
-    value = (backend or os.environ.get("GIFT_KERNELS") or "auto").strip().lower()
+    """``backend``, else ``$GIFT_BACKEND``, else ``$GIFT_KERNELS``, else ``"auto"``; checked."""
+    source, value = "backend", backend
+    for name in (BACKEND_ENV, OLD_BACKEND_ENV):
+        if not value:
+            source, value = name, os.environ.get(name)
+    value = (value or "auto").strip().lower()
     if value not in BACKENDS:
-        raise ValueError(f"GIFT_KERNELS / backend={value!r} is unknown; choose one of {BACKENDS}.")
+        raise ValueError(f"{source}={value!r} is unknown; choose one of {BACKENDS}.")
     return value
 
 
@@ -96,8 +106,8 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, backend: str | Non
     why = unsupported or _why_not_triton(device, dtype)
     if requested == "triton":
         if why is not None:
-            raise RuntimeError(f"{op}: GIFT_KERNELS=triton was asked for, but {why}. "
-                               f"Use GIFT_KERNELS=auto or torch.")
+            raise RuntimeError(f"{op}: {BACKEND_ENV}=triton was asked for, but {why}. "
+                               f"Use {BACKEND_ENV}=auto or torch.")
         return "triton"
     if why is not None or device.type != "cuda":
         return "torch"

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .dispatch import TRITON_DTYPES
+
 TL_DOT_MIN = 16                  # tl.dot needs every side of both operands >= 16
 INTERPRETER_BLOCK = 16           # tile side under the interpreter: small tiles keep it quick
 PROGRAMS_PER_SM = 2              # split the N-reductions until about this many programs per SM
@@ -37,6 +39,7 @@ RESIDUAL_BLOCK_K = {4: 32, 2: 64}
 RESIDUAL_WARPS = {4: 4, 2: 8}
 RESIDUAL_GROUP_M = 8             # grouped program order: neighbouring programs share B tiles
 MAX_STAGES = 3
+TRITON_DEFAULT_WARPS, TRITON_DEFAULT_STAGES = 4, 3   # what Triton gives a launch that names no num_warps / num_stages
 
 
 def dot_block(n: int) -> int:
@@ -193,7 +196,7 @@ def paca_triton_unsupported(M: int, r: int, dtype: torch.dtype = torch.float32,
     if dot_block(M) * dot_block(r) > PACA_MAX_TILE or dot_block(r) > PACA_MAX_R:
         return (f"the Triton PaCa kernels hold (M x r) tiles of at most {PACA_MAX_TILE} elements with r <= "
                 f"{PACA_MAX_R}, and M={M}, r={r} pads to {dot_block(M)} x {dot_block(r)}")
-    if props is None or props.interpreter or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if props is None or props.interpreter or dtype not in TRITON_DTYPES:
         return None
     need = paca_shared_bytes(paca_launch(1, 1, M, r, 1, dtype, props), dtype, props.capability)
     kernel = max(need, key=need.get)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .paca import EPS, _l2, _l2_backward
+from .paca_math import EPS, l2, l2_backward
 
 
 def l2_mlp_residual_reference(t, fc1_w, fc1_b, fc2_w, fc2_b):
@@ -20,7 +20,7 @@ def l2_mlp_residual_reference(t, fc1_w, fc1_b, fc2_w, fc2_b):
 class L2MlpResidualTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, fc1_w, fc1_b, fc2_w, fc2_b):
-        u, norm = _l2(t)
+        u, norm = l2(t)
         hidden = F.linear(u, fc1_w, fc1_b)
         ctx.save_for_backward(t, norm, hidden, fc1_w, fc2_w)
         return torch.addmm(fc2_b, F.gelu(hidden).flatten(0, -2), fc2_w.t()).view_as(t).add_(t)
@@ -34,7 +34,7 @@ class L2MlpResidualTorch(torch.autograd.Function):
         d_fc2_w = g2.t() @ F.gelu(h2)
         d_fc1_w = d_hidden.t() @ u2
         du = (d_hidden @ fc1_w).view_as(t)
-        dt = grad_out + _l2_backward(du, u, norm)
+        dt = grad_out + l2_backward(du, u, norm)
         return dt, d_fc1_w, d_hidden.sum(0), d_fc2_w, g2.sum(0)
 
 

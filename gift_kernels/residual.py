@@ -66,7 +66,7 @@ def _measured_backend(x, weight, bias, psi, tokens) -> str:
     shape and dtype (rows rounded up to a power of two) and Triton was faster; see `dispatch.measured_choice`."""
     if torch.compiler.is_compiling():
         return "torch"
-    from .residual_triton import matmul_lowrank_epilogue
+    from .residual_triton import matmul_lowrank_epilogue  # imported once asked for: Triton is optional
 
     with torch.no_grad():
         x2 = x.detach().reshape(-1, x.shape[-1])
@@ -94,5 +94,5 @@ def lowrank_residual_linear(x, weight, bias, psi, tokens, backend: str | None = 
     matmul_lowrank = matmul_lowrank_torch
     auto = functools.partial(_measured_backend, x, weight, bias, psi, tokens)
     if resolve_backend(x.device, x.dtype, backend, "lowrank_residual_linear", auto=auto) == "triton":
-        from .residual_triton import matmul_lowrank_epilogue as matmul_lowrank
+        from .residual_triton import matmul_lowrank_epilogue as matmul_lowrank  # once chosen: Triton is optional
     return LowRankResidualLinear.apply(x, weight, bias, psi, tokens, matmul_lowrank)

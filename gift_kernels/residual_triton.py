@@ -93,5 +93,6 @@ def matmul_lowrank_epilogue(a, b, p, q, bias=None):
         a, b, p, q, bias if bias is not None else out, out, M, N, K, R,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), p.stride(0), q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, F32_DOT=F32_DOT_PRECISION, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out

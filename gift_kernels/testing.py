@@ -33,6 +33,11 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 
+from .dispatch import triton_available
+from .paca import paca_attention
+from .paca_math import PacaParams, paca_attention_reference
+from .residual import lowrank_residual_linear, lowrank_residual_linear_reference
+
 # max error, relative to each tensor's own scale, allowed for a computation in this dtype
 TOLERANCES: dict[torch.dtype, float] = {
     torch.float64: 1e-9,
@@ -156,8 +161,6 @@ def paca_outputs_and_grads(t, params, grad, heads: int, dtype: torch.dtype, back
                            device="cpu") -> dict[str, torch.Tensor]:
     """Run `paca_attention` (``backend="reference"``: `paca_attention_reference`) in ``dtype`` on ``device``;
     returns CPU tensors ``{"output", "d_t", "d_<PacaParams field>"...}``."""
-    from .paca import PacaParams, paca_attention, paca_attention_reference
-
     leaves = [x.to(device=device, dtype=dtype).requires_grad_(True) for x in [t, *params]]
     if backend == "reference":
         out = paca_attention_reference(leaves[0], PacaParams(*leaves[1:]), heads, activation)
@@ -185,8 +188,6 @@ def residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype: torch.dtype, b
                                gift_dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
     """Run `lowrank_residual_linear` (``backend="reference"``: its reference) with x, W, b in ``dtype`` and psi, T
     in ``gift_dtype`` (default ``dtype``); returns CPU tensors ``{"output", "dx", "dpsi", "dT"}``."""
-    from .residual import lowrank_residual_linear, lowrank_residual_linear_reference
-
     gift_dtype = gift_dtype or dtype
     xs = x.to(device=device, dtype=dtype).requires_grad_(True)
     wb = [w.to(device=device, dtype=dtype), None if b is None else b.to(device=device, dtype=dtype)]
@@ -232,3 +233,20 @@ def check_residual(shape, dtype: torch.dtype, backend: str, bias: bool = True,
     got = run(inputs, dtype, backend, device)
     assert_agree(got, exact, dtype, baseline=baseline)
     return got, lambda: run(inputs, dtype, backend, device)
+
+
+# ------------------------------------------------------------------------------ what the op tests can run here
+def available_devices() -> list[str]:
+    """The devices op tests run on: CPU always (Triton there under the interpreter), CUDA where present."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def skip_unless_runnable(device: str, backend: str, dtype: torch.dtype) -> None:
+    """``pytest.skip`` an op test on ``backend`` in ``dtype`` that cannot run on ``device`` here. bf16 runs on
+    CUDA only: the interpreter's bf16 ``tl.dot`` returns garbage without an error."""
+    import pytest  # a test dependency: this module is also imported by the bench and gift.testing
+
+    if backend == "triton" and not triton_available(device):
+        pytest.skip(f"Triton cannot run on {device} here (CPU needs TRITON_INTERPRET=1)")
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("bf16 is tested on CUDA only: the interpreter's bf16 tl.dot returns garbage")

@@ -1,4 +1,5 @@
-"""`auto` picks only what was measured: the residual projection's per-device timing cache, on CPU with fake timers."""
+"""The dispatch point (dispatch.py): what each backend request resolves to, and `auto` picking only what was
+measured: the residual projection's per-device timing cache, on CPU with fake timers."""
 import json
 import multiprocessing
 
@@ -8,6 +9,50 @@ import torch
 import gift_kernels
 from gift_kernels import dispatch, residual
 from gift_kernels.testing import residual_case
+
+
+def test_dispatch_point(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only decisions")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("GIFT_BACKEND", raising=False)      # GIFT_KERNELS, the old name, decides here
+    monkeypatch.setenv("GIFT_KERNELS", "torch")
+    assert gift_kernels.active_backend("cpu") == "torch"
+    monkeypatch.setenv("GIFT_KERNELS", "auto")
+    assert gift_kernels.active_backend("cpu") == "torch"  # auto: torch on CPU, even with the interpreter
+    monkeypatch.setenv("GIFT_KERNELS", "triton")
+    assert gift_kernels.active_backend("cpu") == "triton"  # TRITON_INTERPRET=1 in this suite
+    with pytest.raises(RuntimeError, match="GIFT_BACKEND=triton was asked for, but the Triton kernels take"):
+        gift_kernels.resolve_backend(torch.device("cpu"), torch.float64, op="paca_attention")
+    assert gift_kernels.resolve_backend(torch.device("cpu"), torch.float64, backend="auto") == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CPU tensors need TRITON_INTERPRET=1"):
+        gift_kernels.resolve_backend(torch.device("cpu"), torch.float32)
+    monkeypatch.setenv("GIFT_KERNELS", "fast")
+    with pytest.raises(ValueError, match="GIFT_KERNELS='fast' is unknown"):
+        gift_kernels.active_backend("cpu")
+
+
+def test_gift_backend_is_read_before_its_old_name_and_backend_argument_before_both(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("GIFT_KERNELS", "triton")
+    monkeypatch.setenv("GIFT_BACKEND", "torch")
+    assert dispatch.requested_backend() == "torch" and gift_kernels.active_backend("cpu") == "torch"
+    assert dispatch.requested_backend("triton") == "triton"
+    monkeypatch.setenv("GIFT_BACKEND", "")                 # empty: unset
+    assert dispatch.requested_backend() == "triton"
+    monkeypatch.delenv("GIFT_KERNELS")
+    assert dispatch.requested_backend() == "auto"
+    monkeypatch.setenv("GIFT_BACKEND", "Triton ")
+    assert gift_kernels.resolve_backend(cpu, torch.float32) == "triton"
+    with pytest.raises(RuntimeError, match="Use GIFT_BACKEND=auto or torch"):
+        gift_kernels.resolve_backend(cpu, torch.float64)
+    monkeypatch.setenv("GIFT_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"^GIFT_BACKEND='cuda' is unknown; choose one of \('auto', 'torch',"):
+        dispatch.requested_backend()
+    with pytest.raises(ValueError, match="^backend='fast' is unknown"):
+        dispatch.requested_backend("fast")
 
 
 @pytest.fixture
@@ -107,6 +152,7 @@ def test_two_processes_writing_at_once_keep_every_entry(cache):
 
 
 def test_auto_asks_the_op_on_cuda_only_and_env_forces(monkeypatch):
+    monkeypatch.delenv("GIFT_BACKEND", raising=False)
     monkeypatch.delenv("GIFT_KERNELS", raising=False)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     asked = []
@@ -118,9 +164,9 @@ def test_auto_asks_the_op_on_cuda_only_and_env_forces(monkeypatch):
     assert dispatch.resolve_backend(cuda, torch.float16, auto=auto) == "torch" and asked == [1]
     assert dispatch.resolve_backend(cuda, torch.float16) == "triton"              # PaCa: Triton on CUDA
     assert dispatch.resolve_backend(cpu, torch.float32, auto=auto) == "torch" and asked == [1]
-    monkeypatch.setenv("GIFT_KERNELS", "triton")
+    monkeypatch.setenv("GIFT_BACKEND", "triton")
     assert dispatch.resolve_backend(cuda, torch.float16, auto=auto) == "triton" and asked == [1]
-    monkeypatch.setenv("GIFT_KERNELS", "torch")
+    monkeypatch.setenv("GIFT_BACKEND", "torch")
     assert dispatch.resolve_backend(cuda, torch.float16, auto=auto) == "torch" and asked == [1]
 
 

@@ -6,8 +6,14 @@ import pytest
 import torch
 
 import gift_kernels
-from gift_kernels.kernel_launches import (COUNT_SHAPES, README_END, README_START, count_launches, launch_count_markdown,
-                                          op_launch_counts)
+from gift_kernels.dev.kernel_launches import (
+    COUNT_SHAPES,
+    README_END,
+    README_START,
+    count_launches,
+    launch_count_markdown,
+    op_launch_counts,
+)
 
 pytestmark = pytest.mark.skipif(not gift_kernels.triton_available("cpu"), reason="needs TRITON_INTERPRET=1")
 
@@ -31,6 +37,6 @@ def test_counter_sees_aten_compute_ops_but_not_views():
 
 
 def test_readme_states_the_measured_counts():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = readme.split(README_START, 1)[1].split(README_END, 1)[0].strip()
-    assert block == launch_count_markdown(), "regenerate with: python -m gift_kernels.kernel_launches README.md"
+    assert block == launch_count_markdown(), "regenerate with: python -m gift_kernels.dev.kernel_launches README.md"

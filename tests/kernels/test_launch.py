@@ -12,22 +12,27 @@ import pytest
 import torch
 
 import gift_kernels
-from gift_kernels.launch import ARCH_PROPS, DeviceProps, cdiv, device_props, paca_launch, residual_launch
-from gift_kernels.testing import check_paca, check_residual
+from gift_kernels import PacaParams, paca_attention
+from gift_kernels.dispatch import TRITON_DTYPES
+from gift_kernels.launch import (
+    ARCH_PROPS,
+    DeviceProps,
+    cdiv,
+    device_props,
+    emulate_device,
+    paca_launch,
+    paca_shared_bytes,
+    paca_triton_unsupported,
+    residual_launch,
+)
+from gift_kernels.testing import available_devices, check_paca, check_residual, paca_case, skip_unless_runnable
 
 SM_COUNTS = [80, 108, 132]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(TRITON_DTYPES)                       # float32, float16, bfloat16
 RAGGED_SPLIT_SHAPE = (12, 448, 16, 16, 4)           # (L, N, M, r, heads): N a multiple of BLOCK_N = 64
 VIT_H_SHAPE = (32, 1280, 64, 64, 1)                 # the issue's shape (there: 7 splits x 3 blocks for 20 blocks)
 # CPU under the interpreter; CUDA too where present (bench/gpu_check.sh): there with bf16, GIFT_SM_COUNT on the GPU
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _skip_unless_triton(device, dtype=torch.float32):
-    if not gift_kernels.triton_available(device):
-        pytest.skip(f"Triton cannot run on {device} here (CPU needs TRITON_INTERPRET=1)")
-    if dtype == torch.bfloat16 and device == "cpu":
-        pytest.skip("bf16 is tested on CUDA only: the interpreter's bf16 tl.dot returns garbage")
+DEVICES = available_devices()
 
 
 def _uneven(shape, sm_count, dtype):
@@ -71,7 +76,7 @@ def test_splits_visit_every_block_once_and_never_one_past_n(sm_count):
 
 
 def _paca_agrees(shape, dtype, device="cpu", activation="sigmoid"):
-    _skip_unless_triton(device, dtype)
+    skip_unless_runnable(device, "triton", dtype)
     return check_paca(shape, dtype, "triton", activation, device=device)
 
 
@@ -123,7 +128,50 @@ def test_paca_at_vit_h_shape_with_132_sms_in_16_bit_on_cuda(monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 def test_residual_with_gpu_tiles_matches_float64_reference(monkeypatch, device, dtype):
-    _skip_unless_triton(device, dtype)
+    skip_unless_runnable(device, "triton", dtype)
     monkeypatch.setenv("GIFT_SM_COUNT", "132")
     got, rerun = check_residual((197, 200, 136, 24), dtype, "triton", device=device)  # 394 rows: every tile edge ragged
     assert all(torch.equal(got[k], v) for k, v in rerun().items())
+
+
+# ---------------------------------------------------------------- which PaCa shapes the Triton kernels take
+
+
+def test_paca_attention_too_large_for_triton_falls_back_under_auto_and_is_refused_by_triton():
+    t, params, _ = paca_case((1, 7, 100, 64, 1))
+    p = PacaParams(*(x.float() for x in params))
+    with pytest.raises(RuntimeError, match=r"tiles of at most 4096 elements with r <= 64, and M=100, r=64 pads to"):
+        paca_attention(t.float(), p, 1, backend="triton")
+    reason = paca_triton_unsupported(100, 64)
+    assert gift_kernels.resolve_backend(torch.device("cuda"), torch.float32, "auto", unsupported=reason) == "torch"
+    assert paca_triton_unsupported(64, 64) is None and paca_triton_unsupported(256, 16) is None
+    assert paca_triton_unsupported(16, 128) is not None
+
+
+# shared bytes per block measured by `python -m gift_kernels.dev.compile_check` (sm_80, fp32): the estimate is above
+MEASURED_FP32_SHARED = {(64, 64): {"_paca_attn_bwd": 131072, "_paca_cluster_bwd": 163840},
+                        (256, 16): {"_paca_attn_bwd": 133120, "_paca_cluster_bwd": 165888}}
+
+
+@pytest.mark.parametrize("M, r", sorted(MEASURED_FP32_SHARED))
+def test_paca_over_the_shared_memory_of_a_99_kib_gpu_takes_torch_under_auto_and_is_refused_by_triton(M, r):
+    """sm_86/sm_89 (RTX 3090/4090, A10, L4) allow 99 KiB per block; fp32 M = r = 64 and M = 256, r = 16 need more."""
+    sm86, cuda = ARCH_PROPS["sm_86"], torch.device("cuda")
+    assert (sm86.shared_bytes, sm86.capability) == (101376, (8, 6))
+    need = paca_shared_bytes(paca_launch(1, 1, M, r, 1, torch.float32, sm86), torch.float32, sm86.capability)
+    assert all(need[k] >= v for k, v in MEASURED_FP32_SHARED[(M, r)].items()), need
+    reason = paca_triton_unsupported(M, r, torch.float32, sm86)
+    assert reason is not None and "B of shared memory per block" in reason and "allows 101376 B" in reason
+    assert gift_kernels.resolve_backend(cuda, torch.float32, "auto", unsupported=reason) == "torch"
+    t, params, _ = paca_case((1, 7, M, r, 1))
+    with emulate_device(sm86), pytest.raises(RuntimeError, match="triton was asked for, but the Triton PaCa kernels "
+                                                                  "need about .* B of shared memory per block"):
+        paca_attention(t.float(), PacaParams(*(x.float() for x in params)), 1, backend="triton")
+    assert paca_triton_unsupported(M, r, torch.float32, ARCH_PROPS["sm_80"]) is None   # 163 KiB: fits
+    assert paca_triton_unsupported(M, r, torch.float32, ARCH_PROPS["sm_90"]) is None
+    assert paca_triton_unsupported(M, r, torch.float32) is None                        # no device: tile limits only
+
+
+def test_paca_default_shape_fits_a_99_kib_gpu_in_every_dtype():
+    for dtype in DTYPES:
+        assert paca_triton_unsupported(64, 16, dtype, ARCH_PROPS["sm_86"]) is None, dtype

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of the Triton kernels for sm_80/sm_90 on this CPU (`python -m gift_kernels.compile_check`).
+"""Ahead-of-time compile of the Triton kernels for sm_80/sm_90 on this CPU (`python -m gift_kernels.dev.compile_check`).
 
 A sample of the launch configurations here (the full table runs in `make bench`), in a subprocess: the test
 suite runs the kernels under TRITON_INTERPRET=1, the compile check needs real @triton.jit functions.
@@ -14,13 +14,13 @@ import torch
 
 from gift_kernels.launch import ARCH_PROPS, paca_launch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _compile_check(tmp_path, *args):
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
     out = tmp_path / "compile.json"
-    proc = subprocess.run([sys.executable, "-m", "gift_kernels.compile_check", "--json", str(out), *args],
+    proc = subprocess.run([sys.executable, "-m", "gift_kernels.dev.compile_check", "--json", str(out), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     return proc, (json.loads(out.read_text()) if out.exists() else None)
 
@@ -46,7 +46,7 @@ def test_fp32_cluster_kernel_at_vit_h_shape_has_no_unrolled_scalar_dots(tmp_path
 
 
 def test_shape_table_sends_what_overflows_99_kib_of_shared_memory_to_torch_on_sm86():
-    from gift_kernels.compile_check import shape_table
+    from gift_kernels.dev.compile_check import shape_table
 
     def reasons(arch):
         return {example: reason for example, _, _, reason in shape_table(arch)}
