@@ -271,7 +271,7 @@ def test_fast_with_triton_kernels_agrees_with_reference(cfg, monkeypatch):
     import gift_kernels.residual_triton as residual_triton
     from gift_kernels.paca_triton import PacaAttentionTriton
 
-    monkeypatch.setenv("GIFT_KERNELS", "triton")  # on CPU tensors: the Triton interpreter (conftest sets it)
+    monkeypatch.setenv("GIFT_BACKEND", "triton")  # on CPU tensors: the Triton interpreter (conftest sets it)
     calls = []
     original = PacaAttentionTriton.apply
     monkeypatch.setattr(PacaAttentionTriton, "apply", lambda *a: calls.append("PacaAttentionTriton") or original(*a))
