@@ -35,6 +35,21 @@ def shared_flags(cls) -> dict[str, tuple[str, ...]]:
     return dict(getattr(cls, "SHARED_FLAGS", {}))
 
 
+class SetsFields(argparse.Action):
+    """A flag that sets the destinations ``sets`` (besides its own) where it stands on the command line, so
+    that a flag given after it wins, as with any other flag (and `gift.app.recipes.RecipeAction` sets them
+    too when a recipe has the flag's key)."""
+
+    def __init__(self, option_strings, dest, sets: Sequence[str] = (), **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.sets = tuple(sets)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, value)
+        for dest in self.sets:
+            setattr(namespace, dest, value)
+
+
 def _options(cls) -> list[tuple[dataclasses.Field, dict]]:
     return [(f, f.metadata["option"]) for f in dataclasses.fields(cls) if "option" in f.metadata]
 
@@ -58,12 +73,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls, exclude: Sequence[str] =
         if all(t in fields for t in targets):
             f, meta = fields[targets[0]]
             parser.add_argument(flag_name(alias), dest=alias, type=meta["type"] or type(f.default), default=None,
-                                help=f"the old name of {' and '.join(flag_name(t) for t in targets)}: sets them all")
+                                action=SetsFields, sets=targets,
+                                help=f"the old name of {' and '.join(flag_name(t) for t in targets)}: sets them all "
+                                     f"(a flag given later wins)")
 
 
 def from_namespace(cls, args: argparse.Namespace, **extra):
     """``cls`` filled from parsed arguments (fields argparse does not know keep their defaults). A shared
-    flag (`shared_flags`) that was given sets its fields, after its value is checked against their range."""
+    flag (`shared_flags`) set its fields when it was parsed (`SetsFields`); its value is checked here against
+    their range, so that the error names the flag that was typed."""
     options = dict(_options(cls))
     values = {f.name: getattr(args, f.name) for f in options if hasattr(args, f.name)}
     metas = {f.name: meta for f, meta in options.items()}
@@ -71,7 +89,6 @@ def from_namespace(cls, args: argparse.Namespace, **extra):
         value = getattr(args, alias, None)
         if value is not None:
             _check_value(flag_name(alias), value, metas[targets[0]])
-            values.update({t: value for t in targets})
     return cls(**values, **extra)
 
 
@@ -104,8 +121,6 @@ def _check_value(name: str, value, meta: dict) -> None:
     hi_bad = meta["max"] is not None and (value >= meta["max"] if meta["max_open"] else value > meta["max"])
     if not math.isfinite(value) or lo_bad or hi_bad:
         raise UsageError(f"{name} must be {_range_text(meta)}, got {value!r}")
-
-
 
 
 # ------------------------------------------------------------------------- plain argparse types

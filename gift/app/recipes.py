@@ -105,7 +105,9 @@ class RecipeAction(argparse.Action):
                 kind = actions[key].type
                 if isinstance(value, str) and callable(kind):  # YAML reads 1e-3 (no dot) as a string
                     value = kind(value)
-                setattr(namespace, key, value)
+                # a flag that sets several settings (the old `rank`: gift_rank and lora_rank) sets them all
+                for dest in getattr(actions[key], "sets", None) or (key,):
+                    setattr(namespace, dest, value)
         except (RecipeError, ValueError, TypeError) as e:
             parser.error(f"--recipe {name}: {e}")
         setattr(namespace, self.dest, name)

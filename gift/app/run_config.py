@@ -115,8 +115,9 @@ class FinetuneConfig:
                                  "support: drop --model-ema or use --backbone-dtype bfloat16")
 
     @property
-    def rank(self) -> int:
-        """The rank of the method: ``lora_rank`` for LoRA, else ``gift_rank`` (what ``--rank`` meant)."""
+    def method_rank(self) -> int:
+        """The rank of the method trained: ``lora_rank`` for LoRA, else ``gift_rank`` (what ``--rank`` meant;
+        run and sweep identities keep it under their old key ``"rank"``)."""
         return self.lora_rank if self.method == "lora" else self.gift_rank
 
     @property

@@ -81,7 +81,7 @@ def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict) -> dict:
         "model": cfg.model,
         "method": cfg.method,
         "num_classes": num_classes,
-        "rank": cfg.rank,
+        "rank": cfg.method_rank,
         "block": cfg.block,
         "num_clusters": cfg.num_clusters,
         "cluster_activation": cfg.cluster_activation,

@@ -170,7 +170,8 @@ def test_help_answers_without_torch_or_timm_and_shows_defaults():
     text = " ".join(proc.stdout.split())
     assert f"GIFT clusters M of PaCa (default: {GIFTConfig().num_clusters})" in text
     assert "(default: 0.001)" in text and "(default: gift_vit_micro_patch4_32)" in text
-    assert FinetuneConfig().num_clusters == GIFTConfig().num_clusters and FinetuneConfig().rank == GIFTConfig().rank
+    assert FinetuneConfig().num_clusters == GIFTConfig().num_clusters
+    assert FinetuneConfig().method_rank == GIFTConfig().rank
     assert gift_command("--version").stdout.strip() == f"gift {gift.__version__}"
 
 

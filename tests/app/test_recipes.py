@@ -4,6 +4,7 @@ import argparse
 import pytest
 
 from gift.app.cli import build_parser
+from gift.app.commands.plan import PlanOptions
 from gift.app.options import from_namespace
 from gift.app.recipes import RecipeError, add_recipe_argument, list_recipes, load_recipe, recipe_names, recipe_text
 from gift.app.run_config import FinetuneConfig
@@ -12,8 +13,9 @@ from gift.app.run_config import FinetuneConfig
 def parser(sweep=False):
     p = argparse.ArgumentParser(exit_on_error=False)
     add_recipe_argument(p)
-    for flag, kind in (("--model", str), ("--method", str), ("--rank", int), ("--block", str), ("--num-clusters", int),
-                       ("--cluster-activation", str), ("--epochs", int), ("--batch-size", int), ("--warmup", float),
+    for flag, kind in (("--model", str), ("--method", str), ("--gift-rank", int), ("--lora-rank", int),
+                       ("--block", str), ("--num-clusters", int), ("--cluster-activation", str),
+                       ("--epochs", int), ("--batch-size", int), ("--warmup", float),
                        ("--drop-path", float), ("--train-split", str), ("--eval-split", str)):
         p.add_argument(flag, type=kind, default=None)
     if sweep:
@@ -31,8 +33,8 @@ def test_shipped_recipes_have_the_papers_settings_and_cite_them():
     assert all(desc for _, desc in list_recipes())
     fgvc, vtab = load_recipe("fgvc")["finetune"], load_recipe("vtab1k")["finetune"]
     for r in (fgvc, vtab):
-        assert (r["model"], r["rank"], r["epochs"], r["batch_size"], r["lr"], r["weight_decay"], r["drop_path"]) == \
-            ("vit_base_patch16_224.augreg_in21k", 16, 100, 64, 1e-4, 0.0, 0.1)
+        assert (r["model"], r["gift_rank"], r["epochs"], r["batch_size"], r["lr"], r["weight_decay"],
+                r["drop_path"]) == ("vit_base_patch16_224.augreg_in21k", 16, 100, 64, 1e-4, 0.0, 0.1)
     assert load_recipe("fgvc-lora")["finetune"]["method"] == "lora" and fgvc["method"] == "gift"
     assert load_recipe("vtab1k")["sweep"]["final_train_split"] == "train800val200"
     text = recipe_text("fgvc")
@@ -43,7 +45,7 @@ def test_shipped_recipes_have_the_papers_settings_and_cite_them():
 
 def test_recipe_values_are_defaults_that_later_flags_override():
     args = parser().parse_args(["--recipe", "fgvc", "--lr", "5e-4", "--epochs", "3"])
-    assert (args.recipe, args.lr, args.epochs, args.batch_size, args.rank, args.block) == \
+    assert (args.recipe, args.lr, args.epochs, args.batch_size, args.gift_rank, args.block) == \
         ("fgvc", 5e-4, 3, 64, 16, "identity")
     args = parser().parse_args(["--epochs", "3", "--recipe", "vtab1k"])  # before --recipe: the recipe wins
     assert args.epochs == 100 and args.train_split == "train800"
@@ -73,6 +75,31 @@ def test_bad_recipes(tmp_path, capsys):
 def test_gift_finetune_takes_a_recipe_then_flags():
     argv = ["finetune", "--recipe", "vtab1k", "--model", "gift_vit_micro_patch4_32", "--epochs", "2"]
     cfg = from_namespace(FinetuneConfig, build_parser(argv).parse_args(argv))
-    assert (cfg.model, cfg.epochs, cfg.lr, cfg.batch_size, cfg.block, cfg.rank, cfg.train_split, cfg.eval_split,
+    assert (cfg.model, cfg.epochs, cfg.lr, cfg.batch_size, cfg.block, cfg.method_rank, cfg.train_split, cfg.eval_split,
             cfg.cluster_activation, cfg.warmup) == ("gift_vit_micro_patch4_32", 2, 1e-4, 64, "identity", 16,
                                                     "train800", "val200", "sigmoid", 0.1)
+
+
+def _ranks(*argv):
+    """(gift_rank, lora_rank) that ``gift COMMAND ...argv`` runs with."""
+    args = build_parser(list(argv)).parse_args(list(argv))
+    options = from_namespace(PlanOptions if argv[0] == "plan" else FinetuneConfig, args)
+    return options.gift_rank, options.lora_rank
+
+
+@pytest.mark.parametrize("command", ["finetune", "sweep", "plan"])
+def test_the_rank_flag_given_last_wins_over_the_old_rank(command):
+    assert _ranks(command, "--rank", "4", "--gift-rank", "8") == (8, 4)
+    assert _ranks(command, "--gift-rank", "8", "--rank", "4") == (4, 4)
+    assert _ranks(command, "--lora-rank", "2") == (16, 2)
+
+
+@pytest.mark.parametrize("command", ["finetune", "sweep"])
+def test_a_rank_flag_after_a_recipe_wins_and_the_old_rank_key_sets_both(command, tmp_path):
+    assert _ranks(command, "--recipe", "fgvc", "--gift-rank", "8") == (8, 16)
+    assert _ranks(command, "--recipe", "vtab1k-lora", "--lora-rank", "4") == (16, 4)
+    assert _ranks(command, "--gift-rank", "8", "--recipe", "fgvc") == (16, 16)  # the recipe after it wins
+    old = tmp_path / "old.yaml"
+    old.write_text("finetune:\n  rank: 4\n")
+    assert _ranks(command, "--recipe", str(old)) == (4, 4)
+    assert _ranks(command, "--recipe", str(old), "--lora-rank", "8") == (4, 8)

@@ -136,7 +136,8 @@ def test_sweep_interrupted_then_resumed_then_report_with_lora(tmp_path, monkeypa
 
     monkeypatch.setattr(sweep_module, "finetune", interrupted_after_one)
     assert main(sweep) == 130
-    assert calls[0].block == "identity" and calls[0].rank == 16 and calls[0].epochs == 1  # the recipe, then flags
+    assert calls[0].block == "identity" and calls[0].method_rank == 16  # the recipe,
+    assert calls[0].epochs == 1  # then flags
     first_adapter = os.path.getmtime(os.path.join(out, "points", "lr0.001_wd0", "adapter", "gift_config.json"))
     calls.clear()
 

@@ -264,7 +264,7 @@ def run(args) -> int:
         return finetune(dataclasses.replace(cfg, **settings, overwrite=not settings["resume"]))
 
     identity = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY},
-                "rank": cfg.rank, "data": absolute_data_spec(cfg.data)}
+                "rank": cfg.method_rank, "data": absolute_data_spec(cfg.data)}
     record = {"method": cfg.method, "model": cfg.model, "data": absolute_data_spec(cfg.data), "dataset": spec.name}
     run_grid_search(plan, cfg.output, train_point, identity, record, quiet=cfg.quiet)
     return 0
