@@ -1,5 +1,5 @@
 """timm backbones for GIFT: creation by name with local or hub pretrained weights (both through
-timm's own loader: ``pretrained_cfg_overlay=dict(file=...)`` for a local file), the input a model
+timm's own loader: ``pretrained_cfg_overlay=dict(state_dict=...)`` for a local file), the input a model
 expects (timm's ``resolve_model_data_config``), and the *backbone identity* an adapter records so
 that it is only ever used on the exact backbone it was trained on.
 
@@ -24,7 +24,7 @@ from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg
 
 from . import timm_models  # noqa: F401  (registers the gift_* models with timm)
-from .files import state_dict_shapes
+from .files import read_state_dict
 from .targets import classifier_name
 
 IDENTITY_FORMAT = "gift-backbone-v1"
@@ -76,36 +76,41 @@ def create_backbone(name: str, num_classes: int, drop_path: float = 0.0, pretrai
 
 
 def load_pretrained_file(name: str, num_classes: int, drop_path: float, path: str) -> nn.Module:
-    """The timm model ``name`` with the weights of the local state dict ``path``, loaded by timm
-    (``pretrained_cfg_overlay=dict(file=path)``: timm's reader and the model's checkpoint filter, which
-    resamples e.g. position embeddings). The file's classifier is used when it has ``num_classes``
-    outputs, else left as initialised (the current torch RNG).
+    """The timm model ``name`` with the weights of the local state dict ``path``: read by
+    `gift.files.read_state_dict` (``state_dict`` / ``model`` unwrapped; an EMA copy beside them is not
+    taken), the keys the model does not have dropped, then loaded by timm's loader
+    (``pretrained_cfg_overlay=dict(state_dict=...)``, the model's checkpoint filter applied). The file's
+    classifier is used when it has ``num_classes`` outputs, else left as initialised (the current torch RNG).
 
-    Raises ``ValueError`` naming the file when it lacks weights of the model or has misshapen ones.
+    Raises ``ValueError`` naming the file when it lacks weights of the model or has misshapen ones (a
+    position embedding of another image size too: create the model at the file's size instead).
     """
-    shapes = state_dict_shapes(path, what="pretrained file", unwrap=("state_dict", "model"))
+    state = read_state_dict(path, what="pretrained file", unwrap=("state_dict", "model"))
     with torch.device("meta"):
         own = timm.create_model(name, pretrained=False, num_classes=num_classes)
-    head = classifier_name(own)
-    head_keys = {k for k in own.state_dict() if head is not None and k.startswith(head + ".")}
-    file_classes = shapes.get(f"{head}.weight", (None,))[0]
     own_state = own.state_dict()
-    missing = [k for k in own_state if k not in shapes and k not in head_keys]
-    if missing:  # the shapes are timm's checkpoint filter's to fix (it resamples position embeddings), not keys
-        misshapen = [k for k in shapes
-                     if k in own_state and shapes[k] != tuple(own_state[k].shape) and k not in head_keys]
-        details = "; ".join([f"{k}: file {shapes[k]} vs model {tuple(own_state[k].shape)}" for k in misshapen[:5]]
-                            + [f"missing {missing[:5]}"])
+    head = classifier_name(own)
+    head_keys = {k for k in own_state if head is not None and k.startswith(head + ".")}
+    misshapen = [k for k in own_state if k in state and k not in head_keys
+                 and tuple(getattr(state[k], "shape", ())) != tuple(own_state[k].shape)]
+    missing = [k for k in own_state if k not in state and k not in head_keys]
+    if misshapen or missing:
+        details = "; ".join([f"{k}: file {tuple(state[k].shape)} vs model {tuple(own_state[k].shape)}"
+                             for k in misshapen[:5]] + ([f"missing {missing[:5]}"] if missing else []))
         raise ValueError(f"pretrained file {path!r} does not fit {type(own).__name__} ({details}); "
                          f"is it for another model or size?")
-    overlay = dict(file=os.path.abspath(path), num_classes=file_classes if file_classes is not None else -1)
+    state = {k: v for k, v in state.items() if k in own_state}
+    file_head = state.get(f"{head}.weight")
+    overlay = dict(state_dict=state, num_classes=file_head.shape[0] if file_head is not None else -1)
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes, drop_path_rate=drop_path,
-                                 pretrained_cfg_overlay=overlay)
-    except RuntimeError as e:  # torch's load_state_dict: misshapen tensors
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes, drop_path_rate=drop_path,
+                                  pretrained_cfg_overlay=overlay)
+    except RuntimeError as e:  # torch's load_state_dict: a classifier weight and bias of different sizes
         details = "; ".join(line.strip() for line in str(e).splitlines()[1:6] if line.strip())
         raise ValueError(f"pretrained file {path!r} does not fit {type(own).__name__} ({details}); "
                          f"is it for another model or size?") from None
+    model.pretrained_cfg.pop("state_dict", None)  # the config outlives the load: keep no second copy of the weights
+    return model
 
 
 class DataConfig(NamedTuple):

@@ -112,27 +112,3 @@ def _load_file(path: str, what: str, trust_pickles: bool) -> Any:
     except Exception as e:  # torch.load raises many types for files that are not torch files
         raise ValueError(f"cannot read {what} {path!r}: {type(e).__name__}: {e}") from None
 
-
-def state_dict_shapes(
-    path: str, what: str = "checkpoint", unwrap: tuple[str, ...] = ("state_dict",)
-) -> dict[str, tuple]:
-    """``{key: shape}`` of the state dict in the file ``path``, read as `read_state_dict` reads it, without
-    loading the tensors (a safetensors header; a torch file memory-mapped)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist.")
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for a broken file
-            raise ValueError(f"cannot read {what} {path!r}: {type(e).__name__}: {e}") from None
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a torch file of the legacy (non-zip) format cannot be memory-mapped
-        loaded = _load_file(path, what, trust_pickles=False)
-    except Exception as e:  # torch.load raises many types for files that are not torch files
-        raise ValueError(f"cannot read {what} {path!r}: {type(e).__name__}: {e}") from None
-    state = read_state_dict(loaded, what, unwrap)
-    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -29,11 +29,30 @@ def test_a_local_file_loads_with_its_head_when_it_fits_and_without_it_when_not(t
 def test_a_file_of_another_width_or_with_keys_missing_is_named(tmp_path):
     narrow = _save(create_backbone(MICRO, 4).__class__(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
                                                        num_classes=4), tmp_path / "narrow.safetensors")
-    with pytest.raises(ValueError, match=r"narrow.safetensors' does not fit VisionTransformer \(size mismatch for"):
+    with pytest.raises(ValueError, match=r"narrow.safetensors' does not fit VisionTransformer \(cls_token: file "
+                                         r"\(1, 1, 48\) vs model \(1, 1, 96\)"):
         create_backbone(MICRO, 4, pretrained_file=narrow)
     torch.save({"patch_embed.proj.weight": torch.zeros(96, 3, 4, 4)}, tmp_path / "part.pth")
     with pytest.raises(ValueError, match=r"does not fit VisionTransformer \(missing \['cls_token'"):
         create_backbone(MICRO, 4, pretrained_file=str(tmp_path / "part.pth"))
+
+
+def test_a_file_is_read_as_before_the_ema_copy_beside_its_weights_and_keys_the_model_lacks_ignored(tmp_path):
+    torch.manual_seed(1)
+    weights = create_backbone(MICRO, 4).state_dict()
+    ema = {k: v + 1 for k, v in weights.items()}
+    torch.save({"state_dict": weights, "state_dict_ema": ema, "epoch": 3}, tmp_path / "train.pth")
+    loaded = create_backbone(MICRO, 4, pretrained_file=str(tmp_path / "train.pth")).state_dict()
+    assert all(torch.equal(v, weights[k]) for k, v in loaded.items())
+    torch.save({"model": {**weights, "extra.buffer": torch.zeros(3)}}, tmp_path / "extra.pth")
+    loaded = create_backbone(MICRO, 4, pretrained_file=str(tmp_path / "extra.pth")).state_dict()
+    assert all(torch.equal(v, weights[k]) for k, v in loaded.items())
+
+
+def test_a_file_for_another_image_size_is_refused_not_resampled(tmp_path):
+    small = _save(timm.create_model(MICRO, num_classes=4, img_size=16), tmp_path / "small.safetensors")
+    with pytest.raises(ValueError, match=r"\(pos_embed: file \(1, 17, 96\) vs model \(1, 65, 96\)\)"):
+        create_backbone(MICRO, 4, pretrained_file=small)
 
 
 def test_data_config_is_timms_for_the_micro_vit_at_any_size():
