@@ -8,7 +8,7 @@ EXTRAS = {
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 EXTRAS["dev"] = EXTRAS["all"] + ["pytest>=7.0", "pytest-benchmark>=4.0", "transformers>=4.40",
-                                  "import-linter>=2.1", "ruff>=0.5"]  # make test: lint-imports, ruff check
+                                  "import-linter>=2.3", "ruff>=0.5"]  # make test: lint-imports (2.3: as_packages), ruff
 
 setup(
     name="gift",

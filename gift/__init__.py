@@ -5,21 +5,23 @@ with any of them, `gift.timm_models` registers gift's small timm models.
 """
 from __future__ import annotations
 
-import importlib
-
 __version__ = "0.1.0"
 __all__ = ["ClusterMaps", "FastGIFT", "GIFTConfig", "GIFTReference", "explain"]
-_WHERE = {"ClusterMaps": ".explainer", "explain": ".explainer", "FastGIFT": ".fast", "GIFTConfig": ".config",
-          "GIFTReference": ".reference"}
 
 
 def __getattr__(name: str):
-    if name in _WHERE:
-        importlib.import_module(".timm_models", __name__)
-        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'gift' has no attribute {name!r}")
+    if name not in __all__:
+        raise AttributeError(f"module 'gift' has no attribute {name!r}")
+    # plain imports, not importlib: lint-imports sees what the package reaches
+    from . import timm_models  # noqa: F401  (registers gift's small timm models)
+    from .config import GIFTConfig
+    from .explainer import ClusterMaps, explain
+    from .fast import FastGIFT
+    from .reference import GIFTReference
+
+    globals().update(ClusterMaps=ClusterMaps, FastGIFT=FastGIFT, GIFTConfig=GIFTConfig, GIFTReference=GIFTReference,
+                     explain=explain)
+    return globals()[name]
 
 
 def __dir__() -> list[str]:
