@@ -28,6 +28,23 @@ from .files import read_state_dict
 from .targets import classifier_name
 
 IDENTITY_FORMAT = "gift-backbone-v1"
+# names this module had before the library was layered, and their homes now (in layers above this module,
+# which therefore cannot re-export them)
+MOVED = {
+    "load_gift_adapter": "gift.adapters.load_gift_adapter",
+    "lora_model": "gift.lora.lora_model (its rank parameter is now named lora_rank)",
+    "save_lora_adapter": "gift.lora.save_lora_adapter",
+    "load_lora_adapter": "gift.lora.load_lora_adapter",
+    "LORA_RUN": "gift.lora.LORA_RUN",
+    "read_weights": "gift.files.read_state_dict(path, unwrap=('state_dict', 'model'))",
+    "load_pretrained": "gift.backbones.create_backbone(name, num_classes, pretrained_file=path)",
+}
+
+
+def __getattr__(name: str):
+    if name in MOVED:
+        raise ImportError(f"gift.backbones.{name} has moved: use {MOVED[name]}", name=name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class PretrainedUnavailable(RuntimeError):

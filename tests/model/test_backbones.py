@@ -1,9 +1,12 @@
 """gift.backbones: a local weights file loads through timm's own loader, and what a model expects."""
+import re
+
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
+import gift.backbones
 from gift.backbones import create_backbone, data_config
 
 MICRO = "gift_vit_micro_patch4_32"
@@ -59,3 +62,14 @@ def test_data_config_is_timms_for_the_micro_vit_at_any_size():
     assert data_config(create_backbone(MICRO, 4)) == ((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     with torch.device("meta"):
         assert data_config(timm.create_model(MICRO, img_size=64)).input_size == (3, 64, 64)
+
+
+@pytest.mark.parametrize("name, home", [("load_gift_adapter", "gift.adapters.load_gift_adapter"),
+                                        ("lora_model", "gift.lora.lora_model (its rank parameter is now named "
+                                                       "lora_rank)"),
+                                        ("load_lora_adapter", "gift.lora.load_lora_adapter")])
+def test_a_name_that_moved_out_of_backbones_says_where_it_is_now(name, home):
+    with pytest.raises(ImportError, match=re.escape(f"gift.backbones.{name} has moved: use {home}")):
+        exec(f"from gift.backbones import {name}")
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        gift.backbones.no_such_name
