@@ -1,4 +1,4 @@
-"""gift.app.datasets: imagefolder, fgvc-json and vtab1k trees written here; counts, labels, splits, bad input."""
+"""gift.app.data: imagefolder, fgvc-json and vtab1k trees written here; counts, labels, splits, bad input."""
 import json
 import os
 
@@ -9,11 +9,14 @@ from PIL import Image
 
 from gift.app.data import (
     DataSpec,
+    EmbeddedSpec,
     FGVCJsonImages,
     ImageFolderDataset,
     ScanResult,
     VTAB1kImages,
     open_local_split,
+    open_split,
+    open_train_val,
     parse_data_spec,
     split_file_name,
 )
@@ -75,7 +78,23 @@ def test_imagefolder_splits_labels_and_items_match_gift_finetune(tmp_path):
     os.makedirs(tmp_path / "val" / "bird")
     write_image(str(tmp_path / "val" / "bird" / "0.png"), 1)
     with pytest.raises(DataError, match=r"val: class folders \['bird', 'cat', 'dog'\] differ"):
-        open_local_split(str(tmp_path), "val", SIZE)
+        open_local_split(str(tmp_path), "trainval", SIZE)
+
+
+@pytest.mark.parametrize("spec", ["{root}", "imagefolder:{root}"])
+def test_an_imagefolder_split_opens_alone_with_its_own_classes(tmp_path, spec):
+    """A folder with val/ only (for `gift eval`, which checks the classes against the adapter's) opens;
+    finetune compares its two splits itself."""
+    for c, name in enumerate(("cat", "dog")):
+        write_image(str(tmp_path / "val" / name / "0.png"), 40 * c)
+    data = spec.format(root=tmp_path)
+    ds, classes, skipped = open_split(data, "val", SIZE, (0.5,) * 3, (0.5,) * 3, EmbeddedSpec())
+    assert (len(ds), classes, skipped) == (2, ["cat", "dog"], 0)
+    with pytest.raises(DataError, match="train: no such folder"):
+        open_split(data, "trainval", SIZE, (0.5,) * 3, (0.5,) * 3, EmbeddedSpec())
+    write_image(str(tmp_path / "train" / "cat" / "0.png"), 1)
+    with pytest.raises(DataError, match=r"have different class folders: \['cat'\] vs \['cat', 'dog'\]"):
+        open_train_val(data, SIZE, (0.5,) * 3, (0.5,) * 3, EmbeddedSpec())
 
 
 def test_imagefolder_bad_image_named_or_skipped(tmp_path):

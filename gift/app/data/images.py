@@ -185,13 +185,13 @@ class ImageFolderImages(LabelledImages):
         if not os.path.isdir(root):
             raise DataError(f"{root}: no such data folder")
         parts = ("train", "val") if split == "trainval" else (split,)
-        reference = self._scan(root, "train")
+        scans = [self._scan(root, part) for part in parts]
+        reference = scans[0]  # the classes of the split asked for (of train/ for trainval), so val/ alone opens
         entries = []
-        for part in parts:
-            scan = reference if part == "train" else self._scan(root, part)
+        for part, scan in zip(parts, scans):
             if scan.classes != reference.classes:
-                raise DataError(f"{os.path.join(root, part)}: class folders {scan.classes} differ from train/'s "
-                                f"{reference.classes}; every split needs the same class folders")
+                raise DataError(f"{os.path.join(root, part)}: class folders {scan.classes} differ from "
+                                f"{parts[0]}/'s {reference.classes}; every split needs the same class folders")
             entries += [(path, label, path) for path, label in scan.files]
             self.skipped += scan.skipped
         return entries, reference.classes
