@@ -25,6 +25,12 @@ def dtype_name(text: str) -> str:
     return name
 
 
+def expand_alias(text: str) -> str:
+    """``"bf16"`` -> ``"bfloat16"`` (any alias to its name); any other text as it is, for the caller to check
+    (an argparse type, so that ``choices`` names the allowed values)."""
+    return ALIASES.get(text, text)
+
+
 def torch_dtype(text: str) -> torch.dtype:
     """The torch dtype of a name or alias."""
     return DTYPES[dtype_name(text)]

@@ -86,6 +86,7 @@ class TrainingSetup:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise PlanError(f"method {self.method!r} is unknown; choose one of {METHODS}")
+        self.backbone_dtype = ALIASES.get(self.backbone_dtype, self.backbone_dtype)  # "bf16" read as "bfloat16"
         if self.backbone_dtype not in BACKBONE_DTYPES:
             raise PlanError(f"backbone dtype {self.backbone_dtype!r} is unknown; choose one of {BACKBONE_DTYPES}")
         if self.amp is not None:

@@ -12,7 +12,7 @@ import torch
 
 from ..backbones import create_backbone, data_config
 from ..config import BLOCK_TYPES, CLUSTER_ACTIVATIONS, MEMORY_MODES, METHODS, GIFTConfig
-from ..dtypes import AUTOCAST_DTYPES, BACKBONE_DTYPES, dtype_name
+from ..dtypes import AUTOCAST_DTYPES, BACKBONE_DTYPES, dtype_name, expand_alias
 from ..plan import DoesNotFit, TrainingSetup, choose_memory_mode, parse_bytes, plan_training
 from .data import EVAL_SPLITS, TASKS, TRAIN_SPLITS, EmbeddedSpec
 from .errors import UsageError, missing_extra
@@ -76,7 +76,7 @@ class FinetuneConfig:
                                           "memory; on CPU no limit)", type=str)
     backbone_dtype: str | None = option(None, "storage of the frozen backbone weights (GIFT; nf4: 4-bit linear "
                                               "weights, pip install 'gift[nf4]')",
-                                        choices=BACKBONE_DTYPES, type=str)
+                                        choices=BACKBONE_DTYPES, type=expand_alias)
     seed: int = option(0, "seed of the initialisation, the order of the samples and drop-path", min=0)
     epochs: int = option(10, "epochs (with --resume: a larger number extends a finished run)", min=1)
     batch_size: int = option(64, "the global batch (split over torchrun processes)", min=1)
@@ -92,6 +92,12 @@ class FinetuneConfig:
     skip_bad_images: bool = option(False, "skip unreadable images instead of stopping")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)", type=str)
     quiet: bool = option(False, "no progress bars or per-epoch lines")
+
+    def __post_init__(self) -> None:
+        # the short dtype names (bf16, fp16) read as torch's, however the config was made; others are validate's
+        self.amp = expand_alias(self.amp) if isinstance(self.amp, str) else self.amp
+        self.backbone_dtype = expand_alias(self.backbone_dtype) if isinstance(self.backbone_dtype, str) \
+            else self.backbone_dtype
 
     def validate(self) -> None:
         """Every flag in its range and the flags consistent with each other and with this machine;
