@@ -1,68 +1,29 @@
 """Files, written and read in one way everywhere: atomic writes (a crash leaves the old file, the
-new one gets the permissions of the umask), the README's generated blocks between two markers, and
-state dicts read from ``.safetensors`` or torch files.
+new one gets the permissions of the umask) and the README's generated blocks between two markers, both
+`gift_kernels.files`' (the one home the kernels' tools share), and state dicts read from ``.safetensors``
+or torch files.
 
 Library code: plain exceptions (``FileNotFoundError``, ``ValueError``, ``TypeError``).
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import re
-import tempfile
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
+from gift_kernels.files import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    replace_marked_block,
+    write_marked_block,
+)
 
-def atomic_write(path: str, write: Callable[[str], object]) -> None:
-    """Write a file through ``write(tmp_path)`` then rename it over ``path``: a crash leaves the old file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a file written normally gets the umask's permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """`atomic_write` of a UTF-8 text file."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
-def atomic_write_json(path: str, data: Any, indent: int = 2, sort_keys: bool = False, newline: bool = False) -> None:
-    """`atomic_write` of ``data`` as JSON (``newline``: end the file with one)."""
-    atomic_write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + ("\n" if newline else ""))
-
-
-# ------------------------------------------------------------------------------- generated blocks
-def replace_marked_block(text: str, start: str, end: str, body: str) -> str:
-    """``text`` with everything between the markers ``start`` and ``end`` replaced by ``body`` (the
-    markers stay). Raises ``ValueError`` naming the markers when ``text`` does not hold them in order."""
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), flags=re.S)
-    if not pattern.search(text):
-        raise ValueError(f"no {start} ... {end} block to fill")
-    return pattern.sub(lambda _: start + body + end, text, count=1)
-
-
-def write_marked_block(path: str, start: str, end: str, body: str) -> None:
-    """`replace_marked_block` in the file ``path``, written atomically."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    atomic_write_text(path, replace_marked_block(text, start, end, body))
+__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "read_state_dict", "replace_marked_block",
+           "write_marked_block"]
 
 
 # ------------------------------------------------------------------------------- state dicts

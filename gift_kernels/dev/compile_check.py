@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..dispatch import TRITON_DTYPE_NAMES
+from ..files import atomic_write_text, write_marked_block
 from ..launch import (
     ARCH_PROPS,
     TRITON_DEFAULT_STAGES,
@@ -36,7 +37,6 @@ from ..launch import (
     paca_triton_unsupported,
 )
 from ..residual import LowRankResidualLinear
-from .files import write_marked_block, write_text_atomic
 from .kernel_launches import innermost_kernel, record_triton_launches, triton_kernels, triton_modules
 
 COMPILE_SECONDS_LIMIT = 60.0
@@ -368,7 +368,7 @@ def main(argv=None) -> int:
             failures += [f"{arch} {r.kernel} [{r.config}] ({r.example}): {p}" for p in problems]
     print(summary_markdown(results))
     if args.json:
-        write_text_atomic(args.json, json.dumps(dict(results=[asdict(r) for r in results], summary=summary(results),
+        atomic_write_text(args.json, json.dumps(dict(results=[asdict(r) for r in results], summary=summary(results),
                                                      failures=failures), indent=1))
     if args.readme:
         shown = [f"--arch {args.arch}"] + (["--largest"] if args.largest else []) + \

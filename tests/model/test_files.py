@@ -1,33 +1,18 @@
-"""gift.files: atomic writes, the README's marked blocks, state dicts read from files."""
-import os
-
+"""gift.files: state dicts read from files, and the file writers of `gift_kernels.files`."""
 import pytest
 import torch
 
-from gift.files import atomic_write, read_state_dict, replace_marked_block
+import gift.files
+import gift_kernels.files
+from gift.files import read_state_dict
 
 
-def test_failed_atomic_write_leaves_the_old_file(tmp_path):
-    path = tmp_path / "f.txt"
-    path.write_text("old")
-
-    def crash(tmp):
-        open(tmp, "w").write("half")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(str(path), crash)
-    assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
-
-
-
-
-def test_marked_block_is_replaced_between_its_markers_and_a_missing_one_is_named():
-    text = "a\n<!-- x:start -->\nold\n<!-- x:end -->\nb <!-- x:end -->"
-    assert replace_marked_block(text, "<!-- x:start -->", "<!-- x:end -->", "\nnew\n") == \
-        "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb <!-- x:end -->"
-    with pytest.raises(ValueError, match="no <!-- y:start --> ... <!-- y:end --> block"):
-        replace_marked_block(text, "<!-- y:start -->", "<!-- y:end -->", "")
+def test_the_file_writers_are_gift_kernels_ones():
+    """One home for atomic writes and marked blocks (tests/kernels/test_files.py tests them)."""
+    assert (gift.files.atomic_write, gift.files.atomic_write_json, gift.files.atomic_write_text,
+            gift.files.replace_marked_block, gift.files.write_marked_block) == \
+        (gift_kernels.files.atomic_write, gift_kernels.files.atomic_write_json, gift_kernels.files.atomic_write_text,
+         gift_kernels.files.replace_marked_block, gift_kernels.files.write_marked_block)
 
 
 @pytest.mark.parametrize("wrapper", ["state_dict", "model", "module."])
