@@ -21,7 +21,7 @@ import gift
 from gift.dtypes import autocast_for
 from gift.lora import lora_model
 from gift.memory import SavedTensorCounter  # noqa: F401  (the bench's saved-bytes instrument; re-exported)
-from gift.targets import find_targets
+from gift.targets import find_targets, freeze_all_but_classifier
 from gift.testing import model_disagreements, outputs_and_grads, randomize_gift_, zero_gradient_names
 from gift_kernels.testing import relative_errors
 
@@ -195,8 +195,7 @@ def build_provider(name: str, backbone: nn.Module, rank: int, gift_state: dict |
     backbone = copy.deepcopy(backbone)
     config = gift_config(rank)
     if name == "floor":
-        backbone.requires_grad_(False)
-        backbone.get_classifier().requires_grad_(True)
+        freeze_all_but_classifier(backbone)
         first_target_module(backbone, config.target_modules).register_forward_pre_hook(_restart_backward_here)
         return Provider(name, backbone, torch.optim.AdamW(_trainable(backbone), lr=1e-4))
     if name == "lora":

@@ -32,6 +32,7 @@ from bench.harness import (
     reference_own_error,
     saved_bytes_of_step,
 )
+from gift.backbones import data_config
 from gift.testing import model_exact_and_baseline
 from gift_kernels.testing import (
     disagreements,
@@ -133,7 +134,7 @@ def measure_model(name: str, batch: int, rounds: int, cfg: dict) -> dict:
     device, dtype = cfg["device"], cfg["dtype"]
     torch.manual_seed(0)
     backbone = timm.create_model(name, pretrained=False, num_classes=10).to(device)
-    x = torch.randn(batch, *backbone.pretrained_cfg["input_size"], device=device)
+    x = torch.randn(batch, *data_config(backbone).input_size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     state = random_gift_state(backbone, RANK)
     providers, skipped = {}, {}

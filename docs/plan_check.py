@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from gift.config import METHODS  # noqa: E402
 from gift.files import atomic_write_text, write_marked_block  # noqa: E402
 from gift.nf4 import quantize_frozen_linears  # noqa: E402
 from gift.plan import TrainingSetup, compare_with_real_step, fake_training_model, format_bytes  # noqa: E402
@@ -25,7 +26,7 @@ from gift.plan import TrainingSetup, compare_with_real_step, fake_training_model
 HUGE = ["--model", "vit_huge_patch14_224", "--num-classes", "1000", "--batch-size", "32", "--device-memory", "24GiB",
         "--amp", "bfloat16"]
 CHECKS = [(model, batch, method) for model in ("vit_small_patch16_224", "vit_base_patch16_224")
-          for batch in (2, 8) for method in ("gift", "lora", "linear", "full")]
+          for batch in (2, 8) for method in METHODS]
 START, END = "<!-- plan:start -->", "<!-- plan:end -->"
 
 

@@ -36,6 +36,15 @@ def torch_dtype(text: str) -> torch.dtype:
     return DTYPES[dtype_name(text)]
 
 
+def backbone_cast_dtype(backbone_dtype: str) -> torch.dtype | None:
+    """What the frozen backbone weights are cast to for a `BACKBONE_DTYPES` name: None for float32 (left as
+    they are), bfloat16 for nf4 (the weights NF4 leaves unquantized), else that dtype."""
+    name = expand_alias(backbone_dtype)
+    if name == "nf4":
+        return torch.bfloat16
+    return None if name == "float32" else torch_dtype(name)
+
+
 def short_name(dtype: torch.dtype | str) -> str:
     """The alias of a dtype or name (``torch.bfloat16`` -> ``"bf16"``), for table headers."""
     name = str(dtype).replace("torch.", "")

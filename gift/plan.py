@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .backbones import check_model_name, data_config
-from .dtypes import torch_dtype
+from .dtypes import backbone_cast_dtype
 from .fast import FastGIFT
 from .lora import lora_model
 from .memory import StepBytes
@@ -32,6 +32,7 @@ from .predict import (
     recommend,
     step_bytes,
 )
+from .targets import freeze_all_but_classifier
 
 __all__ = [
     "FIT_FRACTION",
@@ -81,9 +82,7 @@ def wrap_for_training(
     ``backbone_dtype="nf4"`` the frozen weights are bf16, then (``quantize``) the frozen linear
     layers but GIFT's targets NF4 (`gift.nf4.quantize_frozen_linears`)."""
     if setup.method == "gift":
-        storage = {"float32": None, "nf4": torch.bfloat16}
-        dtype = storage[setup.backbone_dtype] if setup.backbone_dtype in storage else torch_dtype(setup.backbone_dtype)
-        model = FastGIFT(backbone, setup.gift, memory=memory, backbone_dtype=dtype)
+        model = FastGIFT(backbone, setup.gift, memory=memory, backbone_dtype=backbone_cast_dtype(setup.backbone_dtype))
         if quantize and setup.backbone_dtype == "nf4":
             quantize_frozen_linears(model)
         return model
@@ -93,9 +92,9 @@ def wrap_for_training(
         )
     if setup.method == "lora":
         return lora_model(backbone, setup.lora_rank, setup.gift.target_modules)
-    backbone.requires_grad_(setup.method == "full")
-    backbone.get_classifier().requires_grad_(True)
-    return backbone
+    if setup.method == "linear":
+        return freeze_all_but_classifier(backbone)
+    return backbone.requires_grad_(True)
 
 
 def build_training_model(setup: TrainingSetup, memory: str = "none") -> nn.Module:

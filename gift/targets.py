@@ -99,6 +99,14 @@ def classifier_name(backbone: nn.Module) -> str | None:
     return None
 
 
+def freeze_all_but_classifier(model: nn.Module) -> nn.Module:
+    """A linear probe: every parameter of the timm model ``model`` frozen but its classifier's (timm's
+    ``get_classifier()``), in place; returns ``model``."""
+    model.requires_grad_(False)
+    model.get_classifier().requires_grad_(True)
+    return model
+
+
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` in place of the submodule ``name`` (a dotted path) of ``root``."""
     parent_name, _, child = name.rpartition(".")
