@@ -42,7 +42,7 @@ def nf4_targets_comparison() -> str:
     )
     kept = fake_training_model(setup)
     quantized = fake_training_model(setup)
-    with quantized.mode:
+    with quantized.fake_mode:
         quantize_frozen_linears(quantized.model, targets=True)
     rows = ["| memory | targets | frozen weights | saved for backward | predicted peak |", "|---|---|---:|---:|---:|"]
     for mode in ("none", "block"):

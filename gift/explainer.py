@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .wrapper import GIFTModelBase
+from .wrapper import GIFTModelBase, block_index_argument
 
 
 @dataclass
@@ -54,14 +54,15 @@ def min_max(maps: torch.Tensor) -> torch.Tensor:
 
 
 def explain(model: GIFTModelBase, images: torch.Tensor, layers=None, pre_delta: bool = False, key: str | None = None,
-            block: int = 0, clusters: torch.Tensor | None = None) -> ClusterMaps:
+            block_index: int = 0, clusters: torch.Tensor | None = None, *, block: int | None = None) -> ClusterMaps:
     """Cluster maps of ``images`` (B, 3, H, W) for the requested target layers, from one forward pass.
 
     Args:
         model: a `GIFTReference` or `FastGIFT` (not merged).
         layers: indices into the target layers of ``key`` (default: all).
         pre_delta: use the frozen output x W^T + b instead of the adapted one.
-        key: target key (default: the first, e.g. ``attn:proj``); block: which PaCa block's clusters.
+        key: target key (default: the first, e.g. ``attn:proj``).
+        block_index: which PaCa block of the generator gives the clusters (``block``: its old name).
         clusters: override C (L, d_out, M), e.g. for a baseline.
     """
     if not isinstance(model, GIFTModelBase):
@@ -80,7 +81,8 @@ def explain(model: GIFTModelBase, images: torch.Tensor, layers=None, pre_delta: 
     grid = patch_grid(backbone, tuple(images.shape[-2:]))
     prefix = _prefix_tokens(backbone)
     with torch.no_grad():
-        c = model.cluster_assignments(group.key, block) if clusters is None else clusters
+        c = model.cluster_assignments(group.key, block_index_argument(block_index, block)) if clusters is None \
+            else clusters
         outputs: dict[int, torch.Tensor] = {}
         handles = []
 

@@ -113,12 +113,12 @@ def fake_training_model(setup: TrainingSetup) -> FakeTrainingModel:
     with torch.device("meta"):
         backbone = random_backbone(setup)
         model = wrap_for_training(setup, backbone, quantize=False)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
         model.to_empty(device="cpu")
         if setup.backbone_dtype == "nf4":  # quantized on fake tensors: to_nf4 reads values
             quantize_frozen_linears(model)
-    return FakeTrainingModel(model, mode, image_shape(setup, backbone), setup.amp_dtype, model_ema=setup.model_ema)
+    return FakeTrainingModel(model, fake_mode, image_shape(setup, backbone), setup.amp_dtype, model_ema=setup.model_ema)
 
 
 def plan_training(setup: TrainingSetup, device_memory: int | str | None = None,

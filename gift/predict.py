@@ -124,23 +124,23 @@ class FakeTrainingModel:
     of an existing model, `copy_of`), with the ``FakeTensorMode`` it lives in: `predict` runs steps on
     it without memory or compute."""
 
-    def __init__(self, model: nn.Module, mode: FakeTensorMode, shape: tuple[int, ...], amp: torch.dtype | None,
+    def __init__(self, model: nn.Module, fake_mode: FakeTensorMode, shape: tuple[int, ...], amp: torch.dtype | None,
                  device: torch.device | str = "cpu", model_ema: bool = False):
-        self.model, self.mode, self.shape, self.amp, self.device = model, mode, shape, amp, device
+        self.model, self.fake_mode, self.shape, self.amp, self.device = model, fake_mode, shape, amp, device
         self.model_ema = model_ema
 
     @classmethod
     def copy_of(cls, model: nn.Module, shape: tuple[int, ...], amp: torch.dtype | None) -> "FakeTrainingModel":
         """A fake copy of a real model on its device (its weights are never copied)."""
         device = next(model.parameters()).device
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with mode:
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with fake_mode:
             replica = copy.deepcopy(model)
-        return cls(replica, mode, shape, amp, device)
+        return cls(replica, fake_mode, shape, amp, device)
 
     def predict(self, batch_size: int, memory: str | None = None) -> StepBytes:
         """One step's bytes; with ``model_ema`` the EMA copy (every parameter and buffer again) is in the peak."""
-        with self.mode:
+        with self.fake_mode:
             step = step_bytes(self.model, batch_size, self.shape, self.amp, memory, self.device)
         if not self.model_ema:
             return step

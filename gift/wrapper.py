@@ -21,6 +21,15 @@ ADAPTER_WEIGHTS = "gift_adapter.safetensors"
 ADAPTER_CONFIG = "gift_config.json"
 
 
+def block_index_argument(block_index: int, block: int | None) -> int:
+    """The generator block number of a call that may give it by its old keyword ``block=``."""
+    if block is None:
+        return block_index
+    if block_index != 0:
+        raise TypeError("give block_index= (block= is its old name), not both")
+    return block
+
+
 class GIFTModelBase(nn.Module):
     """Freezes ``backbone``, finds its targets and holds one generator per target key.
 
@@ -123,12 +132,15 @@ class GIFTModelBase(nn.Module):
         return torch.stack([phi(m.weight.to(dtype)) for m in group.modules])
 
     @torch.no_grad()
-    def cluster_assignments(self, key: str | None = None, block: int = 0) -> torch.Tensor:
+    def cluster_assignments(self, key: str | None = None, block_index: int = 0, *,
+                            block: int | None = None) -> torch.Tensor:
         """The explainer's clusters (GIFT_SPEC.md section 4) for every layer of ``key``: ``(L, d_out, M)``.
 
-        C = sigmoid(S) of PaCa block ``block`` (before the 1/N; softmax over tokens if so configured),
-        computed from the frozen weights. With the ``identity`` block: the r columns of T = W phi^T.
+        C = sigmoid(S) of the generator's PaCa block number ``block_index`` (``block``: its old name; before
+        the 1/N; softmax over tokens if so configured), computed from the frozen weights. With the
+        ``identity`` block type: the r columns of T = W phi^T.
         """
+        block = block_index_argument(block_index, block)
         group = self.target_group(key)
         if self.merged:
             raise RuntimeError("the model is merged: its weights hold W + dW; call unmerge() before explaining.")
@@ -137,7 +149,7 @@ class GIFTModelBase(nn.Module):
         if len(blocks) == 0:
             return tokens
         if not 0 <= block < len(blocks):
-            raise ValueError(f"block={block} is out of range: this generator has {len(blocks)} block(s).")
+            raise ValueError(f"block_index={block} is out of range: this generator has {len(blocks)} block(s).")
         for b in blocks[:block]:
             tokens = b(tokens)
         return blocks[block].attn.cluster_assignment(l2_normalize(tokens), divide_by_n=False)

@@ -9,10 +9,10 @@ import pytest
 
 import gift.app.commands.sweep as sweep_module
 from gift.app.cli import main
-from gift.app.commands.sweep import SweepError, SweepPlan, parse_grid, run_grid_search
+from gift.app.commands.sweep import SweepError, SweepGrid, parse_grid, run_grid_search
 from tests.helpers import fgvc_tree, vtab_tree
 
-PLAN = SweepPlan(lrs=(1e-3, 1e-4), weight_decays=(0.0, 0.01), search_epochs=1, epochs=2)
+PLAN = SweepGrid(lrs=(1e-3, 1e-4), weight_decays=(0.0, 0.01), search_epochs=1, epochs=2)
 
 
 class FakeTrainer:
@@ -76,12 +76,12 @@ def test_resume_refuses_a_folder_of_another_sweep(tmp_path):
     with pytest.raises(SweepError, match="holds another sweep \\(model: 'a' there vs 'b' now\\)"):
         run_grid_search(PLAN, out, FakeTrainer(), identity={"model": "b"}, quiet=True)
     with pytest.raises(SweepError, match="must be positive"):
-        SweepPlan(lrs=(1e-3,), weight_decays=(0.0,), search_epochs=0, epochs=2)
+        SweepGrid(lrs=(1e-3,), weight_decays=(0.0,), search_epochs=0, epochs=2)
 
 
 def test_grown_grid_with_a_new_best_point_moves_the_old_final_run_aside(tmp_path, capsys):
     out = str(tmp_path / "sweep")
-    small = SweepPlan(lrs=(1e-3,), weight_decays=(0.0,), search_epochs=1, epochs=2)
+    small = SweepGrid(lrs=(1e-3,), weight_decays=(0.0,), search_epochs=1, epochs=2)
     old = run_grid_search(small, out, FakeTrainer(), quiet=True)
     assert (old["lr"], old["weight_decay"]) == (1e-3, 0.0)
     trainer = FakeTrainer()

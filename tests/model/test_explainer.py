@@ -126,3 +126,18 @@ def test_iou_selection_and_scoring_on_maps_with_a_known_answer():
     assert result["choices"][0][0] == 1 and result["per_class"][0] == pytest.approx(1.0)
     assert 0.0 < result["per_class"][1] < 0.9  # class 1 gets only noise-like candidates
     assert result["miou"] == pytest.approx((1.0 + result["per_class"][1]) / 2)
+
+
+def test_the_generator_block_is_block_index_and_the_old_keyword_block_still_works():
+    model = randomize_gift_(FastGIFT(vit(), GIFTConfig(rank=8, num_clusters=5, num_blocks=2))).eval()
+    images = torch.randn(1, 3, 32, 32)
+    second = model.cluster_assignments(block_index=1)
+    assert torch.equal(model.cluster_assignments(block=1), second)
+    assert torch.equal(model.cluster_assignments(None, 1), second)
+    with torch.no_grad():
+        new, old = explain(model, images, block_index=1), explain(model, images, block=1)
+    assert all(torch.equal(new.maps[i], old.maps[i]) for i in new.maps)
+    with pytest.raises(ValueError, match=r"block_index=2 is out of range: this generator has 2 block\(s\)"):
+        model.cluster_assignments(block_index=2)
+    with pytest.raises(TypeError, match="not both"):
+        explain(model, images, block_index=1, block=1)

@@ -46,7 +46,7 @@ class SweepError(UsageError):
 
 
 @dataclass(frozen=True)
-class SweepPlan:
+class SweepGrid:
     """The grid and the splits. ``epochs`` is the final run's length, ``search_epochs`` each point's."""
 
     lrs: tuple[float, ...]
@@ -150,7 +150,7 @@ def _final_of_best_point(final_dir: str, lr: float, weight_decay: float, quiet: 
               f"{point_name(*old) if old else 'an unknown point'} aside to {aside}")
 
 
-def run_grid_search(plan: SweepPlan, output: str, train_point: Callable[[dict], dict], identity: dict | None = None,
+def run_grid_search(plan: SweepGrid, output: str, train_point: Callable[[dict], dict], identity: dict | None = None,
                     record: dict | None = None, quiet: bool = False) -> dict:
     """Search, pick, final run; returns the final `eval.json` record (see module docstring).
 
@@ -231,7 +231,7 @@ def add_arguments(p) -> None:
     p.set_defaults(output="runs/sweep")
 
 
-def check_splits(cfg, plan: SweepPlan) -> None:
+def check_splits(cfg, plan: SweepGrid) -> None:
     """Every split the sweep will read (search train/eval, final train/eval) exists, parses and has the same
     classes, before the first point trains; raises `DataError` (one line) otherwise."""
     pairs = sorted({(plan.search_train_split, plan.search_eval_split), (plan.final_train_split, plan.final_eval_split)})
@@ -248,7 +248,7 @@ def check_splits(cfg, plan: SweepPlan) -> None:
 
 
 def run(args) -> int:
-    plan = SweepPlan(parse_grid(args.lr if args.lr is not None else FinetuneConfig.lr, "--lr"),
+    plan = SweepGrid(parse_grid(args.lr if args.lr is not None else FinetuneConfig.lr, "--lr"),
                      parse_grid(args.weight_decay if args.weight_decay is not None else FinetuneConfig.weight_decay,
                                 "--weight-decay"),
                      args.search_epochs or args.epochs, args.epochs, args.search_train_split, args.search_eval_split,
