@@ -99,7 +99,7 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
             return "Triton cannot run here"
     if name == "lora":
         try:
-            import peft  # noqa: F401
+            import peft  # noqa: F401  (only whether it imports: LoRA is skipped without it)
         except ImportError:
             return "peft is not installed (pip install -e '.[dev]')"
     return None

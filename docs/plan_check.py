@@ -16,12 +16,17 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch  # noqa: E402  (after the sys.path line)
 
-from gift.config import METHODS  # noqa: E402
-from gift.files import atomic_write_text, write_marked_block  # noqa: E402
-from gift.nf4 import quantize_frozen_linears  # noqa: E402
-from gift.plan import TrainingSetup, compare_with_real_step, fake_training_model, format_bytes  # noqa: E402
+from gift.config import METHODS  # noqa: E402  (after the sys.path line)
+from gift.files import atomic_write_text, write_marked_block  # noqa: E402  (after the sys.path line)
+from gift.nf4 import quantize_frozen_linears  # noqa: E402  (after the sys.path line)
+from gift.plan import (  # noqa: E402  (after the sys.path line)
+    TrainingSetup,
+    compare_with_real_step,
+    fake_training_model,
+    format_bytes,
+)
 
 HUGE = ["--model", "vit_huge_patch14_224", "--num-classes", "1000", "--batch-size", "32", "--device-memory", "24GiB",
         "--amp", "bfloat16"]

@@ -30,7 +30,7 @@ def load_adapter(directory: str, pretrained_file: str | None = None) -> tuple[nn
         return model, model.backbone, model.read_adapter_config(directory).get("run", {})
     if os.path.isfile(os.path.join(directory, LORA_CONFIG)):
         try:
-            import peft  # noqa: F401
+            import peft  # noqa: F401  (only whether it imports: the error below names the extra)
         except ImportError:
             raise ImportError("a LoRA adapter needs peft, which is not installed: pip install 'gift[lora]'") from None
         model, run = load_lora_adapter(directory, pretrained_file)

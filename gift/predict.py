@@ -231,7 +231,10 @@ class Plan:
         rows += [("model EMA copy", lambda b: b.ema)] if self.setup.model_ema else []
         rows += [("predicted peak", lambda b: b.peak)]
         names = list(self.modes)
-        gib = lambda n: f"{n / 2**30:.3f}"  # noqa: E731
+
+        def gib(n: int) -> str:
+            return f"{n / 2**30:.3f}"
+
         lines = [f"{'GiB':<26}" + "".join(f"{'memory=' + n:>14}" for n in names)]
         lines += [f"{label:<26}" + "".join(f"{gib(get(self.modes[n])):>14}" for n in names) for label, get in rows]
         if self.device_memory is not None:

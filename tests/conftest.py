@@ -4,9 +4,9 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402  (after TRITON_INTERPRET)
-import torch  # noqa: E402
+import torch  # noqa: E402  (after TRITON_INTERPRET)
 
-from tests.helpers import ToyViT  # noqa: E402
+from tests.helpers import ToyViT  # noqa: E402  (after TRITON_INTERPRET)
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Runs written before the layering still load: the adapters and the checkpoint in
-tests/fixtures/pre_layering were written by main ``fa8690a`` (make_expected_logits.py there says how)."""
+tests/app/fixtures/pre_layering were written by main ``fa8690a`` (make_expected_logits.py there says how)."""
 import json
 import os
 import shutil

@@ -12,7 +12,7 @@ from gift_kernels.testing import assert_agree
 
 pytest.importorskip("torchao", reason="NF4 needs the nf4 extra: pip install 'gift[nf4]'")
 
-from gift.nf4 import NF4Linear, quantize_frozen_linears  # noqa: E402
+from gift.nf4 import NF4Linear, quantize_frozen_linears  # noqa: E402  (after the importorskip of torchao)
 
 
 def vit_128():
