@@ -12,6 +12,8 @@ from PIL import Image
 
 from gift.plan import FIT_FRACTION
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
 
 class ToyAttention(nn.Module):
     def __init__(self, dim: int):
@@ -113,3 +115,16 @@ def vtab_tree(root, task="dtd", labels=(0, 1, 2), image_dir=""):
 def budget_for(peak: int) -> int:
     """The smallest budget a predicted ``peak`` fits, with the margin kept for the CUDA allocator."""
     return math.ceil(peak / FIT_FRACTION) + 1
+
+
+# `gift finetune` on a small slice of the embedded dataset, as the command-line tests run it
+TINY = ["--train-size", "96", "--val-size", "32", "--batch-size", "32", "--quiet"]
+
+
+def finetune_run(tmp, name, *extra) -> str:
+    """``gift finetune`` of the `TINY` slice into the folder ``tmp/name`` (it must succeed); that folder."""
+    from gift.app.cli import main
+
+    out = str(tmp / name)
+    assert main(["finetune", *TINY, "--output", out, *extra]) == 0
+    return out

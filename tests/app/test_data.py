@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gift.app.cli import main
 from gift.app.data import (
     DataSpec,
     EmbeddedSpec,
@@ -253,3 +254,25 @@ def test_image_broken_after_its_header_is_named_at_load_time(tmp_path):
     open(path, "wb").write(data[:len(data) // 2])  # header intact, pixels cut off
     with pytest.raises(DataError, match=r"test\.txt:2: cannot read image"):
         ds[1]
+
+
+def write_tree(root, classes=("a", "b"), per_class=2, size=16):
+    for split in ("train", "val"):
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((size, size, 3), 40 * i + 100 * (c == "b"), dtype=np.uint8)).save(
+                    root / split / c / f"{i}.png")
+
+
+def test_hidden_folders_and_files_are_not_classes(tmp_path):
+    write_tree(tmp_path / "tree")
+    for split in ("train", "val"):
+        os.makedirs(tmp_path / "tree" / split / ".ipynb_checkpoints")
+        (tmp_path / "tree" / split / ".DS_Store").write_bytes(b"\0\0")
+        (tmp_path / "tree" / split / "a" / "._0.png").write_bytes(b"AppleDouble")
+    out = str(tmp_path / "o")
+    assert main(["finetune", "--data", str(tmp_path / "tree"), "--batch-size", "2", "--epochs", "1", "--quiet",
+                 "--output", out]) == 0
+    meta = json.load(open(os.path.join(out, "adapter", "gift_config.json")))
+    assert meta["run"]["classes"] == ["a", "b"]

@@ -73,3 +73,14 @@ def test_a_name_that_moved_out_of_backbones_says_where_it_is_now(name, home):
         exec(f"from gift.backbones import {name}")
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         gift.backbones.no_such_name
+
+
+def test_hub_weights_are_pinned_by_their_tag_in_the_identity():
+    from timm.models import get_pretrained_cfg
+
+    from gift.backbones import backbone_identity
+
+    identity = backbone_identity("vit_tiny_patch16_224", 3, 0.1, 0, pretrained=True)
+    default_tag = get_pretrained_cfg("vit_tiny_patch16_224").tag  # augreg_in21k_ft_in1k in timm 1.0
+    assert identity["timm_name"] == f"vit_tiny_patch16_224.{default_tag}" and identity["pretrained"] == "hub"
+    assert backbone_identity("vit_tiny_patch16_224", 3, 0.1, 0)["timm_name"] == "vit_tiny_patch16_224"
