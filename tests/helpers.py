@@ -128,3 +128,15 @@ def finetune_run(tmp, name, *extra) -> str:
     out = str(tmp / name)
     assert main(["finetune", *TINY, "--output", out, *extra]) == 0
     return out
+
+
+def ranks_parsed(*argv) -> tuple[int, int]:
+    """(gift_rank, lora_rank) that ``gift COMMAND ...argv`` (finetune, sweep or plan) runs with."""
+    from gift.app.cli import build_parser
+    from gift.app.commands.plan import PlanOptions
+    from gift.app.options import from_namespace
+    from gift.app.run_config import FinetuneConfig
+
+    args = build_parser(list(argv)).parse_args(list(argv))
+    options = from_namespace(PlanOptions if argv[0] == "plan" else FinetuneConfig, args)
+    return options.gift_rank, options.lora_rank

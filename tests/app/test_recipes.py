@@ -4,10 +4,10 @@ import argparse
 import pytest
 
 from gift.app.cli import build_parser
-from gift.app.commands.plan import PlanOptions
 from gift.app.options import from_namespace
 from gift.app.recipes import RecipeError, add_recipe_argument, list_recipes, load_recipe, recipe_names, recipe_text
 from gift.app.run_config import FinetuneConfig
+from tests.helpers import ranks_parsed
 
 
 def parser(sweep=False):
@@ -80,26 +80,12 @@ def test_gift_finetune_takes_a_recipe_then_flags():
                                                     "train800", "val200", "sigmoid", 0.1)
 
 
-def _ranks(*argv):
-    """(gift_rank, lora_rank) that ``gift COMMAND ...argv`` runs with."""
-    args = build_parser(list(argv)).parse_args(list(argv))
-    options = from_namespace(PlanOptions if argv[0] == "plan" else FinetuneConfig, args)
-    return options.gift_rank, options.lora_rank
-
-
-@pytest.mark.parametrize("command", ["finetune", "sweep", "plan"])
-def test_the_rank_flag_given_last_wins_over_the_old_rank(command):
-    assert _ranks(command, "--rank", "4", "--gift-rank", "8") == (8, 4)
-    assert _ranks(command, "--gift-rank", "8", "--rank", "4") == (4, 4)
-    assert _ranks(command, "--lora-rank", "2") == (16, 2)
-
-
 @pytest.mark.parametrize("command", ["finetune", "sweep"])
 def test_a_rank_flag_after_a_recipe_wins_and_the_old_rank_key_sets_both(command, tmp_path):
-    assert _ranks(command, "--recipe", "fgvc", "--gift-rank", "8") == (8, 16)
-    assert _ranks(command, "--recipe", "vtab1k-lora", "--lora-rank", "4") == (16, 4)
-    assert _ranks(command, "--gift-rank", "8", "--recipe", "fgvc") == (16, 16)  # the recipe after it wins
+    assert ranks_parsed(command, "--recipe", "fgvc", "--gift-rank", "8") == (8, 16)
+    assert ranks_parsed(command, "--recipe", "vtab1k-lora", "--lora-rank", "4") == (16, 4)
+    assert ranks_parsed(command, "--gift-rank", "8", "--recipe", "fgvc") == (16, 16)  # the recipe after it wins
     old = tmp_path / "old.yaml"
     old.write_text("finetune:\n  rank: 4\n")
-    assert _ranks(command, "--recipe", str(old)) == (4, 4)
-    assert _ranks(command, "--recipe", str(old), "--lora-rank", "8") == (4, 8)
+    assert ranks_parsed(command, "--recipe", str(old)) == (4, 4)
+    assert ranks_parsed(command, "--recipe", str(old), "--lora-rank", "8") == (4, 8)

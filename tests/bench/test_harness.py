@@ -1,14 +1,13 @@
-"""The bench's own instruments: saved-for-backward bytes, interleaved timing, paired ratios and their
-spread, the fair floor, the naive merged baseline, and the targets line of the report."""
+"""The bench's own instruments: interleaved timing, paired ratios and their spread, the fair floor, the naive
+merged baseline, and the targets line of the report (its saved-bytes counter is gift.memory's:
+tests/model/test_memory.py)."""
 import time
 
 import pytest
 import torch
-import torch.nn as nn
 
 from bench.harness import (
     RatioStats,
-    SavedTensorCounter,
     bench_rounds,
     build_provider,
     cuda_step_peak_bytes,
@@ -20,26 +19,6 @@ from bench.harness import (
 )
 from gift.testing import assert_model_agrees, model_exact_and_baseline, outputs_and_grads
 from tests.helpers import tiny_timm_vit
-
-
-def test_saved_tensor_counter_counts_unique_storages_and_skips_parameters():
-    lin = nn.Linear(8, 4, bias=False)
-    x = torch.randn(16, 8, requires_grad=True)
-    with SavedTensorCounter(exclude=lin) as counter:
-        y = lin(x)          # saves x (for dW) and W (a parameter: not counted)
-        z = torch.exp(y)    # saves its output z
-        w = z * z           # saves z again: same storage, counted once
-        v = x.view(-1) * 2  # saves nothing (multiplication by a constant)
-    assert counter.bytes == x.numel() * 4 + z.numel() * 4
-    (w.sum() + v.sum()).backward()
-
-
-def test_saved_tensor_counter_excludes_given_tensors():
-    a = torch.randn(32, requires_grad=True)
-    b = torch.randn(32, requires_grad=True)
-    with SavedTensorCounter(exclude=[b]) as counter:
-        (a * b).sum()
-    assert counter.bytes == 32 * 4  # b saved for da is excluded, a saved for db is counted
 
 
 # ------------------------------------------------------------------------------------ timing and ratios

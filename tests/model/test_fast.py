@@ -1,6 +1,5 @@
 """FastGIFT agrees with GIFTReference and has the deployment and memory features of a PEFT adapter."""
 import copy
-import os
 
 import pytest
 import torch
@@ -159,73 +158,7 @@ def test_merge_refuses_non_finite_weights_and_changes_nothing():
     assert not fast.merged and fast.merged_tokens is None
 
 
-# ---------------------------------------------------------------- adapters
-def test_adapter_round_trip_is_small_and_atomic(tmp_path):
-    cfg = GIFTConfig(rank=6, num_clusters=5, num_heads=2)
-    torch.manual_seed(0)
-    src = randomize_gift_(FastGIFT(ToyViT(), cfg))
-    src.save_adapter(tmp_path / "adapter")
-    files = sorted(os.listdir(tmp_path / "adapter"))
-    assert files == ["gift_adapter.safetensors", "gift_config.json"]  # no temp files left
-    torch.manual_seed(0)
-    dst = FastGIFT.from_adapter(ToyViT(), tmp_path / "adapter")
-    x = torch.randn(2, 5, 12)
-    assert torch.equal(src(x), dst(x))
-    torch.manual_seed(0)
-    ref = GIFTReference.from_adapter(ToyViT(), tmp_path / "adapter")  # same format for both wrappers
-    torch.testing.assert_close(ref(x), src(x), rtol=1e-5, atol=1e-6)
-
-
-def test_adapter_for_another_backbone_is_refused(tmp_path):
-    FastGIFT(ToyViT(dim=12), GIFTConfig(rank=4, num_clusters=3)).save_adapter(tmp_path)
-    with pytest.raises(
-        ValueError, match=r"is for targets \{'attn:proj': \[2, 12, 12\]\}.*\[2, 16, 16\]\}: wrong backbone"
-    ):
-        FastGIFT(ToyViT(dim=16), GIFTConfig(rank=4, num_clusters=3)).load_adapter(tmp_path)
-    with pytest.raises(ValueError, match="was saved with GIFTConfig"):
-        FastGIFT(ToyViT(dim=12), GIFTConfig(rank=8, num_clusters=3)).load_adapter(tmp_path)
-    with pytest.raises(FileNotFoundError, match="gift_config.json' does not exist"):
-        FastGIFT(ToyViT(dim=12), GIFTConfig(rank=4, num_clusters=3)).load_adapter(tmp_path / "nowhere")
-
-
 # ---------------------------------------------------------------- memory, precision, compile
-def test_memory_modes_and_timm_grad_checkpointing_give_the_same_gradients():
-    cfg = GIFTConfig(rank=8, num_clusters=5)
-    ref, fast = twin_models(tiny_timm_vit(), cfg)
-    x = torch.randn(2, 3, 32, 32)
-    want = outputs_and_grads(fast, x)
-    for memory in ("mlp", "block"):
-        fast.set_memory(memory)
-        assert_model_agrees(outputs_and_grads(fast.train(), x), want, None, fast)
-    fast.set_memory("none")
-    fast.backbone.set_grad_checkpointing(True)
-    assert_model_agrees(outputs_and_grads(fast, x), want, None, fast)
-    with pytest.raises(ValueError, match="memory='huge' is unknown"):
-        fast.set_memory("huge")
-    with pytest.raises(ValueError, match="need backbone.blocks"):
-        FastGIFT(nn.Sequential(nn.Linear(4, 4)), GIFTConfig(rank=2, target_modules=("0",)), memory="block")
-
-
-def test_timm_reentrant_checkpointing_is_refused_at_the_training_forward():
-    """Reentrant checkpointing would drop the generator's gradients silently, however it was switched on."""
-    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
-
-    fast = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3), memory="block")
-    x, before = torch.randn(2, 3, 32, 32), use_reentrant_ckpt()
-    set_reentrant_ckpt(True)
-    try:
-        with pytest.raises(ValueError, match="set_reentrant_ckpt\\(False\\)"):
-            fast(x)
-        with torch.no_grad():
-            fast(x)  # evaluation recomputes nothing
-        fast.set_memory("none")
-        fast.backbone.set_grad_checkpointing(True)  # switched on behind FastGIFT's back
-        with pytest.raises(ValueError, match="non-reentrant"):
-            fast(x)
-    finally:
-        set_reentrant_ckpt(before)
-
-
 def test_autocast_bf16_keeps_the_generator_in_fp32():
     ref, fast = twin_models(tiny_timm_vit(), GIFTConfig(rank=8, num_clusters=5))
     x = torch.randn(2, 3, 32, 32)
@@ -349,46 +282,6 @@ def test_deepcopy_pickle_and_timm_ema_after_forward_and_after_backward(backbone,
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fast.gift_parameters())
 
 
-@pytest.mark.parametrize("make", [tiny_timm_vit, ToyViT], ids=["timm", "toy"])
-def test_state_dict_round_trip_after_a_training_forward_in_any_memory_mode(make):
-    """Keys are those of memory='none' in every mode, so a checkpoint of one mode loads into another."""
-    x = torch.randn(2, 3, 32, 32) if make is tiny_timm_vit else torch.randn(2, 5, 12)
-    torch.manual_seed(0)
-    reference_keys = list(FastGIFT(make(), GIFTConfig(rank=4, num_clusters=3)).state_dict())
-    for saved_in, loaded_in in (("mlp", "none"), ("block", "mlp"), ("none", "block")):
-        torch.manual_seed(0)
-        fast = randomize_gift_(FastGIFT(make(), GIFTConfig(rank=4, num_clusters=3), memory=saved_in))
-        fast(x).sum().backward()
-        state = fast.state_dict()
-        assert list(state) == reference_keys
-        assert all(not t.requires_grad and t.grad_fn is None for t in state.values())
-        other = FastGIFT(make(), GIFTConfig(rank=4, num_clusters=3), memory=loaded_in)
-        with torch.no_grad():
-            for p in other.parameters():
-                p.zero_()
-        other.load_state_dict(state)
-        with torch.no_grad():
-            torch.testing.assert_close(other(x), fast(x))
-
-
-def test_memory_modes_use_timm_checkpointing_and_a_wrapper_module_reversibly():
-    """block: timm's own set_grad_checkpointing(); mlp: a `Recomputed` module around each MLP (with norm2 inside);
-    none: the original modules back (gradients of all modes agree: test_memory_modes_and_timm_grad_checkpointing...)."""
-    from gift.recompute import Recomputed
-
-    fast = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))
-    mlps, norms = [b.mlp for b in fast.backbone.blocks], [b.norm2 for b in fast.backbone.blocks]
-    fast.set_memory("block")
-    assert fast.backbone.grad_checkpointing and not any(isinstance(m, Recomputed) for m in fast.modules())
-    fast.set_memory("mlp")
-    assert not fast.backbone.grad_checkpointing
-    assert all(isinstance(b.mlp, Recomputed) and isinstance(b.norm2, nn.Identity) for b in fast.backbone.blocks)
-    assert [b.mlp.body for b in fast.backbone.blocks] == mlps and [b.mlp.norm for b in fast.backbone.blocks] == norms
-    fast.set_memory("none")
-    assert not any(isinstance(m, Recomputed) for m in fast.modules())
-    assert [b.mlp for b in fast.backbone.blocks] == mlps and [b.norm2 for b in fast.backbone.blocks] == norms
-
-
 # ---------------------------------------------------------------- memory="auto"
 def test_memory_auto_picks_the_fastest_mode_that_fits_at_the_first_training_step():
     from gift.plan import FIT_FRACTION, DoesNotFit, plan_model
@@ -416,19 +309,6 @@ def test_memory_auto_picks_the_fastest_mode_that_fits_at_the_first_training_step
             )
             // 2,
         )
-
-
-def test_memory_block_without_timm_wraps_each_block():
-    from gift.recompute import Recomputed
-
-    _, fast = twin_models(ToyViT(), GIFTConfig(rank=4, num_clusters=3))
-    x = torch.randn(2, 5, 12)
-    want = outputs_and_grads(fast, x)
-    fast.set_memory("block")
-    assert all(isinstance(b, Recomputed) for b in fast.backbone.blocks)
-    assert_agree(outputs_and_grads(fast, x), want, torch.float32)
-    fast.set_memory("none")
-    assert not any(isinstance(m, Recomputed) for m in fast.modules())
 
 
 def test_two_forwards_then_one_backward_recompute_with_the_right_residuals():

@@ -1,4 +1,5 @@
-"""GIFTReference: zero-init start, training touches only GIFT + head, timm models, checkpoints, errors."""
+"""GIFTReference: zero-init start, training touches only GIFT + head, the dense residual, float64, timm models
+(its state dict and adapters: test_wrapper.py; its targets: test_targets.py)."""
 import copy
 
 import pytest
@@ -85,15 +86,6 @@ def test_gradcheck_through_the_residual(toy_vit):
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("block, rank, expected", [("identity", 16, 24_576), ("paca", 64, 135_680)])
-def test_parameter_counts_of_spec_section_6(block, rank, expected):
-    backbone = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
-    model = GIFTReference(backbone, GIFTConfig(block=block, rank=rank, num_clusters=64, num_heads=1))
-    assert model.num_gift_parameters() == expected
-    assert model.num_trainable_parameters() == expected  # num_classes=0: the head has no parameters
-    assert len(model.target_groups[0]) == 12
-
-
 @pytest.mark.parametrize(
     "name",
     [
@@ -119,74 +111,3 @@ def test_works_on_timm_vits(name):
     out.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.gift_parameters())
     assert all(p.grad is None for n, p in model.backbone.named_parameters() if not n.startswith("head."))
-
-
-def _round_trip_models(cfg):
-    torch.manual_seed(0)
-    src = randomize_gift_(GIFTReference(ToyViT(), cfg), seed=5)
-    with torch.no_grad():
-        src.backbone.head.weight.add_(1.0)
-    torch.manual_seed(0)
-    dst = GIFTReference(ToyViT(), cfg)
-    return src, dst
-
-
-@pytest.mark.parametrize("form", ["dict", "checkpoint", "torch_file", "safetensors_file"])
-def test_gift_state_dict_round_trip(tmp_path, form):
-    cfg = GIFTConfig(rank=6, num_clusters=5, num_heads=2, num_blocks=2)
-    src, dst = _round_trip_models(cfg)
-    sd = src.gift_state_dict()
-    assert "in_projections.attn:proj.weight" in sd and "hypernets.attn:proj.blocks.1.attn.cluster.cluster.bias" in sd
-    if form == "dict":
-        obj = sd
-    elif form == "checkpoint":  # the authors' training script: full state under "state_dict", plus other entries
-        obj = {"epoch": 3, "state_dict": src.state_dict(), "arch": "vit"}
-    elif form == "torch_file":
-        obj = tmp_path / "last.pth.tar"
-        torch.save({"state_dict": dict(sd), "args": {"lr": 1e-4}}, obj)
-    else:
-        from safetensors.torch import save_file
-
-        obj = str(tmp_path / "gift.safetensors")
-        save_file({k: v.contiguous() for k, v in sd.items()}, obj)
-    x = torch.randn(2, 5, 12)
-    assert not torch.equal(src(x), dst(x))
-    dst.load_gift_state_dict(obj)
-    assert torch.equal(src(x), dst(x))
-
-
-def test_load_lists_missing_unexpected_and_misshapen_keys():
-    _, dst = _round_trip_models(GIFTConfig(rank=6, num_clusters=5))
-    other = GIFTReference(ToyViT(), GIFTConfig(rank=6, num_clusters=5, block="paca_attn")).gift_state_dict()
-    with pytest.raises(KeyError, match=r"missing keys \[.*blocks\.0\.mlp\.fc1\.bias"):
-        dst.load_gift_state_dict(other)
-    extra = dict(dst.gift_state_dict())
-    extra["hypernets.attn:proj.blocks.1.attn.q.weight"] = torch.zeros(6, 6)
-    with pytest.raises(KeyError, match=r"unexpected keys \['hypernets\.attn:proj\.blocks\.1\.attn\.q\.weight'\]"):
-        dst.load_gift_state_dict(extra)
-    wide = GIFTReference(ToyViT(dim=16), GIFTConfig(rank=6, num_clusters=5)).gift_state_dict()
-    with pytest.raises(ValueError, match=r"in_projections\.attn:proj\.weight: checkpoint \(6, 16\) vs model \(6, 12\)"):
-        dst.load_gift_state_dict(wide)
-
-
-def test_target_that_matches_nothing_lists_close_candidates(toy_vit):
-    with pytest.raises(ValueError, match=r"'attn\.prj' matches no module of ToyViT\. Close candidates: 'attn\.proj'"):
-        GIFTReference(toy_vit, GIFTConfig(target_modules=("attn.prj",)))
-
-
-def test_target_that_is_not_linear_is_refused(toy_vit):
-    with pytest.raises(TypeError, match=r"matched 'blocks\.0\.attn', a ToyAttention, not an nn\.Linear"):
-        GIFTReference(toy_vit, GIFTConfig(target_modules=("attn",)))
-
-
-def test_targets_of_different_shapes_under_one_key_are_refused(toy_vit):
-    toy_vit.blocks[1].attn.proj = nn.Linear(10, 12)
-    with pytest.raises(
-        ValueError, match=r"'blocks\.1\.attn\.proj' is 12x10 \(out x in\) while 'blocks\.0\.attn\.proj' is 12x12"
-    ):
-        GIFTReference(toy_vit, GIFTConfig())
-
-
-def test_module_claimed_by_two_targets_is_refused(toy_vit):
-    with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.proj' is matched by both target 'attn\.proj' and 'proj'"):
-        GIFTReference(toy_vit, GIFTConfig(target_modules=("attn.proj", "proj")))
