@@ -31,7 +31,7 @@ FIT_FRACTION = 0.9
 #: and the last (the gradients and the bank of micro-batches 1..k-1 alive, then the generator's backward). Any
 #: micro-batch in between starts from the same tensors as the last and does a part of what the last does (the
 #: same forward and backward, no generator backward), so a step of k > 2 micro-batches has the peak of these
-#: two (tests/model/test_residuals.py compares with a simulation of all k).
+#: two (tests/model/test_plan.py compares with a real step of all k).
 SIMULATED_MICRO_BATCHES = 2
 
 

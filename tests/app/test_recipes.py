@@ -76,3 +76,17 @@ def test_gift_finetune_takes_a_recipe_then_flags():
     assert (cfg.model, cfg.epochs, cfg.lr, cfg.batch_size, cfg.block, cfg.rank, cfg.train_split, cfg.eval_split,
             cfg.cluster_activation, cfg.warmup) == ("gift_vit_micro_patch4_32", 2, 1e-4, 64, "identity", 16,
                                                     "train800", "val200", "sigmoid", 0.1)
+
+
+def test_recipes_and_sweep_take_grad_accum_steps(tmp_path):
+    recipe = tmp_path / "accumulated.yaml"
+    recipe.write_text("finetune:\n  batch_size: 64\n  grad_accum_steps: 4\n")
+    argv = ["finetune", "--recipe", str(recipe)]
+    cfg = from_namespace(FinetuneConfig, build_parser(argv).parse_args(argv))
+    assert (cfg.batch_size, cfg.grad_accum_steps) == (64, 4)
+    argv = ["sweep", "--recipe", "fgvc", "--grad-accum-steps", "8"]
+    args = build_parser(argv).parse_args(argv)
+    assert (args.batch_size, args.grad_accum_steps) == (64, 8)
+    argv = ["finetune", "--grad-accum-steps", "0"]
+    with pytest.raises(Exception, match="--grad-accum-steps must be >= 1"):
+        from_namespace(FinetuneConfig, build_parser(argv).parse_args(argv)).validate()
