@@ -303,9 +303,10 @@ class FastGIFT(GIFTModelBase):
 
         The generator runs forward once, at the first micro-batch, and backward once, in the last micro-batch's
         backward, with the sum of all micro-batches' gradients: every gradient equals that of one batch. Each
-        micro-batch needs its forward, then its backward; another count, or ``optimizer.step()`` inside the
-        block, raises ``RuntimeError``. Under DDP, wrap the backwards of all micro-batches but the last in
-        ``ddp_model.no_sync()``: the generator's gradients are reduced once, in the synchronised backward.
+        micro-batch needs its forward, then its backward; another count, or a step of an optimizer of this
+        model's GIFT parameters inside the block, raises ``RuntimeError``. Under DDP, wrap the backwards of all
+        micro-batches but the last in ``ddp_model.no_sync()``: the generator's gradients are reduced once, in the
+        synchronised backward.
         Nothing stays behind after the block (an exception inside it drops its state silently)."""
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"accumulate(micro_batches) takes a positive int, got {micro_batches!r}.")

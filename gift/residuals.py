@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -40,10 +41,13 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _optimizer_steps = [0]  # optimizer steps of this process, all optimizers (a list: mutated by the hook)
 _step_hook = []
+_accumulating: "weakref.WeakSet[Accumulation]" = weakref.WeakSet()  # the `accumulate` blocks now running
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
     _optimizer_steps[0] += 1
+    for accumulation in list(_accumulating):
+        accumulation.saw_step(optimizer)
 
 
 def optimizer_steps() -> int:
@@ -126,7 +130,8 @@ class Accumulation:
 
     def __init__(self, owner: "GeneratedResiduals", micro_batches: int):
         self.owner, self.micro_batches = owner, micro_batches
-        self.steps = optimizer_steps()
+        self.parameter_ids = {id(p) for key in self.owner.keys() for p in owner.model.residual_parameters(key)}
+        self.stepped = False  # an optimizer holding one of the model's GIFT parameters stepped inside the block
         self.anchor = torch.empty(0, requires_grad=True)
         self.tokens: dict[str, torch.Tensor] = {}      # the generator's output, with its graph
         self.bank: dict[str, torch.Tensor] = {}        # sum of the tokens' gradients of micro-batches < k
@@ -139,8 +144,12 @@ class Accumulation:
         self.creator: tuple[str, int, int] | None = None  # (key, layer, micro-batch) of a layer call that ran the
                                                           # generator (a bare backbone call: no begin_pass)
 
+    def saw_step(self, optimizer) -> None:
+        if any(id(p) in self.parameter_ids for group in optimizer.param_groups for p in group["params"]):
+            self.stepped = True
+
     def _check_steps(self) -> None:
-        if optimizer_steps() != self.steps:
+        if self.stepped:
             raise RuntimeError(f"optimizer.step() ran inside FastGIFT.accumulate({self.micro_batches}); step "
                                f"after the block, once its {self.micro_batches} micro-batches are done.")
 
@@ -285,7 +294,7 @@ class GeneratedResiduals:
             return
         if torch._C._current_graph_task_id() != -1:
             return
-        keys = [group.key for group in self.model.target_groups]
+        keys = self.keys()
         if self.accumulation is not None:
             with self._lock:
                 self.accumulation.begin_pass(keys)
@@ -339,15 +348,21 @@ class GeneratedResiduals:
     def accumulating(self) -> bool:
         return self.accumulation is not None
 
+    def keys(self) -> list[str]:
+        return [group.key for group in self.model.target_groups]
+
     def begin_accumulation(self, micro_batches: int) -> None:
         with self._lock:
             if self.accumulation is not None:
                 raise RuntimeError("FastGIFT.accumulate() blocks do not nest; one block per optimizer step.")
             self.accumulation = Accumulation(self, micro_batches)
+            _accumulating.add(self.accumulation)
 
     def end_accumulation(self, check: bool) -> None:
         """Drop the block's state (its tokens, graph and bank); with ``check`` first raise when it was incomplete."""
         with self._lock:
             accumulation, self.accumulation = self.accumulation, None
+        if accumulation is not None:
+            _accumulating.discard(accumulation)
         if check and accumulation is not None:
             accumulation.check_complete()

@@ -134,6 +134,11 @@ def test_a_wrong_number_of_micro_batches_is_a_clear_error_and_nothing_stays_behi
     with pytest.raises(RuntimeError, match=r"micro-batch 2's forward began before the backward of micro-batch 1"):
         with fast.accumulate(2):
             [F.cross_entropy(fast(x), y) for _ in range(2)]
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)  # another model's optimizer may step meanwhile
+    with fast.accumulate(2):
+        for _ in range(2):
+            F.cross_entropy(fast(x), y).backward()
+            other.step()
     opt = torch.optim.SGD([p for p in fast.parameters() if p.requires_grad], lr=0.1)
     with pytest.raises(RuntimeError, match=r"optimizer.step\(\) ran inside FastGIFT.accumulate\(2\)"):
         with fast.accumulate(2):
@@ -478,3 +483,52 @@ def test_memory_block_recomputes_the_generator_and_the_plan_counts_it():
     assert plan.modes["block"].generator_saved == 0
     fast.recompute_generator = True  # the option elsewhere
     assert fast.generator_recomputed and plan_model(fast, (2, 3, 32, 32), None).modes["none"].generator_saved == 0
+
+
+def test_hugging_face_reentrant_checkpointing_gives_the_generators_gradients():
+    """PEFT's recipe, ``gradient_checkpointing_enable(use_reentrant=True)`` with ``enable_input_require_grads()``,
+    recomputes each layer in a backward of its own: each gets a fresh pair (the last one's backward has run), so the
+    generator's gradients are those without checkpointing (they were all zero when the pair was shared)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                       image_size=32, patch_size=8, num_labels=5)
+    state = copy.deepcopy(ViTForImageClassification(config).state_dict())
+    cfg = GIFTConfig(rank=8, num_clusters=16, target_modules=("attention.o_proj",))
+
+    class Logits(nn.Module):
+        def __init__(self, reentrant):
+            super().__init__()
+            vit = ViTForImageClassification(config)
+            vit.load_state_dict(state)
+            if reentrant is not None:
+                vit.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+                vit.enable_input_require_grads()
+            self.model = randomize_gift_(FastGIFT(vit, cfg), seed=3, scale=0.2).train()
+
+        def forward(self, x):
+            return self.model(x).logits
+
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    plain = Logits(None)
+    exact, baseline = model_exact_and_baseline(plain, x, y)
+    for reentrant in (True, False):
+        got = outputs_and_grads(Logits(reentrant), x, y)
+        assert_model_agrees(got, exact, baseline, plain.model)
+
+
+def test_memory_auto_inside_accumulate_plans_steps_of_its_micro_batches():
+    from gift.plan import plan_model
+    from tests.helpers import budget_for
+
+    x = torch.randn(2, 3, 32, 32)
+    probe = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))
+    accumulated = plan_model(probe, x.shape, None, accumulation=4).modes
+    fast = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3), memory="auto",
+                    memory_budget=budget_for(accumulated["block"].peak))
+    with fast.accumulate(4):
+        for _ in range(4):
+            fast(x).sum().backward()
+    assert fast.memory_reason.startswith("memory=") and "with 4 micro-batches of 2" in fast.memory_reason
+    assert not fast.memory_pending
