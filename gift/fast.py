@@ -176,7 +176,7 @@ class FastGIFT(GIFTModelBase):
         self.memory_reason: str | None = None
         self.memory_pending = memory == "auto"
         self._unmerged_weights: list[torch.Tensor] | None = None  # while merged: each target's W before merge
-        self._merged_signature: tuple | None = None
+        self._merged_signature: dict[str, int] | None = None  # while merged: GIFT parameter versions per key
         self._unloaded = False
         self.register_load_state_dict_post_hook(_forget_residuals)
 
@@ -326,22 +326,19 @@ class FastGIFT(GIFTModelBase):
         model-wide, so in every thread). Refused while merged (the weights hold the residuals)."""
         if self.merged:
             raise RuntimeError("FastGIFT is merged: its weights hold W + dW; call unmerge() before disable_adapter().")
-        self.residuals.disabled += 1
-        try:
+        with self.residuals.disabled_adapter():
             yield self
-        finally:
-            self.residuals.disabled -= 1
 
     # ------------------------------------------------------------------ deployment
-    def _gift_signature(self) -> tuple:
-        return tuple(p._version for p in self.gift_parameters())
+    def _gift_signature(self) -> dict[str, int]:
+        return {key: self.residuals.parameter_versions(key) for key in self.residuals.keys()}
 
-    def check_merged_use(self) -> None:
-        """Raise for a call of the merged model that would not give this adapter's outputs: a training call
-        (the generator would get no gradients) or GIFT weights changed since the merge."""
+    def check_merged_use(self, key: str) -> None:
+        """Raise for a call of a merged layer of ``key`` that would not give this adapter's outputs: a training
+        call (the generator would get no gradients) or GIFT weights of ``key`` changed since the merge."""
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.gift_parameters()):
             raise RuntimeError("FastGIFT is merged; call unmerge() before training (or run under torch.no_grad()).")
-        if self._gift_signature() != self._merged_signature:
+        if self.residuals.parameter_versions(key) != self._merged_signature[key]:
             raise RuntimeError("the GIFT weights changed while merged, so the merged weights hold the old residuals; "
                                "call unmerge() and merge() again (load_adapter() and load_gift_state_dict() do it).")
 

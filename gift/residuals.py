@@ -11,7 +11,8 @@ valid. When it is valid depends on the call:
   that asks and shared by every later call and thread until it is stale: after an optimizer step (any
   ``torch.optim`` optimizer, fused ones included, counted by one global step hook), an in-place change of
   a GIFT parameter of the key or of the layer's frozen weight (their version counters: ``load_state_dict``,
-  ``copy_``, an EMA update), a new parameter object or another dtype or device. Nothing per call is stored,
+  ``copy_``, an EMA update), a new parameter object or another dtype or device (autocast does not matter: the
+  generator runs with autocast off and each layer casts the pair to its compute dtype). Nothing per call is stored,
   so concurrent inference from several threads gets the same outputs as one thread. Edits through
   ``.data`` bypass version counters: call `GeneratedResiduals.reset` after them.
 * **With gradient** (training): every forward pass makes its own pair, with its autograd graph, so each
@@ -31,6 +32,7 @@ A deepcopy, pickle or EMA copy of the model starts with an empty owner of its ow
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import weakref
@@ -84,13 +86,16 @@ class _Entry:
     tokens: torch.Tensor
     used: set = field(default_factory=set)  # with gradient: the layers of the current pass that took it
     consumed: _Flag | None = None           # with gradient: set once a backward went through the tokens
-    creator: int | None = None              # with gradient: the layer whose forward call made it, if one did
+    creator: int | None = None              # with gradient: the layer whose call made it (PASS: `begin_pass`)
 
     def valid(self, signature: tuple, layer: int, weight: torch.Tensor) -> bool:
         return self.signature == signature and self.weights[layer] == (id(weight), weight._version)
 
     def valid_for_all(self, signature: tuple, weights: list) -> bool:
         return self.signature == signature and self.weights == tuple((id(w), w._version) for w in weights)
+
+
+PASS = -1  # `_Entry.creator` of a pair made by `GeneratedResiduals.begin_pass`
 
 
 class _BankedTokens(torch.autograd.Function):
@@ -278,7 +283,7 @@ class GeneratedResiduals:
         if self.disabled:
             return None
         if self.model.merged:
-            self.model.check_merged_use()
+            self.model.check_merged_use(key)
             return None
         if not torch.is_grad_enabled():
             return self._lookup_inference(key, layer)
@@ -292,9 +297,13 @@ class GeneratedResiduals:
         block that ``memory="mlp"/"block"`` recomputes, for the layers of this pass to share."""
         if self.disabled or self.model.merged or not torch.is_grad_enabled():
             return
-        if torch._C._current_graph_task_id() != -1:
-            return
         keys = self.keys()
+        if torch._C._current_graph_task_id() != -1:  # the whole model recomputed in a backward (checkpointed
+            for key in keys:                         # around it): repeat what this made, tensor for tensor
+                entry = self._training.get(key)
+                if entry is not None and entry.creator == PASS and not entry.consumed.is_set:
+                    self.model.make_residuals(key)
+            return
         if self.accumulation is not None:
             with self._lock:
                 self.accumulation.begin_pass(keys)
@@ -304,7 +313,7 @@ class GeneratedResiduals:
             entry = self._training.get(key)
             if (entry is None or entry.used or not entry.valid_for_all(signature, weights)
                     or (entry.consumed is not None and entry.consumed.is_set)):
-                self._store_training(key, self._make(key, signature, weights))
+                self._store_training(key, self._make(key, signature, weights, creator=PASS))
 
     def _lookup_inference(self, key: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         signature, weights = self._signature(key)
@@ -350,6 +359,21 @@ class GeneratedResiduals:
 
     def keys(self) -> list[str]:
         return [group.key for group in self.model.target_groups]
+
+    def parameter_versions(self, key: str) -> int:
+        """The sum of the version counters of ``key``'s GIFT parameters (it grows with every in-place change)."""
+        return self._signature(key)[0][1]
+
+    @contextlib.contextmanager
+    def disabled_adapter(self):
+        """While inside, every layer runs plain (`lookup` returns None): model-wide, in every thread."""
+        with self._lock:
+            self.disabled += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.disabled -= 1
 
     def begin_accumulation(self, micro_batches: int) -> None:
         with self._lock:

@@ -532,3 +532,40 @@ def test_memory_auto_inside_accumulate_plans_steps_of_its_micro_batches():
             fast(x).sum().backward()
     assert fast.memory_reason.startswith("memory=") and "with 4 micro-batches of 2" in fast.memory_reason
     assert not fast.memory_pending
+
+
+def test_a_checkpoint_around_the_whole_model_recomputes_the_generator_with_it():
+    """``checkpoint(model, x)``: the wrapper's forward made the residuals inside the checkpointed region, so its
+    recomputation makes them again (the same saved tensors); the gradients are those without the checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    _, fast = twin_models(tiny_timm_vit(), TWO_KEYS)
+    x = torch.randn(2, 3, 32, 32)
+    exact, baseline = model_exact_and_baseline(fast, x)
+
+    class Checkpointed(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return checkpoint(self.model, x, use_reentrant=False)
+
+    for memory in ("none", "block"):
+        fast.set_memory(memory)
+        got = outputs_and_grads(Checkpointed(fast), x)
+        assert_model_agrees({k.removeprefix("model."): v for k, v in got.items()}, exact, baseline, fast)
+
+
+def test_one_default_budget_for_every_plan(monkeypatch):
+    """`gift.predict.default_memory_budget`: None off CUDA; on CUDA the driver's free memory, plus the caching
+    allocator's unused reserve, plus the model's tensors on the device (here with the CUDA queries stubbed)."""
+    from gift import predict
+
+    assert predict.default_memory_budget("cpu", FastGIFT(ToyViT(), GIFTConfig(rank=4, num_clusters=3))) is None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 5000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 300)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 100)
+    assert predict.default_memory_budget("cuda:0") == 1200
+    model = ToyViT()  # its tensors are on the CPU: none held on the GPU
+    assert predict.default_memory_budget("cuda:0", model) == 1200
