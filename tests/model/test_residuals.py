@@ -567,5 +567,10 @@ def test_one_default_budget_for_every_plan(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 300)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 100)
     assert predict.default_memory_budget("cuda:0") == 1200
-    model = ToyViT()  # its tensors are on the CPU: none held on the GPU
-    assert predict.default_memory_budget("cuda:0", model) == 1200
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # a model with 64 bytes on the GPU, faked (no GPU here)
+        weight = torch.empty(4, 4, device="cuda")
+    model = ToyViT()  # and its CPU tensors, which the GPU's budget does not get
+    model.held = nn.Parameter(weight, requires_grad=False)
+    assert predict.default_memory_budget("cuda:0", model) == 1200 + 64
