@@ -215,30 +215,40 @@ def _accumulation_models(cfg) -> list[tuple[str, int, int, int]]:
     return [(name, batch, k, cfg["rounds"] or bench_rounds(default(rounds))) for name, batch, k, rounds in models]
 
 
-def _available(names, device) -> tuple[list[str], dict[str, str]]:
+def _providers_of(name: str, batch: int, names: tuple[str, ...], cfg: dict):
+    """The available providers of ``names`` around one random timm ``name`` (the same GIFT weights in each), a batch
+    of ``batch`` images and labels, and the skipped providers with why: ``(providers, x, y, skipped)``."""
+    device = cfg["device"]
+    torch.manual_seed(0)
+    backbone = timm.create_model(name, pretrained=False, num_classes=10).to(device)
+    x = torch.randn(batch, *backbone.pretrained_cfg["input_size"], device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     skipped = {p: reason for p in names if (reason := _unavailable_reason(p, device))}
-    return [p for p in names if p not in skipped], skipped
+    state = random_gift_state(backbone, RANK)
+    providers = {p: build_provider(p, backbone, RANK, state) for p in names if p not in skipped}
+    return providers, x, y, skipped
+
+
+def _timed(cached: dict, cfg: dict, kernel: str, label: str, provider: str, mode: str) -> None:
+    """Skip a provider that did not run, else add its rows: median ms, rounds and ratios."""
+    if provider in cached["skipped"]:
+        pytest.skip(cached["skipped"][provider])
+    metrics = {"time_ms_p50": 1e3 * statistics.median(cached["times"][provider]), "rounds": cached["rounds"],
+               **_ratio_metrics(cached["ratios"], provider)}
+    _add_rows(cfg, kernel, label, provider, metrics, mode=mode)
 
 
 def measure_accumulated(name: str, batch: int, micro_batches: int, rounds: int, cfg: dict) -> dict:
     """Interleaved optimizer steps of ``micro_batches`` micro-batches of ``batch / micro_batches`` per provider."""
     key = ("accumulated", name, batch, micro_batches)
-    if key in _cache:
-        return _cache[key]
-    device, dtype = cfg["device"], cfg["dtype"]
-    torch.manual_seed(0)
-    backbone = timm.create_model(name, pretrained=False, num_classes=10).to(device)
-    x = torch.randn(batch, *backbone.pretrained_cfg["input_size"], device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    names, skipped = _available(ACCUMULATION_PROVIDERS, device)
-    state = random_gift_state(backbone, RANK)
-    providers = {p: build_provider(p, backbone, RANK, state) for p in names}
-    times = interleaved_times({p: (lambda prov=prov: prov.step(x, y, dtype, micro_batches))
-                               for p, prov in providers.items()}, rounds=rounds, warmup=1, sync=_sync(device))
-    result = dict(providers=providers, skipped=skipped, times=times, rounds=rounds,
-                  ratios={b: paired_ratios(times, b) for b in ACCUMULATION_BASELINES})
-    _cache[key] = result
-    return result
+    if key not in _cache:
+        providers, x, y, skipped = _providers_of(name, batch, ACCUMULATION_PROVIDERS, cfg)
+        times = interleaved_times({p: (lambda prov=prov: prov.step(x, y, cfg["dtype"], micro_batches))
+                                   for p, prov in providers.items()},
+                                  rounds=rounds, warmup=1, sync=_sync(cfg["device"]))
+        _cache[key] = dict(skipped=skipped, times=times, rounds=rounds,
+                           ratios={b: paired_ratios(times, b) for b in ACCUMULATION_BASELINES})
+    return _cache[key]
 
 
 @pytest.mark.parametrize("provider", ACCUMULATION_PROVIDERS)
@@ -250,52 +260,37 @@ def test_accumulated_train_step(bench_config, model_index, provider):
         pytest.skip("no model at this index")
     name, batch, k, rounds = models[model_index]
     m = measure_accumulated(name, batch, k, rounds, bench_config)
-    if provider in m["skipped"]:
-        pytest.skip(m["skipped"][provider])
-    metrics = {"time_ms_p50": 1e3 * statistics.median(m["times"][provider]), "rounds": m["rounds"],
-               **_ratio_metrics(m["ratios"], provider)}
-    _add_rows(bench_config, "train_step_accumulated", f"{name} b{batch} as {k}x{batch // k}", provider, metrics,
-              mode="step")
+    _timed(m, bench_config, "train_step_accumulated", f"{name} b{batch} as {k}x{batch // k}", provider, "step")
 
 
 def measure_eval(name: str, batch: int, rounds: int, cfg: dict) -> dict:
+    """Interleaved inference forwards per provider; ``cached``: whether the timed forwards gave the first's outputs."""
     key = ("eval", name, batch)
-    if key in _cache:
-        return _cache[key]
-    device, dtype = cfg["device"], cfg["dtype"]
-    torch.manual_seed(0)
-    backbone = timm.create_model(name, pretrained=False, num_classes=10).to(device).eval()
-    x = torch.randn(batch, *backbone.pretrained_cfg["input_size"], device=device)
-    names, skipped = _available(EVAL_PROVIDERS, device)
-    state = random_gift_state(backbone, RANK)
-    providers = {p: build_provider(p, backbone, RANK, state) for p in names}
-    for prov in providers.values():
-        prov.model.eval()
-    first = {p: prov.eval_forward(x, dtype) for p, prov in providers.items()}  # FastGIFT: makes its residuals
-    times = interleaved_times({p: (lambda prov=prov: prov.eval_forward(x, dtype)) for p, prov in providers.items()},
-                              rounds=rounds, warmup=1, sync=_sync(device))
-    cached = {p: torch.equal(prov.eval_forward(x, dtype), first[p]) for p, prov in providers.items()}
-    result = dict(providers=providers, skipped=skipped, times=times, rounds=rounds, cached=cached,
-                  ratios={b: paired_ratios(times, b) for b in EVAL_BASELINES})
-    _cache[key] = result
-    return result
+    if key not in _cache:
+        providers, x, _, skipped = _providers_of(name, batch, EVAL_PROVIDERS, cfg)
+        for prov in providers.values():
+            prov.model.eval()
+        first = {p: prov.eval_forward(x, cfg["dtype"]) for p, prov in providers.items()}  # FastGIFT: its residuals
+        times = interleaved_times({p: (lambda prov=prov: prov.eval_forward(x, cfg["dtype"]))
+                                   for p, prov in providers.items()},
+                                  rounds=rounds, warmup=1, sync=_sync(cfg["device"]))
+        cached = {p: torch.equal(prov.eval_forward(x, cfg["dtype"]), first[p]) for p, prov in providers.items()}
+        _cache[key] = dict(skipped=skipped, times=times, rounds=rounds, cached=cached,
+                           ratios={b: paired_ratios(times, b) for b in EVAL_BASELINES})
+    return _cache[key]
 
 
 @pytest.mark.parametrize("provider", EVAL_PROVIDERS)
 @pytest.mark.parametrize("model_index", range(2), ids=["model0", "model1"])
 def test_eval_forward(bench_config, model_index, provider):
-    """One inference forward: unmerged FastGIFT with its cached residuals (made once, in the warm-up) against the
+    """One inference forward: unmerged FastGIFT with its cached residuals (made once, before the timing) against the
     merged model (the plain backbone's cost); LoRA unmerged for comparison."""
     models = _models(bench_config)
     if model_index >= len(models):
         pytest.skip("no model at this index")
     name, batch, rounds = models[model_index]
     m = measure_eval(name, batch, rounds, bench_config)
-    if provider in m["skipped"]:
-        pytest.skip(m["skipped"][provider])
-    metrics = {"time_ms_p50": 1e3 * statistics.median(m["times"][provider]), "rounds": m["rounds"],
-               **_ratio_metrics(m["ratios"], provider)}
-    _add_rows(bench_config, "eval_forward", f"{name} b{batch}", provider, metrics, mode="fwd")
+    _timed(m, bench_config, "eval_forward", f"{name} b{batch}", provider, "fwd")
     assert m["cached"][provider], f"{provider}: a timed forward gave other outputs than the first (fresh) one"
 
 

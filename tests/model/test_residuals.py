@@ -39,6 +39,22 @@ def accumulated_outputs_and_grads(model, x, y, micro_batches):
     return result
 
 
+class Calling(nn.Module):
+    """``call(model, x)`` as a module around ``model``, so `outputs_and_grads` can run any entry point of it."""
+
+    def __init__(self, model, call):
+        super().__init__()
+        self.model, self.call = model, call
+
+    def forward(self, x):
+        return self.call(self.model, x)
+
+
+def outputs_and_grads_of(model, call, x, y=None):
+    """`gift.testing.outputs_and_grads` of ``call(model, x)``, keyed by ``model``'s own parameter names."""
+    return {k.removeprefix("model."): v for k, v in outputs_and_grads(Calling(model, call), x, y).items()}
+
+
 class GeneratorCalls:
     """Counts a model's generator runs: forwards outside a backward, recomputations inside one, and backwards
     (a hook on every output of a forward outside a backward)."""
@@ -264,19 +280,10 @@ def test_bare_backbone_and_feature_extraction_train_with_the_adapters_gradients(
     _, fast = twin_models(tiny_timm_vit(), TWO_KEYS)
     x = torch.randn(2, 3, 32, 32)
     exact, baseline = model_exact_and_baseline(fast, x)
-
-    class Features(nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return self.model.backbone.forward_head(self.model.backbone.forward_features(x))
-
     for memory in ("none", "mlp", "block"):
         fast.set_memory(memory)
-        got = outputs_and_grads(Features(fast), x)
-        assert_model_agrees({k.removeprefix("model."): v for k, v in got.items()}, exact, baseline, fast)
+        got = outputs_and_grads_of(fast, lambda m, x: m.backbone.forward_head(m.backbone.forward_features(x)), x)
+        assert_model_agrees(got, exact, baseline, fast)
 
 
 # ------------------------------------------------------------------------------------ caching
@@ -497,25 +504,25 @@ def test_hugging_face_reentrant_checkpointing_gives_the_generators_gradients():
     state = copy.deepcopy(ViTForImageClassification(config).state_dict())
     cfg = GIFTConfig(rank=8, num_clusters=16, target_modules=("attention.o_proj",))
 
-    class Logits(nn.Module):
-        def __init__(self, reentrant):
-            super().__init__()
-            vit = ViTForImageClassification(config)
-            vit.load_state_dict(state)
-            if reentrant is not None:
-                vit.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-                vit.enable_input_require_grads()
-            self.model = randomize_gift_(FastGIFT(vit, cfg), seed=3, scale=0.2).train()
+    def wrapped(reentrant):
+        vit = ViTForImageClassification(config)
+        vit.load_state_dict(state)
+        if reentrant is not None:
+            vit.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            vit.enable_input_require_grads()
+        return randomize_gift_(FastGIFT(vit, cfg), seed=3, scale=0.2).train()
 
-        def forward(self, x):
-            return self.model(x).logits
+    def logits(model, x):
+        return model(x).logits
 
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
-    plain = Logits(None)
-    exact, baseline = model_exact_and_baseline(plain, x, y)
+    plain = wrapped(None)
+    exact, baseline = (
+        {k.removeprefix("model."): v for k, v in r.items()}
+        for r in model_exact_and_baseline(Calling(plain, logits), x, y)
+    )
     for reentrant in (True, False):
-        got = outputs_and_grads(Logits(reentrant), x, y)
-        assert_model_agrees(got, exact, baseline, plain.model)
+        assert_model_agrees(outputs_and_grads_of(wrapped(reentrant), logits, x, y), exact, baseline, plain)
 
 
 def test_memory_auto_inside_accumulate_plans_steps_of_its_micro_batches():
@@ -542,19 +549,10 @@ def test_a_checkpoint_around_the_whole_model_recomputes_the_generator_with_it():
     _, fast = twin_models(tiny_timm_vit(), TWO_KEYS)
     x = torch.randn(2, 3, 32, 32)
     exact, baseline = model_exact_and_baseline(fast, x)
-
-    class Checkpointed(nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return checkpoint(self.model, x, use_reentrant=False)
-
     for memory in ("none", "block"):
         fast.set_memory(memory)
-        got = outputs_and_grads(Checkpointed(fast), x)
-        assert_model_agrees({k.removeprefix("model."): v for k, v in got.items()}, exact, baseline, fast)
+        got = outputs_and_grads_of(fast, lambda m, x: checkpoint(m, x, use_reentrant=False), x)
+        assert_model_agrees(got, exact, baseline, fast)
 
 
 def test_one_default_budget_for_every_plan(monkeypatch):
