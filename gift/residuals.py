@@ -130,14 +130,14 @@ class _LastMicroBatchTokens(torch.autograd.Function):
 
 class Accumulation:
     """The state of one `accumulate` block: the generator's tokens of the step (per key), the bank of the
-    gradients of micro-batches 1..k-1, and the micro-batch in progress. Created and dropped by
-    `GeneratedResiduals.accumulate`."""
+    gradients of micro-batches 1..k-1, and the micro-batch in progress. Made and dropped by
+    `GeneratedResiduals.begin_accumulation` / `end_accumulation` (``FastGIFT.accumulate``)."""
 
     def __init__(self, owner: "GeneratedResiduals", micro_batches: int):
         self.owner, self.micro_batches = owner, micro_batches
         self.parameter_ids = {id(p) for key in self.owner.keys() for p in owner.model.residual_parameters(key)}
         self.stepped = False  # an optimizer holding one of the model's GIFT parameters stepped inside the block
-        self.anchor = torch.empty(0, requires_grad=True)
+        self.anchor: torch.Tensor | None = None          # an empty leaf on the tokens' device (`_BankedTokens`)
         self.tokens: dict[str, torch.Tensor] = {}      # the generator's output, with its graph
         self.bank: dict[str, torch.Tensor] = {}        # sum of the tokens' gradients of micro-batches < k
         self.deposits: dict[str, int] = {}             # backwards of micro-batches < k, per key
@@ -201,6 +201,8 @@ class Accumulation:
             self.tokens.setdefault(key, tokens)
         tokens = self.tokens[key]
         if self.forwards < self.micro_batches:
+            if self.anchor is None:
+                self.anchor = torch.empty(0, device=tokens.device, requires_grad=True)
             tokens = _BankedTokens.apply(self.anchor, tokens.detach(), self, key)
         else:
             tokens = _LastMicroBatchTokens.apply(tokens, self, key)
