@@ -4,6 +4,7 @@ bench/README.md defines each in one line). Baselines come from packages: `gift.G
 `gift.FastGIFT`, `peft` LoRA; the model-level test helpers from `gift.testing`."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -28,6 +29,8 @@ from gift_kernels.testing import relative_errors
 PROVIDERS = ("floor", "lora", "reference", "naive_merged", "fast_torch", "fast_torch+mlp", "fast_torch+block",
              "fast_triton")
 RATIO_BASELINES = ("floor", "lora", "naive_merged", "reference")  # every provider's time is divided by each
+ACCUMULATION_PROVIDERS = ("floor", "lora", "fast_torch", "fast_triton")  # one optimizer step of micro-batches
+EVAL_PROVIDERS = ("merged", "lora", "fast_torch", "fast_triton")  # one inference forward
 
 
 def interleaved_times(runs: dict[str, Callable[..., object]], rounds: int, warmup: int = 1,
@@ -138,13 +141,26 @@ class Provider:
     optimizer: torch.optim.Optimizer
     gift_model: gift.GIFTReference | gift.FastGIFT | None = None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        with autocast_for(x.device, dtype):
-            loss = F.cross_entropy(self.model(x).float(), y)
-        loss.backward()
+    def step(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None,
+             micro_batches: int = 1) -> torch.Tensor:
+        """One optimizer step on ``(x, y)``, as ``micro_batches`` accumulated micro-batches (each loss divided by
+        their count; a `gift.FastGIFT` inside its ``accumulate``, the others as they are: the reference runs
+        its generator for every micro-batch)."""
+        accumulate = (self.gift_model.accumulate(micro_batches)
+                      if micro_batches > 1 and isinstance(self.gift_model, gift.FastGIFT) else contextlib.nullcontext())
+        with accumulate:
+            for xb, yb in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+                with autocast_for(x.device, dtype):
+                    loss = F.cross_entropy(self.model(xb).float(), yb) / micro_batches
+                loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def eval_forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One inference forward (``torch.inference_mode``; the model in eval mode)."""
+        with torch.inference_mode(), autocast_for(x.device, dtype):
+            return self.model(x)
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -201,6 +217,12 @@ def build_provider(name: str, backbone: nn.Module, rank: int, gift_state: dict |
     if name == "lora":
         model = lora_model(backbone, rank, config.target_modules)
         return Provider(name, model, torch.optim.AdamW(_trainable(model), lr=1e-4))
+    if name == "merged":  # FastGIFT with its residuals folded into the weights (`merge()`): the plain backbone's cost
+        model = gift.FastGIFT(backbone, config)
+        if gift_state is not None:
+            model.load_gift_state_dict(gift_state)
+        model.merge()
+        return Provider(name, model, torch.optim.AdamW(_trainable(model), lr=1e-4), gift_model=model)
     if name == "reference":
         model = gift.GIFTReference(backbone, config)
     elif name == "naive_merged":

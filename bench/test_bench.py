@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import gift.timm_models  # noqa: F401  (registers gift's small timm models, for GIFT_BENCH_MODELS)
 import gift_kernels
 from bench.harness import (
+    ACCUMULATION_PROVIDERS,
+    EVAL_PROVIDERS,
     PROVIDERS,
     RATIO_BASELINES,
     Provider,
@@ -194,6 +196,103 @@ def test_train_step(benchmark, bench_config, model_index, provider):
     benchmark.pedantic(prov.step, args=(m["x"], m["y"], bench_config["dtype"]), rounds=1, warmup_rounds=0)
     if a is not None:
         assert a["ok"], f"{provider} disagrees with the float64 reference on {label}:\n{a['why']}"
+
+
+# ------------------------------------------------------------------------------------------ accumulation, eval
+# (timm model, global batch, micro-batches, timing rounds on CPU): one optimizer step of 4 micro-batches of 2
+ACCUMULATION_MODELS = [("vit_small_patch16_224", 8, 4, 30), ("vit_base_patch16_224", 8, 4, 16)]
+ACCUMULATION_BASELINES = ("floor", "lora")
+EVAL_BASELINES = ("merged",)
+
+
+def _accumulation_models(cfg) -> list[tuple[str, int, int, int]]:
+    """(name, batch, micro-batches, rounds): with ``GIFT_BENCH_MODELS`` its models at their batch as 2 micro-batches."""
+    listed = os.environ.get("GIFT_BENCH_MODELS")
+    if listed:
+        models = [(name, 2 * (cfg["batch"] or batch), 2, 10) for name, batch, _ in _models(cfg)]
+    else:
+        models = [(name, cfg["batch"] or batch, k, r) for name, batch, k, r in ACCUMULATION_MODELS]
+    default = (lambda r: CUDA_ROUNDS) if cfg["device"].type == "cuda" else (lambda r: r)
+    return [(name, batch, k, cfg["rounds"] or bench_rounds(default(rounds))) for name, batch, k, rounds in models]
+
+
+def _providers_of(name: str, batch: int, names: tuple[str, ...], cfg: dict):
+    """The available providers of ``names`` around one random timm ``name`` (the same GIFT weights in each), a batch
+    of ``batch`` images and labels, and the skipped providers with why: ``(providers, x, y, skipped)``."""
+    device = cfg["device"]
+    torch.manual_seed(0)
+    backbone = timm.create_model(name, pretrained=False, num_classes=10).to(device)
+    x = torch.randn(batch, *backbone.pretrained_cfg["input_size"], device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    skipped = {p: reason for p in names if (reason := _unavailable_reason(p, device))}
+    state = random_gift_state(backbone, RANK)
+    providers = {p: build_provider(p, backbone, RANK, state) for p in names if p not in skipped}
+    return providers, x, y, skipped
+
+
+def _timed(cached: dict, cfg: dict, kernel: str, label: str, provider: str, mode: str) -> None:
+    """Skip a provider that did not run, else add its rows: median ms, rounds and ratios."""
+    if provider in cached["skipped"]:
+        pytest.skip(cached["skipped"][provider])
+    metrics = {"time_ms_p50": 1e3 * statistics.median(cached["times"][provider]), "rounds": cached["rounds"],
+               **_ratio_metrics(cached["ratios"], provider)}
+    _add_rows(cfg, kernel, label, provider, metrics, mode=mode)
+
+
+def measure_accumulated(name: str, batch: int, micro_batches: int, rounds: int, cfg: dict) -> dict:
+    """Interleaved optimizer steps of ``micro_batches`` micro-batches of ``batch / micro_batches`` per provider."""
+    key = ("accumulated", name, batch, micro_batches)
+    if key not in _cache:
+        providers, x, y, skipped = _providers_of(name, batch, ACCUMULATION_PROVIDERS, cfg)
+        times = interleaved_times({p: (lambda prov=prov: prov.step(x, y, cfg["dtype"], micro_batches))
+                                   for p, prov in providers.items()},
+                                  rounds=rounds, warmup=1, sync=_sync(cfg["device"]))
+        _cache[key] = dict(skipped=skipped, times=times, rounds=rounds,
+                           ratios={b: paired_ratios(times, b) for b in ACCUMULATION_BASELINES})
+    return _cache[key]
+
+
+@pytest.mark.parametrize("provider", ACCUMULATION_PROVIDERS)
+@pytest.mark.parametrize("model_index", range(2), ids=["model0", "model1"])
+def test_accumulated_train_step(bench_config, model_index, provider):
+    """One optimizer step of micro-batches: FastGIFT runs its generator once per step (``accumulate``)."""
+    models = _accumulation_models(bench_config)
+    if model_index >= len(models):
+        pytest.skip("no model at this index")
+    name, batch, k, rounds = models[model_index]
+    m = measure_accumulated(name, batch, k, rounds, bench_config)
+    _timed(m, bench_config, "train_step_accumulated", f"{name} b{batch} as {k}x{batch // k}", provider, "step")
+
+
+def measure_eval(name: str, batch: int, rounds: int, cfg: dict) -> dict:
+    """Interleaved inference forwards per provider; ``cached``: whether the timed forwards gave the first's outputs."""
+    key = ("eval", name, batch)
+    if key not in _cache:
+        providers, x, _, skipped = _providers_of(name, batch, EVAL_PROVIDERS, cfg)
+        for prov in providers.values():
+            prov.model.eval()
+        first = {p: prov.eval_forward(x, cfg["dtype"]) for p, prov in providers.items()}  # FastGIFT: its residuals
+        times = interleaved_times({p: (lambda prov=prov: prov.eval_forward(x, cfg["dtype"]))
+                                   for p, prov in providers.items()},
+                                  rounds=rounds, warmup=1, sync=_sync(cfg["device"]))
+        cached = {p: torch.equal(prov.eval_forward(x, cfg["dtype"]), first[p]) for p, prov in providers.items()}
+        _cache[key] = dict(skipped=skipped, times=times, rounds=rounds, cached=cached,
+                           ratios={b: paired_ratios(times, b) for b in EVAL_BASELINES})
+    return _cache[key]
+
+
+@pytest.mark.parametrize("provider", EVAL_PROVIDERS)
+@pytest.mark.parametrize("model_index", range(2), ids=["model0", "model1"])
+def test_eval_forward(bench_config, model_index, provider):
+    """One inference forward: unmerged FastGIFT with its cached residuals (made once, before the timing) against the
+    merged model (the plain backbone's cost); LoRA unmerged for comparison."""
+    models = _models(bench_config)
+    if model_index >= len(models):
+        pytest.skip("no model at this index")
+    name, batch, rounds = models[model_index]
+    m = measure_eval(name, batch, rounds, bench_config)
+    _timed(m, bench_config, "eval_forward", f"{name} b{batch}", provider, "fwd")
+    assert m["cached"][provider], f"{provider}: a timed forward gave other outputs than the first (fresh) one"
 
 
 # ------------------------------------------------------------------------------------------ op level

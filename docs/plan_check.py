@@ -1,6 +1,7 @@
 """Regenerate the numbers of README's "Will it fit?" section, by running the code (nothing typed):
 
-* `gift plan` for ViT-H/14 at batch 32 on a 24 GiB GPU, bf16 and nf4 backbones (the tool's own output);
+* `gift plan` for ViT-H/14 at batch 32 on a 24 GiB GPU, bf16 and nf4 backbones (the tool's own output), and
+  `--memory auto` for DINOv3 ViT-7B at batch 64 on an 8 GiB GPU (the mode and the gradient accumulation it picks);
 * NF4 with GIFT's targets kept in bf16 vs quantized too (`gift.nf4`), predicted the same way;
 * predicted vs measured bytes of real CPU training steps (`gift.plan.compare_with_real_step`, what
   tests/model/test_plan.py asserts), written to docs/plan_check.md.
@@ -30,8 +31,11 @@ from gift.plan import (  # noqa: E402  (after the sys.path line)
 
 HUGE = ["--model", "vit_huge_patch14_224", "--num-classes", "1000", "--batch-size", "32", "--device-memory", "24GiB",
         "--amp", "bfloat16"]
-CHECKS = [(model, batch, method) for model in ("vit_small_patch16_224", "vit_base_patch16_224")
+SEVEN_B = ["--model", "vit_7b_patch16_dinov3", "--batch-size", "64", "--device-memory", "8GiB", "--amp", "bf16",
+           "--backbone-dtype", "nf4", "--memory", "auto"]
+CHECKS = [(model, batch, method, 1) for model in ("vit_small_patch16_224", "vit_base_patch16_224")
           for batch in (2, 8) for method in METHODS]
+CHECKS += [("vit_small_patch16_224", 8, "gift", 4)]  # an optimizer step of 4 accumulated micro-batches of 2
 START, END = "<!-- plan:start -->", "<!-- plan:end -->"
 
 
@@ -62,15 +66,16 @@ def check_table() -> str:
     torch.set_num_threads(1)
     rows = ["| model | batch | method | memory | saved: predicted | saved: measured | diff | peak: predicted | "
             "peak: measured | parameters, grads, AdamW |", "|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
-    for model, batch, method in CHECKS:
-        for mode, predicted, measured in compare_with_real_step(TrainingSetup(model=model, batch_size=batch,
-                                                                              method=method, num_classes=10)):
+    for model, batch, method, accumulation in CHECKS:
+        setup = TrainingSetup(model=model, batch_size=batch, method=method, num_classes=10,
+                              grad_accum_steps=accumulation)
+        for mode, predicted, measured in compare_with_real_step(setup):
             diff = (predicted.saved_activation - measured.saved_activation) / measured.saved_activation
             exact = all(
                 getattr(predicted, k) == getattr(measured, k) for k in ("frozen", "trainable", "gradient", "optimizer")
             )
             rows.append(
-                f"| {model} | {batch} | {method} | {mode} | {predicted.saved_activation:,} | "
+                f"| {model} | {setup.batch_text('').strip()} | {method} | {mode} | {predicted.saved_activation:,} | "
                 f"{measured.saved_activation:,} | {100 * diff:+.2f}% | {predicted.peak:,} | {measured.peak:,} | "
                 f"{'equal' if exact else 'DIFFERENT'} |"
             )
@@ -78,7 +83,8 @@ def check_table() -> str:
 
 
 def main() -> None:
-    plans = "\n\n".join(gift_plan(HUGE + ["--backbone-dtype", dtype]) for dtype in ("bfloat16", "nf4"))
+    plans = "\n\n".join([gift_plan(HUGE + ["--backbone-dtype", dtype]) for dtype in ("bfloat16", "nf4")]
+                        + [gift_plan(SEVEN_B)])
     nf4 = nf4_targets_comparison()
     table = check_table()
     header = ("# `gift plan`: predicted vs measured\n\nBytes of one training step (forward, backward, AdamW step) "

@@ -77,4 +77,7 @@ def quantize_frozen_linears(model: GIFTModelBase, targets: bool = False) -> list
         module = model.backbone.get_submodule(name)
         if id(module) not in targets_of_gift:
             replace_module(model.backbone, name, NF4Linear(module))
+    residuals = getattr(model, "residuals", None)  # a FastGIFT's owner of generated residuals: new weights
+    if residuals is not None:
+        residuals.reset()
     return chosen

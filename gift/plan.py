@@ -26,6 +26,8 @@ from .predict import (
     PlanError,
     TrainingSetup,
     choose_memory_mode,
+    default_memory_budget,
+    fit_accumulation,
     format_bytes,
     parse_bytes,
     plan_model,
@@ -44,11 +46,14 @@ __all__ = [
     "build_training_model",
     "choose_memory_mode",
     "compare_with_real_step",
+    "default_memory_budget",
     "fake_training_model",
+    "fit_accumulation",
     "format_bytes",
     "image_shape",
     "parse_bytes",
     "plan_model",
+    "plan_fitting",
     "plan_training",
     "random_backbone",
     "step_bytes",
@@ -131,8 +136,15 @@ def plan_training(setup: TrainingSetup, device_memory: int | str | None = None,
         raise PlanError(f"memory mode(s) {unknown} are not available with method {setup.method!r}; "
                         f"choose from {setup.memory_modes}")
     fake = fake_training_model(setup)
-    steps = {m: fake.predict(setup.batch_size, m) for m in modes}
+    steps = {m: fake.predict(setup.batch_size, m, setup.grad_accum_steps) for m in modes}
     return recommend(Plan(setup, budget, steps, fake=fake))
+
+
+def plan_fitting(setup: TrainingSetup, device_memory: int | str, accumulations: tuple[int, ...] | None = None) -> Plan:
+    """The plan of ``setup`` at the fewest accumulation steps (of ``accumulations``, default every divisor of
+    the batch) at which a memory mode fits ``device_memory``, the fastest such mode recommended
+    (`gift.predict.fit_accumulation`: what ``--memory auto`` runs)."""
+    return fit_accumulation(fake_training_model(setup), setup, device_memory, accumulations)
 
 
 def compare_with_real_step(setup: TrainingSetup, seed: int = 0) -> list[tuple[str, StepBytes, StepBytes]]:
@@ -143,6 +155,8 @@ def compare_with_real_step(setup: TrainingSetup, seed: int = 0) -> list[tuple[st
     model = build_training_model(setup)
     rows = []
     for mode in setup.memory_modes:
-        predicted = fake.predict(setup.batch_size, mode)
-        rows.append((mode, predicted, step_bytes(model, setup.batch_size, fake.shape, setup.amp_dtype, mode)))
+        predicted = fake.predict(setup.batch_size, mode, setup.grad_accum_steps)
+        measured = step_bytes(model, setup.batch_size, fake.shape, setup.amp_dtype, mode,
+                              accumulation=setup.grad_accum_steps)
+        rows.append((mode, predicted, measured))
     return rows

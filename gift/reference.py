@@ -18,6 +18,8 @@ from .wrapper import GIFTModelBase
 class _ResidualHook:
     """Forward hook that adds ``x dW_l^T`` to a target layer's output (a class, so deepcopy follows it)."""
 
+    gift_adapted = True  # what `GIFTModelBase` looks for to refuse wrapping an adapted backbone again
+
     def __init__(self, model: "GIFTReference", key: str, layer: int):
         self.model, self.key, self.layer = model, key, layer
 

@@ -30,6 +30,22 @@ def block_index_argument(block_index: int, block: int | None) -> int:
     return block
 
 
+def refuse_adapted_backbone(backbone: nn.Module, groups: list[TargetGroup]) -> None:
+    """Raise when a target of ``backbone`` is already adapted by another GIFT wrapper (a `FastGIFT` layer or a
+    `GIFTReference` hook: both say ``gift_adapted``): wrapping it again would silently switch the first
+    wrapper off (its layers replaced, or its residual added twice)."""
+    for group in groups:
+        for name, module in zip(group.names, group.modules):
+            hooks = getattr(module, "_forward_hooks", {}).values()
+            if getattr(module, "gift_adapted", False) or any(getattr(h, "gift_adapted", False) for h in hooks):
+                raise ValueError(
+                    f"this {type(backbone).__name__} is already wrapped by GIFT ({name!r} is adapted by another "
+                    f"FastGIFT or GIFTReference); wrapping it again would switch the first model off. Wrap a fresh "
+                    f"backbone (timm.create_model(...)) or keep using the first model (its merge_and_unload() "
+                    f"returns the plain backbone)."
+                )
+
+
 class GIFTModelBase(nn.Module):
     """Freezes ``backbone``, finds its targets and holds one generator per target key.
 
@@ -51,9 +67,10 @@ class GIFTModelBase(nn.Module):
                 f"backbone must be an nn.Module (e.g. timm.create_model(...)), got {type(backbone).__name__}."
             )
         self.config = config
+        self.target_groups = find_targets(backbone, config.target_modules)
+        refuse_adapted_backbone(backbone, self.target_groups)
         self.backbone = backbone
         self.backbone.requires_grad_(False)
-        self.target_groups = find_targets(backbone, config.target_modules)
         self.head_name = classifier_name(backbone)
         if self.head_name is not None:
             self.backbone.get_submodule(self.head_name).requires_grad_(True)
@@ -168,8 +185,14 @@ class GIFTModelBase(nn.Module):
         """Load GIFT weights and the head from a state dict, a ``{"state_dict": ...}`` checkpoint or a path
         (``.pth``/``.pth.tar``/``.safetensors``). Other backbone keys in a full checkpoint are ignored.
 
-        Raises ``KeyError`` listing missing/unexpected GIFT keys, ``ValueError`` listing shape mismatches.
+        Raises ``KeyError`` listing missing/unexpected GIFT keys, ``ValueError`` listing shape mismatches;
+        nothing is loaded then.
         """
+        self.copy_gift_state(self.checked_gift_state(obj))
+
+    def checked_gift_state(self, obj: Any) -> dict[str, torch.Tensor]:
+        """The GIFT weights and head of ``obj`` (as `load_gift_state_dict` takes it), checked against this model
+        (raising as `load_gift_state_dict` says), by key of `gift_state_dict`; nothing is loaded."""
         given = read_state_dict(obj, what="GIFT checkpoint", trust_pickles=True)
         own = self.gift_state_dict()
         given_gift = {k: v for k, v in given.items() if self._is_gift_key(k) or k.startswith(GIFT_PREFIXES)}
@@ -191,11 +214,15 @@ class GIFTModelBase(nn.Module):
                 "GIFT checkpoint shapes do not fit this backbone (another model size, rank or number of classes?): "
                 + "; ".join(mismatched)
             )
+        return {k: given_gift[k] for k in own}
+
+    def copy_gift_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a `checked_gift_state` into the model's parameters and buffers (in place)."""
         targets = dict(self.named_parameters())
         targets.update(dict(self.named_buffers()))
         with torch.no_grad():
-            for k in own:
-                targets[k].copy_(given_gift[k])
+            for k, value in state.items():
+                targets[k].copy_(value)
 
     # ------------------------------------------------------------------ adapters (PEFT-style)
     def _target_shapes(self) -> dict[str, list[int]]:

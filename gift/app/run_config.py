@@ -13,7 +13,7 @@ import torch
 from ..backbones import create_backbone, data_config
 from ..config import BLOCK_TYPES, CLUSTER_ACTIVATIONS, MEMORY_MODES, METHODS, GIFTConfig
 from ..dtypes import AUTOCAST_DTYPES, BACKBONE_DTYPES, dtype_name, expand_alias
-from ..plan import DoesNotFit, TrainingSetup, choose_memory_mode, parse_bytes, plan_training
+from ..plan import DoesNotFit, TrainingSetup, choose_memory_mode, default_memory_budget, parse_bytes, plan_fitting
 from .data import EVAL_SPLITS, TASKS, TRAIN_SPLITS, EmbeddedSpec
 from .errors import UsageError, missing_extra
 from .options import check_ranges, option
@@ -66,20 +66,25 @@ class FinetuneConfig:
     memory: str = option(
         "none",
         "recompute in backward to save activation memory; auto: the fastest mode whose "
-        "predicted peak fits 0.9 x --max-memory (see gift plan)",
+        "predicted peak fits 0.9 x --max-memory (see gift plan), with the fewest --grad-accum-steps that fit "
+        "when not given",
         choices=MEMORY_MODES + ("auto",),
     )
+    grad_accum_steps: int | None = option(None, "micro-batches per optimizer step (gradient accumulation): each "
+                                                "process runs K of --batch-size / (K x processes) images; default 1, "
+                                                "or with --memory auto the fewest that fit", min=1, type=int)
     model_ema: bool = option(False, "keep timm's ModelEmaV3 of the trained weights and evaluate it alongside "
                                     "(val_top1_ema; its adapter in OUTPUT/adapter_ema)")
     model_ema_decay: float = option(0.9998, "decay of --model-ema per step", min=0, max=1, max_open=True)
     max_memory: str | None = option(None, "memory budget of --memory auto, e.g. 24GiB (default: the GPU's free "
-                                          "memory; on CPU no limit)", type=str)
+                                          "memory, as gift plan's; on CPU no limit)", type=str)
     backbone_dtype: str | None = option(None, "storage of the frozen backbone weights (GIFT; nf4: 4-bit linear "
                                               "weights, pip install 'gift[nf4]')",
                                         choices=BACKBONE_DTYPES, type=expand_alias)
     seed: int = option(0, "seed of the initialisation, the order of the samples and drop-path", min=0)
     epochs: int = option(10, "epochs (with --resume: a larger number extends a finished run)", min=1)
-    batch_size: int = option(64, "the global batch (split over torchrun processes)", min=1)
+    batch_size: int = option(64, "the global batch of an optimizer step (split over torchrun processes and "
+                                 "--grad-accum-steps micro-batches)", min=1)
     lr: float = option(1e-3, "peak learning rate of AdamW", min=0, min_open=True)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0)
     warmup: float = option(0.1, "linear warm-up as a fraction of all steps, then cosine (paper: 10 of 100 epochs)",
@@ -115,6 +120,9 @@ class FinetuneConfig:
             raise UsageError("--amp fp16 needs a CUDA device (so does --amp float16: gradient scaling); on CPU use "
                              "--amp bfloat16 or no --amp")
         check_extras(self)
+        if self.grad_accum_steps is not None and self.batch_size % self.grad_accum_steps:
+            raise UsageError(f"--batch-size {self.batch_size} (the global batch of a step) does not split into "
+                             f"--grad-accum-steps {self.grad_accum_steps} equal micro-batches")
         if self.backbone_dtype == "nf4":
             if self.model_ema:
                 raise UsageError("--model-ema averages every weight (timm's ModelEmaV3), which NF4 weights do not "
@@ -144,32 +152,38 @@ def training_setup(options, img_size: int | None = None, num_classes: int | None
     return TrainingSetup(model=options.model, batch_size=options.batch_size, img_size=img_size,
                          num_classes=num_classes, method=options.method,
                          backbone_dtype=options.backbone_dtype or "float32", amp=options.amp, gift=gift,
-                         lora_rank=options.lora_rank, drop_path=options.drop_path, model_ema=options.model_ema)
+                         lora_rank=options.lora_rank, drop_path=options.drop_path, model_ema=options.model_ema,
+                         grad_accum_steps=options.grad_accum_steps or 1)
 
 
 def choose_finetune_memory(
     cfg: FinetuneConfig, num_classes: int, local_batch_size: int, device
-) -> tuple[str, str | None]:
-    """The memory mode `gift finetune` trains in and, for ``--memory auto``, the one line saying why: the
-    fastest mode whose predicted peak fits `gift.plan.FIT_FRACTION` of ``--max-memory`` (default: the CUDA
-    device's free memory). Raises `UsageError` naming the batch size that would fit when no mode does."""
+) -> tuple[str, int, str | None]:
+    """The memory mode and the micro-batches per optimizer step `gift finetune` trains with and, for
+    ``--memory auto``, the one line saying why: the fastest mode whose predicted peak fits `gift.plan.FIT_FRACTION`
+    of ``--max-memory`` (default `gift.plan.default_memory_budget`), at ``--grad-accum-steps`` when given, else at
+    the fewest accumulation steps at which one fits (`gift.plan.plan_fitting`). Raises `UsageError` naming the
+    batch size that would fit when nothing does."""
+    accumulation = cfg.grad_accum_steps or 1
     if cfg.memory != "auto":
-        return cfg.memory, None
+        return cfg.memory, accumulation, None
     if cfg.method != "gift":
         return (
-            "none",
+            "none", accumulation,
             f"--memory auto: --method {cfg.method} has one memory mode (recomputation is GIFT's): memory=none",
         )
-    if cfg.max_memory is not None:
-        budget = parse_bytes(cfg.max_memory)
-    else:
-        budget = torch.cuda.mem_get_info(device)[0] if torch.device(device).type == "cuda" else None
-    setup = dataclasses.replace(training_setup(cfg, num_classes=num_classes), batch_size=local_batch_size)
+    budget = parse_bytes(cfg.max_memory) if cfg.max_memory is not None else default_memory_budget(device)
+    setup = dataclasses.replace(training_setup(cfg, num_classes=num_classes), batch_size=local_batch_size,
+                                grad_accum_steps=1)
+    if budget is None:
+        return "none", accumulation, "--memory auto: memory=none: no memory budget (no --max-memory, not on CUDA), " \
+                                     "so the fastest mode"
     try:
-        mode, reason = choose_memory_mode(plan_training(setup, budget))
+        plan = plan_fitting(setup, budget, (cfg.grad_accum_steps,) if cfg.grad_accum_steps else None)
+        mode, reason = choose_memory_mode(plan)
     except DoesNotFit as e:
         raise UsageError(f"--memory auto: {e}") from None
-    return mode, f"--memory auto: {reason}"
+    return mode, plan.accumulation, f"--memory auto: {reason}"
 
 
 def probe_data_config(name: str) -> tuple[int, tuple, tuple]:

@@ -194,9 +194,11 @@ def finetune(cfg: FinetuneConfig, keep_model: bool = False) -> dict:
     prepare_output(cfg)
     d = init_distributed(cfg.device)
     try:
-        if cfg.batch_size % d.world_size:
+        if cfg.batch_size % ((cfg.grad_accum_steps or 1) * d.world_size):
             raise UsageError(
-                f"--batch-size {cfg.batch_size} (the global batch) is not divisible by {d.world_size} processes"
+                f"--batch-size {cfg.batch_size} (the global batch) is not divisible by "
+                + (f"--grad-accum-steps {cfg.grad_accum_steps} x " if cfg.grad_accum_steps else "")
+                + f"{d.world_size} processes"
             )
         train_set, val_set, classes, skipped = open_train_val(cfg.data, image_size, mean, std, cfg.embedded,
                                                               cfg.skip_bad_images, cfg.train_split, cfg.eval_split)
@@ -216,11 +218,13 @@ def finetune(cfg: FinetuneConfig, keep_model: bool = False) -> dict:
                                          cfg.pretrained)
             backbone = create_backbone(cfg.model, len(classes), cfg.drop_path, cfg.pretrained_file, cfg.pretrained)
         with library_errors(f"--method {cfg.method} on {cfg.model}"):
-            memory, reason = choose_finetune_memory(cfg, len(classes), cfg.batch_size // d.world_size, d.device)
+            memory, accumulation, reason = choose_finetune_memory(cfg, len(classes), cfg.batch_size // d.world_size,
+                                                                  d.device)
             if reason:
                 say(d, reason)
             model, gift_model = build_model(cfg, backbone, memory)
         run = start_run(cfg, d, model, gift_model, identity, train_set, val_set, classes, steps_per_epoch)
+        run.grad_accum_steps = accumulation
         return train(run, keep_model)
     finally:
         d.close()
@@ -253,6 +257,7 @@ class Run:
     start: tuple[int, int] = (0, 0)
     resume_at: tuple[int, int] = (0, 0)
     resume_rng: dict | None = None
+    grad_accum_steps: int = 1  # micro-batches of each optimizer step, per process
 
     @property
     def checkpoint_path(self) -> str:
@@ -355,9 +360,7 @@ def train_one_epoch(run: Run, epoch: int, first_step: int = 0) -> None:
         x, y = batch_of(run.train_set, batch)
         start = time.perf_counter()
         run.optimizer.zero_grad(set_to_none=True)  # no gradients alive in forward, as `gift plan` counts
-        with autocast_for(d.device, cfg.amp):
-            loss = F.cross_entropy(run.train_module(x.to(d.device)).float(), y.to(d.device))
-        run.scaler.scale(loss).backward()
+        loss_sum = accumulate_gradients(run, x.to(d.device), y.to(d.device))
         with interrupts_held():  # the update, the step count and the RNG to resume from: all or nothing
             run.scaler.step(run.optimizer)
             run.scaler.update()
@@ -365,10 +368,31 @@ def train_one_epoch(run: Run, epoch: int, first_step: int = 0) -> None:
             if run.ema is not None:
                 run.ema.update(run.model)
             run.partial["step_time"] += time.perf_counter() - start
-            run.partial["loss_sum"] += loss.item() * len(y)
+            run.partial["loss_sum"] += loss_sum
             run.partial["count"] += len(y)
             run.resume_at, run.resume_rng = (epoch, step + 1), rng_state()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss_sum / len(y):.3f}")
+
+
+def accumulate_gradients(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Forward and backward of one optimizer step's batch ``(x (B, 3, H, W), y (B,))`` of this process, as
+    ``run.grad_accum_steps`` micro-batches (GIFT: inside `FastGIFT.accumulate`, one generator pass for all;
+    DDP: ``no_sync()`` but for the last). Each micro-batch's loss is its summed per-sample loss over the B
+    samples of the step, so any split gives the gradient of the step's mean loss (DDP averages the processes).
+    Returns the step's summed per-sample loss."""
+    k = run.grad_accum_steps
+    accumulating = run.gift_model.accumulate(k) if run.gift_model is not None and k > 1 else contextlib.nullcontext()
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    with accumulating:
+        for i, (xb, yb) in enumerate(zip(x.tensor_split(k), y.tensor_split(k))):
+            unsynced = i < k - 1 and isinstance(run.train_module, nn.parallel.DistributedDataParallel)
+            with run.train_module.no_sync() if unsynced else contextlib.nullcontext():
+                with autocast_for(run.d.device, run.cfg.amp):
+                    losses = F.cross_entropy(run.train_module(xb).float(), yb, reduction="none")
+                loss = losses.sum() / len(y)
+                run.scaler.scale(loss).backward()
+            total += losses.detach().sum()
+    return total.item()
 
 
 def evaluate(run: Run, epoch: int) -> tuple[dict, dict] | None:

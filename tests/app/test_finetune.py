@@ -1,4 +1,5 @@
 """`gift finetune`: resume equivalence, Ctrl-C, DDP on 2 CPU processes, and every bad input."""
+import json
 import os
 import subprocess
 import sys
@@ -95,34 +96,108 @@ def test_ctrl_c_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
-    common = [*TINY[:-2], "--drop-path", "0", "--epochs", "2", "--device", "cpu"]
-    single = str(tmp_path / "single")
-    assert main(["finetune", *common, "--output", single]) == 0
-    double = str(tmp_path / "ddp")
+# PaCa's key bias and the FFN's output bias have exactly-zero gradients (a softmax over clusters and the ViT's
+# LayerNorms cannot see them), so Adam moves them by rounding noise alone: `same_adapter` compares them through the
+# model's outputs, every other tensor directly.
+ZERO_GRADIENT = ("attn.k.bias", "mlp.fc2.bias")
+
+
+def same_adapter(a_out, b_out, rel):
+    """The adapters of two runs agree within ``rel`` of each tensor's scale (but the `ZERO_GRADIENT` tensors), and
+    the logits of their models (each run's random backbone, rebuilt) on new images within rounding. Returns the
+    per-tensor (max abs, relative) errors."""
+    a, b = adapter(a_out), adapter(b_out)
+    errors = relative_errors({k: v for k, v in b.items() if not k.endswith(ZERO_GRADIENT)},
+                             {k: v for k, v in a.items() if not k.endswith(ZERO_GRADIENT)})
+    assert max(r for _, r in errors.values()) < rel, sorted(errors.items(), key=lambda kv: -kv[1][1])[:3]
+    images = torch.stack([SyntheticShapes(16, seed=9)[i][0] for i in range(16)])
+    with torch.no_grad():
+        logits = [load_gift_adapter(os.path.join(out, "adapter")).eval()(images) for out in (a_out, b_out)]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+    return errors
+
+
+def finetune_on_two_processes(args, output):
+    """``gift finetune ARGS --output OUTPUT`` under torchrun with 2 gloo processes; returns the finished process."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "gift", "finetune", *common, "--output", double],
+                           "-m", "gift", "finetune", *args, "--output", output],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
+    common = [*TINY[:-2], "--drop-path", "0", "--epochs", "2", "--device", "cpu"]
+    single, double = str(tmp_path / "single"), str(tmp_path / "ddp")
+    assert main(["finetune", *common, "--output", single]) == 0
+    proc = finetune_on_two_processes(common, double)
     assert proc.stdout.count("done:") == 1  # only rank 0 prints the summary line
     # Same global batch; only the order of the gradient sums differs (two half batches, all-reduced).
-    # PaCa's key bias and the FFN's output bias have exactly-zero gradients (a softmax over clusters
-    # and the ViT's LayerNorms cannot see them), so Adam moves them by rounding noise alone: they are
-    # compared through the model's outputs, every other tensor directly.
-    a, b = adapter(single), adapter(double)
-    invariant = ("attn.k.bias", "mlp.fc2.bias")
-    errors = relative_errors({k: v for k, v in b.items() if not k.endswith(invariant)},
-                             {k: v for k, v in a.items() if not k.endswith(invariant)})
-    assert max(rel for _, rel in errors.values()) < 1e-3, sorted(errors.items(), key=lambda kv: -kv[1][1])[:3]
+    errors = same_adapter(single, double, rel=1e-3)
     assert max(err for err, _ in errors.values()) > 0  # two processes really ran: sums in another order
-    images = torch.stack([SyntheticShapes(16, seed=9)[i][0] for i in range(16)])
-    logits = []
-    for out in (single, double):
-        model = load_gift_adapter(os.path.join(out, "adapter")).eval()  # the run's random backbone, rebuilt
-        with torch.no_grad():
-            logits.append(model(images))
-    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- gradient accumulation
+def test_grad_accum_steps_gives_the_adapter_of_one_batch_per_step(tmp_path):
+    """--grad-accum-steps 4: each of the 3 optimizer steps of the epoch accumulates 4 micro-batches of 8 (one
+    generator pass); the adapter is that of steps of 32 (drop-path 0: the same sample order, no random masks)."""
+    args = ("--epochs", "1", "--drop-path", "0")
+    one, four = run(tmp_path, "one", *args), run(tmp_path, "four", *args, "--grad-accum-steps", "4")
+    errors = same_adapter(one, four, rel=1e-4)
+    assert max(err for err, _ in errors.values()) > 0  # micro-batches really ran: sums in another order
+    states = [torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False) for out in (one, four)]
+    assert [s["scheduler"]["last_epoch"] for s in states] == [3, 3]  # the schedule counts optimizer steps
+    history = [json.load(open(os.path.join(out, "metrics.json"))) for out in (one, four)]
+    assert abs(history[0][0]["train_loss"] - history[1][0]["train_loss"]) < 1e-5
+
+
+def test_ctrl_c_mid_accumulation_saves_the_last_whole_step_and_resume_matches(tmp_path, monkeypatch):
+    args = ["--epochs", "2", "--grad-accum-steps", "4"]
+    whole = run(tmp_path, "whole", *args)
+    real, forwards = finetune_module.build_model, {"n": 0}
+
+    def build_interrupting(*a, **kw):
+        model, gift_model = real(*a, **kw)
+
+        def interrupt(module, inputs):
+            if module.training and torch.is_grad_enabled():
+                forwards["n"] += 1
+                if forwards["n"] == 7:  # step 2 of epoch 1, its third micro-batch
+                    raise KeyboardInterrupt
+        model.register_forward_pre_hook(interrupt)
+        return model, gift_model
+
+    monkeypatch.setattr(finetune_module, "build_model", build_interrupting)
+    out = str(tmp_path / "cut")
+    assert main(["finetune", *TINY, *args, "--output", out]) == 130
+    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 1)  # the one whole step before the cut
+    monkeypatch.setattr(finetune_module, "build_model", real)
+    assert main(["finetune", *TINY, *args, "--output", out, "--resume"]) == 0
+    a, b = adapter(whole), adapter(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grad_accum_steps_that_do_not_divide_the_batch_are_one_line(tmp_path, capsys, monkeypatch):
+    out = ["--output", str(tmp_path / "o")]
+    err = _error(capsys, "--grad-accum-steps", "3", *out)
+    assert "--batch-size 32 (the global batch of a step) does not split into --grad-accum-steps 3" in err
+    from gift.app.runtime import Dist
+
+    monkeypatch.setattr(finetune_module, "init_distributed", lambda device: Dist(0, 2, torch.device("cpu")))
+    err = _error(capsys, "--batch-size", "36", "--grad-accum-steps", "4", *out)
+    assert "--batch-size 36 (the global batch) is not divisible by --grad-accum-steps 4 x 2 processes" in err
+
+
+def test_ddp_with_grad_accum_steps_matches_one_process(tmp_path):
+    """2 gloo processes, each 2 micro-batches of 8 per step (no_sync() for the first), against one process with
+    steps of 32: the same adapter."""
+    common = [*TINY[:-2], "--drop-path", "0", "--epochs", "1", "--device", "cpu"]
+    single, double = str(tmp_path / "single"), str(tmp_path / "ddp")
+    assert main(["finetune", *common, "--output", single]) == 0
+    finetune_on_two_processes([*common, "--grad-accum-steps", "2"], double)
+    same_adapter(single, double, rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------------- bad input

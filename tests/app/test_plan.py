@@ -55,16 +55,62 @@ def test_gift_plan_without_an_extra_is_one_line_and_status_2(capsys, monkeypatch
 
 
 def test_finetune_memory_auto_refuses_with_the_batch_that_would_fit(tmp_path, capsys):
+    """With --grad-accum-steps given, --memory auto picks the mode only; nothing fitting is one line."""
     from gift.app.cli import main
 
     args = ["finetune", "--memory", "auto", "--epochs", "1", "--train-size", "64", "--val-size", "32",
-            "--batch-size", "32", "--output", str(tmp_path / "run"), "--quiet"]
+            "--batch-size", "32", "--output", str(tmp_path / "run"), "--quiet", "--grad-accum-steps", "1"]
     plan = plan_training(TrainingSetup(model="gift_vit_micro_patch4_32", batch_size=32, num_classes=2))
     budget = plan.modes["block"].peak - 1
     assert main(args + ["--max-memory", str(budget)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gift finetune: error: --memory auto: batch size 32 does not fit") and err.count("\n") == 1
     assert "would fit with memory=block" in err
+
+
+def test_finetune_memory_auto_accumulates_when_the_batch_does_not_fit(tmp_path, capsys):
+    """A global batch whose step fits in no mode trains as micro-batches: the fewest that fit, in the fastest mode
+    that fits there; the one line says both; the gradients are the whole batch's (test_finetune)."""
+    from gift.app.cli import main
+    from gift.app.data import TASKS
+
+    setup = TrainingSetup(model="gift_vit_micro_patch4_32", batch_size=32, num_classes=len(TASKS["pattern"]))
+    whole = plan_training(setup).modes["block"].peak
+    two = plan_training(TrainingSetup(**{**setup.__dict__, "grad_accum_steps": 2}))
+    assert two.modes["block"].peak < whole  # halving the micro-batch saves memory in this model
+    budget = budget_for(two.modes["block"].peak)
+    assert budget_for(whole) > budget
+    args = ["finetune", "--memory", "auto", "--epochs", "1", "--train-size", "64", "--val-size", "32",
+            "--batch-size", "32", "--output", str(tmp_path / "run"), "--max-memory", str(budget)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    fastest = next(m for m in ("none", "mlp", "block") if budget_for(two.modes[m].peak) <= budget)
+    assert (f"--memory auto: memory={fastest} with 2 micro-batches of 16 (--grad-accum-steps 2): predicted peak"
+            in out), out
+    assert "1 micro-batch per step needs" in out
+
+
+def test_gift_plan_with_grad_accum_steps_and_memory_auto(capsys):
+    from gift.app.cli import main
+
+    base = ["plan", "--model", "gift_vit_micro_patch4_32", "--num-classes", "2", "--batch-size", "32"]
+    assert main(base + ["--grad-accum-steps", "4", "--json"]) == 0
+    four = json.loads(capsys.readouterr().out)
+    assert (four["grad_accum_steps"], four["micro_batch_size"]) == (4, 8)
+    assert all(m["generator_kept_bytes"] > 0 for m in four["modes"].values())
+    assert main(base + ["--grad-accum-steps", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "batch 32 as 4 micro-batches of 8" in text and "generator kept meanwhile" in text
+    budget = budget_for(four["modes"]["block"]["peak_bytes"])
+    assert main(base + ["--memory", "auto", "--device-memory", str(budget), "--json"]) == 0
+    auto = json.loads(capsys.readouterr().out)
+    assert 1 < auto["grad_accum_steps"] <= 4 and auto["recommended"] is not None
+    assert auto["auto"].startswith(f"--memory auto: memory={auto['recommended']} with {auto['grad_accum_steps']} "
+                                   f"micro-batches of {32 // auto['grad_accum_steps']}")
+    assert main(base + ["--grad-accum-steps", "5"]) == 2
+    assert "does not split into --grad-accum-steps 5" in capsys.readouterr().err
+    assert main(base + ["--memory", "auto"]) == 2  # no budget on a CPU machine
+    assert "--memory auto needs a budget" in capsys.readouterr().err
 
 
 

@@ -89,3 +89,17 @@ def test_a_rank_flag_after_a_recipe_wins_and_the_old_rank_key_sets_both(command,
     old.write_text("finetune:\n  rank: 4\n")
     assert ranks_parsed(command, "--recipe", str(old)) == (4, 4)
     assert ranks_parsed(command, "--recipe", str(old), "--lora-rank", "8") == (4, 8)
+
+
+def test_recipes_and_sweep_take_grad_accum_steps(tmp_path):
+    recipe = tmp_path / "accumulated.yaml"
+    recipe.write_text("finetune:\n  batch_size: 64\n  grad_accum_steps: 4\n")
+    argv = ["finetune", "--recipe", str(recipe)]
+    cfg = from_namespace(FinetuneConfig, build_parser(argv).parse_args(argv))
+    assert (cfg.batch_size, cfg.grad_accum_steps) == (64, 4)
+    argv = ["sweep", "--recipe", "fgvc", "--grad-accum-steps", "8"]
+    args = build_parser(argv).parse_args(argv)
+    assert (args.batch_size, args.grad_accum_steps) == (64, 8)
+    argv = ["finetune", "--grad-accum-steps", "0"]
+    with pytest.raises(Exception, match="--grad-accum-steps must be >= 1"):
+        from_namespace(FinetuneConfig, build_parser(argv).parse_args(argv)).validate()

@@ -148,3 +148,34 @@ def test_every_name_the_bench_readme_cites_exists():
                 missing.append(name)
             break
     assert missing == []
+
+
+def test_an_accumulated_step_applies_the_gradients_of_one_batch_and_runs_the_generator_once():
+    """The gradients an optimizer step of 4 micro-batches applies (recorded as the step begins) are the whole batch's:
+    against the float64 model on the whole batch, its fp32 error as slack (gift.testing)."""
+    backbone = tiny_timm_vit()
+    state = random_gift_state(backbone, rank=8)
+    whole, parts = (build_provider("fast_torch", backbone, rank=8, gift_state=state) for _ in range(2))
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    exact, baseline = model_exact_and_baseline(whole.model, x, y)
+    runs = []
+    original = parts.gift_model.generator_tokens
+    parts.gift_model.generator_tokens = lambda key: runs.append(key) or original(key)
+    trained = {n: p for n, p in parts.model.named_parameters() if p.requires_grad}
+    applied = {"output": baseline["output"]}
+    parts.optimizer.register_step_pre_hook(lambda *_: applied.update({n: p.grad.clone() for n, p in trained.items()}))
+    parts.step(x, y, micro_batches=4)
+    assert len(runs) == 1 and len(applied) > 10
+    assert_model_agrees(applied, exact, baseline, parts.model)
+
+
+def test_eval_forward_of_the_unmerged_model_is_the_merged_models():
+    backbone = tiny_timm_vit().eval()
+    state = random_gift_state(backbone, rank=8)
+    merged = build_provider("merged", backbone, rank=8, gift_state=state)
+    fast = build_provider("fast_torch", backbone, rank=8, gift_state=state)
+    assert merged.model.merged and not fast.model.merged
+    x = torch.randn(2, 3, 32, 32)
+    fast.model.eval()
+    merged.model.eval()
+    torch.testing.assert_close(fast.eval_forward(x), merged.eval_forward(x), rtol=1e-5, atol=1e-5)

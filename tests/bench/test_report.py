@@ -25,3 +25,28 @@ def test_report_states_met_and_missed_targets_with_numbers_and_the_runs_dtype():
     rows += [row(b8, "reference", "reference_own_out_rel", 3e-3), row(b8, "reference", "reference_own_grad_rel", 5e-3)]
     md = report.markdown(rows)
     assert "own bf16 error 3.0e-03 / 5.0e-03" in md and "its own bf16-vs-float64 error" in md and "fp32" not in md
+
+
+def test_report_states_the_accumulation_and_eval_targets():
+    def row(kernel, x, provider, metric, value):
+        return {"kernel": kernel, "x": x, "provider": provider, "mode": "step", "metric": metric, "value": value,
+                "device": "cpu", "dtype": "float32", "torch": "2", "triton": "3"}
+
+    acc, ev = "vit_small_patch16_224 b8 as 4x2", "vit_small_patch16_224 b2"
+    rows = [row("train_step_accumulated", acc, "fast_torch", "ratio_vs_lora", 0.99),
+            row("train_step_accumulated", acc, "fast_torch", "ratio_vs_lora_q1", 0.98),
+            row("train_step_accumulated", acc, "fast_torch", "ratio_vs_lora_q3", 1.02),
+            row("train_step_accumulated", acc, "fast_torch", "ratio_vs_floor", 1.05),
+            row("train_step_accumulated", acc, "lora", "ratio_vs_floor", 1.02),
+            row("eval_forward", ev, "fast_torch", "ratio_vs_merged", 1.10),
+            row("eval_forward", ev, "fast_torch", "ratio_vs_merged_q1", 1.08),
+            row("eval_forward", ev, "fast_torch", "ratio_vs_merged_q3", 1.12)]
+    lines = report.target_lines(rows)
+    assert len(lines) == 3
+    assert "b8 as 4x2, FastGIFT (fast_torch) time per optimizer step <= 1.00x LoRA r=64: met at the median" in lines[0]
+    assert "b2, FastGIFT (fast_torch) eval forward (cached residuals) <= 1.03x the merged model: **missed**" in lines[1]
+    assert "fair-floor ratio within 0.02 of LoRA r=64's: **missed** (FastGIFT 1.050x, LoRA 1.020x" in lines[2]
+    rows[3] = row("train_step_accumulated", acc, "fast_torch", "ratio_vs_floor", 1.03)
+    assert "within 0.02 of LoRA r=64's: met" in report.target_lines(rows)[2]
+    md = report.markdown(rows)
+    assert "**train_step_accumulated**" in md and "**eval_forward**" in md and "| x merged |" in md

@@ -129,22 +129,27 @@ def test_merge_unmerge_and_merge_and_unload():
         torch.testing.assert_close(plain(x), before, rtol=1e-5, atol=1e-6)
 
 
-def test_backbone_outside_the_models_forward_is_the_plain_or_merged_backbone():
-    """After a training step the kept residuals serve only its backward: backbone(x) elsewhere is the frozen
-    backbone, and merge() does not add them a second time."""
+def test_every_entry_point_of_the_backbone_runs_adapted_and_merge_adds_the_residuals_once():
+    """The wrapper's forward, ``backbone(x)``, ``forward_features`` and ``forward_intermediates`` all run the
+    adapted model (before and after a training step); merged, they give the same outputs, not twice the residual."""
     fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3)), seed=1, scale=0.3)
+    plain = copy.deepcopy(tiny_timm_vit()).eval()
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        plain = fast.backbone.forward_features(x)
     fast.train()(x).sum().backward()
-    assert fast.step_residuals.by_key  # kept for the backward's recomputation
     fast.eval()
     with torch.no_grad():
-        torch.testing.assert_close(fast.backbone.forward_features(x), plain, rtol=0, atol=0)
         adapted = fast(x)
+        features = fast.backbone.forward_features(x)
+        assert (adapted - plain(x)).abs().max() > 1e-3  # the adapter changes the output
+        torch.testing.assert_close(fast.backbone(x), adapted, rtol=0, atol=0)
+        torch.testing.assert_close(fast.backbone.forward_head(features), adapted, rtol=0, atol=0)
+        intermediates = fast.backbone.forward_intermediates(x, intermediates_only=True)
+        torch.testing.assert_close(intermediates[-1], fast.backbone.forward_intermediates(x)[1][-1], rtol=0, atol=0)
+        assert (intermediates[-1] - plain.forward_intermediates(x, intermediates_only=True)[-1]).abs().max() > 1e-3
         fast.merge()
         torch.testing.assert_close(fast.backbone(x), adapted, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fast(x), adapted, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.backbone.forward_features(x), features, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_refuses_non_finite_weights_and_changes_nothing():
@@ -155,7 +160,7 @@ def test_merge_refuses_non_finite_weights_and_changes_nothing():
     with pytest.raises(ValueError, match=r"Merging GIFT into 'blocks\.0\.attn\.proj' gives non-finite weights"):
         fast.merge()
     assert all(torch.equal(v, before[k]) for k, v in fast.backbone.state_dict().items())
-    assert not fast.merged and fast.merged_tokens is None
+    assert not fast.merged
 
 
 # ---------------------------------------------------------------- memory, precision, compile
@@ -246,7 +251,6 @@ def _copies_work(model, x):
     for module in model.modules():
         if isinstance(module, GIFTLinear):
             assert not any(isinstance(v, torch.Tensor) for v in vars(module).values())
-    assert all(t.grad_fn is None for pair in model.step_residuals.by_key.values() for t in pair)
     with torch.no_grad():
         want = _logits(model.eval()(x))
     model.train()
@@ -254,9 +258,10 @@ def _copies_work(model, x):
     pickle.dump(model, buffer)
     copies = [copy.deepcopy(model), pickle.loads(buffer.getvalue()), ModelEmaV3(model).module]
     for other in copies:
-        assert other.step_residuals.by_key == {} and other.step_residuals is not model.step_residuals
+        assert other.residuals is not model.residuals and other.residuals.model is other
+        assert not other.residuals._inference and not other.residuals._training  # no tensors of the original's
         layer = other.target_groups[0].modules[0]
-        assert layer.residuals is other.step_residuals and layer.weight is not model.target_groups[0].modules[0].weight
+        assert layer.residuals is other.residuals and layer.weight is not model.target_groups[0].modules[0].weight
         with torch.no_grad():
             torch.testing.assert_close(_logits(other.eval()(x)), want)
     ema = ModelEmaV3(model, decay=0.5)

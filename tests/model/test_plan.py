@@ -8,10 +8,14 @@ import textwrap
 import pytest
 import torch
 
+from gift import FastGIFT, GIFTConfig
 from gift.plan import (
+    DoesNotFit,
     TrainingSetup,
+    choose_memory_mode,
     compare_with_real_step,
 )
+from tests.helpers import budget_for
 
 SAVED_TOLERANCE = 0.03
 
@@ -71,3 +75,83 @@ def test_huge_and_giant_vits_plan_without_their_weights():
         assert set(modes) == {"none", "mlp", "block"}
         assert 0.95 * weights < modes["none"]["parameter_bytes"] < 1.2 * weights
         assert modes["none"]["peak_bytes"] > modes["mlp"]["peak_bytes"] > modes["block"]["peak_bytes"]
+
+
+# ---------------------------------------------------------------- gradient accumulation
+@pytest.mark.parametrize("method", ["gift", "lora"])
+@pytest.mark.parametrize("accumulation", [2, 4])
+def test_predicted_accumulated_steps_match_a_real_cpu_step(method, accumulation):
+    torch.set_num_threads(1)
+    setup = TrainingSetup(model="vit_small_patch16_224", batch_size=4, method=method, num_classes=10,
+                          grad_accum_steps=accumulation)
+    rows = compare_with_real_step(setup)
+    _check_rows(rows)
+    for mode, predicted, measured in rows:
+        if method == "gift":  # the generator's output (and its graph but with memory=block) stays between micro-batches
+            assert measured.generator_kept > 0 and predicted.generator_kept == measured.generator_kept, mode
+        else:
+            assert measured.generator_kept == 0
+
+
+def test_two_simulated_micro_batches_have_the_peak_of_all():
+    """A prediction runs the first and the last micro-batch of a step (gift.predict.SIMULATED_MICRO_BATCHES); those in
+    between hold no more: a real step of 2 micro-batches and one of 5 have the same bytes."""
+    from gift.memory import measure_training_step
+    from gift.predict import SIMULATED_MICRO_BATCHES
+    from gift.testing import randomize_gift_
+    from tests.helpers import tiny_timm_vit
+
+    assert SIMULATED_MICRO_BATCHES == 2
+    x, y = torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
+    for memory in ("none", "block"):
+        steps = []
+        for micro_batches in (2, 5):
+            model = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3), memory=memory))
+            steps.append(measure_training_step(model, x, y, micro_batches=micro_batches))
+        assert steps[0] == steps[1], memory
+        one = measure_training_step(randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3),
+                                                             memory=memory)), x, y)
+        assert steps[0].peak > one.peak  # the gradients and the generator's output kept between micro-batches show
+
+
+def test_fit_accumulation_takes_the_fewest_micro_batches_that_fit(small_plan):
+    from gift.plan import plan_fitting
+
+    setup = small_plan.setup
+    peaks = {k: small_plan.fake.predict(8, "block", k).peak for k in (1, 2, 4, 8)}
+    assert peaks[1] > peaks[2] > peaks[4] > peaks[8]
+    plan = plan_fitting(setup, budget_for(peaks[4]))
+    assert plan.accumulation == 4 and plan.recommended is not None and plan.fewer[:1] == (2,)
+    mode, why = choose_memory_mode(plan)
+    assert why.startswith(f"memory={mode} with 4 micro-batches of 2 (--grad-accum-steps 4): predicted peak")
+    assert "2 micro-batches per step need" in why
+    assert plan_fitting(setup, budget_for(small_plan.modes["none"].peak)).accumulation == 1
+    assert plan_fitting(setup, budget_for(peaks[4]), accumulations=(8, 3)).accumulation == 8  # 3 does not divide
+    with pytest.raises(DoesNotFit, match=r"batch size 8 as 8 micro-batches of 1 does not fit .* in any memory mode"):
+        plan_fitting(setup, peaks[8] - 1)
+
+
+def test_dinov3_7b_fits_an_8gib_gpu_at_batch_64_with_nf4():
+    """The issue's target: ``gift plan --model vit_7b_patch16_dinov3 --batch-size 64 --device-memory 8GiB --amp bf16
+    --backbone-dtype nf4 --memory auto`` finds a fitting (memory mode, accumulation) plan, on fake tensors (the 7B
+    model's weights are never allocated)."""
+    pytest.importorskip("torchao")
+    code = textwrap.dedent("""
+        import json
+        from gift.plan import TrainingSetup, choose_memory_mode, plan_fitting
+        setup = TrainingSetup(model="vit_7b_patch16_dinov3", batch_size=64, amp="bf16", backbone_dtype="nf4")
+        plan = plan_fitting(setup, "8GiB")
+        with open("/proc/self/status") as f:
+            rss = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+        print(json.dumps({"plan": plan.to_json(), "why": choose_memory_mode(plan)[1], "max_rss_bytes": rss}))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    plan = out["plan"]
+    k, mode = plan["grad_accum_steps"], plan["recommended"]
+    assert mode is not None and plan["modes"][mode]["fits"] and 64 % k == 0 and k > 1
+    assert plan["modes"][mode]["peak_bytes"] <= 0.9 * 8 * 2**30
+    assert plan["modes"]["block"]["generator_saved_bytes"] == 0  # memory=block recomputes the generator
+    assert out["why"].startswith(f"memory={mode} with {k} micro-batches of {64 // k}")
+    assert out["max_rss_bytes"] < 2 * 2**30

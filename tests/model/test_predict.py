@@ -14,11 +14,6 @@ from gift.plan import (
 from tests.helpers import budget_for
 
 
-@pytest.fixture(scope="module")
-def small_plan():
-    return plan_training(TrainingSetup(model="vit_small_patch16_224", batch_size=8))
-
-
 def test_a_budget_between_two_modes_picks_the_faster_that_fits(small_plan):
     peaks = {m: b.peak for m, b in small_plan.modes.items()}
     assert peaks["none"] > peaks["mlp"] > peaks["block"]
