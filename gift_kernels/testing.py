@@ -8,8 +8,8 @@ where ``scale_k = max|expected_k|`` (the float64 reference's magnitude of that v
 baseline, when given, is a plain-torch computation of the same thing in the same dtype (the
 FlashAttention rule: a gradient that cancels to something small carries rounding noise set by its
 summands, and the baseline shows how much). No tensor borrows the scale of another, so in fp32 and
-fp16 (``ONE_PERCENT_DTYPES``) zeroing, negating or scaling any single gradient by 1% fails the check
-(tests/test_agreement.py proves it for both ops). In bf16 (8 significant bits) the tolerance is 4e-2 of
+fp16 (``ONE_PERCENT_DTYPES``) zeroing, negating or scaling any single gradient, or own-work key (below), by
+1% fails the check (tests/test_agreement.py proves it for both ops, rounding floors included). In bf16 (8 significant bits) the tolerance is 4e-2 of
 each tensor's scale, so a 1% error is NOT guaranteed to fail: zeroing, negating or an error of
 ``1 + 2 x TOLERANCES[bfloat16]`` (8%) does (tested); measured on the test shapes, scaling by 1.04 passes.
 ``BASELINE_FACTOR = 2`` is for one op against the same math; whole-model comparisons, whose fast paths
@@ -21,6 +21,29 @@ softmax over clusters, see `paca_zero_gradients`). Their reference magnitude is 
 their scale is the largest reference magnitude of the set they are compared in (what their
 summands are made of).
 
+Besides whole tensors, each op's own work is compared at its own scale (`paca_own_work`,
+`residual_own_work`): PaCa's ``output - t`` and ``d_t - grad``, the residual's ``output - (x W^T + b)`` and
+``dx - g W``, differences that are exact in the float64 reference. The pass-through terms set the scale of the
+whole tensors, so in 16 bits the part that depends on the attention, or on the low-rank term, is far below
+a whole tensor's tolerance; these keys see it. The Triton PaCa forward's saved state (Z, its norms, the
+folded keys and values, the attention's log-sum-exp) is checked against its float64 value too
+(`check_paca_saved_state`): the backward renormalises the probabilities it recomputes, so no output or
+gradient depends on the saved log-sum-exp.
+
+Where the rounding error of a result is set by something other than its size, the error it is allowed
+grows by a floor derived from the computation, the same on any CPU (`paca_error_floors`,
+`residual_error_floors`), in units of `accumulation_unit` (the unit roundoff of the op's products and sums)
+and `storage_unit` (of storing a value in the dtype):
+  * a sum whose terms cancel by construction (PaCa's d_q_w, d_q_b, d_k_w: the softmax over clusters makes
+    ``sum_m dlogits[n, m] = 0``; d_cluster_w, d_cluster_b: dP is orthogonal to Z): ``ROUNDING_FACTOR x
+    accumulation_unit x`` the magnitude of its summands (`paca_cancelling_summands`), not of its result;
+  * a difference with a stored tensor (the own-work keys): the stored tensor's rounding,
+    ``storage_unit x max|stored|``; for the residual, whose GEMM accumulates over d_in, ``(storage_unit +
+    ROUNDING_FACTOR x accumulation_unit) x max(|x| |W|^T + |b| + |x psi| |T|^T)`` (dx alike), the summed
+    terms' magnitude bounding the stored output's too.
+The baseline's own error stays in the rule (it covers what no floor names), but no check relies on how
+one CPU happened to round it.
+
 For a low-precision check use `exact_and_baseline`: the exact answer is float64 on the inputs as the
 dtype sees them (rounded to it), and the baseline the fp32 reference on those inputs rounded to
 the dtype: what a kernel with 16-bit loads, fp32 accumulation and 16-bit stores can reach. (The
@@ -29,13 +52,15 @@ PaCa's d_q_w it is 10-40% off, and twice that lets any 1% error through.)
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Collection, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .dispatch import triton_available
 from .paca import paca_attention
-from .paca_math import PacaParams, paca_attention_reference
+from .paca_math import EPS, PacaParams, cluster_side, l2, merge_heads, paca_attention_reference, split_heads
 from .residual import lowrank_residual_linear, lowrank_residual_linear_reference
 
 # max error, relative to each tensor's own scale, allowed for a computation in this dtype
@@ -48,6 +73,24 @@ TOLERANCES: dict[torch.dtype, float] = {
 BASELINE_FACTOR = 2.0
 # dtypes in which a 1% error in any single tensor is guaranteed to fail (tests/test_agreement.py); not bfloat16
 ONE_PERCENT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16)
+# rounding error floors (`paca_error_floors`): this many unit roundoffs of the accumulation per unit of summand
+# magnitude (the measured errors of the torch path, the Triton kernels and the fp32 baseline stay below 0.6)
+ROUNDING_FACTOR = 4.0
+
+
+def accumulation_unit(dtype: torch.dtype) -> float:
+    """Unit roundoff of the products and sums of an op in ``dtype``: float64's for float64; 2^-22 for fp32, whose
+    Triton dots run tf32x3 on a GPU (`launch.F32_DOT_PRECISION`: three TF32 products, the dropped low x low term and
+    the low parts' TF32 rounding about 2^-22 of each product; IEEE fp32, as the interpreter and the torch path
+    compute, is 2^-24); fp32's 2^-24 for 16-bit inputs (16-bit operands, fp32 accumulation)."""
+    if dtype == torch.float64:
+        return 2.0 ** -53
+    return 2.0 ** -22 if dtype == torch.float32 else 2.0 ** -24
+
+
+def storage_unit(dtype: torch.dtype) -> float:
+    """Unit roundoff of storing a value in ``dtype``: ``|fl(x) - x| <= storage_unit(dtype) * |x|``."""
+    return torch.finfo(dtype).eps / 2
 
 
 def scales_of(expected: Mapping[str, torch.Tensor], zero_by_construction: Collection[str] = ()) -> dict[str, float]:
@@ -85,28 +128,33 @@ def relative_errors(actual: Mapping[str, torch.Tensor], expected: Mapping[str, t
 
 def disagreements(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], dtype: torch.dtype,
                   baseline: Mapping[str, torch.Tensor] | None = None, zero_by_construction: Collection[str] = (),
-                  baseline_factor: float = BASELINE_FACTOR) -> list[str]:
+                  baseline_factor: float = BASELINE_FACTOR, floors: Mapping[str, float] | None = None) -> list[str]:
     """One line per key whose error exceeds what the module docstring allows (``baseline_factor`` times the
-    baseline's error); empty when all agree."""
+    baseline's error, plus the key's rounding error floor in ``floors``, if any); empty when all agree."""
     tol = TOLERANCES[dtype]
     scales = scales_of(expected, zero_by_construction)
     errors = max_abs_errors(actual, expected)
     slack = max_abs_errors(baseline, expected) if baseline is not None else {}
+    floors = floors or {}
+    unknown = set(floors) - set(expected)
+    if unknown:
+        raise KeyError(f"floors names keys that are not compared: {sorted(unknown)}")
     bad = []
     for k, err in errors.items():
-        allowed = tol * scales[k] + baseline_factor * slack.get(k, 0.0)
+        allowed = tol * scales[k] + baseline_factor * slack.get(k, 0.0) + floors.get(k, 0.0)
         if not err <= allowed:  # NaN fails too
             bad.append(f"{k}: abs {err:.3e} > {allowed:.3e} = {tol:.0e} x scale {scales[k]:.3e}"
                        + (f" + {baseline_factor:g} x baseline's {slack[k]:.3e}" if k in slack else "")
+                       + (f" + floor {floors[k]:.3e}" if k in floors else "")
                        + (" (zero by construction)" if k in zero_by_construction else ""))
     return bad
 
 
 def assert_agree(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], dtype: torch.dtype,
                  baseline: Mapping[str, torch.Tensor] | None = None, zero_by_construction: Collection[str] = (),
-                 baseline_factor: float = BASELINE_FACTOR) -> None:
+                 baseline_factor: float = BASELINE_FACTOR, floors: Mapping[str, float] | None = None) -> None:
     """Raise ``AssertionError`` listing every key that disagrees (see `disagreements`)."""
-    bad = disagreements(actual, expected, dtype, baseline, zero_by_construction, baseline_factor)
+    bad = disagreements(actual, expected, dtype, baseline, zero_by_construction, baseline_factor, floors)
     if bad:
         raise AssertionError(f"{len(bad)} of {len(expected)} tensors disagree in {dtype}:\n  " + "\n  ".join(bad))
 
@@ -141,9 +189,17 @@ def paca_zero_gradients(num_clusters: int, num_tokens: int, activation: str = "s
 
 
 # ------------------------------------------------------------------------------ test inputs for the ops
-def paca_case(shape, seed: int = 0):
+SHARP_QK_GAIN = 8.0  # `paca_case(sharp=True)`: query and key weights near this times the identity
+
+
+def paca_case(shape, seed: int = 0, sharp: bool = False):
     """Random float64 inputs for `paca_attention` at ``shape = (L, N, M, r, heads)``:
-    ``(t (L, N, r), params (list of the 10 PacaParams fields), grad (L, N, r))``."""
+    ``(t (L, N, r), params (list of the 10 PacaParams fields), grad (L, N, r))``.
+
+    ``sharp``: tokens near M random directions, a sigmoid assignment (weights 8 x the directions, bias -4) that
+    picks each direction's tokens out, query and key weights near ``SHARP_QK_GAIN`` x the identity and no value
+    or output bias: every token attends mostly to its own cluster, so the output and gradients depend on the
+    attention probabilities themselves, not on their near-uniform mean (the default case's)."""
     L, N, M, r, _ = shape
     g = torch.Generator().manual_seed(seed)
 
@@ -154,6 +210,14 @@ def paca_case(shape, seed: int = 0):
     params = [rnd(M, r, scale=r ** -0.5), rnd(M, scale=0.3)]
     for _ in range(4):
         params += [rnd(r, r, scale=r ** -0.5), rnd(r, scale=0.3)]
+    if sharp:
+        directions = F.normalize(rnd(M, r), dim=-1)
+        which = torch.randint(M, (L, N), generator=g)
+        t = (directions[which] + rnd(L, N, r, scale=0.3 * r ** -0.5)) * r ** 0.5   # rows of norm ~ sqrt(r)
+        params[0], params[1] = 8.0 * directions, torch.full((M,), -4.0, dtype=torch.float64)
+        for i in (2, 4):                                                          # q_w, k_w
+            params[i] = SHARP_QK_GAIN * torch.eye(r, dtype=torch.float64) + rnd(r, r, scale=0.1 * r ** -0.5)
+        params[7], params[9] = torch.zeros(r, dtype=torch.float64), torch.zeros(r, dtype=torch.float64)
     return t, params, rnd(L, N, r)
 
 
@@ -171,9 +235,140 @@ def paca_outputs_and_grads(t, params, grad, heads: int, dtype: torch.dtype, back
     return {"output": out.detach().cpu(), **{f"d_{n}": gr.cpu() for n, gr in zip(names, grads)}}
 
 
-def residual_case(shape, bias: bool = True, seed: int = 1):
+def paca_own_work(results: Mapping[str, torch.Tensor], t: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``results`` (of `paca_outputs_and_grads`) with PaCa's own contributions added, in float64:
+    ``output_minus_t = output - t`` (``O Wp^T + bp``) and ``d_t_minus_grad = d_t - grad`` (the l2 backward of dU);
+    ``t`` and ``grad`` as the run's dtype sees them (`rounded_to`)."""
+    return {**results, "output_minus_t": results["output"].double() - t.double().cpu(),
+            "d_t_minus_grad": results["d_t"].double() - grad.double().cpu()}
+
+
+def paca_cancelling_summands(t, params, grad, heads: int, activation: str = "sigmoid") -> dict[str, float]:
+    """For PaCa's gradients whose terms cancel by construction, the largest magnitude of their summands, from
+    float64 inputs ``t`` (L, N, r), ``params`` and ``grad``; their rounding error is set by these, not by their size
+    (up to 1e5 times smaller on the test shapes).
+
+    * ``d_q_b``, ``d_q_w``, ``d_k_w``: the softmax over the M clusters makes ``sum_m dlogits[n, m] = 0`` with
+      ``dlogits = a (dA - sum_m a dA)``; ``d_q_b = scale sum_{n, m} dlogits K_m``, ``d_q_w`` is the same times U and
+      ``d_k_w`` is ``dK = scale dlogits^T Q`` times Z. Summands: the terms dlogits is the difference of,
+      ``a (|dA| + |sum_m a dA|)``, times the magnitudes that multiply them.
+    * ``d_cluster_b``, ``d_cluster_w`` (sigmoid assignment; with the softmax one d_cluster_b is zero): ``dC = U dP^T``
+      with dP orthogonal to Z (the l2 backward), so ``dC`` cancels over r; summands ``|U| |dP|^T`` times the
+      sigmoid's derivative / N (times U for d_cluster_w).
+    """
+    p = PacaParams(*params)
+    L, N, r = t.shape
+    scale = 1.0 / math.sqrt(r // heads)
+    u, _ = l2(t)
+    logits_c = F.linear(u, p.cluster_w, p.cluster_b)
+    c = torch.softmax(logits_c, dim=-2) if activation == "softmax" else torch.sigmoid(logits_c) / N
+    pooled = (c.transpose(-1, -2) @ u).requires_grad_(True)                    # P (L, M, r), for dP
+    with torch.enable_grad():
+        z, _ = l2(pooled)
+        q = split_heads(F.linear(u, p.q_w, p.q_b), heads)                      # (L, h, N, d)
+        k = split_heads(F.linear(z, p.k_w, p.k_b), heads)                      # (L, h, M, d)
+        v = split_heads(F.linear(z, p.v_w, p.v_b), heads)
+        a = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)             # (L, h, N, M)
+        out = merge_heads(a @ v) @ p.proj_w.t()
+        dp, = torch.autograd.grad(out, pooled, grad)
+    q, k, v, a, z = (x.detach() for x in (q, k, v, a, z))
+    da = split_heads(grad @ p.proj_w, heads) @ v.transpose(-1, -2)
+    terms = a * (da.abs() + (a * da).sum(-1, keepdim=True).abs())
+    dq = merge_heads(scale * terms @ k.abs()).flatten(0, 1)                    # (L N, r)
+    dk = merge_heads(scale * terms.transpose(-1, -2) @ q.abs()).flatten(0, 1)  # (L M, r)
+    summands = {"d_q_b": dq.sum(0).max().item(), "d_q_w": (dq.t() @ u.abs().flatten(0, 1)).max().item(),
+                "d_k_w": (dk.t() @ z.abs().flatten(0, 1)).max().item()}
+    if activation != "softmax":
+        sig = torch.sigmoid(logits_c)
+        ds = (u.abs() @ dp.abs().transpose(-1, -2)) * sig * (1 - sig) / N       # (L, N, M)
+        summands["d_cluster_b"] = ds.sum((0, 1)).max().item()
+        summands["d_cluster_w"] = (ds.flatten(0, 1).t() @ u.abs().flatten(0, 1)).max().item()
+    return summands
+
+
+def paca_error_floors(t, params, grad, heads: int, dtype: torch.dtype, expected: Mapping[str, torch.Tensor],
+                      activation: str = "sigmoid") -> dict[str, float]:
+    """Rounding error floors (module docstring) of PaCa's cancelling gradients and own-work keys in ``dtype``, from
+    the inputs as ``dtype`` sees them (float64) and the float64 results ``expected``."""
+    floors = {k: ROUNDING_FACTOR * accumulation_unit(dtype) * v
+              for k, v in paca_cancelling_summands(t, params, grad, heads, activation).items()}
+    floors["output_minus_t"] = storage_unit(dtype) * expected["output"].abs().max().item()
+    floors["d_t_minus_grad"] = storage_unit(dtype) * expected["d_t"].abs().max().item()
+    return floors
+
+
+# what `paca_triton.paca_triton_forward` saves for the backward, in its order
+PACA_SAVED_STATE = ("z", "p_norm", "lse_c", "kq", "cq", "vp", "lse")
+
+
+def paca_saved_state_reference(t, p: PacaParams, heads: int, activation: str = "sigmoid") -> dict[str, torch.Tensor]:
+    """What the Triton PaCa forward saves, computed in t's dtype with the torch ops of `paca_math`: Z (L, M, r),
+    ``p_norm`` = ||C^T U|| (L, M), the folded keys ``kq`` (L, hM, r), biases ``cq`` (L, hM) and values ``vp``
+    (L, hM, r), the attention's log-sum-exp over the clusters ``lse`` (L, h, N) and, for the softmax assignment
+    only, its log-sum-exp over the tokens ``lse_c`` (L, M)."""
+    L, N, r = t.shape
+    M = p.cluster_w.shape[0]
+    u, _ = l2(t)
+    logits_c = F.linear(u, p.cluster_w, p.cluster_b)                          # (L, N, M)
+    c = torch.softmax(logits_c, dim=-2) if activation == "softmax" else torch.sigmoid(logits_c) / N
+    z, p_norm = l2(c.transpose(-1, -2) @ u)
+    *_, kq, cq, vp = cluster_side(z, p, heads, 1.0 / math.sqrt(r // heads))
+    lse = torch.logsumexp((u @ kq.transpose(-1, -2) + cq).unflatten(-1, (heads, M)), dim=-1).transpose(-1, -2)
+    state = dict(z=z, p_norm=p_norm.squeeze(-1), kq=kq, cq=cq.squeeze(-2), vp=vp, lse=lse)
+    if activation == "softmax":
+        state["lse_c"] = torch.logsumexp(logits_c, dim=-2)
+    return state
+
+
+def check_paca_saved_state(shape, dtype: torch.dtype, activation: str = "sigmoid", seed: int = 0, device="cpu",
+                           sharp: bool = False) -> dict[str, torch.Tensor]:
+    """The Triton PaCa forward's saved state (`PACA_SAVED_STATE`; fp32 whatever ``dtype``) on the inputs of
+    ``paca_case(shape, seed, sharp)`` against `paca_saved_state_reference` in float64 on the inputs as ``dtype``
+    sees them, with the fp32 reference as the baseline, every tensor at its own scale. The log-sum-exps are also
+    compared less ``log M`` (``lse_minus_log_m``; ``lse_c_minus_log_n``): ``log M`` is most of their size when the
+    attention is near uniform, and the rest is the kernel's work. Their floor is the rounding of the logits'
+    operands in ``dtype`` (``2 x storage_unit(dtype) x max(|U| |Kq|^T + |cq|)``, which bounds the error of a
+    log-sum-exp of them) plus its fp32 accumulation. Raises ``AssertionError`` on disagreement; returns the state.
+    Needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)."""
+    from .paca_triton import paca_triton_forward  # Triton is optional: imported when this check runs
+
+    t, params, _ = paca_case(shape, seed, sharp)
+    L, N, M, r, heads = shape
+    rounded = rounded_to([t, *params], dtype)
+    p = PacaParams(*rounded[1:])
+    exact = paca_saved_state_reference(rounded[0], p, heads, activation)
+    baseline = paca_saved_state_reference(rounded[0].float(), PacaParams(*(x.float() for x in p)), heads, activation)
+    leaves = [x.to(device=device, dtype=dtype) for x in [t, *params]]
+    _, saved, _ = paca_triton_forward(leaves[0], PacaParams(*leaves[1:]), heads, activation)
+    if len(saved) != len(PACA_SAVED_STATE):
+        raise AssertionError(f"paca_triton_forward saves {len(saved)} tensors; PACA_SAVED_STATE names "
+                             f"{len(PACA_SAVED_STATE)}: {PACA_SAVED_STATE}")
+    got = {k: v.cpu() for k, v in zip(PACA_SAVED_STATE, saved) if k in exact}
+
+    def own_work(state):
+        extra = {"lse_minus_log_m": state["lse"].double() - math.log(M)}
+        if "lse_c" in state:
+            extra["lse_c_minus_log_n"] = state["lse_c"].double() - math.log(N)
+        return {**state, **extra}
+
+    u, _ = l2(rounded[0])
+    operands = u.abs() @ exact["kq"].abs().transpose(-1, -2) + exact["cq"].abs().unsqueeze(-2)       # (L, N, hM)
+    unit = 2 * storage_unit(dtype) + ROUNDING_FACTOR * accumulation_unit(dtype)
+    floors = {"lse": unit * operands.max().item(), "lse_minus_log_m": unit * operands.max().item()}
+    if activation == "softmax":
+        logits_c = u.abs() @ p.cluster_w.abs().t() + p.cluster_b.abs()
+        floors["lse_c"] = floors["lse_c_minus_log_n"] = unit * logits_c.max().item()
+    assert_agree(own_work(got), own_work(exact), dtype, baseline=own_work(baseline), floors=floors)
+    return got
+
+
+RESIDUAL_PSI_SCALE = 0.1  # `residual_case`'s default psi magnitude; GIFT's trained psi is nearer 1e-3
+
+
+def residual_case(shape, bias: bool = True, seed: int = 1, psi_scale: float = RESIDUAL_PSI_SCALE):
     """Random float64 inputs for `lowrank_residual_linear` at ``shape = (rows, d_in, d_out, r)``:
-    ``(x (2, rows, d_in), W (d_out, d_in), b (d_out,) or None, psi (d_in, r), T (d_out, r), grad (2, rows, d_out))``."""
+    ``(x (2, rows, d_in), W (d_out, d_in), b (d_out,) or None, psi (d_in, r), T (d_out, r), grad (2, rows, d_out))``,
+    psi's entries ``psi_scale`` x standard normal."""
     rows, d_in, d_out, r = shape
     g = torch.Generator().manual_seed(seed)
 
@@ -181,7 +376,7 @@ def residual_case(shape, bias: bool = True, seed: int = 1):
         return torch.randn(*s, generator=g, dtype=torch.float64)
 
     return (rnd(2, rows, d_in), rnd(d_out, d_in) * d_in ** -0.5, rnd(d_out) if bias else None,
-            rnd(d_in, r) * 0.1, rnd(d_out, r), rnd(2, rows, d_out))
+            rnd(d_in, r) * psi_scale, rnd(d_out, r), rnd(2, rows, d_out))
 
 
 def residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype: torch.dtype, backend: str,
@@ -200,13 +395,36 @@ def residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype: torch.dtype, b
     return {"output": out.detach().cpu(), "dx": dx.cpu(), "dpsi": dpsi.cpu(), "dT": dt.cpu()}
 
 
+def residual_own_work(results: Mapping[str, torch.Tensor], x, w, b, grad) -> dict[str, torch.Tensor]:
+    """``results`` (of `residual_outputs_and_grads`) with the low-rank term's own contributions added, in float64:
+    ``output_minus_xw = output - (x W^T + b)`` (``(x psi) T^T``) and ``dx_minus_gw = dx - g W`` (``(g T) psi^T``);
+    x, W, b and g as the run's dtype sees them (`rounded_to`)."""
+    x, w, grad = x.double().cpu(), w.double().cpu(), grad.double().cpu()
+    dense = F.linear(x, w, None if b is None else b.double().cpu())
+    return {**results, "output_minus_xw": results["output"].double() - dense,
+            "dx_minus_gw": results["dx"].double() - grad @ w}
+
+
+def residual_error_floors(x, w, b, psi, tokens, grad, dtype: torch.dtype) -> dict[str, float]:
+    """Rounding error floors (module docstring) of the residual's own-work keys in ``dtype``, from float64 inputs as
+    ``dtype`` sees them: the stored output's (dx's) rounding plus the accumulation of its full-size GEMM, both
+    bounded by the largest magnitude of the summed terms."""
+    b_abs = 0.0 if b is None else b.abs()
+    out_terms = F.linear(x.abs(), w.abs()) + b_abs + (x.abs() @ psi.abs()) @ tokens.abs().t()
+    dx_terms = grad.abs() @ w.abs() + (grad.abs() @ tokens.abs()) @ psi.abs().t()
+    return {key: (storage_unit(dtype) + ROUNDING_FACTOR * accumulation_unit(dtype)) * terms.max().item()
+            for key, terms in (("output_minus_xw", out_terms), ("dx_minus_gw", dx_terms))}
+
+
 # ------------------------------------------------------------------------------ one op checked end to end
 def check_paca(shape, dtype: torch.dtype, backend: str, activation: str = "sigmoid", seed: int = 0,
-               device="cpu") -> tuple[dict[str, torch.Tensor], Callable[[], dict[str, torch.Tensor]]]:
-    """`paca_attention` at ``shape = (L, N, M, r, heads)`` in ``dtype`` on ``backend``/``device`` against the
-    float64 reference (`exact_and_baseline`: rounded inputs, fp32 baseline), every tensor at its own scale.
-    Raises ``AssertionError`` on disagreement; returns the results and a function that reruns the op."""
-    t, params, grad = paca_case(shape, seed)
+               device="cpu", sharp: bool = False) -> tuple[dict[str, torch.Tensor], Callable[[], dict[str, torch.Tensor]]]:
+    """`paca_attention` on ``paca_case(shape, seed, sharp)`` (``shape = (L, N, M, r, heads)``) in ``dtype`` on
+    ``backend``/``device`` against the float64 reference (`exact_and_baseline`: rounded inputs, fp32 baseline),
+    every tensor and PaCa's own work (`paca_own_work`) at its own scale, with the rounding floors of
+    `paca_error_floors`. Raises ``AssertionError`` on disagreement; returns the results and a function that
+    reruns the op (both without the own-work keys)."""
+    t, params, grad = paca_case(shape, seed, sharp)
     heads = shape[4]
 
     def run(inputs, run_dtype, run_backend="reference", run_device="cpu"):
@@ -216,22 +434,29 @@ def check_paca(shape, dtype: torch.dtype, backend: str, activation: str = "sigmo
     inputs = [t, *params, grad]
     exact, baseline = exact_and_baseline(run, inputs, dtype)
     got = run(inputs, dtype, backend, device)
-    assert_agree(got, exact, dtype, baseline=baseline,
-                 zero_by_construction=paca_zero_gradients(shape[2], shape[1], activation))
+    rounded = rounded_to(inputs, dtype)
+    own = [paca_own_work(r, rounded[0], rounded[-1]) for r in (got, exact, baseline)]
+    assert_agree(*own[:2], dtype, baseline=own[2],
+                 zero_by_construction=paca_zero_gradients(shape[2], shape[1], activation),
+                 floors=paca_error_floors(rounded[0], rounded[1:-1], rounded[-1], heads, dtype, exact, activation))
     return got, lambda: run(inputs, dtype, backend, device)
 
 
-def check_residual(shape, dtype: torch.dtype, backend: str, bias: bool = True,
-                   device="cpu") -> tuple[dict[str, torch.Tensor], Callable[[], dict[str, torch.Tensor]]]:
-    """`lowrank_residual_linear` at ``shape = (rows, d_in, d_out, r)``, checked like `check_paca`."""
-    inputs = list(residual_case(shape, bias))
+def check_residual(shape, dtype: torch.dtype, backend: str, bias: bool = True, device="cpu",
+                   psi_scale: float = RESIDUAL_PSI_SCALE) -> tuple[dict[str, torch.Tensor],
+                                                                  Callable[[], dict[str, torch.Tensor]]]:
+    """`lowrank_residual_linear` at ``shape = (rows, d_in, d_out, r)``, checked like `check_paca` (own work:
+    `residual_own_work`, floors: `residual_error_floors`)."""
+    inputs = list(residual_case(shape, bias, psi_scale=psi_scale))
 
     def run(args, run_dtype, run_backend="reference", run_device="cpu"):
         return residual_outputs_and_grads(*args, run_dtype, run_backend, device=run_device)
 
     exact, baseline = exact_and_baseline(run, inputs, dtype)
     got = run(inputs, dtype, backend, device)
-    assert_agree(got, exact, dtype, baseline=baseline)
+    x, w, b, psi, tokens, grad = rounded_to(inputs, dtype)
+    own = [residual_own_work(r, x, w, b, grad) for r in (got, exact, baseline)]
+    assert_agree(*own[:2], dtype, baseline=own[2], floors=residual_error_floors(x, w, b, psi, tokens, grad, dtype))
     return got, lambda: run(inputs, dtype, backend, device)
 
 
@@ -241,12 +466,30 @@ def available_devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+BF16_INTERPRETER_FIX = "gift_faithful_bf16"  # set on the interpreter methods tests/kernels/bf16_interpreter.py patches
+
+
+def interpreter_runs_bf16() -> bool:
+    """Whether Triton's interpreter currently computes bf16 as a GPU does. Triton 3.x's does not by itself (its
+    bf16 ``tl.dot`` multiplies raw bits as integers, and fp32 -> bf16 casts truncate); tests/kernels'
+    ``runnable`` fixture fixes both for one test (tests/kernels/bf16_interpreter.py)."""
+    try:
+        from triton.runtime.interpreter import InterpreterBuilder
+    except ImportError:
+        return False
+    return all(getattr(getattr(InterpreterBuilder, name), BF16_INTERPRETER_FIX, False)
+               for name in ("create_dot", "cast_impl"))
+
+
 def skip_unless_runnable(device: str, backend: str, dtype: torch.dtype) -> None:
-    """``pytest.skip`` an op test on ``backend`` in ``dtype`` that cannot run on ``device`` here. bf16 runs on
-    CUDA only: the interpreter's bf16 ``tl.dot`` returns garbage without an error."""
+    """``pytest.skip`` an op test on ``backend`` in ``dtype`` that cannot run on ``device`` here. bf16 Triton on
+    CPU runs only while the interpreter's bf16 is fixed (`interpreter_runs_bf16`): unfixed, its bf16 ``tl.dot``
+    returns garbage without an error."""
     import pytest  # a test dependency: this module is also imported by the bench and gift.testing
 
     if backend == "triton" and not triton_available(device):
         pytest.skip(f"Triton cannot run on {device} here (CPU needs TRITON_INTERPRET=1)")
-    if dtype == torch.bfloat16 and device == "cpu":
-        pytest.skip("bf16 is tested on CUDA only: the interpreter's bf16 tl.dot returns garbage")
+    if backend == "triton" and dtype == torch.bfloat16 and device == "cpu" and not interpreter_runs_bf16():
+        pytest.skip("bf16 Triton on CPU needs the interpreter's bf16 fixed (the `runnable` fixture of "
+                    "tests/kernels/bf16_interpreter.py): "
+                    "unfixed, its bf16 tl.dot returns garbage")
