@@ -50,6 +50,30 @@ def test_lowrank_residual_at_gift_magnitudes_matches_float64_reference(shape, de
     check_residual(shape, dtype, backend, device=device, psi_scale=GIFT_PSI_SCALE)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_residual_takes_16bit_weights_with_fp32_gift_weights(device, backend, dtype, runnable):
+    runnable(device, backend, dtype)
+    x, w, b, psi, tokens, grad = residual_case((100, 64, 24, 24))
+    exact = residual_outputs_and_grads(x, w, b, psi, tokens, grad, torch.float64, "reference")
+    got = residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype, backend, gift_dtype=torch.float32,
+                                     device=device)
+    assert got["output"].dtype == dtype and got["dpsi"].dtype == torch.float32 and got["dT"].dtype == torch.float32
+    baseline = residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype, "reference", device=device)
+    assert_agree(got, exact, dtype, baseline=baseline)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_residual_is_deterministic(device, backend):
+    skip_unless_runnable(device, backend, torch.float32)
+    x, w, b, psi, tokens, grad = residual_case((197, 40, 64, 64))
+    first = residual_outputs_and_grads(x, w, b, psi, tokens, grad, torch.float32, backend, device=device)
+    second = residual_outputs_and_grads(x, w, b, psi, tokens, grad, torch.float32, backend, device=device)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 EVEN_SHAPE = (128, 64, 128, 16)  # x holds 256 rows: every forward tile of a 132-SM GPU full (BLOCK_M 128)
 
 
