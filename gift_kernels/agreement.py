@@ -187,11 +187,12 @@ def paca_zero_gradients(num_clusters: int, num_tokens: int, activation: str = "s
 
 
 def paca_own_work(results: Mapping[str, torch.Tensor], t: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``results`` (of `paca_outputs_and_grads`) with PaCa's own contributions added, in float64:
-    ``output_minus_t = output - t`` (``O Wp^T + bp``) and ``d_t_minus_grad = d_t - grad`` (the l2 backward of dU);
-    ``t`` and ``grad`` as the run's dtype sees them (`rounded_to`)."""
-    return {**results, "output_minus_t": results["output"].double() - t.double().cpu(),
-            "d_t_minus_grad": results["d_t"].double() - grad.double().cpu()}
+    """``results`` (PaCa's ``output``, ``d_t`` and parameter gradients) with its own contributions added, in float64 on
+    the results' device: ``output_minus_t = output - t`` (``O Wp^T + bp``) and ``d_t_minus_grad = d_t - grad`` (the l2
+    backward of dU); ``t`` and ``grad`` as the run's dtype sees them (`rounded_to`)."""
+    device = results["output"].device
+    return {**results, "output_minus_t": results["output"].double() - t.double().to(device),
+            "d_t_minus_grad": results["d_t"].double() - grad.double().to(device)}
 
 
 def paca_cancelling_summands(t, params, grad, heads: int, activation: str = "sigmoid") -> dict[str, float]:
@@ -249,11 +250,12 @@ def paca_error_floors(t, params, grad, heads: int, dtype: torch.dtype, expected:
 
 
 def residual_own_work(results: Mapping[str, torch.Tensor], x, w, b, grad) -> dict[str, torch.Tensor]:
-    """``results`` (of `residual_outputs_and_grads`) with the low-rank term's own contributions added, in float64:
-    ``output_minus_xw = output - (x W^T + b)`` (``(x psi) T^T``) and ``dx_minus_gw = dx - g W`` (``(g T) psi^T``);
-    x, W, b and g as the run's dtype sees them (`rounded_to`)."""
-    x, w, grad = x.double().cpu(), w.double().cpu(), grad.double().cpu()
-    dense = F.linear(x, w, None if b is None else b.double().cpu())
+    """``results`` (the residual's ``output``, ``dx``, ``dpsi``, ``dT``) with the low-rank term's own contributions
+    added, in float64 on the results' device: ``output_minus_xw = output - (x W^T + b)`` (``(x psi) T^T``) and
+    ``dx_minus_gw = dx - g W`` (``(g T) psi^T``); x, W, b and g as the run's dtype sees them (`rounded_to`)."""
+    device = results["output"].device
+    x, w, grad = (v.double().to(device) for v in (x, w, grad))
+    dense = F.linear(x, w, None if b is None else b.double().to(device))
     return {**results, "output_minus_xw": results["output"].double() - dense,
             "dx_minus_gw": results["dx"].double() - grad @ w}
 
