@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gift_kernels
 from gift_kernels import PacaParams, dispatch, residual
-from gift_kernels.testing import paca_case, residual_case
+from gift_kernels.testing import available_devices, paca_case, residual_case
 from kernel_mutations import Edit, mutated
 
 
@@ -255,30 +255,33 @@ def test_auto_asks_the_op_where_triton_may_run_and_env_forces(monkeypatch):
     assert dispatch.resolve_backend(cuda, torch.float16, auto=auto) == "torch" and asked == [1, 1]
 
 
-# ------------------------------------------------------ both ops under auto, on CPU tensors under the interpreter
-needs_interpreter = pytest.mark.skipif(not gift_kernels.triton_available("cpu"), reason="needs TRITON_INTERPRET=1")
+# ------------------------------------------------------ both ops under auto: on CUDA, and on CPU under the interpreter
 PACA_SHAPE = (2, 37, 5, 24, 3)                 # (L, N, M, r, heads)
 RESIDUAL_SHAPE = (20, 24, 40, 8)               # (rows, d_in, d_out, r)
+DEVICES = available_devices()
 
 
-@pytest.fixture
-def auto_on_cpu(cache, monkeypatch):
-    """``auto`` on CPU tensors under the interpreter treated as on CUDA, with a fresh verdict cache."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv(dispatch.AUTO_ON_INTERPRETER_ENV, "1")
+@pytest.fixture(params=DEVICES)
+def auto_on(request, cache, monkeypatch):
+    """The device, with ``auto`` where Triton may run (on CPU: under the interpreter, GIFT_AUTO_ON_INTERPRETER=1) and
+    a fresh verdict cache."""
+    if request.param == "cpu":
+        if not gift_kernels.triton_available("cpu"):
+            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+        monkeypatch.setenv(dispatch.AUTO_ON_INTERPRETER_ENV, "1")
     monkeypatch.setenv("GIFT_BACKEND", "auto")
-    return cache
+    return torch.device(request.param)
 
 
-def _paca_call(backend=None):
+def _paca_call(device, backend=None):
     t, params, grad = paca_case(PACA_SHAPE, seed=2)
-    leaves = [x.float().requires_grad_(True) for x in (t, *params)]
+    leaves = [x.to(device, torch.float32).requires_grad_(True) for x in (t, *params)]
     out = gift_kernels.paca_attention(leaves[0], PacaParams(*leaves[1:]), PACA_SHAPE[4], backend=backend)
-    return [out.detach(), *torch.autograd.grad(out, leaves, grad.float())]
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad.to(device, torch.float32))]
 
 
-def _residual_call(backend=None):
-    x, w, b, psi, tokens, grad = (v.float() for v in residual_case(RESIDUAL_SHAPE))
+def _residual_call(device, backend=None):
+    x, w, b, psi, tokens, grad = (v.to(device, torch.float32) for v in residual_case(RESIDUAL_SHAPE))
     x, psi, tokens = (v.requires_grad_(True) for v in (x, psi, tokens))
     out = gift_kernels.lowrank_residual_linear(x, w, b, psi, tokens, backend=backend)
     return [out.detach(), *torch.autograd.grad(out, [x, psi, tokens], grad)]
@@ -292,73 +295,67 @@ def _close(a, b):
     return all(torch.allclose(u, v, rtol=1e-4, atol=1e-5) for u, v in zip(a, b))
 
 
-def _paca_triton():
-    return pytest.importorskip("gift_kernels.paca_triton")
-
-
-def _residual_triton():
-    return pytest.importorskip("gift_kernels.residual_triton")
-
-
 def _raise_out_of_resources(*args, **kwargs):
     from triton.runtime.errors import OutOfResources
 
     raise OutOfResources(200000, 166912, "shared memory")
 
 
-@needs_interpreter
-def test_paca_auto_takes_agreeing_triton_kernels(auto_on_cpu):
+# a wrong PaCa kernel: the backward's dVp partials 10% short (d_proj_w, d_v_w, d_t... wrong)
+WRONG_PACA = Edit("_paca_attn_bwd", "dvp += _dot(tl.trans(a), g, DT, F32_DOT)",
+                  "dvp += 0.9 * _dot(tl.trans(a), g, DT, F32_DOT)")
+RESIDUAL_DOT = "acc += tl.dot(p.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision=F32_DOT)"
+WRONG_RESIDUAL = Edit("_matmul_lowrank_epilogue", RESIDUAL_DOT, RESIDUAL_DOT.replace("+= ", "+= 0.9 * "))
+
+
+def test_paca_auto_takes_agreeing_triton_kernels(auto_on):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = _paca_call()
+        got = _paca_call(auto_on)
     assert list(dispatch._DECIDED.values()) == ["triton"]
-    assert _same(got, _paca_call("triton")) and not _same(got, _paca_call("torch"))
+    assert _same(got, _paca_call(auto_on, "triton")) and not _same(got, _paca_call(auto_on, "torch"))
 
 
-@needs_interpreter
 @pytest.mark.parametrize("failure", ["raises", "disagrees"])
-def test_paca_auto_with_a_failing_kernel_gives_the_torch_path_and_one_warning(auto_on_cpu, monkeypatch, failure):
-    paca_triton = _paca_triton()
-    wrong = Edit("_paca_attn_bwd", "dvp += _dot(tl.trans(a), g, DT, F32_DOT)", "dvp += 0.9 * _dot(tl.trans(a), g, DT, F32_DOT)")
-    with mutated(paca_triton, [wrong] if failure == "disagrees" else []):
+def test_paca_auto_with_a_failing_kernel_gives_the_torch_path_and_one_warning(auto_on, monkeypatch, failure):
+    paca_triton = pytest.importorskip("gift_kernels.paca_triton")
+    with mutated(paca_triton, [WRONG_PACA] if failure == "disagrees" else []):
         if failure == "raises":
             monkeypatch.setattr(paca_triton, "paca_triton_forward", _raise_out_of_resources)
         with pytest.warns(RuntimeWarning) as caught:
-            first = _paca_call()
-            second = _paca_call()
+            first = _paca_call(auto_on)
+            second = _paca_call(auto_on)
     assert len(caught) == 1, [str(w.message) for w in caught]
     assert ("OutOfResources: out of resource: shared memory" if failure == "raises" else
             "disagrees with the float64 torch path: ") in str(caught[0].message)
-    torch_path = _paca_call("torch")
+    torch_path = _paca_call(auto_on, "torch")
     assert _same(first, torch_path) and _same(second, torch_path)
     assert list(dispatch._DECIDED.values()) == ["torch"]
 
 
-@needs_interpreter
-def test_paca_forced_triton_runs_a_failing_kernel_unchecked(auto_on_cpu, monkeypatch):
-    paca_triton = _paca_triton()
-    wrong = Edit("_paca_attn_bwd", "dvp += _dot(tl.trans(a), g, DT, F32_DOT)", "dvp += 0.9 * _dot(tl.trans(a), g, DT, F32_DOT)")
-    with mutated(paca_triton, [wrong]):
-        forced = _paca_call("triton")
-    assert not _close(forced, _paca_call("torch")) and dispatch._DECIDED == {}
+def test_paca_forced_triton_runs_a_wrong_kernel_unchecked(auto_on):
+    paca_triton = pytest.importorskip("gift_kernels.paca_triton")
+    with mutated(paca_triton, [WRONG_PACA]):
+        forced = _paca_call(auto_on, "triton")
+    assert not _close(forced, _paca_call(auto_on, "torch")) and dispatch._DECIDED == {}
 
 
-@needs_interpreter
-def test_residual_auto_checks_times_and_caches_the_faster_agreeing_backend(auto_on_cpu, monkeypatch):
+def test_residual_auto_checks_times_and_caches_the_faster_agreeing_backend(auto_on, monkeypatch):
     timed = []
 
     def fake_timer(fn):
         timed.append(fn.func.__name__)
         return {"matmul_lowrank_torch": 5.0, "matmul_lowrank_epilogue": 4.0}[fn.func.__name__]
 
-    monkeypatch.setattr(dispatch, "cpu_timer", fake_timer)
-    got = _residual_call()
+    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer", fake_timer)
+    got = _residual_call(auto_on)
     assert timed == ["matmul_lowrank_torch", "matmul_lowrank_epilogue"]
-    (entry, value), = json.loads(auto_on_cpu.read_text()).items()
-    assert entry == (f"{dispatch.device_identity(CPU)} | lowrank_residual_linear | rows<=64 d_in=24 d_out=40 r=8 "
-                     f"torch.float32 gift=torch.float32 bias=True matmul=highest | {dispatch.code_version()}")
+    (entry, value), = json.loads(dispatch.choices_path().read_text()).items()
+    assert entry == (f"{dispatch.device_identity(auto_on)} | lowrank_residual_linear | rows<=64 d_in=24 d_out=40 r=8 "
+                     f"torch.float32 gift=torch.float32 bias=True matmul={torch.get_float32_matmul_precision()} | "
+                     f"{dispatch.code_version()}")
     assert value == {"backend": "triton", "reason": None, "seconds": {"torch": 5.0, "triton": 4.0}}
-    assert _same(got, _residual_call("triton"))
+    assert _same(got, _residual_call(auto_on, "triton"))
 
 
 class AtenOps(TorchDispatchMode):
@@ -371,31 +368,28 @@ class AtenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@needs_interpreter
-def test_residual_auto_looks_its_verdict_up_before_any_work(auto_on_cpu, monkeypatch):
-    monkeypatch.setattr(dispatch, "cpu_timer", lambda fn: 1.0)
-    x, w, b, psi, tokens, _ = (v.float() for v in residual_case(RESIDUAL_SHAPE))
+def test_residual_auto_looks_its_verdict_up_before_any_work(auto_on, monkeypatch):
+    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer", lambda fn: 1.0)
+    x, w, b, psi, tokens, _ = (v.to(auto_on, torch.float32) for v in residual_case(RESIDUAL_SHAPE))
     assert residual._verified_backend(x, w, b, psi, tokens) in ("torch", "triton")
     with AtenOps() as mode:
         residual._verified_backend(x, w, b, psi, tokens)
     assert mode.ops == []                     # no x @ psi, no casts: shapes only
 
 
-@needs_interpreter
 @pytest.mark.parametrize("failure", ["raises", "disagrees"])
-def test_residual_auto_with_a_failing_kernel_gives_the_torch_path_and_one_warning(auto_on_cpu, monkeypatch, failure):
-    residual_triton = _residual_triton()
-    monkeypatch.setattr(dispatch, "cpu_timer", lambda fn: {"matmul_lowrank_torch": 5.0}.get(fn.func.__name__, 1.0))
-    dot = "acc += tl.dot(p.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision=F32_DOT)"
-    with mutated(residual_triton, [Edit("_matmul_lowrank_epilogue", dot, dot.replace("+= ", "+= 0.9 * "))]
-                 if failure == "disagrees" else []):
+def test_residual_auto_with_a_failing_kernel_gives_the_torch_path_and_one_warning(auto_on, monkeypatch, failure):
+    residual_triton = pytest.importorskip("gift_kernels.residual_triton")
+    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer",
+                        lambda fn: {"matmul_lowrank_torch": 5.0}.get(fn.func.__name__, 1.0))
+    with mutated(residual_triton, [WRONG_RESIDUAL] if failure == "disagrees" else []):
         if failure == "raises":
             monkeypatch.setattr(residual_triton, "matmul_lowrank_epilogue", _raise_out_of_resources)
         with pytest.warns(RuntimeWarning) as caught:
-            first = _residual_call()
-            second = _residual_call()
+            first = _residual_call(auto_on)
+            second = _residual_call(auto_on)
     assert len(caught) == 1, [str(w.message) for w in caught]
     assert ("OutOfResources: out of resource: shared memory" if failure == "raises" else
             "disagrees with the float64 torch path: output") in str(caught[0].message)
-    torch_path = _residual_call("torch")
+    torch_path = _residual_call(auto_on, "torch")
     assert _same(first, torch_path) and _same(second, torch_path)
