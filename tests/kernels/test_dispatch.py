@@ -316,23 +316,6 @@ def test_paca_auto_takes_agreeing_triton_kernels(auto_on):
     assert _same(got, _paca_call(auto_on, "triton")) and not _same(got, _paca_call(auto_on, "torch"))
 
 
-@pytest.mark.parametrize("failure", ["raises", "disagrees"])
-def test_paca_auto_with_a_failing_kernel_gives_the_torch_path_and_one_warning(auto_on, monkeypatch, failure):
-    paca_triton = pytest.importorskip("gift_kernels.paca_triton")
-    with mutated(paca_triton, [WRONG_PACA] if failure == "disagrees" else []):
-        if failure == "raises":
-            monkeypatch.setattr(paca_triton, "paca_triton_forward", _raise_out_of_resources)
-        with pytest.warns(RuntimeWarning) as caught:
-            first = _paca_call(auto_on)
-            second = _paca_call(auto_on)
-    assert len(caught) == 1, [str(w.message) for w in caught]
-    assert ("OutOfResources: out of resource: shared memory" if failure == "raises" else
-            "disagrees with the float64 torch path: ") in str(caught[0].message)
-    torch_path = _paca_call(auto_on, "torch")
-    assert _same(first, torch_path) and _same(second, torch_path)
-    assert list(dispatch._DECIDED.values()) == ["torch"]
-
-
 def test_paca_forced_triton_runs_a_wrong_kernel_unchecked(auto_on):
     paca_triton = pytest.importorskip("gift_kernels.paca_triton")
     with mutated(paca_triton, [WRONG_PACA]):
@@ -377,19 +360,28 @@ def test_residual_auto_looks_its_verdict_up_before_any_work(auto_on, monkeypatch
     assert mode.ops == []                     # no x @ psi, no casts: shapes only
 
 
+# per op: its Triton module, a wrong kernel (an edit), the launcher a raising kernel replaces, a call of the op, and
+# the start of the warning's reason for the wrong kernel
+FAILING = {"paca_attention": ("gift_kernels.paca_triton", WRONG_PACA, "paca_triton_forward", _paca_call,
+                              "disagrees with the float64 torch path: "),
+           "lowrank_residual_linear": ("gift_kernels.residual_triton", WRONG_RESIDUAL, "matmul_lowrank_epilogue",
+                                       _residual_call, "disagrees with the float64 torch path: output")}
+
+
 @pytest.mark.parametrize("failure", ["raises", "disagrees"])
-def test_residual_auto_with_a_failing_kernel_gives_the_torch_path_and_one_warning(auto_on, monkeypatch, failure):
-    residual_triton = pytest.importorskip("gift_kernels.residual_triton")
-    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer",
-                        lambda fn: {"matmul_lowrank_torch": 5.0}.get(fn.func.__name__, 1.0))
-    with mutated(residual_triton, [WRONG_RESIDUAL] if failure == "disagrees" else []):
+@pytest.mark.parametrize("op", sorted(FAILING))
+def test_auto_with_a_failing_kernel_gives_the_torch_path_and_one_warning(auto_on, monkeypatch, op, failure):
+    module_name, wrong, launcher, call, disagrees = FAILING[op]
+    module = pytest.importorskip(module_name)
+    with mutated(module, [wrong] if failure == "disagrees" else []):
         if failure == "raises":
-            monkeypatch.setattr(residual_triton, "matmul_lowrank_epilogue", _raise_out_of_resources)
+            monkeypatch.setattr(module, launcher, _raise_out_of_resources)
         with pytest.warns(RuntimeWarning) as caught:
-            first = _residual_call(auto_on)
-            second = _residual_call(auto_on)
+            first, second = call(auto_on), call(auto_on)
     assert len(caught) == 1, [str(w.message) for w in caught]
-    assert ("OutOfResources: out of resource: shared memory" if failure == "raises" else
-            "disagrees with the float64 torch path: output") in str(caught[0].message)
-    torch_path = _residual_call(auto_on, "torch")
+    message = str(caught[0].message)
+    assert message.startswith(f"{op}: the Triton kernels failed their first-use check")
+    assert ("OutOfResources: out of resource: shared memory" if failure == "raises" else disagrees) in message
+    torch_path = call(auto_on, "torch")
     assert _same(first, torch_path) and _same(second, torch_path)
+    assert list(dispatch._DECIDED.values()) == ["torch"]
