@@ -188,7 +188,8 @@ def _device() -> dict:
     probe = ("import json, torch, triton; p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() "
              "else None; print(json.dumps({'torch': torch.__version__, 'triton': triton.__version__, "
              "'cuda': torch.version.cuda, 'device': p.name if p else None, "
-             "'capability': f'{p.major}.{p.minor}' if p else None, 'sm_count': p.multi_processor_count if p else None}))")
+             "'capability': f'{p.major}.{p.minor}' if p else None, "
+             "'sm_count': p.multi_processor_count if p else None}))")
     try:
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
         return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """The GPU check's own cases (bench/gpu_check.py runs them; each needs CUDA):
 
-    python bench/gpu_check_cases.py verdicts OUT_DIR   # auto's first-use verdicts at the ViT-H shapes -> OUT_DIR/kernels.json
+    python bench/gpu_check_cases.py verdicts OUT_DIR   # auto's first-use verdicts at ViT-H shapes: OUT_DIR/kernels.json
     python bench/gpu_check_cases.py sanitize           # small ragged Triton calls, for compute-sanitizer
 
 `verdicts` exits 1 if any op's Triton kernels failed their first-use check (the reasons are in the file and

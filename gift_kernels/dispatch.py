@@ -144,7 +144,7 @@ def active_backend(device: torch.device | str | None = None, backend: str | None
 
 # ------------------------------------------------------------------------------ verified per-device choices
 CACHE_ENV = "GIFT_KERNELS_CACHE"
-_CHOICES: dict[str, dict] = {}           # path -> {entry: {"backend": name, "reason": why torch or None, "seconds": ...}}
+_CHOICES: dict[str, dict] = {}           # path -> {entry: {"backend": name, "reason": why not Triton, "seconds": ...}}
 
 
 def choices_path() -> Path:

@@ -185,7 +185,8 @@ def residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype: torch.dtype, b
 
 # ------------------------------------------------------------------------------ one op checked end to end
 def check_paca(shape, dtype: torch.dtype, backend: str, activation: str = "sigmoid", seed: int = 0,
-               device="cpu", sharp: bool = False) -> tuple[dict[str, torch.Tensor], Callable[[], dict[str, torch.Tensor]]]:
+               device="cpu", sharp: bool = False
+               ) -> tuple[dict[str, torch.Tensor], Callable[[], dict[str, torch.Tensor]]]:
     """`paca_attention` on ``paca_case(shape, seed, sharp)`` (``shape = (L, N, M, r, heads)``) in ``dtype`` on
     ``backend``/``device`` against the float64 reference (`exact_and_baseline`: rounded inputs, fp32 baseline),
     every tensor and PaCa's own work (`paca_own_work`) at its own scale, with the rounding floors of

@@ -102,7 +102,8 @@ def test_lowrank_residual_kernel_mutation_fails_the_check(dtype, psi_scale, fact
     skip_unless_runnable("cpu", "triton", dtype)
     residual_triton = pytest.importorskip("gift_kernels.residual_triton")
     dot = EPILOGUE_DOT[dtype]
-    with mutated(residual_triton, [Edit("_matmul_lowrank_epilogue", dot, dot.replace("+= tl.dot(", f"+= {factor} * tl.dot(", 1))]):
+    wrong = Edit("_matmul_lowrank_epilogue", dot, dot.replace("+= tl.dot(", f"+= {factor} * tl.dot(", 1))
+    with mutated(residual_triton, [wrong]):
         for shape in RESIDUAL_SHAPES:
             with pytest.raises(AssertionError, match=r"output_minus_xw: .*\n  dx_minus_gw: "):
                 check_residual(shape, dtype, "triton", psi_scale=psi_scale)
