@@ -55,17 +55,18 @@ def _shape_id(shape):
 
 
 def _known_16bit_shortfall(shape, device, backend, dtype):
-    """The xfail reason of a Triton case in 16 bits known to exceed its gate on CPU (the interpreter), else None.
+    """``(reason, strict)`` of a Triton case in 16 bits known to exceed its gate on CPU (the interpreter), else None.
     CPU only: a GPU's rounding may land on either side."""
     if backend != "triton" or device != "cpu" or dtype == torch.float32:
         return None
     if shape[2] == 1 and shape[1] > 1:
         return ("known: with one cluster (M = 1) the Triton kernels' 16-bit tensor-core operands on the cluster side "
                 "put d_cluster_b 1.6% off in fp16 (tolerance 0.5%), 3x what fp32 math on fp16 inputs reaches; in bf16 "
-                "(1, 197, 1, 24, 1): abs 1.10e-2 > 6.17e-3")
+                "(1, 197, 1, 24, 1): abs 1.10e-2 > 6.17e-3"), True
     if dtype == torch.bfloat16 and shape == (1, 100, 64, 64, 1):
+        # not strict: the excess (6.4e-6) is a tenth of one bf16 ulp of d_cluster_b (6.1e-5): another CPU may pass
         return ("known: bf16 Triton d_cluster_b abs 4.874e-4 > 4.810e-4 (1.01x; 4e-2 x scale 1.05e-2 + 2 x baseline's "
-                "3.0e-5): dC = U dP^T cancels (dP is orthogonal to Z) and its operands are bf16")
+                "3.0e-5): dC = U dP^T cancels (dP is orthogonal to Z) and its operands are bf16"), False
     return None
 
 
@@ -75,9 +76,9 @@ def _known_16bit_shortfall(shape, device, backend, dtype):
 @pytest.mark.parametrize("shape", PACA_SHAPES, ids=_shape_id)
 def test_paca_attention_matches_float64_reference(shape, device, backend, dtype, request, runnable):
     runnable(device, backend, dtype)
-    reason = _known_16bit_shortfall(shape, device, backend, dtype)
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason))
+    known = _known_16bit_shortfall(shape, device, backend, dtype)
+    if known:
+        request.applymarker(pytest.mark.xfail(strict=known[1], raises=AssertionError, reason=known[0]))
     got, _ = check_paca(shape, dtype, backend, device=device)
     assert got["output"].dtype == dtype and got["d_cluster_w"].dtype == dtype
 
