@@ -140,3 +140,13 @@ def ranks_parsed(*argv) -> tuple[int, int]:
     args = build_parser(list(argv)).parse_args(list(argv))
     options = from_namespace(PlanOptions if argv[0] == "plan" else FinetuneConfig, args)
     return options.gift_rank, options.lora_rank
+
+
+def tiny_hf_vit():
+    """A 2-layer Hugging Face ViT on 16 x 16 images, 3 classes, random weights."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                    image_size=16, patch_size=8, num_labels=3)
+    return ViTForImageClassification(cfg)

@@ -7,10 +7,17 @@ import torch.nn as nn
 
 from gift import FastGIFT, GIFTConfig, GIFTReference
 from gift.fast import GIFTLinear
-from gift.testing import assert_model_agrees, model_exact_and_baseline, outputs_and_grads, randomize_gift_, twin_models
+from gift.testing import (
+    assert_model_agrees,
+    model_exact_and_baseline,
+    outputs_and_grads,
+    randomize_gift_,
+    twin_models,
+    zero_gradient_names,
+)
 from gift_kernels import lowrank_residual_linear, lowrank_residual_linear_reference
 from gift_kernels.testing import assert_agree
-from tests.helpers import ToyViT, tiny_timm_vit
+from tests.helpers import ToyViT, tiny_hf_vit, tiny_timm_vit
 
 
 # ---------------------------------------------------------------- the residual op
@@ -228,15 +235,6 @@ def test_fast_with_triton_kernels_agrees_with_reference(cfg, monkeypatch):
 
 
 # ---------------------------------------------------------------- no per-step tensors on the modules
-def tiny_hf_vit():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                    image_size=16, patch_size=8, num_labels=3)
-    return ViTForImageClassification(cfg)
-
-
 def _logits(out):
     return out if isinstance(out, torch.Tensor) else out.logits
 
@@ -284,7 +282,10 @@ def test_deepcopy_pickle_and_timm_ema_after_forward_and_after_backward(backbone,
     _copies_work(fast, x)
     out.float().pow(2).sum().backward()
     _copies_work(fast, x)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fast.gift_parameters())
+    zero = set(zero_gradient_names(fast))  # exactly 0 on one CPU, ~1e-9 on another: not asserted non-zero
+    assert all(p.grad is not None for p in fast.gift_parameters())
+    gift = {id(p) for p in fast.gift_parameters()}
+    assert all(p.grad.abs().sum() > 0 for name, p in fast.named_parameters() if id(p) in gift and name not in zero)
 
 
 # ---------------------------------------------------------------- memory="auto"

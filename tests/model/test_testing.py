@@ -13,7 +13,7 @@ from gift.testing import (
     twin_models,
     zero_gradient_names,
 )
-from tests.helpers import ToyViT, tiny_timm_vit
+from tests.helpers import ToyViT, tiny_hf_vit, tiny_timm_vit
 
 
 @pytest.mark.parametrize(
@@ -37,13 +37,19 @@ from tests.helpers import ToyViT, tiny_timm_vit
         ),
         (tiny_timm_vit, GIFTConfig(rank=6, block="identity", in_projection_bias=True, out_projection_bias=True)),
         (lambda: ToyViT(dim=12, depth=2, hidden=20), GIFTConfig(rank=6, num_clusters=5, out_projection_bias=True)),
+        (tiny_hf_vit, GIFTConfig(rank=4, num_clusters=3, target_modules=("attention.o_proj", "mlp.fc2"),
+                                 out_projection_bias=True)),
     ],
-    ids=["timm-paca-2blocks", "timm-paca_attn-softmax-3targets", "timm-identity", "toy-no-layernorm"],
+    ids=["timm-paca-2blocks", "timm-paca_attn-softmax-3targets", "timm-identity", "toy-no-layernorm", "hf-vit"],
 )
 def test_model_zero_gradient_names_are_exactly_the_zero_gradients(backbone, cfg):
     model = randomize_gift_(GIFTReference(backbone(), cfg).to(torch.float64), seed=3, scale=0.3)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64) if hasattr(model.backbone, "patch_embed") else \
-        torch.randn(2, 5, 12, dtype=torch.float64)
+    if hasattr(model.backbone, "patch_embed"):
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    elif hasattr(model.backbone, "vit"):
+        x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    else:
+        x = torch.randn(2, 5, 12, dtype=torch.float64)
     grads = {k: v for k, v in outputs_and_grads(model, x).items() if k != "output"}
     largest = max(v.abs().max().item() for v in grads.values())
     tiny = {k for k, v in grads.items() if v.abs().max().item() <= 1e-11 * largest}
