@@ -1,11 +1,13 @@
 """Files, written and read in one way everywhere: atomic writes (a crash leaves the old file, the
-new one gets the permissions of the umask), the README's generated blocks between two markers, and
-state dicts read from ``.safetensors`` or torch files.
+new one is on the disk before it replaces it and gets the permissions of the umask), checksums, the
+README's generated blocks between two markers, and state dicts read from ``.safetensors`` or torch files.
 
 Library code: plain exceptions (``FileNotFoundError``, ``ValueError``, ``TypeError``).
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import pickle
@@ -16,22 +18,86 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+#: how the temporary files of `atomic_write` begin (what a crash mid-write leaves behind)
+TMP_PREFIX = ".tmp-"
+
 
 def atomic_write(path: str, write: Callable[[str], object]) -> None:
-    """Write a file through ``write(tmp_path)`` then rename it over ``path``: a crash leaves the old file."""
+    """Write a file through ``write(tmp_path)`` then rename it over ``path``: a crash leaves the old file.
+    The new file's data is flushed to the disk (``fsync``) before the rename, and the rename before this
+    returns, so that a power loss cannot leave a renamed but empty file."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=os.path.basename(path))
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     try:
         write(tmp)
+        _fsync_path(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a file written normally gets the umask's permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_path(directory)
+
+
+def _fsync_path(path: str) -> None:
+    """``fsync`` a file or a directory (its entries: a rename in it); a file system that cannot sync a
+    directory (some network ones) is let be."""
+    is_dir = os.path.isdir(path)
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not is_dir or e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of the file ``path``, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_sha256(obj: Any) -> str:
+    """The SHA-256 of a nested structure of tensors, numpy arrays, dicts, lists, tuples and plain values
+    (a checkpoint's state): of each tensor's dtype, shape and bytes, each dict in key order, so that it
+    is the same after a save and a load whatever the file format; a flipped bit changes it."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            digest.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, np.ndarray):
+            digest.update(f"array {x.dtype} {x.shape};".encode())
+            digest.update(np.ascontiguousarray(x).view(np.uint8).reshape(-1))
+        elif isinstance(x, Mapping):
+            digest.update(f"dict {len(x)}{{".encode())
+            for key in sorted(x, key=repr):
+                feed(key)
+                feed(x[key])
+            digest.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"{type(x).__name__} {len(x)}[".encode())
+            for item in x:
+                feed(item)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(x).__name__} {x!r};".encode())
+
+    feed(obj)
+    return digest.hexdigest()
 
 
 def atomic_write_text(path: str, text: str) -> None:
