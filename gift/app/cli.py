@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from .. import __version__
 from .errors import UsageError, one_line
+from .interrupts import Terminated
 
 # name: one-line help. Adding a subcommand: one line here and a module gift/app/commands/<name>.py.
 COMMANDS = {
@@ -77,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gift {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # the training loop saved what it had; SIGTERM exits as a terminated job does
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C while Python shuts down: no traceback
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":
