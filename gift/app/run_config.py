@@ -5,6 +5,7 @@ policy (`choose_finetune_memory`)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
@@ -99,6 +100,8 @@ class FinetuneConfig:
         check_ranges(self)
         if self.pretrained and self.pretrained_file:
             raise UsageError("give either --pretrained (timm's hub) or --pretrained-file (local), not both")
+        if self.pretrained_file and not os.path.isfile(self.pretrained_file):
+            raise UsageError(f"--pretrained-file {self.pretrained_file!r} does not exist (or is not a file)")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in --output and --overwrite replaces it: give one")
         if self.device is not None and not DEVICE_PATTERN.fullmatch(self.device):
@@ -154,7 +157,7 @@ def choose_finetune_memory(
             f"--memory auto: --method {cfg.method} has one memory mode (recomputation is GIFT's): memory=none",
         )
     if cfg.max_memory is not None:
-        budget = parse_bytes(cfg.max_memory)
+        budget = memory_size(cfg.max_memory, "--max-memory")
     else:
         budget = torch.cuda.mem_get_info(device)[0] if torch.device(device).type == "cuda" else None
     setup = dataclasses.replace(training_setup(cfg, num_classes=num_classes), batch_size=local_batch_size)
@@ -163,6 +166,23 @@ def choose_finetune_memory(
     except DoesNotFit as e:
         raise UsageError(f"--memory auto: {e}") from None
     return mode, f"--memory auto: {reason}"
+
+
+#: the smallest memory size `memory_size` takes: less is a unit left out ("24" for 24GiB), not a device
+MIN_DEVICE_MEMORY = 1 << 20
+
+
+def memory_size(text: str, flag: str) -> int:
+    """``text`` (``24GiB``, ``80GB``, bytes) as bytes; `UsageError` naming ``flag`` for text that does not
+    parse or a size under 1 MiB."""
+    try:
+        size = parse_bytes(text)
+    except ValueError as e:
+        raise UsageError(f"{flag}: {e}") from None
+    if size < MIN_DEVICE_MEMORY:
+        raise UsageError(f"{flag} {text!r} is {size} bytes, too little for a device: give the size with its unit, "
+                         f"e.g. 24GiB or 80GB")
+    return size
 
 
 def probe_data_config(name: str) -> tuple[int, tuple, tuple]:

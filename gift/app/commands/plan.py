@@ -13,11 +13,11 @@ import json
 import torch
 
 from ...config import MEMORY_MODES
-from ...plan import parse_bytes, plan_training
+from ...plan import plan_training
 from ..errors import LIBRARY_ERRORS, UsageError, library_errors
 from ..options import add_arguments as add_options
 from ..options import check_ranges, from_namespace
-from ..run_config import FinetuneConfig, check_extras, training_setup
+from ..run_config import FinetuneConfig, check_extras, memory_size, training_setup
 
 FINETUNE_FLAGS = ("model", "method", "gift_rank", "lora_rank", "block", "num_clusters", "cluster_activation", "amp",
                   "backbone_dtype", "batch_size", "drop_path", "model_ema")
@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be a positive integer, got {value}")
     with library_errors(types=LIBRARY_ERRORS + (ImportError,)):  # an extra that is there but does not import
-        device_memory = device_memory_default() if args.device_memory is None else parse_bytes(args.device_memory)
+        device_memory = (device_memory_default() if args.device_memory is None
+                         else memory_size(args.device_memory, "--device-memory"))
         setup = training_setup(options, args.img_size, args.num_classes)
         plan = plan_training(setup, device_memory, (args.memory,) if args.memory else None)
     if args.json:
