@@ -1,4 +1,6 @@
 """bench/report.py: the bench's tables and the README section from its rows."""
+import os
+
 from bench import report
 
 
@@ -25,3 +27,21 @@ def test_report_states_met_and_missed_targets_with_numbers_and_the_runs_dtype():
     rows += [row(b8, "reference", "reference_own_out_rel", 3e-3), row(b8, "reference", "reference_own_grad_rel", 5e-3)]
     md = report.markdown(rows)
     assert "own bf16 error 3.0e-03 / 5.0e-03" in md and "its own bf16-vs-float64 error" in md and "fp32" not in md
+
+
+def test_without_matplotlib_the_tables_are_written_and_one_line_says_how_to_get_the_chart(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    rows = [{"kernel": "train_step", "x": "vit_base_patch16_224 b8", "provider": "fast_torch", "mode": "step",
+             "metric": "ratio_vs_floor", "value": 1.02, "device": "cpu", "dtype": "float32", "torch": "2",
+             "triton": "3"}]
+    out = tmp_path / "results" / "cpu"
+    said = report.write_all(rows, str(out))
+    assert said == report.CHART_NEEDS and "pip install 'gift[plots]'" in said and len(said.splitlines()) == 1
+    assert sorted(os.listdir(out)) == ["results.csv", "results.md"]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{report.START}\nold\n{report.END}\n")
+    report.update_readme(str(tmp_path / "results"), str(readme))
+    assert "#### `cpu`" in readme.read_text() and "results.png" not in readme.read_text()  # no link to a missing chart
