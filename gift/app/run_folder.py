@@ -129,12 +129,7 @@ def held_run_files(folder: str) -> list[str]:
 def remove_run(folder: str) -> None:
     """Remove the run in ``folder`` (its `RUN_FILES` and temporary files; the lock stays)."""
     for f in held_run_files(folder):
-        path = os.path.join(folder, f)
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+        _remove(os.path.join(folder, f))
     remove_orphans(folder)
 
 
@@ -144,19 +139,20 @@ def remove_orphans(folder: str) -> list[str]:
     removed = []
     for sub in WRITE_FOLDERS:
         where = os.path.join(folder, sub)
-        if not os.path.isdir(where):
-            continue
-        for name in os.listdir(where):
-            if not name.startswith(TMP_PREFIX):
-                continue
-            path = os.path.join(where, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-            removed.append(path)
+        if os.path.isdir(where):
+            removed += [os.path.join(where, name) for name in os.listdir(where) if name.startswith(TMP_PREFIX)]
+    for path in removed:
+        _remove(path)
     return removed
+
+
+def _remove(path: str) -> None:
+    """Remove a file or a folder tree; one that is gone already is fine."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 # ---------------------------------------------------------------------------------------- disk space
