@@ -70,6 +70,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    called_as_command = argv is None  # the console script (a caller passing argv keeps its own Ctrl-C)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     try:
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gift {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # the training loop saved what it had; SIGTERM exits as a terminated job does
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C while Python shuts down: no traceback
+        if called_as_command:  # the process ends now: a further Ctrl-C while Python shuts down prints no traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         return 143 if isinstance(e, Terminated) else 130
 
 
