@@ -152,7 +152,8 @@ def load_checkpoint(path: str, identity: dict) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise UsageError(f"--resume: cannot read {path!r}: {type(e).__name__}: {e}") from None
+        raise UsageError(f"--resume: cannot read {path!r}: {type(e).__name__}: {e}; it is damaged or partial: "
+                         f"restore it from a copy, or start again with --overwrite") from None
     if not isinstance(state, dict) or state.get("format") != "gift-finetune-v2":
         raise UsageError(f"--resume: {path!r} is not a checkpoint of this gift version's finetune")
     recorded = state.pop("sha256", None)  # checkpoints of gifts before the checksum have none
