@@ -116,14 +116,17 @@ def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict, train_da
 DTYPE_FIELDS = ("amp", "backbone_dtype")
 
 
+def normal_setting(key: str, value):
+    """A recorded setting as it compares: dtype names (`DTYPE_FIELDS`) in torch's spelling, others as they are."""
+    return dtype_name(value) if key in DTYPE_FIELDS and isinstance(value, str) else value
+
+
 def identity_differences(saved: dict, now: dict) -> tuple[dict, list[str]]:
     """``({field: (saved value, value now)}, fields the saved identity does not record)``: what differs
-    between a checkpoint's identity and this run's, dtype names compared in one spelling; a checkpoint of
-    an older gift lacks the fields added since."""
-    def normal(key, value):
-        return dtype_name(value) if key in DTYPE_FIELDS and isinstance(value, str) else value
-
-    diff = {k: (saved[k], v) for k, v in now.items() if k in saved and normal(k, saved[k]) != normal(k, v)}
+    between a checkpoint's identity and this run's (`normal_setting`); a checkpoint of an older gift lacks
+    the fields added since."""
+    diff = {k: (saved[k], v) for k, v in now.items()
+            if k in saved and normal_setting(k, saved[k]) != normal_setting(k, v)}
     return diff, [k for k in now if k not in saved]
 
 

@@ -30,7 +30,6 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from ...dtypes import dtype_name
 from ...files import atomic_write_json, atomic_write_text
 from ..data import EMBEDDED, EVAL_SPLITS, SPLITS, TRAIN_SPLITS, absolute_data_spec, open_train_val, parse_data_spec
 from ..divergence import Diverged
@@ -41,7 +40,7 @@ from ..recipes import add_recipe_argument
 from ..results import EVAL_JSON, write_eval_json
 from ..run_config import FinetuneConfig, probe_data_config
 from ..run_folder import FolderLock
-from ..train import CHECKPOINT, DTYPE_FIELDS, finetune
+from ..train import CHECKPOINT, finetune, normal_setting
 
 SWEEP_CSV = "sweep.csv"
 SWEEP_JSON = "sweep.json"
@@ -165,13 +164,9 @@ def _check_same_sweep(output: str, identity: dict, defaults: dict | None = None)
         if not isinstance(saved, dict):
             raise SweepError(f"{path} (the sweep's settings) is damaged (not a JSON object); if this folder holds "
                              f"this very sweep, delete that file, else give another --output")
-
-        def normal(key, value):
-            return dtype_name(value) if key in DTYPE_FIELDS and isinstance(value, str) else value
-
         diff = {k: (saved.get(k, defaults.get(k)), identity.get(k)) for k in set(saved) | set(identity)
                 if k not in ("lrs", "weight_decays")
-                and normal(k, saved.get(k, defaults.get(k))) != normal(k, identity.get(k))}
+                and normal_setting(k, saved.get(k, defaults.get(k))) != normal_setting(k, identity.get(k))}
         if diff:
             text = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in sorted(diff.items()))
             raise SweepError(f"{output} holds another sweep ({text}); give another --output or the same settings")
