@@ -13,7 +13,6 @@ Library code: plain exceptions (``ValueError``, ``FileNotFoundError``, `Pretrain
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 from typing import Any, NamedTuple
 
@@ -24,7 +23,7 @@ from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg
 
 from . import timm_models  # noqa: F401  (registers the gift_* models with timm)
-from .files import read_state_dict
+from .files import file_sha256, read_state_dict
 from .targets import classifier_name
 
 IDENTITY_FORMAT = "gift-backbone-v1"
@@ -146,14 +145,6 @@ def data_config(model: nn.Module) -> DataConfig:
 
 
 # ------------------------------------------------------------------------------------ identity
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def backbone_identity(name: str, num_classes: int, drop_path: float, seed: int, pretrained_file: str | None = None,
                       pretrained: bool = False) -> dict[str, Any]:
     """The record `rebuild_backbone` needs: what `create_backbone` was called with, right after

@@ -12,13 +12,15 @@ import torch
 import torch.nn as nn
 
 from .config import GIFTConfig
-from .files import atomic_write, atomic_write_json, read_state_dict
+from .files import atomic_write, atomic_write_json, content_sha256, read_state_dict
 from .generator import Hypernet, l2_normalize
 from .targets import TargetGroup, classifier_name, find_targets
 
 GIFT_PREFIXES = ("in_projections.", "hypernets.", "out_projections.")
 ADAPTER_WEIGHTS = "gift_adapter.safetensors"
 ADAPTER_CONFIG = "gift_config.json"
+#: the metadata key of ``gift_adapter.safetensors`` that holds the `content_sha256` of its tensors
+WEIGHTS_CHECKSUM = "gift_content_sha256"
 
 
 def block_index_argument(block_index: int, block: int | None) -> int:
@@ -229,17 +231,19 @@ class GIFTModelBase(nn.Module):
         return {g.key: [len(g), g.out_features, g.in_features] for g in self.target_groups}
 
     def save_adapter(self, directory: str | os.PathLike, run: dict | None = None) -> None:
-        """Write ``gift_adapter.safetensors`` (GIFT weights and the head) and ``gift_config.json``,
-        each atomically (temp file, then rename). The frozen backbone is never written; ``run`` (e.g.
-        the timm model name and the local pretrained file) is kept in the JSON for tools like ``gift explain``."""
+        """Write ``gift_adapter.safetensors`` (GIFT weights and the head, with the `content_sha256` of its
+        tensors in the file's metadata) and ``gift_config.json``, each atomically (temp file, then rename).
+        The frozen backbone is never written; ``run`` (e.g. the timm model name and the local pretrained
+        file) is kept in the JSON for tools like ``gift explain``."""
         from safetensors.torch import save_file
 
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.gift_state_dict().items()}
+        checksum = {"format": "pt", WEIGHTS_CHECKSUM: content_sha256(tensors)}
         meta = {"format": "gift-adapter-v1", "config": self.config.to_dict(), "targets": self._target_shapes(),
                 "head": self.head_name, "backbone_class": type(self.backbone).__name__, "run": run or {}}
-        atomic_write(os.path.join(directory, ADAPTER_WEIGHTS), lambda tmp: save_file(tensors, tmp))
+        atomic_write(os.path.join(directory, ADAPTER_WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata=checksum))
         atomic_write_json(os.path.join(directory, ADAPTER_CONFIG), meta, sort_keys=True)
 
     @staticmethod
@@ -249,8 +253,35 @@ class GIFTModelBase(nn.Module):
             raise FileNotFoundError(
                 f"{path!r} does not exist: is {os.fspath(directory)!r} a directory written by save_adapter()?"
             )
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path!r} is damaged: not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path!r} is damaged: not a JSON object")
+        return meta
+
+    @staticmethod
+    def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """The tensors of ``gift_adapter.safetensors``, checked against the checksum in its metadata (adapters
+        saved before the checksum have none). ``ValueError`` for a damaged file."""
+        from safetensors import safe_open
+
+        path = os.path.join(os.fspath(directory), ADAPTER_WEIGHTS)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GIFT checkpoint {path!r} does not exist.")
+        try:
+            with safe_open(path, framework="pt") as f:
+                recorded = (f.metadata() or {}).get(WEIGHTS_CHECKSUM)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for a broken file
+            raise ValueError(f"cannot read GIFT checkpoint {path!r}: {type(e).__name__}: {e}") from None
+        if recorded is not None and content_sha256(tensors) != recorded:
+            raise ValueError(f"{path!r} is damaged: its tensors do not match the checksum they were saved with "
+                             f"(a flipped bit or a partial copy); restore it from a copy (a gift finetune run "
+                             f"writes it again from its checkpoint.pt with --resume)")
+        return tensors
 
     def load_adapter(self, directory: str | os.PathLike) -> None:
         """Restore what `save_adapter` wrote. Raises ``ValueError`` when the adapter was made for another
@@ -263,7 +294,7 @@ class GIFTModelBase(nn.Module):
         if meta["targets"] != self._target_shapes():
             raise ValueError(f"Adapter in {os.fspath(directory)!r} is for targets {meta['targets']} (layers, out, in) "
                              f"but this backbone has {self._target_shapes()}: wrong backbone model.")
-        self.load_gift_state_dict(os.path.join(os.fspath(directory), ADAPTER_WEIGHTS))
+        self.load_gift_state_dict(self.read_adapter_weights(directory))
 
     @classmethod
     def from_adapter(cls, backbone: nn.Module, directory: str | os.PathLike, **kwargs):
