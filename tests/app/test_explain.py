@@ -9,7 +9,8 @@ from PIL import Image
 from gift.app.cli import main
 
 
-def test_explain_command_writes_pngs_and_refuses_bad_input(tmp_path, capsys):
+def test_explain_command_writes_pngs_and_refuses_bad_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the failing calls below use the default --out, runs/explain
     assert main(["finetune", "--train-size", "64", "--val-size", "32", "--batch-size", "32", "--epochs", "1", "--quiet",
                  "--output", str(tmp_path / "run")]) == 0
     image = tmp_path / "img.png"
@@ -37,6 +38,7 @@ def test_explain_command_writes_pngs_and_refuses_bad_input(tmp_path, capsys):
         main(["explain", "--adapter", str(tmp_path / "run" / "adapter"), "--image", str(image), "--layers", "9"]) == 2
     )
     assert "layer index 9 is out of range" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "runs")  # a call that fails writes nothing, not even its --out folder
 
 
 def test_images_of_one_name_in_different_folders_keep_their_own_pngs(tmp_path, capsys):
