@@ -122,10 +122,15 @@ def normal_setting(key: str, value):
     return dtype_name(value) if key in DTYPE_FIELDS and isinstance(value, str) else value
 
 
+# fields added to the identity for a setting that older gifts did not have: their runs had this value
+VALUE_BEFORE_RECORDED = {"grad_accum_steps": None}
+
+
 def identity_differences(saved: dict, now: dict) -> tuple[dict, list[str]]:
     """``({field: (saved value, value now)}, fields the saved identity does not record)``: what differs
     between a checkpoint's identity and this run's (`normal_setting`); a checkpoint of an older gift lacks
-    the fields added since."""
+    the fields added since (those of `VALUE_BEFORE_RECORDED` are compared with the value they had then)."""
+    saved = {**{k: v for k, v in VALUE_BEFORE_RECORDED.items() if k in now}, **saved}
     diff = {k: (saved[k], v) for k, v in now.items()
             if k in saved and normal_setting(k, saved[k]) != normal_setting(k, v)}
     return diff, [k for k in now if k not in saved]
@@ -165,7 +170,7 @@ def load_checkpoint(path: str, identity: dict) -> dict:
         raise UsageError(f"--resume: {path!r} is damaged: its content does not match the checksum it was saved "
                          f"with (a flipped bit or a partial copy); restore it from a copy, or start again with "
                          f"--overwrite")
-    diff, _ = identity_differences(state["identity"], identity)
+    diff, state["unrecorded"] = identity_differences(state["identity"], identity)
     if diff:
         text = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise UsageError(f"--resume: checkpoint {path!r} is from another model or config ({text})")
@@ -364,7 +369,7 @@ def resume(run: Run) -> bool:
     `UsageError` for a checkpoint of another run, a damaged one or one with non-finite weights."""
     cfg, d = run.cfg, run.d
     state = load_checkpoint(run.checkpoint_path, run.identity)
-    unrecorded = [k for k in run.identity if k not in state["identity"]]
+    unrecorded = state["unrecorded"]
     if unrecorded:
         say(d, f"note: {run.checkpoint_path} was written by an older gift that did not record "
                f"{', '.join(unrecorded)}; those are not checked: resume with the settings the run began with")
