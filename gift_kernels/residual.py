@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import measured_choice, resolve_backend
+from .launch import residual_triton_unsupported
 
 
 def lowrank_residual_linear_reference(x, weight, bias, psi, tokens):
@@ -93,6 +94,8 @@ def lowrank_residual_linear(x, weight, bias, psi, tokens, backend: str | None = 
                         f"cast them (or run under torch.autocast) first.")
     matmul_lowrank = matmul_lowrank_torch
     auto = functools.partial(_measured_backend, x, weight, bias, psi, tokens)
-    if resolve_backend(x.device, x.dtype, backend, "lowrank_residual_linear", auto=auto) == "triton":
+    rows = x.numel() // max(1, x.shape[-1])
+    unsupported = residual_triton_unsupported(rows, x.shape[-1], weight.shape[0], psi.shape[1])  # 2^31 elements
+    if resolve_backend(x.device, x.dtype, backend, "lowrank_residual_linear", unsupported, auto) == "triton":
         from .residual_triton import matmul_lowrank_epilogue as matmul_lowrank  # once chosen: Triton is optional
     return LowRankResidualLinear.apply(x, weight, bias, psi, tokens, matmul_lowrank)
