@@ -34,6 +34,8 @@ PACA_STAGES = 2                  # software pipelining of the pooling loop over 
 PACA_MAX_BLOCK_M = 64            # padded M at most: (rows x 256) tiles spill in every N-row kernel
 PACA_MAX_R = 64                  # padded r at most: the cluster-side kernels' (r x r) weight tiles
 PACA_SHARED_MARGIN = 0.10        # the estimated shared memory must fit the device's limit with this much to spare
+PACA_UNCHECKED_MAJORS = (12,)    # compute capabilities whose compile check still finds spills (sm_120: the backward
+                                 # at (M, r) = (64, 32)): the torch path there
 PACA_SUM_BLOCK_ROWS = 16         # the final fixed-order sums of partial gradients: rows per step of a program,
 PACA_SUM_BLOCK_COLS = 64         # columns per program
 PACA_KERNELS = ("_paca_cluster_pool", "_paca_cluster_side_fwd", "_paca_attn_fwd", "_paca_attn_bwd",
@@ -43,8 +45,8 @@ RESIDUAL_BLOCK_N = {4: 64, 2: 64}     # spills with every edge masked on sm_80 .
 RESIDUAL_BLOCK_K = {4: 16, 2: 64}
 RESIDUAL_BLOCK_R = 16            # low-rank columns per step: 32 spills at some shapes, 16 at none
 RESIDUAL_WARPS = {4: 8, 2: 8}
+RESIDUAL_MAX_STAGES = {4: 2, 2: 3}    # fp32: a third stage spills on sm_120
 RESIDUAL_GROUP_M = 8             # grouped program order: neighbouring programs share B tiles
-MAX_STAGES = 3
 TRITON_DEFAULT_WARPS, TRITON_DEFAULT_STAGES = 4, 3   # what Triton gives a launch that names no num_warps / num_stages
 
 
@@ -299,6 +301,10 @@ def paca_triton_unsupported(M: int, r: int, dtype: torch.dtype = torch.float32,
                 f"powers of two), and M={M}, r={r} pads to {dot_block(M)} x {dot_block(r)}")
     if props is None or props.interpreter or dtype not in TRITON_DTYPES:
         return None
+    if props.capability[0] in PACA_UNCHECKED_MAJORS:
+        major, minor = props.capability
+        return (f"the Triton PaCa kernels do not yet compile without spills for compute capability {major}.x "
+                f"(this GPU: {major}.{minor}; see python -m gift_kernels.dev.compile_check --arch sm_{major}0)")
     need = paca_shared_bytes(paca_launch(1, 1, M, r, 1, dtype, props), props.capability)
     kernel = max(need, key=need.get)
     allowed = int(props.shared_bytes / (1 + PACA_SHARED_MARGIN))
@@ -390,5 +396,5 @@ def residual_launch(M: int, N: int, K: int, R: int, dtype: torch.dtype, props: D
     size = dtype.itemsize
     bm, bn, bk = RESIDUAL_BLOCK_M, RESIDUAL_BLOCK_N[size], RESIDUAL_BLOCK_K[size]
     per_stage = (bm * bk + bk * bn) * size
-    stages = max(1, min(MAX_STAGES, props.shared_bytes // per_stage))
+    stages = max(1, min(RESIDUAL_MAX_STAGES[size], props.shared_bytes // per_stage))
     return ResidualLaunch(bm, bn, bk, RESIDUAL_BLOCK_R, RESIDUAL_GROUP_M, RESIDUAL_WARPS[size], stages, MAX_REGISTERS)

@@ -1,15 +1,23 @@
 """Ahead-of-time compile check for real GPUs, on CPU: every gift_kernels Triton kernel at every launch
 configuration the launchers choose for a table of ViT shapes, compiled to cubin for each arch.
 
-    python -m gift_kernels.dev.compile_check --arch sm_80,sm_90 [--json FILE] [--sample K]
+    python -m gift_kernels.dev.compile_check --arch sm_80,sm_86,sm_90 [--json FILE] [--largest | --sample K]
+                                             [--jobs 2] [--ptx-dir DIR]
 
 The launchers run forward and backward on ``meta`` tensors under `launch.emulate_device` (the arch's SM
 count, shared memory, capability) while `kernel_launches.record_triton_launches` records every launch
-without running it. Launches that reach the compiler identically (same constexprs, argument types with
-the JIT's integer specialisations: equal to 1, divisible by 16; same options) are compiled once. For each
-compile it reports registers, spill (local) bytes, shared bytes and compile seconds, and exits with status
-1 on a compile error, any spill, shared memory over the arch's limit or over the launchers' estimate
-(`launch.paca_kernel_shared_bytes`), or a compile over ``COMPILE_SECONDS_LIMIT``; 2 on bad arguments.
+without running it. Launches that reach the compiler identically (same constexprs, argument types with the
+JIT's own specialisations: equal to 1, divisible by 16, unless the kernel opts out; same options) are compiled
+once, in ``--jobs`` processes; a PTX text that ptxas already compiled in the run is not compiled again.
+
+What each compile uses is read from the compiler's own reports: ptxas' ``-v`` log (registers, stack frame,
+spill stores and loads of the entry function) and cuobjdump's STACK and LOCAL of the kernel's own Function
+block; shared bytes from Triton's metadata. Before the table, the gate is proved on `spill_probe`'s kernel
+built to spill (flagged) and a clean one (passed). Rows at the register cap are marked; each row says how many
+programs fit on an SM (registers, shared memory, warps: `launch.resident_programs`). Exit status 1 on a
+compile error, any spill, shared memory over the arch's limit or over the launchers' estimate
+(`launch.paca_kernel_shared_bytes`), fewer resident programs than the launchers split for, or a compile over
+``COMPILE_SECONDS_LIMIT`` (compiles over it are timed again alone before they count); 2 on bad arguments.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -561,7 +570,10 @@ def main(argv=None) -> int:
 
     if args.ptx_dir:
         os.makedirs(args.ptx_dir, exist_ok=True)
-    run_compiles(jobs, args.jobs, reuse_dir, args.ptx_dir, on_result)
+    try:
+        run_compiles(jobs, args.jobs, reuse_dir, args.ptx_dir, on_result)
+    finally:
+        shutil.rmtree(reuse_dir, ignore_errors=True)
     slow = [i for i, r in enumerate(results) if r.error is None and r.seconds > COMPILE_SECONDS_LIMIT]
     if slow:
         print(f"re-timing {len(slow)} compiles over {COMPILE_SECONDS_LIMIT:.0f} s alone (no PTX reuse)", flush=True)

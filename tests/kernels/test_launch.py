@@ -191,13 +191,13 @@ MEASURED_SHARED_64x64 = {"_paca_attn_bwd": 114688, "_paca_cluster_bwd": 147456}
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_paca_over_the_shared_memory_of_a_99_kib_gpu_takes_torch_under_auto_and_is_refused_by_triton(dtype):
-    """sm_86/sm_89/sm_120 (RTX 30xx/40xx/50xx, A10, L4) allow 99 KiB per block; M = r = 64 needs more (every dtype:
-    the dots take fp32 operands)."""
+    """sm_86/sm_89 (RTX 30xx/40xx, A10, L4) allow 99 KiB per block; M = r = 64 needs more (every dtype: the dots
+    take fp32 operands)."""
     sm86, cuda = ARCH_PROPS["sm_86"], torch.device("cuda")
     assert (sm86.shared_bytes, sm86.capability) == (101376, (8, 6))
     need = paca_shared_bytes(paca_launch(1, 1, 64, 64, 1, dtype, sm86), sm86.capability)
     assert all(need[k] >= v for k, v in MEASURED_SHARED_64x64.items()), need
-    for arch in ("sm_86", "sm_89", "sm_120"):
+    for arch in ("sm_86", "sm_89"):
         reason = paca_triton_unsupported(64, 64, dtype, ARCH_PROPS[arch])
         assert reason is not None and "B of shared memory per block" in reason and "allows 101376 B" in reason
         assert gift_kernels.resolve_backend(cuda, dtype, "auto", unsupported=reason) == "torch"
@@ -210,9 +210,14 @@ def test_paca_over_the_shared_memory_of_a_99_kib_gpu_takes_torch_under_auto_and_
     assert paca_triton_unsupported(64, 64, dtype) is None                             # no device: tile limits only
 
 
-def test_paca_default_shape_fits_every_gpu_in_every_dtype():
+def test_paca_default_shape_fits_every_compile_checked_gpu_in_every_dtype_and_sm120_takes_torch():
     for arch, dtype in itertools.product(ARCH_PROPS, DTYPES):
-        assert paca_triton_unsupported(64, 16, dtype, ARCH_PROPS[arch]) is None, (arch, dtype)
+        reason = paca_triton_unsupported(64, 16, dtype, ARCH_PROPS[arch])
+        if arch == "sm_120":      # its compile check still finds spills: the torch path, with the reason
+            assert "do not yet compile without spills for compute capability 12.x" in reason, reason
+            assert gift_kernels.resolve_backend(torch.device("cuda"), dtype, "auto", unsupported=reason) == "torch"
+        else:
+            assert reason is None, (arch, dtype, reason)
 
 
 # ---------------------------------------------------------------- tensors past 2^31 elements: torch, not Triton

@@ -43,22 +43,12 @@ PACA_SHAPES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", PACA_SHAPES, ids=lambda s: "L{}-N{}-M{}-r{}-h{}".format(*s))
-def test_paca_attention_matches_float64_reference(shape, device, backend, dtype, request):
+def test_paca_attention_matches_float64_reference(shape, device, backend, dtype):
     skip_unless_runnable(device, backend, dtype)
-    if backend == "triton" and dtype == torch.float16 and shape[2] == 1 and shape[1] > 1:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "known: with one cluster (M = 1) the Triton kernels' 16-bit tensor-core operands on the "
-            "cluster side put d_cluster_b 1.6% off in fp16 (tolerance 0.5%), 3x what fp32 math on "
-            "fp16 inputs reaches")))
     got, _ = check_paca(shape, dtype, backend, device=device)
     assert got["output"].dtype == dtype and got["d_cluster_w"].dtype == dtype
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "known: fp16 Triton at (2, 10, 17, 40, 2) seed 0, sigmoid: d_q_w abs 1.43e-6 > 1.21e-6, d_q_b 4.71e-6 > 3.66e-6, "
-    "d_k_w 3.38e-6 > 3.07e-6 (tolerance 5e-3 x scale + 2 x the fp32-math baseline), ~1.2x. fp32 operands in the "
-    "backward's dkq/dvp dots do not fix it (d_q_b, d_k_w unchanged, d_cluster_b then 1.16x over): the 16-bit "
-    "operands of the logits dots (forward and the backward's recompute) dominate"))
 def test_paca_attention_fp16_triton_at_ragged_two_head_shape_seed_0_matches_float64_reference():
     skip_unless_runnable("cpu", "triton", torch.float16)
     check_paca((2, 10, 17, 40, 2), torch.float16, "triton", "sigmoid", seed=0)
