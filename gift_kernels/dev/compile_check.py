@@ -2,7 +2,7 @@
 configuration the launchers choose for a table of ViT shapes, compiled to cubin for each arch.
 
     python -m gift_kernels.dev.compile_check --arch sm_80,sm_86,sm_90 [--json FILE] [--largest | --sample K]
-                                             [--jobs 2] [--ptx-dir DIR]
+                                             [--jobs 2] [--ptx-dir DIR] [--count]
 
 The launchers run forward and backward on ``meta`` tensors under `launch.emulate_device` (the arch's SM
 count, shared memory, capability) while `kernel_launches.record_triton_launches` records every launch
@@ -522,6 +522,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--ptx-dir", help="write each compiled PTX here (for an independent ptxas -v)")
     parser.add_argument("--readme", help="write the per-kernel summary into this file's compile-check block")
+    parser.add_argument("--count", action="store_true",
+                        help="print how many compiles the selection takes per arch and stop (compiles nothing)")
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in ARCH_PROPS]
@@ -553,6 +555,9 @@ def main(argv=None) -> int:
         print(f"{arch}: {len(specs)} of {len(planned)} distinct compiles; {len(torch_rows)} table rows take the torch "
               f"path (the Triton kernels do not support them), e.g. {torch_rows[0] if torch_rows else '-'}", flush=True)
         jobs += [(asdict(s), arch) for s in specs]
+    if args.count:
+        print(f"{len(jobs)} compiles in all")
+        return 0
     for arch in archs:
         wrong = prove_spill_gate(arch)
         if wrong:

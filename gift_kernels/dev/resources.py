@@ -53,7 +53,7 @@ def parse_cuobjdump_usage(text: str) -> dict[str, dict[str, int]]:
     ``LOCAL`` (and any other ``KEY:value``) numbers, read from that block's own line only."""
     out = {}
     for m in re.finditer(r"Function ([^\s:]+):\s*\n([^\n]*)", text):
-        out[m.group(1)] = {k: int(v) for k, v in re.findall(r"\b([A-Z_]+):(\d+)", m.group(2))}
+        out[m.group(1)] = {k: int(v) for k, v in re.findall(r"\b([A-Z_]+)(?:\[\d+\])?:(\d+)", m.group(2))}
     return out
 
 

@@ -152,3 +152,18 @@ def test_shape_table_sends_what_overflows_99_kib_of_shared_memory_to_torch_on_sm
 def test_compile_check_rejects_bad_arguments(tmp_path, args, message):
     proc, _ = _compile_check(tmp_path, *args)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_count_prints_the_number_of_compiles_per_arch_and_compiles_nothing(tmp_path):
+    import re
+
+    proc, report = _compile_check(tmp_path, "--arch", "sm_80,sm_86", "--count")
+    assert proc.returncode == 0 and report is None, proc.stderr[-3000:]
+    per_arch = {a: (int(k), int(n)) for a, k, n in re.findall(r"(sm_\d+): (\d+) of (\d+) distinct compiles", proc.stdout)}
+    assert set(per_arch) == {"sm_80", "sm_86"} and all(k == n > 0 for k, n in per_arch.values()), proc.stdout
+    assert f"{sum(k for k, _ in per_arch.values())} compiles in all" in proc.stdout
+    assert "spill gate proven" not in proc.stdout
+    proc, _ = _compile_check(tmp_path, "--arch", "sm_80", "--largest", "--count")
+    largest = re.search(r"sm_80: (\d+) of (\d+) distinct compiles", proc.stdout)
+    assert proc.returncode == 0 and int(largest.group(2)) == per_arch["sm_80"][1] > int(largest.group(1)) > 0
+    assert f"{largest.group(1)} compiles in all" in proc.stdout
