@@ -8,12 +8,15 @@ INSTALLED := $(VENV)/.installed
 
 install: $(INSTALLED)
 
-$(INSTALLED): setup.py
+$(INSTALLED): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(INSTALLED)
 
+# the import layers (pyproject.toml [tool.importlinter]) and the style, then the tests
 test: $(INSTALLED)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 demo: $(INSTALLED)

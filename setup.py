@@ -7,7 +7,8 @@ EXTRAS = {
     "nf4": ["torchao>=0.18"],          # --backbone-dtype nf4 (4-bit frozen linear weights)
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
-EXTRAS["dev"] = EXTRAS["all"] + ["pytest>=7.0", "pytest-benchmark>=4.0", "transformers>=4.40"]
+EXTRAS["dev"] = EXTRAS["all"] + ["pytest>=7.0", "pytest-benchmark>=4.0", "transformers>=4.40",
+                                  "import-linter>=2.3", "ruff>=0.5"]  # make test: lint-imports (2.3: as_packages), ruff
 
 setup(
     name="gift",

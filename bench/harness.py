@@ -4,6 +4,7 @@ bench/README.md defines each in one line). Baselines come from packages: `gift.G
 `gift.FastGIFT`, `peft` LoRA; the model-level test helpers from `gift.testing`."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -18,14 +19,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gift
-from gift.base import find_targets
+from gift.dtypes import autocast_for
+from gift.lora import lora_model
 from gift.memory import SavedTensorCounter  # noqa: F401  (the bench's saved-bytes instrument; re-exported)
+from gift.targets import find_targets, freeze_all_but_classifier
 from gift.testing import model_disagreements, outputs_and_grads, randomize_gift_, zero_gradient_names
 from gift_kernels.testing import relative_errors
 
 PROVIDERS = ("floor", "lora", "reference", "naive_merged", "fast_torch", "fast_torch+mlp", "fast_torch+block",
              "fast_triton")
 RATIO_BASELINES = ("floor", "lora", "naive_merged", "reference")  # every provider's time is divided by each
+ACCUMULATION_PROVIDERS = ("floor", "lora", "fast_torch", "fast_triton")  # one optimizer step of micro-batches
+EVAL_PROVIDERS = ("merged", "lora", "fast_torch", "fast_triton")  # one inference forward
 
 
 def interleaved_times(runs: dict[str, Callable[..., object]], rounds: int, warmup: int = 1,
@@ -136,13 +141,26 @@ class Provider:
     optimizer: torch.optim.Optimizer
     gift_model: gift.GIFTReference | gift.FastGIFT | None = None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        with _autocast(x, dtype):
-            loss = F.cross_entropy(self.model(x).float(), y)
-        loss.backward()
+    def step(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None,
+             micro_batches: int = 1) -> torch.Tensor:
+        """One optimizer step on ``(x, y)``, as ``micro_batches`` accumulated micro-batches (each loss divided by
+        their count; a `gift.FastGIFT` inside its ``accumulate``, the others as they are: the reference runs
+        its generator for every micro-batch)."""
+        accumulate = (self.gift_model.accumulate(micro_batches)
+                      if micro_batches > 1 and isinstance(self.gift_model, gift.FastGIFT) else contextlib.nullcontext())
+        with accumulate:
+            for xb, yb in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+                with autocast_for(x.device, dtype):
+                    loss = F.cross_entropy(self.model(xb).float(), yb) / micro_batches
+                loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def eval_forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One inference forward (``torch.inference_mode``; the model in eval mode)."""
+        with torch.inference_mode(), autocast_for(x.device, dtype):
+            return self.model(x)
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -193,15 +211,18 @@ def build_provider(name: str, backbone: nn.Module, rank: int, gift_state: dict |
     backbone = copy.deepcopy(backbone)
     config = gift_config(rank)
     if name == "floor":
-        backbone.requires_grad_(False)
-        backbone.get_classifier().requires_grad_(True)
+        freeze_all_but_classifier(backbone)
         first_target_module(backbone, config.target_modules).register_forward_pre_hook(_restart_backward_here)
         return Provider(name, backbone, torch.optim.AdamW(_trainable(backbone), lr=1e-4))
     if name == "lora":
-        from gift.backbones import lora_model
-
         model = lora_model(backbone, rank, config.target_modules)
         return Provider(name, model, torch.optim.AdamW(_trainable(model), lr=1e-4))
+    if name == "merged":  # FastGIFT with its residuals folded into the weights (`merge()`): the plain backbone's cost
+        model = gift.FastGIFT(backbone, config)
+        if gift_state is not None:
+            model.load_gift_state_dict(gift_state)
+        model.merge()
+        return Provider(name, model, torch.optim.AdamW(_trainable(model), lr=1e-4), gift_model=model)
     if name == "reference":
         model = gift.GIFTReference(backbone, config)
     elif name == "naive_merged":
@@ -223,13 +244,9 @@ def random_gift_state(backbone: nn.Module, rank: int, seed: int = 0) -> dict:
     return randomize_gift_(model, seed=seed, scale=0.1, psi_scale=0.02).gift_state_dict()
 
 
-def _autocast(x: torch.Tensor, dtype: torch.dtype | None):
-    return torch.autocast(x.device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
-
-
 def saved_bytes_of_step(provider: Provider, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None) -> int:
     """Bytes saved for backward by one forward (activations; parameters and buffers not counted)."""
-    with SavedTensorCounter(exclude=provider.model) as counter, _autocast(x, dtype):
+    with SavedTensorCounter(exclude=provider.model) as counter, autocast_for(x.device, dtype):
         loss = F.cross_entropy(provider.model(x).float(), y)
     loss.backward()
     provider.model.zero_grad(set_to_none=True)

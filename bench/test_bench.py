@@ -14,8 +14,11 @@ import timm
 import torch
 import torch.nn.functional as F
 
+import gift.timm_models  # noqa: F401  (registers gift's small timm models, for GIFT_BENCH_MODELS)
 import gift_kernels
 from bench.harness import (
+    ACCUMULATION_PROVIDERS,
+    EVAL_PROVIDERS,
     PROVIDERS,
     RATIO_BASELINES,
     Provider,
@@ -31,20 +34,12 @@ from bench.harness import (
     reference_own_error,
     saved_bytes_of_step,
 )
+from gift.backbones import data_config
 from gift.testing import model_exact_and_baseline
-from gift_kernels.testing import (
-    disagreements,
-    exact_and_baseline,
-    paca_case,
-    paca_outputs_and_grads,
-    paca_zero_gradients,
-    relative_errors,
-    residual_case,
-    residual_outputs_and_grads,
-)
+from gift_kernels.testing import paca_agreement, paca_case, residual_agreement, residual_case
 
 RANK = 64
-# (timm model, batch, timing rounds on CPU). Rounds: ~15 min for `make bench` on a 2-core CPU (bench/README.md).
+# (timm model, batch, timing rounds on CPU); bench/README.md says how long `make bench` takes with them.
 MODELS = [("vit_small_patch16_224", 2, 40), ("vit_base_patch16_224", 8, 24)]
 LARGE_MODELS = [("vit_large_patch16_224", 8, 6), ("vit_huge_patch14_224", 8, 4)]
 CUDA_ROUNDS = 30
@@ -64,9 +59,19 @@ def _sync(device):
 
 def _add_rows(cfg, kernel, x_label, provider, metrics: dict, mode="fwd+bwd"):
     for metric, value in metrics.items():
-        cfg["rows"].append({"kernel": kernel, "x": x_label, "provider": provider, "mode": mode, "metric": metric,
-                            "value": value, "device": device_slug(cfg["device"]), "dtype": str(cfg["dtype"]).replace("torch.", ""),
-                            **_versions()})
+        cfg["rows"].append(
+            {
+                "kernel": kernel,
+                "x": x_label,
+                "provider": provider,
+                "mode": mode,
+                "metric": metric,
+                "value": value,
+                "device": device_slug(cfg["device"]),
+                "dtype": str(cfg["dtype"]).replace("torch.", ""),
+                **_versions(),
+            }
+        )
 
 
 def _ratio_metrics(ratios: dict, provider: str) -> dict:
@@ -87,7 +92,7 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
             return "Triton cannot run here"
     if name == "lora":
         try:
-            import peft  # noqa: F401
+            import peft  # noqa: F401  (only whether it imports: LoRA is skipped without it)
         except ImportError:
             return "peft is not installed (pip install -e '.[dev]')"
     return None
@@ -103,24 +108,26 @@ def _models(cfg) -> list[tuple[str, int, int]]:
         for item in listed.split(","):
             name, _, batch = item.partition(":")
             if not batch.isdigit():
-                raise ValueError(f"GIFT_BENCH_MODELS entry {item!r} is not name:batch (e.g. gift_vit_micro_patch4_32:2).")
+                raise ValueError(
+                    f"GIFT_BENCH_MODELS entry {item!r} is not name:batch (e.g. gift_vit_micro_patch4_32:2)."
+                )
             models.append((name, int(batch), 10))
     else:
         models = MODELS + (LARGE_MODELS if cfg["large"] else [])
     default = (lambda r: CUDA_ROUNDS) if cfg["device"].type == "cuda" else (lambda r: r)
-    return [(name, cfg["batch"] or batch, cfg["rounds"] or bench_rounds(default(rounds))) for name, batch, rounds in models]
+    return [
+        (name, cfg["batch"] or batch, cfg["rounds"] or bench_rounds(default(rounds))) for name, batch, rounds in models
+    ]
 
 
 def measure_model(name: str, batch: int, rounds: int, cfg: dict) -> dict:
     key = (name, batch)
     if key in _cache:
         return _cache[key]
-    import gift  # noqa: F401  (registers gift's small timm models)
-
     device, dtype = cfg["device"], cfg["dtype"]
     torch.manual_seed(0)
     backbone = timm.create_model(name, pretrained=False, num_classes=10).to(device)
-    x = torch.randn(batch, *backbone.pretrained_cfg["input_size"], device=device)
+    x = torch.randn(batch, *data_config(backbone).input_size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     state = random_gift_state(backbone, RANK)
     providers, skipped = {}, {}
@@ -140,7 +147,9 @@ def measure_model(name: str, batch: int, rounds: int, cfg: dict) -> dict:
              for p, prov in providers.items() if prov.gift_model is not None and p != "reference"}
 
     saved = {p: saved_bytes_of_step(prov, x, y, dtype) for p, prov in providers.items()}
-    peak = {p: cuda_step_peak_bytes(prov, x, y, dtype) for p, prov in providers.items()} if device.type == "cuda" else {}
+    peak = (
+        {p: cuda_step_peak_bytes(prov, x, y, dtype) for p, prov in providers.items()} if device.type == "cuda" else {}
+    )
     times = interleaved_times({p: (lambda prov=prov: prov.step(x, y, dtype)) for p, prov in providers.items()},
                               rounds=rounds, warmup=1, sync=_sync(device))
     result = dict(providers=providers, skipped=skipped, x=x, y=y, times=times, saved=saved, peak=peak, agree=agree,
@@ -178,6 +187,103 @@ def test_train_step(benchmark, bench_config, model_index, provider):
     benchmark.pedantic(prov.step, args=(m["x"], m["y"], bench_config["dtype"]), rounds=1, warmup_rounds=0)
     if a is not None:
         assert a["ok"], f"{provider} disagrees with the float64 reference on {label}:\n{a['why']}"
+
+
+# ------------------------------------------------------------------------------------------ accumulation, eval
+# (timm model, global batch, micro-batches, timing rounds on CPU): one optimizer step of 4 micro-batches of 2
+ACCUMULATION_MODELS = [("vit_small_patch16_224", 8, 4, 30), ("vit_base_patch16_224", 8, 4, 16)]
+ACCUMULATION_BASELINES = ("floor", "lora")
+EVAL_BASELINES = ("merged",)
+
+
+def _accumulation_models(cfg) -> list[tuple[str, int, int, int]]:
+    """(name, batch, micro-batches, rounds): with ``GIFT_BENCH_MODELS`` its models at their batch as 2 micro-batches."""
+    listed = os.environ.get("GIFT_BENCH_MODELS")
+    if listed:
+        models = [(name, 2 * (cfg["batch"] or batch), 2, 10) for name, batch, _ in _models(cfg)]
+    else:
+        models = [(name, cfg["batch"] or batch, k, r) for name, batch, k, r in ACCUMULATION_MODELS]
+    default = (lambda r: CUDA_ROUNDS) if cfg["device"].type == "cuda" else (lambda r: r)
+    return [(name, batch, k, cfg["rounds"] or bench_rounds(default(rounds))) for name, batch, k, rounds in models]
+
+
+def _providers_of(name: str, batch: int, names: tuple[str, ...], cfg: dict):
+    """The available providers of ``names`` around one random timm ``name`` (the same GIFT weights in each), a batch
+    of ``batch`` images and labels, and the skipped providers with why: ``(providers, x, y, skipped)``."""
+    device = cfg["device"]
+    torch.manual_seed(0)
+    backbone = timm.create_model(name, pretrained=False, num_classes=10).to(device)
+    x = torch.randn(batch, *backbone.pretrained_cfg["input_size"], device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    skipped = {p: reason for p in names if (reason := _unavailable_reason(p, device))}
+    state = random_gift_state(backbone, RANK)
+    providers = {p: build_provider(p, backbone, RANK, state) for p in names if p not in skipped}
+    return providers, x, y, skipped
+
+
+def _timed(cached: dict, cfg: dict, kernel: str, label: str, provider: str, mode: str) -> None:
+    """Skip a provider that did not run, else add its rows: median ms, rounds and ratios."""
+    if provider in cached["skipped"]:
+        pytest.skip(cached["skipped"][provider])
+    metrics = {"time_ms_p50": 1e3 * statistics.median(cached["times"][provider]), "rounds": cached["rounds"],
+               **_ratio_metrics(cached["ratios"], provider)}
+    _add_rows(cfg, kernel, label, provider, metrics, mode=mode)
+
+
+def measure_accumulated(name: str, batch: int, micro_batches: int, rounds: int, cfg: dict) -> dict:
+    """Interleaved optimizer steps of ``micro_batches`` micro-batches of ``batch / micro_batches`` per provider."""
+    key = ("accumulated", name, batch, micro_batches)
+    if key not in _cache:
+        providers, x, y, skipped = _providers_of(name, batch, ACCUMULATION_PROVIDERS, cfg)
+        times = interleaved_times({p: (lambda prov=prov: prov.step(x, y, cfg["dtype"], micro_batches))
+                                   for p, prov in providers.items()},
+                                  rounds=rounds, warmup=1, sync=_sync(cfg["device"]))
+        _cache[key] = dict(skipped=skipped, times=times, rounds=rounds,
+                           ratios={b: paired_ratios(times, b) for b in ACCUMULATION_BASELINES})
+    return _cache[key]
+
+
+@pytest.mark.parametrize("provider", ACCUMULATION_PROVIDERS)
+@pytest.mark.parametrize("model_index", range(2), ids=["model0", "model1"])
+def test_accumulated_train_step(bench_config, model_index, provider):
+    """One optimizer step of micro-batches: FastGIFT runs its generator once per step (``accumulate``)."""
+    models = _accumulation_models(bench_config)
+    if model_index >= len(models):
+        pytest.skip("no model at this index")
+    name, batch, k, rounds = models[model_index]
+    m = measure_accumulated(name, batch, k, rounds, bench_config)
+    _timed(m, bench_config, "train_step_accumulated", f"{name} b{batch} as {k}x{batch // k}", provider, "step")
+
+
+def measure_eval(name: str, batch: int, rounds: int, cfg: dict) -> dict:
+    """Interleaved inference forwards per provider; ``cached``: whether the timed forwards gave the first's outputs."""
+    key = ("eval", name, batch)
+    if key not in _cache:
+        providers, x, _, skipped = _providers_of(name, batch, EVAL_PROVIDERS, cfg)
+        for prov in providers.values():
+            prov.model.eval()
+        first = {p: prov.eval_forward(x, cfg["dtype"]) for p, prov in providers.items()}  # FastGIFT: its residuals
+        times = interleaved_times({p: (lambda prov=prov: prov.eval_forward(x, cfg["dtype"]))
+                                   for p, prov in providers.items()},
+                                  rounds=rounds, warmup=1, sync=_sync(cfg["device"]))
+        cached = {p: torch.equal(prov.eval_forward(x, cfg["dtype"]), first[p]) for p, prov in providers.items()}
+        _cache[key] = dict(skipped=skipped, times=times, rounds=rounds, cached=cached,
+                           ratios={b: paired_ratios(times, b) for b in EVAL_BASELINES})
+    return _cache[key]
+
+
+@pytest.mark.parametrize("provider", EVAL_PROVIDERS)
+@pytest.mark.parametrize("model_index", range(2), ids=["model0", "model1"])
+def test_eval_forward(bench_config, model_index, provider):
+    """One inference forward: unmerged FastGIFT with its cached residuals (made once, before the timing) against the
+    merged model (the plain backbone's cost); LoRA unmerged for comparison."""
+    models = _models(bench_config)
+    if model_index >= len(models):
+        pytest.skip("no model at this index")
+    name, batch, rounds = models[model_index]
+    m = measure_eval(name, batch, rounds, bench_config)
+    _timed(m, bench_config, "eval_forward", f"{name} b{batch}", provider, "fwd")
+    assert m["cached"][provider], f"{provider}: a timed forward gave other outputs than the first (fresh) one"
 
 
 # ------------------------------------------------------------------------------------------ op level
@@ -227,24 +333,12 @@ def _op_call(fn):
 
 
 def _op_agreement(kernel, shape, provider, device, dtype) -> dict:
-    """Outputs and every gradient of the op vs float64 (each tensor at its own scale, same-dtype baseline)."""
-    if kernel == "paca_step":
-        t, params, grad = paca_case(shape)
-
-        def run(inputs, dt, backend="reference"):
-            return paca_outputs_and_grads(inputs[0], inputs[1:-1], inputs[-1], shape[4], dt, backend, device=device)
-
-        inputs, zero = [t, *params, grad], paca_zero_gradients(shape[2], shape[1])
-    else:
-        def run(inputs, dt, backend="reference"):
-            return residual_outputs_and_grads(*inputs, dt, backend, device=device)
-
-        inputs, zero = list(residual_case(shape)), ()
-    exact, baseline = exact_and_baseline(run, inputs, dtype)
-    got = run(inputs, dtype, provider.split("_")[1] if provider.startswith("fast_") else "reference")
-    errs = relative_errors(got, exact, zero)
-    return {"agree_out_rel": errs["output"][1], "agree_grad_rel": max(v[1] for k, v in errs.items() if k != "output"),
-            "bad": disagreements(got, exact, dtype, baseline, zero)}
+    """Outputs, every gradient and the op's own work vs float64, as the kernel tests check them
+    (`gift_kernels.testing.paca_agreement` / `residual_agreement`)."""
+    backend = provider.split("_")[1] if provider.startswith("fast_") else "reference"
+    agree = (paca_agreement if kernel == "paca_step" else residual_agreement)(shape, dtype, backend, device=device)
+    grads = [agree.relative[k] for k in agree.got if k != "output"]  # the gradients themselves; own work is in "bad"
+    return {"agree_out_rel": agree.relative["output"], "agree_grad_rel": max(grads), "bad": agree.bad}
 
 
 @pytest.mark.parametrize("provider", OP_PROVIDERS)
@@ -267,9 +361,13 @@ def test_op(benchmark, bench_config, kernel, shape_index, provider):
     if key not in _cache:  # interleaved timing of all available providers of this op
         names = [p for p in OP_PROVIDERS
                  if _unavailable_reason(p, device) is None and not (kernel == "paca_step" and p == "floor")]
-        times = interleaved_times({p: _op_call(_op_fn(kernel, p, heads)) for p in names},
-                                  rounds=bench_config["rounds"] or bench_rounds(OP_ROUNDS), warmup=2, sync=_sync(device),
-                                  prepare={p: (lambda p=p: _op_leaves(kernel, p, tensors, trained)) for p in names})
+        times = interleaved_times(
+            {p: _op_call(_op_fn(kernel, p, heads)) for p in names},
+            rounds=bench_config["rounds"] or bench_rounds(OP_ROUNDS),
+            warmup=2,
+            sync=_sync(device),
+            prepare={p: (lambda p=p: _op_leaves(kernel, p, tensors, trained)) for p in names},
+        )
         _cache[key] = (times, {b: paired_ratios(times, b) for b in ("floor", "reference", "fast_torch")})
     times, ratios = _cache[key]
     *leaves, grad = _op_leaves(kernel, provider, tensors, trained)
@@ -290,5 +388,7 @@ def test_op(benchmark, bench_config, kernel, shape_index, provider):
     _add_rows(bench_config, kernel, x_label, provider, metrics)
     benchmark.extra_info.update(metrics)
     call = _op_call(_op_fn(kernel, provider, heads))
-    benchmark.pedantic(call, setup=lambda: (_op_leaves(kernel, provider, tensors, trained), {}), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(
+        call, setup=lambda: (_op_leaves(kernel, provider, tensors, trained), {}), rounds=3, warmup_rounds=1
+    )
     assert not bad, f"{provider} {kernel} {x_label} disagrees with float64:\n" + "\n".join(bad)

@@ -1,40 +1,42 @@
 """Regenerate the numbers of README's "Will it fit?" section, by running the code (nothing typed):
 
-* `gift plan` for ViT-H/14 at batch 32 on a 24 GiB GPU, bf16 and nf4 backbones (the tool's own output);
+* `gift plan` for ViT-H/14 at batch 32 on a 24 GiB GPU, bf16 and nf4 backbones (the tool's own output), and
+  `--memory auto` for DINOv3 ViT-7B at batch 64 on an 8 GiB GPU (the mode and the gradient accumulation it picks);
 * NF4 with GIFT's targets kept in bf16 vs quantized too (`gift.nf4`), predicted the same way;
 * predicted vs measured bytes of real CPU training steps (`gift.plan.compare_with_real_step`, what
-  tests/test_plan.py asserts), written to docs/plan_check.md.
+  tests/model/test_plan.py asserts), written to docs/plan_check.md.
 
 Usage: ``python docs/plan_check.py`` (a few CPU minutes; the real steps dominate).
 """
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch  # noqa: E402  (after the sys.path line)
 
-from gift.base import atomic_write  # noqa: E402
-from gift.plan import FakeTrainingModel, TrainingSetup, compare_with_real_step, format_bytes  # noqa: E402
+from gift.config import METHODS  # noqa: E402  (after the sys.path line)
+from gift.files import atomic_write_text, write_marked_block  # noqa: E402  (after the sys.path line)
+from gift.nf4 import quantize_frozen_linears  # noqa: E402  (after the sys.path line)
+from gift.plan import (  # noqa: E402  (after the sys.path line)
+    TrainingSetup,
+    compare_with_real_step,
+    fake_training_model,
+    format_bytes,
+)
 
 HUGE = ["--model", "vit_huge_patch14_224", "--num-classes", "1000", "--batch-size", "32", "--device-memory", "24GiB",
-        "--amp", "bf16"]
-CHECKS = [(model, batch, method) for model in ("vit_small_patch16_224", "vit_base_patch16_224")
-          for batch in (2, 8) for method in ("gift", "lora", "linear", "full")]
+        "--amp", "bfloat16"]
+SEVEN_B = ["--model", "vit_7b_patch16_dinov3", "--batch-size", "64", "--device-memory", "8GiB", "--amp", "bf16",
+           "--backbone-dtype", "nf4", "--memory", "auto"]
+CHECKS = [(model, batch, method, 1) for model in ("vit_small_patch16_224", "vit_base_patch16_224")
+          for batch in (2, 8) for method in METHODS]
+CHECKS += [("vit_small_patch16_224", 8, "gift", 4)]  # an optimizer step of 4 accumulated micro-batches of 2
 START, END = "<!-- plan:start -->", "<!-- plan:end -->"
-
-
-def write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
 
 
 def gift_plan(args: list[str]) -> str:
@@ -44,12 +46,12 @@ def gift_plan(args: list[str]) -> str:
 
 
 def nf4_targets_comparison() -> str:
-    from gift.nf4 import quantize_frozen_linears
-
-    setup = TrainingSetup(model="vit_huge_patch14_224", num_classes=1000, batch_size=32, backbone_dtype="nf4", amp="bf16")
-    kept = FakeTrainingModel.from_setup(setup)
-    quantized = FakeTrainingModel.from_setup(setup)
-    with quantized.mode:
+    setup = TrainingSetup(
+        model="vit_huge_patch14_224", num_classes=1000, batch_size=32, backbone_dtype="nf4", amp="bf16"
+    )
+    kept = fake_training_model(setup)
+    quantized = fake_training_model(setup)
+    with quantized.fake_mode:
         quantize_frozen_linears(quantized.model, targets=True)
     rows = ["| memory | targets | frozen weights | saved for backward | predicted peak |", "|---|---|---:|---:|---:|"]
     for mode in ("none", "block"):
@@ -64,35 +66,41 @@ def check_table() -> str:
     torch.set_num_threads(1)
     rows = ["| model | batch | method | memory | saved: predicted | saved: measured | diff | peak: predicted | "
             "peak: measured | parameters, grads, AdamW |", "|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
-    for model, batch, method in CHECKS:
-        for mode, predicted, measured in compare_with_real_step(TrainingSetup(model=model, batch_size=batch,
-                                                                              method=method, num_classes=10)):
+    for model, batch, method, accumulation in CHECKS:
+        setup = TrainingSetup(model=model, batch_size=batch, method=method, num_classes=10,
+                              grad_accum_steps=accumulation)
+        for mode, predicted, measured in compare_with_real_step(setup):
             diff = (predicted.saved_activation - measured.saved_activation) / measured.saved_activation
-            exact = all(getattr(predicted, k) == getattr(measured, k) for k in ("frozen", "trainable", "gradient", "optimizer"))
-            rows.append(f"| {model} | {batch} | {method} | {mode} | {predicted.saved_activation:,} | "
-                        f"{measured.saved_activation:,} | {100 * diff:+.2f}% | {predicted.peak:,} | {measured.peak:,} | "
-                        f"{'equal' if exact else 'DIFFERENT'} |")
+            exact = all(
+                getattr(predicted, k) == getattr(measured, k) for k in ("frozen", "trainable", "gradient", "optimizer")
+            )
+            rows.append(
+                f"| {model} | {setup.batch_text('').strip()} | {method} | {mode} | {predicted.saved_activation:,} | "
+                f"{measured.saved_activation:,} | {100 * diff:+.2f}% | {predicted.peak:,} | {measured.peak:,} | "
+                f"{'equal' if exact else 'DIFFERENT'} |"
+            )
     return "\n".join(rows)
 
 
 def main() -> None:
-    plans = "\n\n".join(gift_plan(HUGE + ["--backbone-dtype", dtype]) for dtype in ("bfloat16", "nf4"))
+    plans = "\n\n".join([gift_plan(HUGE + ["--backbone-dtype", dtype]) for dtype in ("bfloat16", "nf4")]
+                        + [gift_plan(SEVEN_B)])
     nf4 = nf4_targets_comparison()
     table = check_table()
     header = ("# `gift plan`: predicted vs measured\n\nBytes of one training step (forward, backward, AdamW step) "
               "on this machine's CPU, measured with `gift.memory` on real tensors and predicted by `gift plan` on "
-              "fake ones. Written by `python docs/plan_check.py`; tests/test_plan.py asserts the same rows "
+              "fake ones. Written by `python docs/plan_check.py`; tests/model/test_plan.py asserts the same rows "
               "(saved bytes within 3%, parameter side exact).\n\n")
-    write_text(os.path.join(ROOT, "docs", "plan_check.md"), header + table + "\n")
-    section = (f"{START}\n```text\n{plans}\n```\n\nNF4 backbone, GIFT's targets kept in bf16 (what `--backbone-dtype "
-               f"nf4` does) or quantized too, ViT-H/14, batch 32, `--amp bf16`:\n\n{nf4}\n\nPredicted vs measured on real "
-               f"CPU steps ([docs/plan_check.md](docs/plan_check.md), asserted by tests/test_plan.py):\n\n{table}\n{END}")
-    readme = os.path.join(ROOT, "README.md")
-    text = open(readme, encoding="utf-8").read()
-    if START not in text:
-        raise SystemExit(f"README.md has no {START} ... {END} block to fill")
-    text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    write_text(readme, text)
+    atomic_write_text(os.path.join(ROOT, "docs", "plan_check.md"), header + table + "\n")
+    section = (
+        f"\n```text\n{plans}\n```\n\nNF4 backbone, GIFT's targets kept in bf16 (what `--backbone-dtype "
+        f"nf4` does) or quantized too, ViT-H/14, batch 32, `--amp bf16`:\n\n{nf4}\n\nPredicted vs measured on real "
+        f"CPU steps ([docs/plan_check.md](docs/plan_check.md), asserted by tests/model/test_plan.py):\n\n{table}\n"
+    )
+    try:
+        write_marked_block(os.path.join(ROOT, "README.md"), START, END, section)
+    except ValueError as e:
+        raise SystemExit(f"README.md: {e}") from None
     print("wrote docs/plan_check.md and README.md's Will it fit? section")
 
 

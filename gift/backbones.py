@@ -1,6 +1,7 @@
-"""timm backbones for GIFT: creation by name, local or hub pretrained weights, the PEFT LoRA
-baseline, and the *backbone identity* an adapter records so that it is only ever used on the exact
-backbone it was trained on.
+"""timm backbones for GIFT: creation by name with local or hub pretrained weights (both through
+timm's own loader: ``pretrained_cfg_overlay=dict(state_dict=...)`` for a local file), the input a model
+expects (timm's ``resolve_model_data_config``), and the *backbone identity* an adapter records so
+that it is only ever used on the exact backbone it was trained on.
 
 The identity (a JSON-able dict) names the timm model and its keyword arguments and says where the
 frozen weights came from: a local file (its name, path and SHA-256), timm's hub (the pretrained tag),
@@ -12,16 +13,37 @@ Library code: plain exceptions (``ValueError``, ``FileNotFoundError``, `Pretrain
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
+import timm
 import torch
 import torch.nn as nn
+from timm.data import resolve_model_data_config
+from timm.models import get_pretrained_cfg
 
-from .base import classifier_name
+from . import timm_models  # noqa: F401  (registers the gift_* models with timm)
+from .files import file_sha256, read_state_dict
+from .targets import classifier_name
 
 IDENTITY_FORMAT = "gift-backbone-v1"
+# names this module had before the library was layered, and their homes now (in layers above this module,
+# which therefore cannot re-export them)
+MOVED = {
+    "load_gift_adapter": "gift.adapters.load_gift_adapter",
+    "lora_model": "gift.lora.lora_model (its rank parameter is now named lora_rank)",
+    "save_lora_adapter": "gift.lora.save_lora_adapter",
+    "load_lora_adapter": "gift.lora.load_lora_adapter",
+    "LORA_RUN": "gift.lora.LORA_RUN",
+    "read_weights": "gift.files.read_state_dict(path, unwrap=('state_dict', 'model'))",
+    "load_pretrained": "gift.backbones.create_backbone(name, num_classes, pretrained_file=path)",
+}
+
+
+def __getattr__(name: str):
+    if name in MOVED:
+        raise ImportError(f"gift.backbones.{name} has moved: use {MOVED[name]}", name=name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class PretrainedUnavailable(RuntimeError):
@@ -30,10 +52,6 @@ class PretrainedUnavailable(RuntimeError):
 
 def check_model_name(name: str) -> None:
     """Raise ``ValueError`` (with close names) when timm does not know ``name``."""
-    import timm
-
-    from . import models  # noqa: F401  (registers the gift_* models with timm)
-
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; close names: {', '.join(close)}" if close else ""
@@ -42,8 +60,6 @@ def check_model_name(name: str) -> None:
 
 def hub_weights_name(name: str) -> str:
     """What timm would download for ``name`` with ``pretrained=True``: the hub id and file, or the URL."""
-    from timm.models import get_pretrained_cfg
-
     cfg = get_pretrained_cfg(name)
     if cfg is None:
         return f"weights for {name}"
@@ -58,12 +74,13 @@ def hub_weights_name(name: str) -> str:
 def create_backbone(name: str, num_classes: int, drop_path: float = 0.0, pretrained_file: str | None = None,
                     pretrained: bool = False) -> nn.Module:
     """``timm.create_model(name, num_classes=..., drop_path_rate=...)`` with weights from a local file
-    (``pretrained_file``), from timm's hub (``pretrained``), or random (the current torch RNG)."""
-    import timm
-
+    (``pretrained_file``, `load_pretrained_file`), from timm's hub (``pretrained``), or random (the
+    current torch RNG)."""
     check_model_name(name)
     if pretrained and pretrained_file:
         raise ValueError("give either pretrained=True (timm's hub) or a pretrained file, not both")
+    if pretrained_file:
+        return load_pretrained_file(name, num_classes, drop_path, pretrained_file)
     if pretrained:
         try:
             return timm.create_model(name, pretrained=True, num_classes=num_classes, drop_path_rate=drop_path)
@@ -71,82 +88,84 @@ def create_backbone(name: str, num_classes: int, drop_path: float = 0.0, pretrai
             raise PretrainedUnavailable(
                 f"could not get the pretrained weights of {name} from timm's hub ({type(e).__name__}); timm wanted "
                 f"{hub_weights_name(name)}: fetch it where you are online and pass --pretrained-file FILE") from None
-    backbone = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path)
-    if pretrained_file:
-        load_pretrained(backbone, pretrained_file)
-    return backbone
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path)
 
 
-def read_weights(path: str) -> dict:
-    """A state dict from ``.safetensors`` or a torch file (``{"state_dict": ...}`` / ``{"model": ...}`` unwrapped)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained file {path!r} does not exist")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+def load_pretrained_file(name: str, num_classes: int, drop_path: float, path: str) -> nn.Module:
+    """The timm model ``name`` with the weights of the local state dict ``path``: read by
+    `gift.files.read_state_dict` (``state_dict`` / ``model`` unwrapped; an EMA copy beside them is not
+    taken), the keys the model does not have dropped, then loaded by timm's loader
+    (``pretrained_cfg_overlay=dict(state_dict=...)``, the model's checkpoint filter applied). The file's
+    classifier is used when it has ``num_classes`` outputs, else left as initialised (the current torch RNG).
 
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read pretrained file {path!r}: {type(e).__name__}: {e}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
-
-
-def load_pretrained(backbone: nn.Module, path: str) -> None:
-    """Load a local timm state dict into ``backbone``; a classifier of another size is left as initialised."""
-    state = read_weights(path)
-    own = backbone.state_dict()
-    head = classifier_name(backbone)
-    head_keys = {k for k in own if head is not None and k.startswith(head + ".")}
-    misshapen = [k for k in state if k in own and state[k].shape != own[k].shape and k not in head_keys]
-    missing = [k for k in own if k not in state and k not in head_keys]
+    Raises ``ValueError`` naming the file when it lacks weights of the model or has misshapen ones (a
+    position embedding of another image size too: create the model at the file's size instead).
+    """
+    state = read_state_dict(path, what="pretrained file", unwrap=("state_dict", "model"))
+    with torch.device("meta"):
+        own = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    own_state = own.state_dict()
+    head = classifier_name(own)
+    head_keys = {k for k in own_state if head is not None and k.startswith(head + ".")}
+    misshapen = [k for k in own_state if k in state and k not in head_keys
+                 and tuple(getattr(state[k], "shape", ())) != tuple(own_state[k].shape)]
+    missing = [k for k in own_state if k not in state and k not in head_keys]
     if misshapen or missing:
-        details = "; ".join([f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in misshapen[:5]]
-                            + ([f"missing {missing[:5]}"] if missing else []))
-        raise ValueError(f"pretrained file {path!r} does not fit {type(backbone).__name__} ({details}); "
+        details = "; ".join([f"{k}: file {tuple(state[k].shape)} vs model {tuple(own_state[k].shape)}"
+                             for k in misshapen[:5]] + ([f"missing {missing[:5]}"] if missing else []))
+        raise ValueError(f"pretrained file {path!r} does not fit {type(own).__name__} ({details}); "
                          f"is it for another model or size?")
-    state = {k: v for k, v in state.items() if k in own and not (k in head_keys and v.shape != own[k].shape)}
-    backbone.load_state_dict(state, strict=False)
+    state = {k: v for k, v in state.items() if k in own_state}
+    file_head = state.get(f"{head}.weight")
+    overlay = dict(state_dict=state, num_classes=file_head.shape[0] if file_head is not None else -1)
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes, drop_path_rate=drop_path,
+                                  pretrained_cfg_overlay=overlay)
+    except RuntimeError as e:  # torch's load_state_dict: a classifier weight and bias of different sizes
+        details = "; ".join(line.strip() for line in str(e).splitlines()[1:6] if line.strip())
+        raise ValueError(f"pretrained file {path!r} does not fit {type(own).__name__} ({details}); "
+                         f"is it for another model or size?") from None
+    model.pretrained_cfg.pop("state_dict", None)  # the config outlives the load: keep no second copy of the weights
+    return model
 
 
-def lora_model(backbone: nn.Module, rank: int, target_modules=("attn.proj",)) -> nn.Module:
-    """PEFT LoRA on the same layers GIFT adapts (alpha = rank, no dropout), the classifier head trained."""
-    from peft import LoraConfig, get_peft_model
+class DataConfig(NamedTuple):
+    """What a model expects of its input (timm's ``resolve_model_data_config``): ``input_size`` (C, H, W)
+    and the per-channel ``mean`` and ``std`` of its normalisation."""
 
-    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(target_modules),
-                     modules_to_save=[classifier_name(backbone)])
-    return get_peft_model(backbone, cfg)
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def data_config(model: nn.Module) -> DataConfig:
+    """The `DataConfig` of a timm model (of its ``pretrained_cfg``; timm's defaults for others)."""
+    cfg = resolve_model_data_config(model)
+    return DataConfig(tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]))
 
 
 # ------------------------------------------------------------------------------------ identity
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def backbone_identity(name: str, num_classes: int, drop_path: float, seed: int, pretrained_file: str | None = None,
                       pretrained: bool = False) -> dict[str, Any]:
     """The record `rebuild_backbone` needs: what `create_backbone` was called with, right after
     ``torch.manual_seed(seed)``, and the SHA-256 of the pretrained file. Hub weights are pinned by
     their pretrained tag (``name.tag``), so a later timm with another default tag gives the same ones."""
     if pretrained and "." not in name:
-        from timm.models import get_pretrained_cfg
-
         cfg = get_pretrained_cfg(name)
         name = f"{name}.{cfg.tag}" if cfg is not None and cfg.tag else name
-    identity = {"format": IDENTITY_FORMAT, "timm_name": name,
-                "kwargs": {"num_classes": int(num_classes), "drop_path_rate": float(drop_path)},
-                "init_seed": int(seed), "pretrained": "hub" if pretrained else ("file" if pretrained_file else "random")}
+    identity = {
+        "format": IDENTITY_FORMAT,
+        "timm_name": name,
+        "kwargs": {"num_classes": int(num_classes), "drop_path_rate": float(drop_path)},
+        "init_seed": int(seed),
+        "pretrained": "hub" if pretrained else ("file" if pretrained_file else "random"),
+    }
     if pretrained_file:
-        identity.update(pretrained_file=os.path.basename(pretrained_file), pretrained_path=os.path.abspath(pretrained_file),
-                        pretrained_sha256=file_sha256(pretrained_file))
+        identity.update(
+            pretrained_file=os.path.basename(pretrained_file),
+            pretrained_path=os.path.abspath(pretrained_file),
+            pretrained_sha256=file_sha256(pretrained_file),
+        )
     return identity
 
 
@@ -185,59 +204,3 @@ def rebuild_backbone(identity: dict[str, Any], pretrained_file: str | None = Non
         raise ValueError(f"{path!r} (sha256 {sha[:12]}...) is not the file the adapter was trained on: "
                          f"{identity['pretrained_file']!r} (sha256 {identity['pretrained_sha256'][:12]}...)")
     return seeded_backbone(identity, path)
-
-
-LORA_RUN = "gift_run.json"
-
-
-def save_lora_adapter(model, directory: str, run: dict) -> None:
-    """PEFT's ``save_pretrained`` (``adapter_model.safetensors``, ``adapter_config.json``) plus ``run``
-    (with the backbone identity) in ``gift_run.json``; each file replaced atomically."""
-    import json
-    import shutil
-    import tempfile
-
-    from .base import atomic_write
-
-    os.makedirs(directory, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=directory, prefix=".tmp-")
-    try:
-        model.save_pretrained(staging)
-        for name in os.listdir(staging):
-            atomic_write(os.path.join(directory, name), lambda tmp, n=name: shutil.copyfile(os.path.join(staging, n), tmp))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-    def write_json(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(run, f, indent=2, sort_keys=True)
-
-    atomic_write(os.path.join(directory, LORA_RUN), write_json)
-
-
-def load_lora_adapter(directory: str, pretrained_file: str | None = None):
-    """A PEFT LoRA model on exactly the backbone the adapter in ``directory`` was trained on; returns
-    ``(model, run)``. Raises as `rebuild_backbone` does."""
-    import json
-
-    from peft import PeftModel
-
-    path = os.path.join(directory, LORA_RUN)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} does not exist: is {directory!r} a LoRA adapter folder written by gift finetune?")
-    with open(path, encoding="utf-8") as f:
-        run = json.load(f)
-    backbone = rebuild_backbone(run.get("backbone"), pretrained_file)
-    return PeftModel.from_pretrained(backbone, directory), run
-
-
-def load_gift_adapter(directory: str, pretrained_file: str | None = None, **fast_kwargs):
-    """A `FastGIFT` on exactly the backbone the adapter in ``directory`` was trained on (its recorded
-    identity, `rebuild_backbone`), with the adapter loaded. Raises as `rebuild_backbone` does, and
-    ``ValueError`` when the adapter does not fit that backbone."""
-    from .base import GIFTModelBase
-    from .fast import FastGIFT
-
-    meta = GIFTModelBase.read_adapter_config(directory)
-    backbone = rebuild_backbone(meta.get("run", {}).get("backbone"), pretrained_file)
-    return FastGIFT.from_adapter(backbone, directory, **fast_kwargs)

@@ -1,16 +1,23 @@
-"""`GIFTConfig`: every choice that shapes a GIFT generator, validated on construction."""
+"""`GIFTConfig`: every choice that shapes a GIFT generator, validated on construction; and the
+vocabularies of the library, each defined here once: block types, cluster activations, memory modes,
+fine-tuning methods (the dtype names are `gift.dtypes`')."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
+from .dtypes import DTYPES
+
+#: the generator's block: PaCa + FFN, PaCa only, or none (GIFT_SPEC.md, section 3)
 BLOCK_TYPES = ("paca", "paca_attn", "identity")
 CLUSTER_ACTIVATIONS = ("sigmoid", "softmax")
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: what `FastGIFT` recomputes in backward, fastest first: nothing, each block's MLP, whole blocks
+MEMORY_MODES = ("none", "mlp", "block")
+#: what a fine-tuning run trains: GIFT, PEFT LoRA, the head only (linear probe), everything
+METHODS = ("gift", "lora", "linear", "full")
 
 
 @dataclass
@@ -64,12 +71,15 @@ class GIFTConfig:
         if self.rank % self.num_heads != 0:
             raise ValueError(
                 f"GIFTConfig.rank={self.rank} is not divisible by num_heads={self.num_heads}; "
-                f"pick a rank that is a multiple of num_heads (e.g. rank={self.num_heads * max(1, self.rank // self.num_heads)})."
+                f"pick a rank that is a multiple of num_heads "
+                f"(e.g. rank={self.num_heads * max(1, self.rank // self.num_heads)})."
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"GIFTConfig.dtype={self.dtype!r} is unknown; choose one of {tuple(DTYPES)}.")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise ValueError(f"GIFTConfig.target_modules must be non-empty module-name suffixes, got {self.target_modules!r}.")
+            raise ValueError(
+                f"GIFTConfig.target_modules must be non-empty module-name suffixes, got {self.target_modules!r}."
+            )
 
     @property
     def mlp_hidden(self) -> int:
@@ -92,5 +102,3 @@ class GIFTConfig:
             raise ValueError(f"GIFTConfig.from_dict got unknown keys {unknown}; known keys are {sorted(known)}.")
         return cls(**dict(d))
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

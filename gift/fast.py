@@ -2,14 +2,18 @@
 
 Where the reference runs the generator once per layer and multiplies by a dense d_out x d_in
 residual, FastGIFT
-  * runs each generator once per forward for all L layers of its target key (layers are the
-    batch dimension of the hyper-Transformer), reading the frozen weights in place;
+  * runs each generator once for all L layers of its target key (layers are the batch dimension of the
+    hyper-Transformer), reading the frozen weights in place, and only when the residuals are not already
+    there: they depend on the weights only, so one owner (`gift.residuals.GeneratedResiduals`) keeps them
+    while the weights stand, for every entry point and thread, and across the micro-batches of a step;
   * applies each layer's residual in low-rank form, ``y = x W^T + b + (x psi) T_l^T``, through
     one autograd Function with a hand-written backward (``gift_kernels.lowrank_residual_linear``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -18,80 +22,42 @@ from torch.utils.checkpoint import checkpoint
 
 from gift_kernels import PacaParams, l2_mlp_residual, lowrank_residual_linear, paca_attention
 
-from .base import GIFTModelBase, TargetGroup
-from .config import GIFTConfig
+from .config import MEMORY_MODES, GIFTConfig
 from .generator import Hypernet, PaCa
-
-MEMORY_MODES = ("none", "mlp", "block")
-
-
-class StepResiduals:
-    """This step's generator output, by target key: ``{key: (psi (d_in, r'), T (L, d_out, r'))}``.
-
-    `FastGIFT.forward` fills it for the duration of one forward (``in_forward``); its `GIFTLinear`
-    layers read their ``T[layer]`` from it (they hold a reference to this object, never the tensors).
-    After a forward with grad enabled it keeps graph-free views of the same storage (``detach()``),
-    read only while autograd runs a backward (a checkpointed region recomputed there); anywhere else
-    (``model.backbone(x)`` outside the model's forward) `get` returns None. The next forward replaces
-    them; `FastGIFT.merge` clears them. A deepcopy or an unpickled copy starts empty, so copies of the
-    model carry no step's tensors.
-    """
-
-    def __init__(self) -> None:
-        self.by_key: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.in_forward = False
-
-    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.in_forward or (self.by_key and torch._C._current_graph_task_id() != -1):
-            return self.by_key.get(key)
-        return None
-
-    def keep_graph_free(self) -> None:
-        """Drop the autograd graph, keep the values (same storage) for recomputation in backward."""
-        self.by_key = {k: tuple(t.detach().requires_grad_(t.requires_grad) for t in v) for k, v in self.by_key.items()}
-
-    def clear(self) -> None:
-        self.by_key = {}
-
-    def __deepcopy__(self, memo) -> "StepResiduals":
-        return StepResiduals()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
+from .predict import choose_memory_mode, default_memory_budget, plan_model
+from .recompute import apply_memory_mode, check_memory_mode, refuse_reentrant_checkpointing, undo_memory_mode
+from .residuals import GeneratedResiduals
+from .targets import TargetGroup, replace_module
+from .wrapper import GIFTModelBase
 
 
 class GIFTLinear(nn.Linear):
     """A target ``nn.Linear`` that adds GIFT's low-rank residual. It holds the *same* weight and bias
     Parameters as the layer it replaces, so parameter names and storage are unchanged.
 
-    It reads this step's psi (d_in x r') and ``T[layer]`` (d_out x r') from ``residuals`` (shared with
-    its `FastGIFT`) under ``key``; with none there (outside a forward of the model and its backward's
-    recomputation, or merged) it is the plain linear layer.
+    At every call it asks ``residuals`` (its model's `gift.residuals.GeneratedResiduals`) for psi (d_in x r')
+    and the tokens of its key, and applies ``T[layer]`` (d_out x r'); with none (merged, or inside
+    ``disable_adapter()``) it is the plain linear layer.
     """
 
-    @classmethod
-    def wrap(cls, linear: nn.Linear, residuals: StepResiduals, key: str, layer: int,
-             backend: str | None = None) -> "GIFTLinear":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new.residuals, new.key, new.layer, new.backend = residuals, key, layer, backend
-        return new
+    gift_adapted = True  # what `GIFTModelBase` looks for to refuse wrapping an adapted backbone again
+
+    def __init__(self, linear: nn.Linear, residuals: GeneratedResiduals, key: str, layer: int,
+                 backend: str | None = None):
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a new weight; this layer takes linear's
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.residuals, self.key, self.layer, self.backend = residuals, key, layer, backend
 
     def unwrap(self) -> nn.Linear:
-        linear = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(linear)
-        linear.in_features, linear.out_features = self.in_features, self.out_features
+        """The plain ``nn.Linear`` holding the same weight and bias Parameters."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight, linear.bias = self.weight, self.bias
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = self.residuals.get(self.key)
+        residual = self.residuals.lookup(self.key, self.layer)
         if residual is None:
             return F.linear(x, self.weight, self.bias)
         psi, tokens = residual
@@ -107,47 +73,28 @@ class GIFTLinear(nn.Linear):
         return super().extra_repr() + f", gift={self.key}[{self.layer}]"
 
 
-class KeysAsBefore:
-    """A state-dict hook for a module whose children were moved into a `Recomputed` wrapper: as a
-    ``state_dict`` post-hook (``saving=True``) it shows the keys as they were before the move, as a
-    ``load_state_dict`` pre-hook (``saving=False``) it takes them so. ``moves``: (path before, path now)
-    pairs relative to the module, e.g. ``("mlp.", "mlp.body.")``."""
+class WeightTokens(torch.autograd.Function):
+    """The generator's input tokens of all L layers of a key, ``T0 = W_l phi^T (+ b)``: ``(L, d_out, r)`` from
+    the frozen ``(d_out, d_in)`` weights and phi ``(r, d_in)``. Each weight is cast to phi's dtype only while it
+    is multiplied, in forward and again in backward, so no cast copy is kept for backward (autograd's linear
+    keeps each layer's cast input: 4 bytes a weight for a bf16 or NF4 backbone under fp32 GIFT weights)."""
 
-    def __init__(self, moves: list[tuple[str, str]], saving: bool):
-        self.moves, self.saving = moves, saving
+    @staticmethod
+    def forward(ctx, phi_weight, phi_bias, *weights):
+        ctx.save_for_backward(phi_weight, *weights)
+        ctx.has_bias = phi_bias is not None
+        tokens = torch.stack([w.to(phi_weight.dtype) @ phi_weight.t() for w in weights])
+        return tokens if phi_bias is None else tokens + phi_bias
 
-    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *hook_args) -> None:
-        for key in list(state_dict):
-            if not key.startswith(prefix):
-                continue
-            rest = key[len(prefix):]
-            for before, now in self.moves:
-                old, new = (now, before) if self.saving else (before, now)
-                if rest.startswith(old) and (self.saving or not rest.startswith(now)):
-                    state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
-                    break
-
-
-class Recomputed(nn.Module):
-    """``body(norm(x))`` recomputed in backward instead of keeping its activations
-    (non-reentrant ``torch.utils.checkpoint``): what ``memory="mlp"`` puts in place of each block's MLP
-    (with the block's pre-norm moved inside) and ``memory="block"`` around blocks of backbones without
-    timm's ``set_grad_checkpointing``. Its submodules are ``norm`` (``nn.Identity`` if none) and ``body``:
-    module paths under it gain ``.norm`` / ``.body`` while it is in place, but state-dict keys do not
-    (`KeysAsBefore` on the parent module); ``set_memory("none")`` restores the original modules."""
-
-    def __init__(self, body: nn.Module, norm: nn.Module | None = None):
-        super().__init__()
-        self.norm = nn.Identity() if norm is None else norm
-        self.body = body
-
-    def _run(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.body(self.norm(x), *args, **kwargs)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return checkpoint(self._run, x, *args, use_reentrant=False, **kwargs)
-        return self._run(x, *args, **kwargs)
+    @staticmethod
+    def backward(ctx, grad):
+        phi_weight, *weights = ctx.saved_tensors
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = sum(g.t() @ w.to(phi_weight.dtype) for g, w in zip(grad, weights))
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad.sum((0, 1))
+        return (grad_weight, grad_bias, *([None] * len(weights)))
 
 
 def paca_params(attn: PaCa) -> PacaParams:
@@ -168,73 +115,51 @@ def run_hypernet(hypernet: Hypernet, tokens: torch.Tensor, backend: str | None =
     return tokens
 
 
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-def _is_prenorm_block(block: nn.Module) -> bool:
-    """timm's pre-norm ViT blocks compute ``x + ls2(mlp(norm2(x)))``: norm2 feeds mlp and nothing else."""
-    from timm.models.vision_transformer import Block
-
-    try:
-        from timm.models.eva import EvaBlock
-    except ImportError:
-        EvaBlock = Block
-    return type(block) in (Block, EvaBlock) and isinstance(getattr(block, "norm2", None), nn.Module)
-
-
-def _timm_grad_checkpointing(backbone: nn.Module) -> bool:
-    """Whether ``backbone`` offers timm's ``set_grad_checkpointing()`` (and its ``grad_checkpointing`` flag)."""
-    return callable(getattr(backbone, "set_grad_checkpointing", None)) and hasattr(backbone, "grad_checkpointing")
-
-
-def _refuse_reentrant_checkpointing() -> None:
-    """Raise when timm checkpoints reentrantly: the recomputed blocks would not reach the generator."""
-    from timm.layers import use_reentrant_ckpt
-
-    if use_reentrant_ckpt():
-        raise ValueError("timm's grad checkpointing (memory='block') needs its non-reentrant mode (reentrant drops "
-                         "the generator's gradients); call timm.layers.set_reentrant_ckpt(False).")
-
-
 class FastGIFT(GIFTModelBase):
     """GIFT on a frozen ``backbone``: same constructor, attributes and checkpoints as `GIFTReference`.
 
+    Every call of the backbone runs adapted: the wrapper's forward, ``model.backbone(x)``,
+    ``forward_features``, ``forward_intermediates``, a Hugging Face ``generate``; ``disable_adapter()`` gives
+    the plain backbone. The residuals are generated on demand and reused while the weights stand (one owner,
+    ``residuals``: `gift.residuals.GeneratedResiduals`, whose docstring has the rules); ``accumulate(k)``
+    runs the generator once for the k micro-batches of an optimizer step.
+
     Args:
-        backbone: a timm ViT (or any ``nn.Module`` with the targets).
+        backbone: a timm ViT (or any ``nn.Module`` with the targets); refused when already wrapped.
         config: the ``GIFTConfig``.
         memory: ``"none"``; ``"mlp"`` recomputes each block's MLP (and its pre-norm) in backward;
             ``"block"`` recomputes whole blocks (timm's ``set_grad_checkpointing()`` where the backbone
-            has it, else a `Recomputed` wrapper around each of ``backbone.blocks``); ``"auto"``: at the
-            first training forward, the fastest of those whose predicted peak (`gift.plan`, for that
-            input shape and AdamW) fits `gift.plan.FIT_FRACTION` of ``memory_budget`` (see `choose_memory`).
-        memory_budget: bytes (or ``"24GiB"``) for ``memory="auto"``; default: on CUDA the device's free
-            memory plus what this model already holds there, on CPU no limit.
+            has it, else a `Recomputed` wrapper around each of ``backbone.blocks``) and the generator;
+            ``"auto"``: at the first training forward, the fastest of those whose predicted peak
+            (`gift.predict`, for that input shape, AdamW and the ``accumulate`` block it runs in) fits
+            `gift.predict.FIT_FRACTION` of ``memory_budget`` (see `choose_memory`).
+        memory_budget: bytes (or ``"24GiB"``) for ``memory="auto"``; default `gift.predict.default_memory_budget`.
         backbone_dtype: store the frozen backbone weights in this dtype (e.g. ``torch.bfloat16``);
             forward then runs the backbone under autocast in that dtype. The head and the generator
             keep their own dtypes.
-        backend: ``"auto" | "torch" | "triton"`` for the fused ops (default: ``GIFT_KERNELS``, else
-            auto: Triton on CUDA); see `gift_kernels.dispatch`.
+        backend: ``"auto" | "torch" | "triton"`` for the fused ops (default: the ``GIFT_BACKEND``
+            environment variable, else auto: Triton on CUDA); see `gift_kernels.dispatch`.
+        recompute_generator: recompute the generator's forward in its backward instead of keeping its
+            activations from the forward (default: with ``memory="block"`` only).
 
-    Per-step state lives in ``step_residuals`` (`StepResiduals`) only; merge state in
-    ``merged_tokens`` only (None when not merged).
+    Merge state: ``merged``; `merge` keeps the unmerged target weights (on the CPU) so that `unmerge`
+    restores them bit for bit.
     """
 
     def __init__(self, backbone: nn.Module, config: GIFTConfig | None = None, memory: str = "none",
                  backbone_dtype: torch.dtype | None = None, backend: str | None = None,
-                 memory_budget: int | str | None = None):
+                 memory_budget: int | str | None = None, recompute_generator: bool | None = None):
         super().__init__(backbone, config)
         self.backend = backend
         if memory not in MEMORY_MODES + ("auto",):
             raise ValueError(f"memory={memory!r} is unknown; choose one of {MEMORY_MODES + ('auto',)}.")
-        self.step_residuals = StepResiduals()
+        self.residuals = GeneratedResiduals(self)
         groups = []
         for group in self.target_groups:
-            wrapped = tuple(GIFTLinear.wrap(m, self.step_residuals, group.key, layer, backend)
+            wrapped = tuple(GIFTLinear(m, self.residuals, group.key, layer, backend)
                             for layer, m in enumerate(group.modules))
             for name, module in zip(group.names, wrapped):
-                _replace_module(self.backbone, name, module)
+                replace_module(self.backbone, name, module)
             groups.append(TargetGroup(group.key, group.names, wrapped))
         self.target_groups = groups
         self.backbone_dtype = backbone_dtype
@@ -243,193 +168,241 @@ class FastGIFT(GIFTModelBase):
             for p in self.backbone.parameters():
                 if id(p) not in head and p.is_floating_point():
                     p.data = p.data.to(backbone_dtype)
+        self.recompute_generator = recompute_generator
         self.memory = "none"
         self._key_hook_handles: list = []
         self.set_memory("none" if memory == "auto" else memory)
         self.memory_budget = memory_budget
         self.memory_reason: str | None = None
         self.memory_pending = memory == "auto"
-        self.merged_tokens: dict[str, torch.Tensor] | None = None
+        self._unmerged_weights: list[torch.Tensor] | None = None  # while merged: each target's W before merge
+        self._merged_signature: dict[str, int] | None = None  # while merged: GIFT parameter versions per key
+        self._unloaded = False
+        self.register_load_state_dict_post_hook(_forget_residuals)
 
     @property
     def merged(self) -> bool:
-        return self.merged_tokens is not None
+        return self._merged_signature is not None
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        if "residuals" in self.__dict__:  # a move or cast (to, cuda, half, to_empty) replaces the storages
+            self.residuals.reset()
+        return result
 
     # ------------------------------------------------------------------ memory modes
-    def _blocks(self) -> nn.Module:
-        blocks = getattr(self.backbone, "blocks", None)
-        if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
-            raise ValueError(f"memory modes 'mlp' and 'block' need backbone.blocks (a timm ViT); "
-                             f"{type(self.backbone).__name__} has none. Use memory='none'.")
-        return blocks
-
-    def _move_keys(self, parent: nn.Module, moves: list[tuple[str, str]]) -> None:
-        self._key_hook_handles += [parent.register_state_dict_post_hook(KeysAsBefore(moves, saving=True)),
-                                   parent.register_load_state_dict_pre_hook(KeysAsBefore(moves, saving=False))]
-
-    def _undo_memory_mode(self) -> None:
-        for handle in self._key_hook_handles:
-            handle.remove()
-        self._key_hook_handles = []
-        if self.memory == "none":
-            return
-        blocks = self._blocks()
-        for i, block in enumerate(blocks):
-            if isinstance(block, Recomputed):
-                blocks[i] = block = block.body
-            if isinstance(getattr(block, "mlp", None), Recomputed):
-                wrapper = block.mlp
-                block.mlp = wrapper.body
-                if not isinstance(wrapper.norm, nn.Identity):
-                    block.norm2 = wrapper.norm
-        if _timm_grad_checkpointing(self.backbone):
-            self.backbone.set_grad_checkpointing(False)
-
     def set_memory(self, memory: str) -> None:
         """Switch between ``"none"``, ``"mlp"`` and ``"block"`` recomputation (reversible; ends a pending "auto")."""
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory={memory!r} is unknown; choose one of {MEMORY_MODES}.")
+        check_memory_mode(self.backbone, memory)
         self.memory_pending = False
-        if memory == "mlp":
-            blocks = [b for b in self._blocks() if isinstance(getattr(b, "mlp", None), nn.Module)]
-            if not blocks:
-                raise ValueError("memory='mlp' needs blocks with an .mlp submodule (timm ViT); use 'block' or 'none'.")
-        if memory == "block" and not _timm_grad_checkpointing(self.backbone):
-            self._blocks()
-        self._undo_memory_mode()
-        if memory == "mlp":
-            for block in blocks:
-                if _is_prenorm_block(block):  # recompute norm2 too: x + ls2(mlp(norm2(x))) -> x + ls2(mlp'(x))
-                    block.mlp, block.norm2 = Recomputed(block.mlp, norm=block.norm2), nn.Identity()
-                    self._move_keys(block, [("mlp.", "mlp.body."), ("norm2.", "mlp.norm.")])
-                else:
-                    block.mlp = Recomputed(block.mlp)
-                    self._move_keys(block, [("mlp.", "mlp.body.")])
-        elif memory == "block":
-            if _timm_grad_checkpointing(self.backbone):
-                _refuse_reentrant_checkpointing()
-                self.backbone.set_grad_checkpointing(True)
-            else:
-                blocks = self._blocks()
-                for i, block in enumerate(blocks):
-                    blocks[i] = Recomputed(block)
-                self._move_keys(blocks, [(f"{i}.", f"{i}.body.") for i in range(len(blocks))])
+        undo_memory_mode(self.backbone, self.memory, self._key_hook_handles)
+        self.memory, self._key_hook_handles = "none", []
+        self._key_hook_handles = apply_memory_mode(self.backbone, memory)
         self.memory = memory
 
-    def _default_memory_budget(self) -> int | None:
-        device = self._backbone_device()
-        if device.type != "cuda":
-            return None
-        from .memory import module_tensors, storage_bytes
-
-        return torch.cuda.mem_get_info(device)[0] + storage_bytes(t for t in module_tensors(self) if t.device == device)
+    @property
+    def generator_recomputed(self) -> bool:
+        """Whether the generator's forward runs again in its backward (``recompute_generator``, default:
+        ``memory == "block"``)."""
+        return self.memory == "block" if self.recompute_generator is None else bool(self.recompute_generator)
 
     def choose_memory(self, input_shape: tuple[int, ...], budget: int | str | None = None,
-                      amp: torch.dtype | None = None) -> str:
+                      amp: torch.dtype | None = None, accumulation: int = 1) -> str:
         """Switch to the fastest memory mode whose predicted training-step peak fits ``budget`` (default:
-        ``memory_budget``, else see the class doc) for inputs of ``input_shape`` (B, C, H, W) under
-        autocast ``amp``; ``memory_reason`` says why in one line. Raises `gift.plan.DoesNotFit` (naming
-        the batch size that would fit) when no mode does."""
-        from .plan import choose_memory_mode, plan_model
-
+        ``memory_budget``, else `gift.predict.default_memory_budget`) for inputs of ``input_shape`` (B, C, H, W)
+        under autocast ``amp``, in steps of ``accumulation`` micro-batches of that shape; ``memory_reason``
+        says why in one line. Raises `gift.predict.DoesNotFit` (naming the batch size that would fit) when no
+        mode does."""
         budget = budget if budget is not None else self.memory_budget
-        budget = budget if budget is not None else self._default_memory_budget()
-        mode, reason = choose_memory_mode(plan_model(self, tuple(input_shape), budget, amp))
+        budget = budget if budget is not None else default_memory_budget(self._backbone_device(), self)
+        mode, reason = choose_memory_mode(plan_model(self, tuple(input_shape), budget, amp, accumulation))
         self.set_memory(mode)
         self.memory_reason = reason
         logging.getLogger("gift").info(reason)
         return mode
 
     # ------------------------------------------------------------------ the generator
+    def input_tokens(self, key: str | None = None) -> torch.Tensor:
+        """T = W_l phi^T for every layer of ``key``, read from the frozen weights in place: ``(L, d_out, r)``
+        (`WeightTokens`: no cast copy of the weights kept for backward)."""
+        group = self.target_group(key)
+        phi = self.in_projections[group.key]
+        return WeightTokens.apply(phi.weight, phi.bias, *(m.weight for m in group.modules))
+
     def generator_tokens(self, key: str) -> torch.Tensor:
         """T = Hypernet(W phi^T) for all L layers of ``key`` at once: ``(L, d_out, r)``, generator dtype."""
         device_type = self.in_projections[key].weight.device.type
         with torch.autocast(device_type=device_type, enabled=False):
             return run_hypernet(self.hypernets[key], self.input_tokens(key), self.backend)
 
-    def _out_projection(self, key: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """psi (d_in x r') and tokens (..., d_out, r') such that dW = tokens psi^T (bias folded in)."""
+    def make_psi(self, key: str) -> torch.Tensor:
+        """psi ``(d_in, r')``: the out projection's weight, with its bias as one more column (r' = r + 1)."""
         out = self.out_projections[key]
-        if out.bias is None:
-            return out.weight, tokens
-        ones = tokens.new_ones(*tokens.shape[:-1], 1)
-        return torch.cat([out.weight, out.bias[:, None]], dim=1), torch.cat([tokens, ones], dim=-1)
+        return out.weight if out.bias is None else torch.cat([out.weight, out.bias[:, None]], dim=1)
+
+    def _fold(self, key: str, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens ``(..., d_out, r')`` such that dW = tokens psi^T with psi from `make_psi` (bias folded in)."""
+        if self.out_projections[key].bias is None:
+            return tokens
+        return torch.cat([tokens, tokens.new_ones(*tokens.shape[:-1], 1)], dim=-1)
+
+    def make_residuals(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One generator run for ``key``: (psi ``(d_in, r')``, T ``(L, d_out, r')``), with its autograd graph when
+        grad is enabled (the forward recomputed in backward when `generator_recomputed`)."""
+        if torch.is_grad_enabled() and self.generator_recomputed:
+            tokens = checkpoint(self.generator_tokens, key, use_reentrant=False)
+        else:
+            tokens = self.generator_tokens(key)
+        return self.make_psi(key), self._fold(key, tokens)
+
+    def residual_parameters(self, key: str) -> Iterator[nn.Parameter]:
+        """The GIFT parameters the residuals of ``key`` are made of (phi, the hyper-Transformer, psi)."""
+        for container in (self.in_projections, self.hypernets, self.out_projections):
+            yield from container[key].parameters()
+
+    def target_weights(self, key: str) -> list[torch.Tensor]:
+        """The frozen ``(d_out, d_in)`` weights of the L layers of ``key``."""
+        return [m.weight for m in self.target_group(key).modules]
 
     def generator_residuals(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """One step's ``{key: (psi (d_in, r'), T (L, d_out, r'))}``: each generator run once for its L layers."""
-        return {g.key: self._out_projection(g.key, self.generator_tokens(g.key)) for g in self.target_groups}
+        """A new ``{key: (psi (d_in, r'), T (L, d_out, r'))}``: each generator run once for its L layers
+        (what the layers get from ``residuals``; this call bypasses it)."""
+        return {g.key: self.make_residuals(g.key) for g in self.target_groups}
 
     def delta_weight(self, key: str, layer: int) -> torch.Tensor:
         """dW_l = T_l psi^T: ``(d_out, d_in)`` in the target weight's dtype (for inspection and merge)."""
-        psi, tokens = self._out_projection(key, self.generator_tokens(key)[layer])
+        tokens = self._fold(key, self.generator_tokens(key)[layer])
         group = self.target_group(key)
-        return (tokens @ psi.t()).to(group.modules[layer].weight.dtype)
+        return (tokens @ self.make_psi(key).t()).to(group.modules[layer].weight.dtype)
 
+    # ------------------------------------------------------------------ calls
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's output with every target adapted. With grad enabled, the residuals stay (graph-free)
-        in ``step_residuals`` for recomputation in this step's backward; a no-grad forward in between
-        (an evaluation) leaves them as they were."""
+        """The backbone's output with every target adapted (as ``self.backbone(x)``), under autocast in
+        ``backbone_dtype`` when the weights are stored in it; the first training forward settles ``memory="auto"``."""
         if self.memory_pending and torch.is_grad_enabled():
             amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-            self.choose_memory(x.shape, amp=amp)
-        if self.merged_tokens is not None and torch.is_grad_enabled() and any(p.requires_grad for p in self.gift_parameters()):
-            raise RuntimeError("FastGIFT is merged; call unmerge() before training (or run under torch.no_grad()).")
+            accumulation = self.residuals.accumulation
+            self.choose_memory(x.shape, amp=amp, accumulation=accumulation.micro_batches if accumulation else 1)
         if torch.is_grad_enabled() and getattr(self.backbone, "grad_checkpointing", False) is True:
-            _refuse_reentrant_checkpointing()
-        kept = self.step_residuals.by_key
-        self.step_residuals.by_key = {} if self.merged_tokens is not None else self.generator_residuals()
-        self.step_residuals.in_forward = True
+            refuse_reentrant_checkpointing()
+        self.residuals.begin_pass()
+        if self.backbone_dtype is not None:
+            with torch.autocast(device_type=x.device.type, dtype=self.backbone_dtype):
+                return self.backbone(x)
+        return self.backbone(x)
+
+    @contextlib.contextmanager
+    def accumulate(self, micro_batches: int):
+        """A context around the ``micro_batches`` forwards and backwards of one optimizer step (gradient
+        accumulation)::
+
+            with model.accumulate(4):
+                for x, y in zip(xs.chunk(4), ys.chunk(4)):
+                    (loss_fn(model(x), y) / 4).backward()
+            opt.step(); opt.zero_grad()
+
+        The generator runs forward once, at the first micro-batch, and backward once, in the last micro-batch's
+        backward, with the sum of all micro-batches' gradients: every gradient equals that of one batch. Each
+        micro-batch needs its forward, then its backward; another count, or a step of an optimizer of this
+        model's GIFT parameters inside the block, raises ``RuntimeError``. Under DDP, wrap the backwards of all
+        micro-batches but the last in ``ddp_model.no_sync()``: the generator's gradients are reduced once, in the
+        synchronised backward.
+        Nothing stays behind after the block (an exception inside it drops its state silently)."""
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"accumulate(micro_batches) takes a positive int, got {micro_batches!r}.")
+        if self.merged:
+            raise RuntimeError("FastGIFT is merged; call unmerge() before training.")
+        self.residuals.begin_accumulation(micro_batches)
         try:
-            if self.backbone_dtype is not None:
-                with torch.autocast(device_type=x.device.type, dtype=self.backbone_dtype):
-                    return self.backbone(x)
-            return self.backbone(x)
-        finally:
-            self.step_residuals.in_forward = False
-            if torch.is_grad_enabled():
-                self.step_residuals.keep_graph_free()
-            else:
-                self.step_residuals.by_key = kept
+            yield self
+        except BaseException:
+            self.residuals.end_accumulation(check=False)
+            raise
+        self.residuals.end_accumulation(check=True)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """A context in which every call of the backbone runs it plain (as PEFT's ``disable_adapter()``:
+        model-wide, so in every thread). Refused while merged (the weights hold the residuals)."""
+        if self.merged:
+            raise RuntimeError("FastGIFT is merged: its weights hold W + dW; call unmerge() before disable_adapter().")
+        with self.residuals.disabled_adapter():
+            yield self
 
     # ------------------------------------------------------------------ deployment
+    def _gift_signature(self) -> dict[str, int]:
+        return {key: self.residuals.parameter_versions(key) for key in self.residuals.keys()}
+
+    def check_merged_use(self, key: str) -> None:
+        """Raise for a call of a merged layer of ``key`` that would not give this adapter's outputs: a training
+        call (the generator would get no gradients) or GIFT weights of ``key`` changed since the merge."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.gift_parameters()):
+            raise RuntimeError("FastGIFT is merged; call unmerge() before training (or run under torch.no_grad()).")
+        if self.residuals.parameter_versions(key) != self._merged_signature[key]:
+            raise RuntimeError("the GIFT weights changed while merged, so the merged weights hold the old residuals; "
+                               "call unmerge() and merge() again (load_adapter() and load_gift_state_dict() do it).")
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold every dW_l into W_l: afterwards the backbone runs with no GIFT overhead.
+        """Fold every dW_l into W_l: afterwards the backbone runs with no GIFT overhead. The unmerged
+        weights are kept (on the CPU) for `unmerge`.
 
         Refuses (and changes nothing) when a merged weight would not be finite, like PEFT's safe_merge.
         """
-        if self.merged_tokens is not None:
+        if self.merged:
             raise RuntimeError("FastGIFT is already merged; call unmerge() first.")
-        self.step_residuals.clear()  # the merged weights carry them; kept ones would be applied twice
-        merged_weights, tokens_by_key = [], {}
+        if self.residuals.accumulating:
+            raise RuntimeError("merge() inside FastGIFT.accumulate(); merge after training.")
+        merged_weights = []
         for group in self.target_groups:
-            tokens_by_key[group.key] = tokens = self.generator_tokens(group.key)
-            psi, folded = self._out_projection(group.key, tokens)
+            psi, folded = self.make_psi(group.key), self._fold(group.key, self.generator_tokens(group.key))
             for layer, module in enumerate(group.modules):
                 merged = module.weight + (folded[layer] @ psi.t()).to(module.weight.dtype)
                 if not torch.isfinite(merged).all():
                     raise ValueError(f"Merging GIFT into {group.names[layer]!r} gives non-finite weights; not merged.")
                 merged_weights.append((module, merged))
+        self._unmerged_weights = [module.weight.detach().to("cpu", copy=True) for module, _ in merged_weights]
         for module, merged in merged_weights:
             module.weight.copy_(merged)
-        self.merged_tokens = tokens_by_key
+        self._merged_signature = self._gift_signature()
+        self.residuals.reset()
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the residuals folded in by `merge()` (the same dW, from the tokens kept at merge)."""
-        if self.merged_tokens is None:
+        """Put back the target weights `merge()` found, bit for bit."""
+        if not self.merged:
             raise RuntimeError("FastGIFT is not merged.")
-        for group in self.target_groups:
-            psi, folded = self._out_projection(group.key, self.merged_tokens[group.key])
-            for layer, module in enumerate(group.modules):
-                module.weight.sub_((folded[layer] @ psi.t()).to(module.weight.dtype))
-        self.merged_tokens = None
+        if self._unloaded:
+            raise RuntimeError("merge_and_unload() handed the merged backbone over (it shares its weights with this "
+                               "model); build a new FastGIFT on a fresh backbone instead of unmerging.")
+        modules = [m for group in self.target_groups for m in group.modules]
+        for module, weight in zip(modules, self._unmerged_weights):
+            module.weight.copy_(weight)
+        self._unmerged_weights, self._merged_signature = None, None
+        self.residuals.reset()
+
+    def load_gift_state_dict(self, obj) -> None:
+        """As `GIFTModelBase.load_gift_state_dict`; on a merged model the new weights are merged in their turn
+        (unmerge, load, merge), so the merged weights always hold the loaded adapter."""
+        state = self.checked_gift_state(obj)
+        if not self.merged:
+            return self.copy_gift_state(state)
+        self.unmerge()
+        self.copy_gift_state(state)
+        self.merge()
 
     def merge_and_unload(self) -> nn.Module:
-        """Merge, then return the plain backbone (targets back to ``nn.Linear``) for deployment."""
+        """Merge, then return the plain backbone (targets back to ``nn.Linear``) for deployment. It shares its
+        weights with this model, which can no longer `unmerge` (the kept unmerged weights are dropped)."""
         self.merge()
         self.set_memory("none")
         for group in self.target_groups:
             for name, module in zip(group.names, group.modules):
-                _replace_module(self.backbone, name, module.unwrap())
+                replace_module(self.backbone, name, module.unwrap())
+        self._unmerged_weights, self._unloaded = None, True
         return self.backbone
+
+
+def _forget_residuals(model: FastGIFT, incompatible_keys) -> None:
+    """`load_state_dict` post-hook: a load with ``assign=True`` puts new parameter objects in place."""
+    model.residuals.reset()

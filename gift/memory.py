@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .dtypes import autocast_for
+
 
 def storages(t: torch.Tensor) -> Iterator[torch.UntypedStorage]:
     """The storages holding ``t``'s data: its own, or for a wrapper subclass (e.g. torchao's NF4Tensor) those
@@ -125,7 +127,13 @@ class StepBytes:
     alive (activation gradients, recomputed activations, parameter gradients); peak: the most alive
     at once (the forward's own transients too), parameters, optimizer state and the input batch included;
     ema: a model-EMA copy of every parameter and buffer (timm's ``ModelEmaV3``), 0 when there is none
-    (`measure_training_step` keeps none; `gift.plan` adds it to ``peak`` for ``--model-ema``).
+    (`measure_training_step` keeps none; `gift.predict` adds it to ``peak`` for ``--model-ema``);
+    generator_kept: with gradient accumulation, what stays alive from one micro-batch to the next besides
+    the parameters' gradients (GIFT's generator output, its graph's saved tensors unless the generator is
+    recomputed, the bank of its gradients); 0 for one micro-batch per step.
+
+    With several micro-batches, ``saved_activation`` is the first micro-batch's (the generator's saves
+    included), ``backward_transient`` the largest of any micro-batch's backward.
     """
 
     frozen: int
@@ -137,6 +145,7 @@ class StepBytes:
     backward_transient: int
     peak: int
     ema: int = 0
+    generator_kept: int = 0
 
     @property
     def parameter(self) -> int:
@@ -148,20 +157,15 @@ def logits_of(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
-def autocast_for(device: torch.device, amp: torch.dtype | None):
-    """``torch.autocast`` in ``amp`` (bf16/fp16), or nothing for None/float32."""
-    if amp in (None, torch.float32):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=amp)
-
-
 def measure_training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None = None,
                           generator_forward: Callable[[], object] | None = None,
-                          optimizer: torch.optim.Optimizer | None = None) -> StepBytes:
+                          optimizer: torch.optim.Optimizer | None = None, micro_batches: int = 1) -> StepBytes:
     """Run one training step of ``model`` (cross-entropy on ``(x, y)``, backward, AdamW step) and count it.
 
     ``x``: (B, C, H, W), ``y``: (B,) class indices. ``generator_forward``: a function that runs only the
     part of the forward whose saved bytes are reported as ``generator_saved`` (GIFT's generator).
+    ``micro_batches``: the step accumulates that many forwards and backwards of ``(x, y)`` before its AdamW
+    step, inside ``model.accumulate(micro_batches)`` when the model has it (`gift.fast.FastGIFT`).
     Works the same on fake tensors. The model's gradients are left set; the optimizer has stepped once.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -174,16 +178,24 @@ def measure_training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, am
         with SavedTensorCounter(exclude=model) as counter, autocast_for(x.device, amp):
             generator_forward()
         generator_saved = counter.bytes
+    accumulate = getattr(model, "accumulate", None) if micro_batches > 1 else None
+    forward_backward_peak = backward_transient = generator_kept = 0
+    saved_activation = None
     with LiveBytes(exclude=model) as live:
-        with SavedTensorCounter(exclude=model) as saved, autocast_for(x.device, amp):
-            loss = F.cross_entropy(logits_of(model(x)).float(), y)
-        forward_left, forward_peak = live.current, live.peak
-        live.reset_peak()
-        loss.backward()
-        del loss
-        forward_backward_peak = max(forward_peak, live.peak)
-        backward_transient = live.peak - forward_left
-        live.reset_peak()
+        with accumulate(micro_batches) if accumulate is not None else contextlib.nullcontext():
+            for micro_batch in range(micro_batches):
+                with SavedTensorCounter(exclude=model) as saved, autocast_for(x.device, amp):
+                    loss = F.cross_entropy(logits_of(model(x)).float(), y)
+                saved_activation = saved.bytes if saved_activation is None else saved_activation
+                forward_left, forward_peak = live.current, live.peak
+                live.reset_peak()
+                loss.backward()
+                del loss
+                forward_backward_peak = max(forward_backward_peak, forward_peak, live.peak)
+                backward_transient = max(backward_transient, live.peak - forward_left)
+                if micro_batch == 0 and micro_batches > 1:
+                    generator_kept = live.current - storage_bytes(p.grad for p in trainable if p.grad is not None)
+                live.reset_peak()
         optimizer.step()
         state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         optimizer_bytes = storage_bytes(state)
@@ -192,5 +204,5 @@ def measure_training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, am
     batch = storage_bytes([x, y])
     peak = storage_bytes(frozen + trainable) + optimizer_bytes + batch + max(forward_backward_peak, step_peak)
     return StepBytes(frozen=storage_bytes(frozen), trainable=storage_bytes(trainable), gradient=gradient,
-                     optimizer=optimizer_bytes, saved_activation=saved.bytes, generator_saved=generator_saved,
-                     backward_transient=backward_transient, peak=peak)
+                     optimizer=optimizer_bytes, saved_activation=saved_activation, generator_saved=generator_saved,
+                     backward_transient=backward_transient, peak=peak, generator_kept=generator_kept)

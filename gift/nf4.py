@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import GIFTModelBase
+from .targets import replace_module
+from .wrapper import GIFTModelBase
 
 #: to_nf4 quantizes blocks of 64 weights and groups of 256 block scalers: a weight needs a multiple of this.
 NF4_GRANULE = 64 * 256
@@ -62,12 +63,11 @@ def quantize_frozen_linears(model: GIFTModelBase, targets: bool = False) -> list
     generator then dequantizes each W_l once per step and each target layer in its forward (kept for
     its backward). Layers whose size is not a multiple of `NF4_GRANULE` keep their dtype. Returns the
     names of the quantized layers. Raises ImportError naming ``gift[nf4]`` without torchao."""
-    from .fast import GIFTLinear
-
     to_nf4, _ = _torchao_nf4()
+    targets_of_gift = {id(m) for group in model.target_groups for m in group.modules}
     chosen = []
     for name, module in model.backbone.named_modules():
-        if isinstance(module, GIFTLinear):
+        if id(module) in targets_of_gift:
             if targets and module.weight.numel() % NF4_GRANULE == 0:
                 module.weight = nn.Parameter(to_nf4(module.weight.detach().to(torch.bfloat16)), requires_grad=False)
                 chosen.append(name)
@@ -75,7 +75,9 @@ def quantize_frozen_linears(model: GIFTModelBase, targets: bool = False) -> list
             chosen.append(name)
     for name in chosen:
         module = model.backbone.get_submodule(name)
-        if not isinstance(module, GIFTLinear):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.backbone.get_submodule(parent_name) if parent_name else model.backbone, child, NF4Linear(module))
+        if id(module) not in targets_of_gift:
+            replace_module(model.backbone, name, NF4Linear(module))
+    residuals = getattr(model, "residuals", None)  # a FastGIFT's owner of generated residuals: new weights
+    if residuals is not None:
+        residuals.reset()
     return chosen

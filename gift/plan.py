@@ -1,116 +1,69 @@
-"""Will one training step fit in the device's memory, and in which memory mode?
-
-The numbers come from the model itself, never from formulas: the timm model and its wrapper are built
-on the meta device, turned into fake CPU tensors (``FakeTensorMode``: shapes and dtypes, no storage,
-no compute), and one training step (forward, backward, AdamW step) runs on them under the counters of
-`gift.memory`, the same ones that measure real steps. Any timm model name works.
+"""What `gift finetune` trains, built for a `TrainingSetup`, and its memory plan: the timm model with
+random weights (`random_backbone`), made trainable as the method says (`wrap_for_training`: FastGIFT,
+NF4, PEFT LoRA, a linear probe or everything), and one training step of it predicted per memory mode
+on fake tensors (`plan_training`, with `gift.predict`), or measured on a real CPU step beside the
+prediction (`compare_with_real_step`).
 
 Library code: bad input raises `PlanError` (a ``ValueError``); nothing is printed.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import re
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .config import GIFTConfig
-from .fast import MEMORY_MODES, FastGIFT
-from .memory import StepBytes, measure_training_step
+from .backbones import check_model_name, data_config
+from .dtypes import backbone_cast_dtype
+from .fast import FastGIFT
+from .lora import lora_model
+from .memory import StepBytes
+from .nf4 import quantize_frozen_linears
+from .predict import (
+    FIT_FRACTION,
+    DoesNotFit,
+    FakeTrainingModel,
+    Plan,
+    PlanError,
+    TrainingSetup,
+    choose_memory_mode,
+    default_memory_budget,
+    fit_accumulation,
+    format_bytes,
+    parse_bytes,
+    plan_model,
+    recommend,
+    step_bytes,
+)
+from .targets import freeze_all_but_classifier
 
-METHODS = ("gift", "lora", "linear", "full")
-BACKBONE_DTYPES = ("float32", "bfloat16", "float16", "nf4")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-MAX_BATCH_SIZE = 1 << 16
-#: A predicted peak must fit this fraction of the memory budget: the rest is kept for what the model's tensors do
-#: not show (the CUDA caching allocator's rounding and fragmentation, cuBLAS/cuDNN workspaces).
-FIT_FRACTION = 0.9
-
-
-class PlanError(ValueError):
-    """Bad input to the planner (unknown model, method, size): one line naming the fix."""
-
-
-class DoesNotFit(PlanError):
-    """No memory mode fits the budget. ``largest_batch_size``: the largest batch that fits in the most
-    frugal mode (0 when even one image does not), ``mode``: that mode."""
-
-    def __init__(self, message: str, largest_batch_size: int, mode: str):
-        super().__init__(message)
-        self.largest_batch_size, self.mode = largest_batch_size, mode
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str | int) -> int:
-    """``"24GiB"``, ``"80GB"``, ``"512MiB"`` or a plain number of bytes, as an int."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise PlanError(f"cannot read the memory size {text!r}; write e.g. 24GiB, 80GB or 512MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def format_bytes(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-@dataclass
-class TrainingSetup:
-    """One fine-tuning job as `gift finetune` would run it (the fields of its command line that shape memory).
-
-    ``backbone_dtype``: how the frozen backbone is stored ("float32", "bfloat16", "float16", or "nf4"
-    for 4-bit NF4 linear weights); ``amp``: "bf16"/"fp16" autocast or None; ``rank``: LoRA's rank
-    for ``method="lora"`` (GIFT's is ``gift.rank``); ``model_ema``: a ``ModelEmaV3`` copy of the whole
-    model (frozen backbone included) is kept alongside, as ``gift finetune --model-ema`` does.
-    """
-
-    model: str
-    batch_size: int
-    img_size: int | None = None
-    num_classes: int | None = None
-    method: str = "gift"
-    backbone_dtype: str = "float32"
-    amp: str | None = None
-    gift: GIFTConfig = field(default_factory=GIFTConfig)
-    lora_rank: int = 16
-    drop_path: float = 0.1
-    model_ema: bool = False
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise PlanError(f"method {self.method!r} is unknown; choose one of {METHODS}")
-        if self.backbone_dtype not in BACKBONE_DTYPES:
-            raise PlanError(f"backbone dtype {self.backbone_dtype!r} is unknown; choose one of {BACKBONE_DTYPES}")
-        if self.amp is not None and self.amp not in AMP_DTYPES:
-            raise PlanError(f"amp {self.amp!r} is unknown; choose one of {tuple(AMP_DTYPES)}")
-        if self.batch_size <= 0:
-            raise PlanError(f"batch size must be a positive integer, got {self.batch_size}")
-        if self.img_size is not None and self.img_size <= 0:
-            raise PlanError(f"image size must be a positive integer, got {self.img_size}")
-
-    @property
-    def memory_modes(self) -> tuple[str, ...]:
-        """The modes this method offers, fastest first (recomputation is FastGIFT's)."""
-        return MEMORY_MODES if self.method == "gift" else ("none",)
-
-    @property
-    def amp_dtype(self) -> torch.dtype | None:
-        return AMP_DTYPES.get(self.amp) if self.amp else None
+__all__ = [
+    "FIT_FRACTION",
+    "DoesNotFit",
+    "FakeTrainingModel",
+    "Plan",
+    "PlanError",
+    "TrainingSetup",
+    "build_training_model",
+    "choose_memory_mode",
+    "compare_with_real_step",
+    "default_memory_budget",
+    "fake_training_model",
+    "fit_accumulation",
+    "format_bytes",
+    "image_shape",
+    "parse_bytes",
+    "plan_model",
+    "plan_fitting",
+    "plan_training",
+    "random_backbone",
+    "step_bytes",
+    "wrap_for_training",
+]
 
 
-def create_backbone(setup: TrainingSetup) -> nn.Module:
+def random_backbone(setup: TrainingSetup) -> nn.Module:
     """The timm model of ``setup`` with random weights (on the current default device)."""
     import timm
-
-    from .backbones import check_model_name
 
     try:
         check_model_name(setup.model)
@@ -127,191 +80,50 @@ def create_backbone(setup: TrainingSetup) -> nn.Module:
         raise PlanError(f"timm cannot build {setup.model!r} with {kwargs}: {e}") from None
 
 
-def wrap_for_training(setup: TrainingSetup, backbone: nn.Module, memory: str = "none", quantize: bool = True) -> nn.Module:
+def wrap_for_training(
+    setup: TrainingSetup, backbone: nn.Module, memory: str = "none", quantize: bool = True
+) -> nn.Module:
     """``backbone`` made trainable as ``setup.method`` says (what `gift finetune` trains). With
     ``backbone_dtype="nf4"`` the frozen weights are bf16, then (``quantize``) the frozen linear
     layers but GIFT's targets NF4 (`gift.nf4.quantize_frozen_linears`)."""
     if setup.method == "gift":
-        dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "nf4": torch.bfloat16}[setup.backbone_dtype]
-        model = FastGIFT(backbone, setup.gift, memory=memory, backbone_dtype=dtype)
+        model = FastGIFT(backbone, setup.gift, memory=memory, backbone_dtype=backbone_cast_dtype(setup.backbone_dtype))
         if quantize and setup.backbone_dtype == "nf4":
-            from .nf4 import quantize_frozen_linears
-
             quantize_frozen_linears(model)
         return model
     if setup.backbone_dtype != "float32":
-        raise PlanError(f"backbone dtype {setup.backbone_dtype!r} is for --method gift; use float32 with {setup.method}")
+        raise PlanError(
+            f"backbone dtype {setup.backbone_dtype!r} is for --method gift; use float32 with {setup.method}"
+        )
     if setup.method == "lora":
-        from .backbones import lora_model
-
         return lora_model(backbone, setup.lora_rank, setup.gift.target_modules)
-    backbone.requires_grad_(setup.method == "full")
-    backbone.get_classifier().requires_grad_(True)
-    return backbone
+    if setup.method == "linear":
+        return freeze_all_but_classifier(backbone)
+    return backbone.requires_grad_(True)
 
 
 def build_training_model(setup: TrainingSetup, memory: str = "none") -> nn.Module:
     """The model `gift finetune` would train for ``setup`` (real tensors, random weights)."""
-    return wrap_for_training(setup, create_backbone(setup), memory)
+    return wrap_for_training(setup, random_backbone(setup), memory)
 
 
 def image_shape(setup: TrainingSetup, backbone: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) of the model's input: ``setup.img_size`` or the model's default input size."""
-    c, h, w = getattr(backbone, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
+    c, h, w = data_config(backbone).input_size
     return (c, setup.img_size, setup.img_size) if setup.img_size else (c, h, w)
 
 
-def _generator_forward(model: nn.Module):
-    return model.generator_residuals if isinstance(model, FastGIFT) else None
-
-
-def step_bytes(model: nn.Module, batch_size: int, shape: tuple[int, ...], amp: torch.dtype | None,
-               memory: str | None = None, device: torch.device | str = "cpu") -> StepBytes:
-    """`measure_training_step` of ``model`` on a batch of ``batch_size`` inputs of ``shape`` (random images,
-    class 0); ``memory`` switches a `FastGIFT`'s mode first. Under a ``FakeTensorMode`` nothing is computed."""
-    if memory is not None and isinstance(model, FastGIFT):
-        model.set_memory(memory)
-    x = torch.randn(batch_size, *shape, device=device)
-    y = torch.zeros(batch_size, dtype=torch.long, device=device)
-    return measure_training_step(model, x, y, amp, generator_forward=_generator_forward(model))
-
-
-class FakeTrainingModel:
-    """The training model of a setup (or a copy of an existing model) on fake CPU tensors, with the
-    ``FakeTensorMode`` it lives in: `predict` runs steps on it without memory or compute."""
-
-    def __init__(self, model: nn.Module, mode: FakeTensorMode, shape: tuple[int, ...], amp: torch.dtype | None,
-                 device: torch.device | str = "cpu", model_ema: bool = False):
-        self.model, self.mode, self.shape, self.amp, self.device = model, mode, shape, amp, device
-        self.model_ema = model_ema
-
-    @classmethod
-    def from_setup(cls, setup: TrainingSetup) -> "FakeTrainingModel":
-        with torch.device("meta"):
-            backbone = create_backbone(setup)
-            model = wrap_for_training(setup, backbone, quantize=False)
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with mode:
-            model.to_empty(device="cpu")
-            if setup.backbone_dtype == "nf4":  # quantized on fake tensors: to_nf4 reads values
-                from .nf4 import quantize_frozen_linears
-
-                quantize_frozen_linears(model)
-        return cls(model, mode, image_shape(setup, backbone), setup.amp_dtype, model_ema=setup.model_ema)
-
-    @classmethod
-    def copy_of(cls, model: nn.Module, shape: tuple[int, ...], amp: torch.dtype | None) -> "FakeTrainingModel":
-        """A fake copy of a real model on its device (its weights are never copied)."""
-        device = next(model.parameters()).device
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with mode:
-            replica = copy.deepcopy(model)
-        return cls(replica, mode, shape, amp, device)
-
-    def predict(self, batch_size: int, memory: str | None = None) -> StepBytes:
-        """One step's bytes; with ``model_ema`` the EMA copy (every parameter and buffer again) is in the peak."""
-        with self.mode:
-            step = step_bytes(self.model, batch_size, self.shape, self.amp, memory, self.device)
-        if not self.model_ema:
-            return step
-        return dataclasses.replace(step, ema=step.parameter, peak=step.peak + step.parameter)
-
-    def largest_batch_size(self, budget: int, memory: str | None = None, at: StepBytes | None = None,
-                           at_batch: int | None = None) -> int:
-        """The largest batch whose predicted peak fits ``budget`` (0 if one image does not): a line through
-        the peaks at batch 1 and ``at_batch`` (activations grow linearly), checked by a prediction there."""
-        one = self.predict(1, memory)
-        if one.peak > budget:
-            return 0
-        if at is None or at_batch is None or at_batch < 2:
-            at_batch = 8
-            at = self.predict(at_batch, memory)
-        slope = max((at.peak - one.peak) / (at_batch - 1), 1.0)
-        guess = min(MAX_BATCH_SIZE, 1 + int((budget - one.peak) // slope))
-        while guess > 1 and self.predict(guess, memory).peak > budget:
-            guess = max(1, int(guess * 0.97))
-        return guess
-
-
-@dataclass
-class Plan:
-    """Per memory mode, the bytes of one training step of ``setup``; which modes fit ``device_memory``
-    (their peak within `FIT_FRACTION` of it, ``usable_memory``);
-    the fastest that fits (``recommended``) and the largest batch size for it (for the most frugal
-    mode when none fits)."""
-
-    setup: TrainingSetup
-    device_memory: int | None
-    modes: dict[str, StepBytes]
-    recommended: str | None = None
-    largest_batch_size: int | None = None
-    largest_batch_mode: str | None = None
-    fake: FakeTrainingModel | None = field(default=None, repr=False, compare=False)
-
-    def with_device_memory(self, device_memory: int | str) -> "Plan":
-        """The same predictions against another budget (no step is predicted again but for the largest batch)."""
-        return _decide(Plan(self.setup, parse_bytes(device_memory), self.modes, fake=self.fake), self.fake)
-
-    @property
-    def usable_memory(self) -> int | None:
-        """What a predicted peak may use: `FIT_FRACTION` of ``device_memory``."""
-        return None if self.device_memory is None else int(self.device_memory * FIT_FRACTION)
-
-    @property
-    def budget_text(self) -> str:
-        """The budget in words, with the margin: "90% of 24.00 GiB"."""
-        return f"{FIT_FRACTION:.0%} of {format_bytes(self.device_memory)}"
-
-    def fits(self, mode: str) -> bool | None:
-        return None if self.device_memory is None else self.modes[mode].peak <= self.usable_memory
-
-    def to_json(self) -> dict:
-        """One object for scripts; bytes as integers."""
-        modes = {}
-        for name, b in self.modes.items():
-            modes[name] = {"saved_activation_bytes": b.saved_activation, "parameter_bytes": b.parameter,
-                           "optimizer_bytes": b.optimizer, "peak_bytes": b.peak, "fits": self.fits(name),
-                           "frozen_bytes": b.frozen, "trainable_bytes": b.trainable, "gradient_bytes": b.gradient,
-                           "generator_saved_bytes": b.generator_saved, "backward_transient_bytes": b.backward_transient,
-                           "ema_bytes": b.ema}
-        s = self.setup
-        return {"model": s.model, "batch_size": s.batch_size, "img_size": s.img_size, "method": s.method,
-                "backbone_dtype": s.backbone_dtype, "amp": s.amp, "model_ema": s.model_ema, "device_memory": self.device_memory,
-                "usable_memory": self.usable_memory,
-                "modes": modes, "recommended": self.recommended, "largest_batch_size": self.largest_batch_size,
-                "largest_batch_mode": self.largest_batch_mode}
-
-    def table(self) -> str:
-        """The plan as a text table (GiB), one column per memory mode."""
-        rows = [("frozen weights", lambda b: b.frozen), ("trainable parameters", lambda b: b.trainable),
-                ("their gradients", lambda b: b.gradient), ("AdamW state", lambda b: b.optimizer),
-                ("saved for backward", lambda b: b.saved_activation),
-                ("  of which the generator", lambda b: b.generator_saved),
-                ("backward transient", lambda b: b.backward_transient)]
-        rows += [("model EMA copy", lambda b: b.ema)] if self.setup.model_ema else []
-        rows += [("predicted peak", lambda b: b.peak)]
-        names = list(self.modes)
-        gib = lambda n: f"{n / 2**30:.3f}"  # noqa: E731
-        lines = [f"{'GiB':<26}" + "".join(f"{'memory=' + n:>14}" for n in names)]
-        lines += [f"{label:<26}" + "".join(f"{gib(get(self.modes[n])):>14}" for n in names) for label, get in rows]
-        if self.device_memory is not None:
-            lines.append(f"{'fits ' + self.budget_text:<26}"
-                         + "".join(f"{('yes' if self.fits(n) else 'no'):>14}" for n in names))
-        return "\n".join(lines)
-
-    def summary(self) -> str:
-        """One line: what to switch on."""
-        s = self.setup
-        if self.device_memory is None:
-            return "no device memory given (--device-memory): nothing to compare the peaks with"
-        margin = f"; {1 - FIT_FRACTION:.0%} is kept for the CUDA allocator and workspaces"
-        if self.recommended is not None:
-            return (f"recommended: memory={self.recommended} (the fastest mode that fits {self.budget_text} "
-                    f"at batch {s.batch_size}{margin}); largest batch size that fits with it: {self.largest_batch_size}")
-        if self.largest_batch_size:
-            return (f"nothing fits {self.budget_text} at batch {s.batch_size}{margin}; batch size "
-                    f"{self.largest_batch_size} fits with memory={self.largest_batch_mode}")
-        return f"nothing fits {self.budget_text}{margin}, not even batch 1 with memory={self.largest_batch_mode}"
+def fake_training_model(setup: TrainingSetup) -> FakeTrainingModel:
+    """The model `gift finetune` would train for ``setup``, on fake CPU tensors (built on the meta device)."""
+    with torch.device("meta"):
+        backbone = random_backbone(setup)
+        model = wrap_for_training(setup, backbone, quantize=False)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        model.to_empty(device="cpu")
+        if setup.backbone_dtype == "nf4":  # quantized on fake tensors: to_nf4 reads values
+            quantize_frozen_linears(model)
+    return FakeTrainingModel(model, fake_mode, image_shape(setup, backbone), setup.amp_dtype, model_ema=setup.model_ema)
 
 
 def plan_training(setup: TrainingSetup, device_memory: int | str | None = None,
@@ -323,62 +135,28 @@ def plan_training(setup: TrainingSetup, device_memory: int | str | None = None,
     if unknown:
         raise PlanError(f"memory mode(s) {unknown} are not available with method {setup.method!r}; "
                         f"choose from {setup.memory_modes}")
-    fake = FakeTrainingModel.from_setup(setup)
-    steps = {m: fake.predict(setup.batch_size, m) for m in modes}
-    return _decide(Plan(setup, budget, steps, fake=fake), fake)
+    fake = fake_training_model(setup)
+    steps = {m: fake.predict(setup.batch_size, m, setup.grad_accum_steps) for m in modes}
+    return recommend(Plan(setup, budget, steps, fake=fake))
 
 
-def _decide(plan: Plan, fake: FakeTrainingModel) -> Plan:
-    if plan.device_memory is None:
-        return plan
-    fitting = [m for m in plan.modes if plan.fits(m)]
-    plan.recommended = fitting[0] if fitting else None
-    mode = plan.recommended or min(plan.modes, key=lambda m: plan.modes[m].peak)
-    plan.largest_batch_mode = mode
-    plan.largest_batch_size = fake.largest_batch_size(plan.usable_memory, mode, plan.modes[mode], plan.setup.batch_size)
-    return plan
-
-
-def choose_memory_mode(plan: Plan) -> tuple[str, str]:
-    """The fastest mode of ``plan`` that fits its device memory, and one line saying why.
-
-    Raises `DoesNotFit` naming the batch size that would fit when no mode fits."""
-    if plan.device_memory is None:
-        fastest = next(iter(plan.modes))
-        return fastest, f"memory={fastest}: no memory budget given, so the fastest mode"
-    if plan.recommended is None:
-        raise DoesNotFit(f"batch size {plan.setup.batch_size} does not fit {plan.budget_text} in any "
-                         f"memory mode (smallest predicted peak: {format_bytes(plan.modes[plan.largest_batch_mode].peak)} "
-                         f"with memory={plan.largest_batch_mode}); "
-                         + (f"batch size {plan.largest_batch_size} would fit with memory={plan.largest_batch_mode}"
-                            if plan.largest_batch_size else "not even batch size 1 fits: use a smaller model or "
-                            "--backbone-dtype bfloat16/nf4"),
-                         plan.largest_batch_size or 0, plan.largest_batch_mode)
-    mode = plan.recommended
-    faster = [m for m in plan.modes if m != mode and list(plan.modes).index(m) < list(plan.modes).index(mode)]
-    why = (f" ({', '.join(f'memory={m} needs {format_bytes(plan.modes[m].peak)}' for m in faster)})" if faster else "")
-    return mode, (f"memory={mode}: predicted peak {format_bytes(plan.modes[mode].peak)} within {plan.budget_text} "
-                  f"({1 - FIT_FRACTION:.0%} kept for the CUDA allocator and workspaces), the fastest mode that fits{why}")
-
-
-def plan_model(model: FastGIFT, input_shape: tuple[int, ...], budget: int | str | None,
-               amp: torch.dtype | None = None) -> Plan:
-    """`plan_training` for an existing `FastGIFT` (a fake copy; its weights are not copied) and inputs of
-    ``input_shape`` = (B, C, H, W)."""
-    fake = FakeTrainingModel.copy_of(model, tuple(input_shape[1:]), amp)
-    setup = TrainingSetup(model=type(model.backbone).__name__, batch_size=int(input_shape[0]), gift=model.config)
-    steps = {m: fake.predict(setup.batch_size, m) for m in MEMORY_MODES}
-    return _decide(Plan(setup, None if budget is None else parse_bytes(budget), steps, fake=fake), fake)
+def plan_fitting(setup: TrainingSetup, device_memory: int | str, accumulations: tuple[int, ...] | None = None) -> Plan:
+    """The plan of ``setup`` at the fewest accumulation steps (of ``accumulations``, default every divisor of
+    the batch) at which a memory mode fits ``device_memory``, the fastest such mode recommended
+    (`gift.predict.fit_accumulation`: what ``--memory auto`` runs)."""
+    return fit_accumulation(fake_training_model(setup), setup, device_memory, accumulations)
 
 
 def compare_with_real_step(setup: TrainingSetup, seed: int = 0) -> list[tuple[str, StepBytes, StepBytes]]:
     """For each memory mode of ``setup``: (mode, predicted on fake tensors, measured on a real CPU step
     with the same counters). Costs one real training step per mode."""
-    fake = FakeTrainingModel.from_setup(setup)
+    fake = fake_training_model(setup)
     torch.manual_seed(seed)
     model = build_training_model(setup)
     rows = []
     for mode in setup.memory_modes:
-        predicted = fake.predict(setup.batch_size, mode)
-        rows.append((mode, predicted, step_bytes(model, setup.batch_size, fake.shape, setup.amp_dtype, mode)))
+        predicted = fake.predict(setup.batch_size, mode, setup.grad_accum_steps)
+        measured = step_bytes(model, setup.batch_size, fake.shape, setup.amp_dtype, mode,
+                              accumulation=setup.grad_accum_steps)
+        rows.append((mode, predicted, measured))
     return rows

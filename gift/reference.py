@@ -11,12 +11,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import GIFTModelBase
 from .config import GIFTConfig
+from .wrapper import GIFTModelBase
 
 
 class _ResidualHook:
     """Forward hook that adds ``x dW_l^T`` to a target layer's output (a class, so deepcopy follows it)."""
+
+    gift_adapted = True  # what `GIFTModelBase` looks for to refuse wrapping an adapted backbone again
 
     def __init__(self, model: "GIFTReference", key: str, layer: int):
         self.model, self.key, self.layer = model, key, layer

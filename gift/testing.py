@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from gift_kernels.testing import disagreements
 
 from .config import GIFTConfig
+from .dtypes import autocast_for
 from .fast import FastGIFT
 from .reference import GIFTReference
 
@@ -32,21 +33,19 @@ def randomize_gift_(model: nn.Module, seed: int = 1, scale: float = 0.1, psi_sca
     return model
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
-
-
 def outputs_and_grads(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
                       autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """``{"output": logits, name: grad}`` for every trainable parameter after one forward/backward.
+    """``{"output": logits, name: grad}`` for every trainable parameter after one forward/backward (a Hugging Face
+    output's ``logits``).
 
     Loss: cross-entropy against ``target`` (class indices) when given, else ``sum(logits * w)`` with fixed
     weights ``w`` in [-1, 1]. ``autocast_dtype`` (float16/bfloat16) runs the forward under autocast.
     Leaves the model's ``.grad`` cleared.
     """
     model.zero_grad(set_to_none=True)
-    with _autocast(x.device, autocast_dtype):
+    with autocast_for(x.device, autocast_dtype):
         out = model(x)
+    out = getattr(out, "logits", out)  # a Hugging Face model's output
     logits = out.to(torch.promote_types(out.dtype, torch.float32))
     if target is None:
         weights = torch.linspace(-1, 1, out.numel(), dtype=logits.dtype, device=out.device).reshape(out.shape)
@@ -74,16 +73,13 @@ def twin_models(backbone: nn.Module, cfg: GIFTConfig, dtype: torch.dtype = torch
 # ------------------------------------------------------------------------------------ agreement
 # A whole model's gradients pass through many reductions that a fast path associates differently from the
 # reference (x psi before T^T instead of a dense W + dW; Wq, Wp folded into the cluster side; torch.compile's
-# fusions). Correct fp32 code then lands at up to ~4x the reference's own error on cancellation-heavy
-# gradients (measured: FastGIFT's torch path 4.1x over 16 input draws, torch.compile 3.5x), where one kernel
-# against the same math stays within gift_kernels.testing.BASELINE_FACTOR = 2. In fp32 a 1% error in any single
-# gradient still fails (tests/test_agreement.py::test_model_level_mutation_fails). Under fp16/bf16 autocast the
-# baseline is the reference under the same autocast, whose own error is percent-level (autocast rounds weights and
-# activations at every matmul), so only gross errors are guaranteed to fail: a zeroed or negated gradient does
-# (tests/test_agreement.py::test_model_level_16bit_autocast_sees_zeroed_and_negated_gradients); on the tiny test
-# ViT (rank 8, 5 clusters) a gradient scaled by 1.05 (fp16) or 1.10 (bf16) passed. A baseline built as
-# `gift_kernels.testing.exact_and_baseline` does (fp32 on inputs rounded to the dtype) is no option here: it fails
-# the correct autocast result (measured on that ViT: 2 tensors in bf16, 1 in fp16), as it models 16-bit inputs only.
+# fusions), so correct fp32 code lands at a few times the reference's own error on cancellation-heavy gradients,
+# where one kernel against the same math stays within gift_kernels.testing.BASELINE_FACTOR. In fp32 a 1% error in
+# any single gradient still fails (tests/model/test_testing.py shows both). Under fp16/bf16 autocast the baseline is
+# the reference under the same autocast, whose own error is percent-level (autocast rounds weights and activations
+# at every matmul), so only gross errors are guaranteed to fail: a zeroed or negated gradient (tested). A baseline
+# built as `gift_kernels.testing.exact_and_baseline` does (fp32 on inputs rounded to the dtype) is no option here:
+# it models 16-bit inputs only, and so fails correct autocast results.
 MODEL_BASELINE_FACTOR = 5.0
 
 
@@ -96,26 +92,41 @@ def _pre_norm(block: nn.Module, name: str) -> nn.Module | None:
     return norm
 
 
+# (blocks' path, final norms, each block's pre-norms, LayerScale modules, the outputs added to the residual stream)
+_PRE_NORM_BLOCKS = (
+    ("blocks", ("norm", "fc_norm"), ("norm1", "norm2"), ("ls1", "ls2"), ("attn.proj", "mlp.fc2")),  # timm ViT
+    ("vit.layers", ("vit.layernorm",), ("layernorm_before", "layernorm_after"), (),  # Hugging Face ViT
+     ("attention.o_proj", "mlp.fc2")),
+)
+
+
 def shift_invariant_targets(model: nn.Module) -> list[str]:
-    """Target keys whose layers add their output to a timm ViT's residual stream unscaled (``attn.proj`` and
-    ``mlp.fc2`` with LayerScale off), which the rest of the network reads only through LayerNorms over
-    features: adding one value to every output feature of such a layer changes nothing downstream."""
+    """Target keys whose layers add their output to a pre-norm ViT's residual stream unscaled (timm: ``attn.proj``
+    and ``mlp.fc2`` with LayerScale off; Hugging Face ViT: ``attention.o_proj`` and ``mlp.fc2``), which the rest of
+    the network reads only through LayerNorms over features: adding one value to every output feature of such a
+    layer changes nothing downstream."""
     backbone = model.backbone
-    blocks = getattr(backbone, "blocks", None)
-    norms = [getattr(backbone, n, None) for n in ("norm", "fc_norm")]
-    if blocks is None or not any(isinstance(n, nn.LayerNorm) for n in norms):
-        return []
-    block_names = {f"blocks.{i}" for i in range(len(blocks))}
-    for block in blocks:
-        if not all(isinstance(_pre_norm(block, n), nn.LayerNorm) for n in ("norm1", "norm2")):
+    for path, final_norms, pre_norms, layer_scales, outputs in _PRE_NORM_BLOCKS:
+        blocks = _submodule(backbone, path)
+        norms = [_submodule(backbone, n) for n in final_norms]
+        if blocks is None or not any(isinstance(n, nn.LayerNorm) for n in norms):
+            continue
+        if not all(isinstance(_pre_norm(block, n), nn.LayerNorm) for block in blocks for n in pre_norms):
             return []
-        if not all(isinstance(getattr(block, n, nn.Identity()), nn.Identity) for n in ("ls1", "ls2")):
+        if not all(isinstance(getattr(block, n, nn.Identity()), nn.Identity) for block in blocks for n in layer_scales):
             return []
-    keys = []
-    for group in model.target_groups:
-        if all(name.rsplit(".", 2)[0] in block_names and name.endswith(("attn.proj", "mlp.fc2")) for name in group.names):
-            keys.append(group.key)
-    return keys
+        block_names = {f"{path}.{i}" for i in range(len(blocks))}
+        return [
+            group.key for group in model.target_groups
+            if all(name.rsplit(".", 2)[0] in block_names and name.endswith(outputs) for name in group.names)
+        ]
+    return []
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module
 
 
 def zero_gradient_names(model: nn.Module) -> tuple[str, ...]:

@@ -2,21 +2,31 @@
 
 An op's ``backend=`` argument, else ``GIFT_BACKEND=auto|torch|triton``, else ``GIFT_KERNELS`` (the variable's
 old name, still read), else ``auto``:
-  * ``auto``: on CUDA tensors (float32/float16/bfloat16) what each op measured or chose (PaCa: Triton;
-    the residual projection: the torch path, unless a one-time timing of both backends on this device,
-    cached in ``~/.cache/gift/kernels.json``, found Triton faster; see `measured_choice`); the torch path
-    otherwise (CPU tensors, float64).
+  * ``auto``: on CUDA tensors (float32/float16/bfloat16) where the Triton kernels can take the call, the backend
+    `verified_choice` settled for this op, shape bucket, dtype, device and code: on the first such call it runs
+    the Triton kernels and the torch path on that call's inputs, forward and backward, and checks the Triton
+    results against the float64 torch path under the tolerance table (`agreement`). Any exception (a compile
+    error, ``OutOfResources``, a failed launch) or disagreement means the torch path, with one warning naming
+    the reason; the residual projection also times both and takes Triton only if it agrees and is faster.
+    The verdict is kept for the process and in ``~/.cache/gift/kernels.json``; under ``torch.compile`` or
+    CUDA-graph capture nothing is verified (a verdict already made holds, else the torch path). The torch path
+    otherwise (CPU tensors, float64). With ``GIFT_AUTO_ON_INTERPRETER=1``, CPU tensors under
+    ``TRITON_INTERPRET=1`` are treated as CUDA ones are: how the tests run auto's logic without a GPU.
   * ``torch``: always the torch path.
-  * ``triton``: the Triton kernels, on CUDA or on CPU tensors under ``TRITON_INTERPRET=1``;
+  * ``triton``: the Triton kernels, unverified, on CUDA or on CPU tensors under ``TRITON_INTERPRET=1``;
     where they cannot run (no CUDA and no interpreter, float64) a ``RuntimeError`` says why.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +40,7 @@ except ImportError:                           # Windows: no lock around the cach
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = "GIFT_BACKEND"
 OLD_BACKEND_ENV = "GIFT_KERNELS"  # the old name of GIFT_BACKEND, still read when GIFT_BACKEND is unset
+AUTO_ON_INTERPRETER_ENV = "GIFT_AUTO_ON_INTERPRETER"  # "1": auto treats CPU tensors under the interpreter as CUDA
 # the dtypes the Triton kernels take, by Triton's name for them (its signatures' "*fp32", tl.dtype("fp32"))
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 TRITON_DTYPES = tuple(TRITON_DTYPE_NAMES)
@@ -49,6 +60,14 @@ def requested_backend(backend: str | None = None) -> str:
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def auto_runs_triton_on(device: torch.device) -> bool:
+    """Whether ``auto`` considers the Triton kernels for tensors on ``device``: CUDA, or CPU under the interpreter
+    with ``GIFT_AUTO_ON_INTERPRETER=1``."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreter_enabled() and os.environ.get(AUTO_ON_INTERPRETER_ENV, "0") == "1"
 
 
 _TRITON_IMPORTABLE: bool | None = None  # a plain cache: torch.compile traces through this module
@@ -84,7 +103,9 @@ def _why_not_triton(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype not in TRITON_DTYPES:
         return f"the Triton kernels take {[str(d) for d in TRITON_DTYPES]}, not {dtype}"
     if device.type == "cuda":
-        if torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] < 8:
+        if not torch.cuda.is_available():
+            return "CUDA is not available here"
+        if torch.cuda.get_device_capability(device)[0] < 8:
             major, minor = torch.cuda.get_device_capability(device)
             return f"the Triton kernels need compute capability 8.0+ (tf32x3 fp32 dots) and this GPU is {major}.{minor}"
         return None
@@ -98,7 +119,8 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, backend: str | Non
     """``"triton"`` or ``"torch"`` for an op on tensors of this device and dtype.
 
     ``unsupported`` names a feature of this call that the Triton kernels lack (auto then takes torch).
-    ``auto`` returns what ``auto`` picks where Triton could run on CUDA (default: Triton).
+    ``auto`` returns what ``auto`` picks where Triton could run (`auto_runs_triton_on`; default: Triton); the ops
+    pass one that goes through `verified_choice`.
     """
     requested = requested_backend(backend)
     if requested == "torch":
@@ -109,19 +131,20 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, backend: str | Non
             raise RuntimeError(f"{op}: {BACKEND_ENV}=triton was asked for, but {why}. "
                                f"Use {BACKEND_ENV}=auto or torch.")
         return "triton"
-    if why is not None or device.type != "cuda":
+    if why is not None or not auto_runs_triton_on(device):
         return "torch"
     return auto() if auto is not None else "triton"
 
 
 def active_backend(device: torch.device | str | None = None, backend: str | None = None) -> str:
-    """What ops on float32 tensors of ``device`` (default: CUDA if present, else CPU) will run."""
+    """What ops on float32 tensors of ``device`` (default: CUDA if present, else CPU) may run: under ``auto``,
+    ``"triton"`` means each op verifies its kernels on first use and may still take the torch path."""
     return resolve_backend(_default_device(device), torch.float32, backend)
 
 
-# ------------------------------------------------------------------------------ measured per-device choices
+# ------------------------------------------------------------------------------ verified per-device choices
 CACHE_ENV = "GIFT_KERNELS_CACHE"
-_CHOICES: dict[str, dict] = {}           # path -> {entry: {"backend": name, "seconds": {name: s}}}
+_CHOICES: dict[str, dict] = {}           # path -> {entry: {"backend": name, "reason": why not Triton, "seconds": ...}}
 
 
 def choices_path() -> Path:
@@ -132,7 +155,7 @@ def choices_path() -> Path:
 def _load_choices(path: Path) -> dict:
     key = str(path)
     if key not in _CHOICES:
-        _CHOICES[key] = _read_choices(path)   # unreadable: measured again and rewritten
+        _CHOICES[key] = _read_choices(path)   # unreadable: verified again and rewritten
     return _CHOICES[key]
 
 
@@ -146,8 +169,8 @@ def _read_choices(path: Path) -> dict:
 
 def _save_choices(path: Path, data: dict) -> None:
     """Merges ``data`` into the file at ``path`` (re-read under an exclusive lock on ``path.lock``, so that
-    processes measuring at once keep each other's entries) and replaces it atomically; ``data`` gets the
-    file's other entries."""
+    processes verifying at once keep each other's entries) and replaces it atomically (written, flushed and
+    synced to a temporary file first, which is removed if that fails); ``data`` gets the file's other entries."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{path}.lock", "a") as lock:
@@ -155,9 +178,15 @@ def _save_choices(path: Path, data: dict) -> None:
                 fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file closes
             merged = {**_read_choices(path), **data}
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(merged, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(merged, f, indent=1, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         data.update(merged)
     except OSError:
         pass                                  # a read-only home: the choice still holds for this process
@@ -165,7 +194,8 @@ def _save_choices(path: Path, data: dict) -> None:
 
 @functools.lru_cache(maxsize=None)
 def code_version() -> str:
-    """The gift and Triton versions: a cached choice holds for the code that was measured."""
+    """The gift, Triton, torch and CUDA versions and a hash of the kernel sources (`paca_triton`, `residual_triton`,
+    `launch`): a verdict holds for the code that was verified, also under an editable install."""
     try:
         gift_version = importlib.metadata.version("gift")
     except importlib.metadata.PackageNotFoundError:
@@ -176,7 +206,21 @@ def code_version() -> str:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    return f"gift {gift_version} triton {triton_version}"
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in ("paca_triton.py", "residual_triton.py", "launch.py"):
+        digest.update((here / name).read_bytes())
+    return (f"gift {gift_version} triton {triton_version} torch {torch.__version__} cuda {torch.version.cuda} "
+            f"kernels {digest.hexdigest()[:12]}")
+
+
+def device_identity(device: torch.device) -> str:
+    """What a verdict is keyed by besides the code: the GPU's name, compute capability and SM count (a MIG slice
+    reports its parent's name), or the interpreter."""
+    if device.type != "cuda":
+        return f"{device.type} (Triton interpreter)"
+    p = torch.cuda.get_device_properties(device)
+    return f"{p.name} sm_{p.major}{p.minor} {p.multi_processor_count} SMs"
 
 
 def cuda_timer(fn: Callable[[], object], repeats: int = 10) -> float:
@@ -194,20 +238,95 @@ def cuda_timer(fn: Callable[[], object], repeats: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measured_choice(device_name: str, op: str, key: str, candidates: dict[str, Callable[[], object]],
+def cpu_timer(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Median seconds of ``fn`` on the CPU (after one warm-up call): auto's timer for CPU tensors under the
+    interpreter, where only the tests ask for one."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+_DECIDED: dict[str, str] = {}            # verdict entry -> backend, for this process
+_WARNED: set[str] = set()                # entries whose torch-path verdict this process has warned about
+_IDENTITIES: dict[tuple, tuple[str, str]] = {}   # (device type, index) -> (device_identity, code_version)
+
+
+def _capturing_or_compiling() -> bool:
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _entry(device: torch.device, op: str, key: str) -> str | None:
+    """The verdict's key; None while compiling or capturing if this process has not computed the device's part
+    yet (it needs the device's properties and a hash of the kernel files)."""
+    where = (device.type, device.index if device.index is not None else
+             (torch.cuda.current_device() if device.type == "cuda" else None))
+    ident = _IDENTITIES.get(where)
+    if ident is None:
+        if _capturing_or_compiling():
+            return None
+        ident = _IDENTITIES[where] = (device_identity(device), code_version())
+    return f"{ident[0]} | {op} | {key} | {ident[1]}"
+
+
+def _warn_torch_path(op: str, entry: str, reason: str, path: Path) -> None:
+    if entry not in _WARNED:
+        _WARNED.add(entry)
+        warnings.warn(f"{op}: the Triton kernels failed their first-use check ({reason}); using the torch path. "
+                      f"The verdict is kept in {path} (delete the entry to check again; {BACKEND_ENV}=triton forces "
+                      f"Triton).", RuntimeWarning, stacklevel=4)
+
+
+def verified_choice(op: str, key: str, device: torch.device, verify: Callable[[], str | None],
+                    timed: Callable[[], dict[str, Callable[[], object]]] | None = None,
                     timer: Callable[[Callable[[], object]], float] | None = None, path: Path | None = None) -> str:
-    """The fastest of ``candidates`` (backend name -> a call of the op) for ``op`` at ``key`` on ``device_name``:
-    timed once with ``timer`` (default `cuda_timer`), then read back from the JSON cache at ``path``
-    (default `choices_path`). Entries are keyed by device, op, key and `code_version`."""
+    """``"triton"`` or ``"torch"`` for ``op`` at ``key`` (its shape bucket and dtype: built from shapes alone, so
+    that nothing is computed before the lookup) on ``device``; see the module docstring.
+
+    The verdict is looked up first: in this process, then in the JSON cache at ``path`` (default `choices_path`),
+    by `device_identity`, op, key and `code_version`. Without one (and not while compiling or capturing a CUDA
+    graph, which get the torch path), ``verify()`` runs: ``None`` when the Triton kernels agree with the torch
+    path on this call's inputs, else the reason they do not (an exception it raises counts as the reason too).
+    If they agree and ``timed`` is given, it returns {backend name: a call of the op}, each is timed with
+    ``timer`` (default `cuda_timer`, `cpu_timer` on CPU) and the fastest that ran wins. A torch-path verdict
+    warns once per process."""
+    entry = _entry(device, op, key)
+    if entry is None:
+        return "torch"
+    if entry in _DECIDED:
+        return _DECIDED[entry]
+    if _capturing_or_compiling():
+        return "torch"
     path = path or choices_path()
     data = _load_choices(path)
-    entry = f"{device_name} | {op} | {key} | {code_version()}"
     known = data.get(entry)
-    if isinstance(known, dict) and known.get("backend") in candidates:
+    if isinstance(known, dict) and known.get("backend") in ("torch", "triton"):
+        _DECIDED[entry] = known["backend"]
+        if known.get("reason"):
+            _warn_torch_path(op, entry, known["reason"], path)
         return known["backend"]
-    timer = timer or cuda_timer
-    seconds = {name: float(timer(fn)) for name, fn in candidates.items()}
-    best = min(seconds, key=seconds.get)
-    data[entry] = {"backend": best, "seconds": seconds}
+    try:
+        reason = verify()
+    except Exception as e:  # noqa: BLE001  (whatever the first use raises, the torch path is the answer)
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    seconds: dict[str, float] = {}
+    backend = "torch" if reason else "triton"
+    if reason is None and timed:
+        timer = timer or (cuda_timer if device.type == "cuda" else cpu_timer)
+        for name, fn in timed().items():
+            try:
+                seconds[name] = float(timer(fn))
+            except Exception as e:  # noqa: BLE001
+                seconds[name] = math.inf
+                if name == "triton":
+                    reason = f"timing it raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        backend = min(seconds, key=seconds.get)
+    record = {"backend": backend, "reason": reason, "seconds": seconds}
+    _DECIDED[entry], data[entry] = backend, record
     _save_choices(path, data)
-    return best
+    if reason:
+        _warn_torch_path(op, entry, reason, path)
+    return backend

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .paca_math import EPS, l2, l2_backward
 
@@ -26,6 +27,7 @@ class L2MlpResidualTorch(torch.autograd.Function):
         return torch.addmm(fc2_b, F.gelu(hidden).flatten(0, -2), fc2_w.t()).view_as(t).add_(t)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         t, norm, hidden, fc1_w, fc2_w = ctx.saved_tensors
         u = t / norm.clamp_min(EPS)

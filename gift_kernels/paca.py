@@ -7,16 +7,20 @@ with PaCa as in GIFT_SPEC.md section 3 (the formulas, parameters and reference: 
 passed as ``PacaParams`` (weights ``(out, in)`` like ``nn.Linear``). The torch path saves only T and the
 (M x r) cluster tokens Z with their norms; backward recomputes the rest. Wq is folded into the cluster keys
 and Wp into the cluster values (see `paca_math.cluster_side`), so the N-row side costs 4 GEMMs forward and
-10 backward. The Triton path: `paca_triton`.
+10 backward. The Triton path: `paca_triton`; under ``auto`` it is checked on its first use per shape, dtype and
+device (`dispatch.verified_choice`, `first_use_check`).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from .dispatch import resolve_backend
+from .agreement import disagreements, paca_error_floors, paca_own_work, paca_zero_gradients
+from .dispatch import resolve_backend, verified_choice
 from .launch import device_props, paca_triton_unsupported
 from .paca_math import EPS, PacaParams, cluster_side, cluster_side_backward, l2, l2_backward
 
@@ -52,6 +56,7 @@ class PacaAttentionTorch(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         t, t_norm, z, p_norm, *params = ctx.saved_tensors
         p = PacaParams(*params)
@@ -86,6 +91,49 @@ class PacaAttentionTorch(torch.autograd.Function):
         return (dt, None, None, *grads)
 
 
+def _outputs_and_grads(apply, t, params, num_heads: int, activation: str, grad: torch.Tensor,
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Output and every gradient of ``apply(t, num_heads, activation, *params)`` on detached copies in ``dtype``."""
+    with torch.enable_grad():
+        leaves = [x.detach().to(dtype).requires_grad_(True) for x in (t, *params)]
+        out = apply(leaves[0], num_heads, activation, *leaves[1:])
+        grads = torch.autograd.grad(out, leaves, grad.to(dtype))
+    return {"output": out.detach(), **{f"d_{n}": g for n, g in zip(["t", *PacaParams._fields], grads)}}
+
+
+def first_use_check(t: torch.Tensor, params: PacaParams, num_heads: int, activation: str = "sigmoid") -> str | None:
+    """None if the Triton kernels agree with the torch path on these inputs, forward and backward (a seeded random
+    output gradient); else how they disagree. The rule is the tests': the Triton results against the float64 torch
+    path, the fp32 torch path rounded to t's dtype as the baseline, own work and rounding floors included
+    (`agreement`). An exception of the Triton kernels propagates (`dispatch.verified_choice` reports it)."""
+    from .paca_triton import PacaAttentionTriton  # Triton is optional: imported once it is to be checked
+
+    dtype = t.dtype
+    gen = torch.Generator(t.device).manual_seed(0)
+    grad = torch.randn(t.shape, generator=gen, device=t.device, dtype=torch.float32).to(dtype)
+    with torch.autocast(t.device.type, enabled=False):
+        got = _outputs_and_grads(PacaAttentionTriton.apply, t, params, num_heads, activation, grad, dtype)
+        exact = _outputs_and_grads(PacaAttentionTorch.apply, t, params, num_heads, activation, grad, torch.float64)
+        baseline = {k: v.to(dtype) for k, v in _outputs_and_grads(PacaAttentionTorch.apply, t, params, num_heads,
+                                                                   activation, grad, torch.float32).items()}
+    inputs = [x.detach().double() for x in (t, *params, grad)]
+    own = [paca_own_work(r, inputs[0], inputs[-1]) for r in (got, exact, baseline)]
+    M, N = params.cluster_w.shape[0], t.shape[1]
+    bad = disagreements(*own[:2], dtype, baseline=own[2], zero_by_construction=paca_zero_gradients(M, N, activation),
+                        floors=paca_error_floors(inputs[0], inputs[1:-1], inputs[-1], num_heads, dtype, exact,
+                                                 activation))
+    return "it disagrees with the float64 torch path: " + "; ".join(bad[:3]) if bad else None
+
+
+def _verified_backend(t: torch.Tensor, params: PacaParams, num_heads: int, activation: str) -> str:
+    """What ``auto`` runs where Triton may: the verdict of `dispatch.verified_choice` on `first_use_check`, per
+    exact shape (PaCa's shapes are fixed per model), heads, assignment and dtype."""
+    L, N, r = t.shape
+    key = f"L={L} N={N} M={params.cluster_w.shape[0]} r={r} heads={num_heads} {activation} {t.dtype}"
+    return verified_choice("paca_attention", key, t.device,
+                           functools.partial(first_use_check, t, params, num_heads, activation))
+
+
 def paca_attention(t: torch.Tensor, params: PacaParams, num_heads: int, activation: str = "sigmoid",
                    backend: str | None = None) -> torch.Tensor:
     """``T + PaCa(l2(T))`` for tokens ``t`` of shape ``(L, N, r)``; see the module docstring.
@@ -102,7 +150,8 @@ def paca_attention(t: torch.Tensor, params: PacaParams, num_heads: int, activati
     if len(dtypes) != 1:
         raise TypeError(f"paca_attention needs one dtype for tokens and parameters, got {sorted(map(str, dtypes))}.")
     unsupported = paca_triton_unsupported(params.cluster_w.shape[0], t.shape[-1], t.dtype, device_props(t.device))
-    if resolve_backend(t.device, t.dtype, backend, "paca_attention", unsupported) == "triton":
+    auto = functools.partial(_verified_backend, t, params, num_heads, activation)
+    if resolve_backend(t.device, t.dtype, backend, "paca_attention", unsupported, auto=auto) == "triton":
         from .paca_triton import PacaAttentionTriton  # imported once chosen: Triton is optional
 
         return PacaAttentionTriton.apply(t, num_heads, activation, *params)

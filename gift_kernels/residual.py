@@ -7,7 +7,9 @@ which equals ``x (W + T psi^T)^T + b`` without ever building the dense ``d_out x
 x, W and b share the compute dtype (e.g. bf16); psi and T may be kept in another (e.g. fp32 GIFT
 weights): they are cast to the compute dtype for the products and get gradients in their own dtype.
 W and b are frozen: backward returns gradients for x, psi and T only, and saves x and ``x psi``
-(the same activations a LoRA layer saves), never a copy of W.
+(the same activations a LoRA layer saves), never a copy of W. Under ``auto`` the Triton GEMM is checked on
+its first use per shape bucket, dtype and device against the float64 torch path, then timed against cuBLAS
+(`dispatch.verified_choice`, `first_use_check`).
 """
 from __future__ import annotations
 
@@ -15,9 +17,13 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from .dispatch import measured_choice, resolve_backend
+from .agreement import disagreements, residual_error_floors, residual_own_work
+from .dispatch import resolve_backend, verified_choice
 from .launch import residual_triton_unsupported
+
+FIRST_USE_ROWS = 4096  # rows of x the first-use check compares on (the tiles do not depend on the row count)
 
 
 def lowrank_residual_linear_reference(x, weight, bias, psi, tokens):
@@ -48,6 +54,7 @@ class LowRankResidualLinear(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         x2, x_psi, weight, psi, tokens = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])                           # (B, d_out)
@@ -62,23 +69,65 @@ class LowRankResidualLinear(torch.autograd.Function):
         return grad_x, None, None, grad_psi, grad_tokens, None
 
 
-def _measured_backend(x, weight, bias, psi, tokens) -> str:
-    """What ``auto`` runs on CUDA: the torch path (cuBLAS) unless both were timed on this device at this
-    shape and dtype (rows rounded up to a power of two) and Triton was faster; see `dispatch.measured_choice`."""
-    if torch.compiler.is_compiling():
-        return "torch"
-    from .residual_triton import matmul_lowrank_epilogue  # imported once asked for: Triton is optional
+def _outputs_and_grads(matmul_lowrank, x, weight, bias, psi, tokens, grad, dtype: torch.dtype | None):
+    """Output and the gradients of x, psi and T of `LowRankResidualLinear` on detached copies (all in ``dtype``, or as
+    they are for None)."""
+    with torch.enable_grad():
+        xs, ps, ts = (v.detach().to(dtype or v.dtype).requires_grad_(True) for v in (x, psi, tokens))
+        w, b = (None if v is None else v.detach().to(dtype or v.dtype) for v in (weight, bias))
+        out = LowRankResidualLinear.apply(xs, w, b, ps, ts, matmul_lowrank)
+        dx, dpsi, dt = torch.autograd.grad(out, [xs, ps, ts], grad.to(out.dtype))
+    return {"output": out.detach(), "dx": dx, "dpsi": dpsi, "dT": dt}
+
+
+def first_use_check(x, weight, bias, psi, tokens) -> str | None:
+    """None if the Triton GEMM agrees with the torch path on the first `FIRST_USE_ROWS` rows of x, forward and
+    backward (a seeded random output gradient); else how they disagree. The rule is the tests': the Triton
+    results against the float64 torch path, the fp32 one rounded to each result's dtype as the baseline, own work
+    and rounding floors included (`agreement`). An exception of the kernel propagates (`dispatch.verified_choice`
+    reports it)."""
+    from .residual_triton import matmul_lowrank_epilogue  # Triton is optional: imported once it is to be checked
+
+    x = x.detach().reshape(-1, x.shape[-1])[:FIRST_USE_ROWS]
+    gen = torch.Generator(x.device).manual_seed(0)
+    grad = torch.randn(x.shape[0], weight.shape[0], generator=gen, device=x.device, dtype=torch.float32).to(x.dtype)
+    inputs = (x, weight, bias, psi, tokens, grad)
+    with torch.autocast(x.device.type, enabled=False):
+        got = _outputs_and_grads(matmul_lowrank_epilogue, *inputs, None)
+        exact = _outputs_and_grads(matmul_lowrank_torch, *inputs, torch.float64)
+        baseline = {k: v.to(got[k].dtype) for k, v in
+                    _outputs_and_grads(matmul_lowrank_torch, *inputs, torch.float32).items()}
+    rounded = [None if v is None else v.double() for v in inputs]
+    own = [residual_own_work(r, rounded[0], rounded[1], rounded[2], rounded[5]) for r in (got, exact, baseline)]
+    bad = disagreements(*own[:2], x.dtype, baseline=own[2], floors=residual_error_floors(*rounded, x.dtype))
+    return "it disagrees with the float64 torch path: " + "; ".join(bad[:3]) if bad else None
+
+
+def _timed_candidates(x, weight, bias, psi, tokens) -> dict:
+    """The two backends' forward GEMMs at the call's real shape, for `dispatch.verified_choice` to time."""
+    from .residual_triton import matmul_lowrank_epilogue
 
     with torch.no_grad():
         x2 = x.detach().reshape(-1, x.shape[-1])
         p, q = x2 @ psi.detach().to(x.dtype), tokens.detach().to(x.dtype)
         w_t = weight.detach().t()
-        candidates = {name: functools.partial(fn, x2, w_t, p, q, bias) for name, fn in
-                      (("torch", matmul_lowrank_torch), ("triton", matmul_lowrank_epilogue))}
-        rows = 1 << max(0, x2.shape[0] - 1).bit_length()
-        key = (f"rows<={rows} d_in={x.shape[-1]} d_out={weight.shape[0]} r={psi.shape[1]} {x.dtype} "
-               f"bias={bias is not None}")
-        return measured_choice(torch.cuda.get_device_name(x.device), "lowrank_residual_linear", key, candidates)
+    return {name: functools.partial(fn, x2, w_t, p, q, bias) for name, fn in
+            (("torch", matmul_lowrank_torch), ("triton", matmul_lowrank_epilogue))}
+
+
+def _verified_backend(x, weight, bias, psi, tokens) -> str:
+    """What ``auto`` runs where Triton may: the verdict of `dispatch.verified_choice` (`first_use_check`, then the
+    faster of the two forward GEMMs) per shape bucket (rows rounded up to a power of two), dtypes and bias; fp32
+    also by ``torch.get_float32_matmul_precision()``, which sets cuBLAS's speed. The key is built from shapes
+    alone: nothing is computed before the lookup."""
+    rows = 1 << max(0, x.numel() // x.shape[-1] - 1).bit_length()
+    key = (f"rows<={rows} d_in={x.shape[-1]} d_out={weight.shape[0]} r={psi.shape[1]} {x.dtype} gift={psi.dtype} "
+           f"bias={bias is not None}")
+    if x.dtype == torch.float32:
+        key += f" matmul={torch.get_float32_matmul_precision()}"
+    args = (x, weight, bias, psi, tokens)
+    return verified_choice("lowrank_residual_linear", key, x.device, functools.partial(first_use_check, *args),
+                           timed=functools.partial(_timed_candidates, *args))
 
 
 def lowrank_residual_linear(x, weight, bias, psi, tokens, backend: str | None = None):
@@ -93,7 +142,7 @@ def lowrank_residual_linear(x, weight, bias, psi, tokens, backend: str | None = 
         raise TypeError(f"lowrank_residual_linear needs one dtype for x, W and b, got {sorted(map(str, dtypes))}; "
                         f"cast them (or run under torch.autocast) first.")
     matmul_lowrank = matmul_lowrank_torch
-    auto = functools.partial(_measured_backend, x, weight, bias, psi, tokens)
+    auto = functools.partial(_verified_backend, x, weight, bias, psi, tokens)
     rows = x.numel() // max(1, x.shape[-1])
     unsupported = residual_triton_unsupported(rows, x.shape[-1], weight.shape[0], psi.shape[1])  # 2^31 elements
     if resolve_backend(x.device, x.dtype, backend, "lowrank_residual_linear", unsupported, auto) == "triton":

@@ -14,9 +14,18 @@ class DataError(UsageError, ValueError):
     """Bad input data: the message says what and where (file, line) and what to do."""
 
 
+#: where torch's C++ errors (``c10::Error``) begin the stack trace they append to their message
+CPP_TRACE_MARKERS = ("Exception raised from ", "frame #0:")
+
+
 def one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line (library messages may span several)."""
-    text = " ".join(str(error).split())
+    """The message of ``error`` on one line (library messages may span several), without the C++ stack
+    frames torch appends to some."""
+    text = str(error)
+    for marker in CPP_TRACE_MARKERS:
+        if marker in text:
+            text = text[:text.index(marker)]
+    text = " ".join(text.split())
     return text or type(error).__name__
 
 

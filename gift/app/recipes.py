@@ -1,6 +1,6 @@
 """Recipes: YAML files shipped in ``gift/recipes/`` with the paper's settings (each number's source is a
 comment in the file). ``--recipe NAME`` (or a path to such a file) sets them as defaults; any flag given
-after it overrides them. ``gift recipes`` lists them, ``gift recipes show NAME`` prints one.
+after it overrides them. ``gift recipes`` (`gift.app.commands.recipes`) lists them.
 
 A recipe holds ``description`` (one line), ``finetune`` (settings named as `gift finetune`'s flags, e.g.
 ``batch_size`` for ``--batch-size``) and ``sweep`` (the search grid and the splits of `gift sweep`).
@@ -59,7 +59,9 @@ def load_recipe(name: str) -> dict:
         recipe = yaml.safe_load(recipe_text(name))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise RecipeError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise RecipeError(
+            f"{path}:{mark.line + 1 if mark else 1}: not valid YAML ({getattr(e, 'problem', e)})"
+        ) from None
     if not isinstance(recipe, dict) or not isinstance(recipe.get("finetune"), dict):
         raise RecipeError(f"{path}: a recipe is a mapping with a 'finetune' section (see `gift recipes show fgvc`)")
     unknown = sorted(set(recipe) - set(SECTIONS)) + sorted(set(recipe.get("sweep") or {}) - set(SWEEP_KEYS))
@@ -103,7 +105,9 @@ class RecipeAction(argparse.Action):
                 kind = actions[key].type
                 if isinstance(value, str) and callable(kind):  # YAML reads 1e-3 (no dot) as a string
                     value = kind(value)
-                setattr(namespace, key, value)
+                # a flag that sets several settings (the old `rank`: gift_rank and lora_rank) sets them all
+                for dest in getattr(actions[key], "sets", None) or (key,):
+                    setattr(namespace, dest, value)
         except (RecipeError, ValueError, TypeError) as e:
             parser.error(f"--recipe {name}: {e}")
         setattr(namespace, self.dest, name)
@@ -112,23 +116,3 @@ class RecipeAction(argparse.Action):
 def add_recipe_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", action=RecipeAction, default=None, metavar="NAME",
                         help="defaults from a shipped recipe (`gift recipes`) or a YAML file; flags after it override")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`gift recipes [show NAME]`."""
-    parser.add_argument("action", nargs="?", default="list", choices=["list", "show"])
-    parser.add_argument("name", nargs="?", default=None, help="the recipe to show")
-
-
-def run(args) -> int:
-    """`gift recipes`: one line per recipe; `gift recipes show NAME`: the YAML, comments included."""
-    if args.action == "show":
-        if not args.name:
-            raise RecipeError(f"gift recipes show NAME: which recipe? ({', '.join(recipe_names())})")
-        print(recipe_text(args.name), end="")
-        return 0
-    recipes = list_recipes()
-    width = max(len(n) for n, _ in recipes)
-    for name, description in recipes:
-        print(f"{name:<{width}}  {description}")
-    return 0

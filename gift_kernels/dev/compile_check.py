@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..dispatch import TRITON_DTYPE_NAMES
+from ..files import atomic_write_text, write_marked_block
 from ..launch import (
     ARCH_PROPS,
     MAX_REGISTERS,
@@ -45,7 +46,6 @@ from ..launch import (
     resident_programs,
 )
 from ..residual import LowRankResidualLinear
-from .files import write_marked_block, write_text_atomic
 from .kernel_launches import innermost_kernel, record_triton_launches, triton_kernels, triton_modules
 from .resources import cuobjdump_usage, parse_ptxas_log
 
@@ -338,7 +338,7 @@ class _CubinStage:
             cubin = self._run_ptxas(original, src, metadata, contextlib, io, knobs)
             with open(base + ".cubin", "wb") as f:
                 f.write(cubin)
-            write_text_atomic(base + ".json", json.dumps(dict(log=self.last["log"], seconds=self.last["seconds"])))
+            atomic_write_text(base + ".json", json.dumps(dict(log=self.last["log"], seconds=self.last["seconds"])))
             return cubin
 
     def _run_ptxas(self, original, src, metadata, contextlib, io, knobs):
@@ -412,7 +412,7 @@ def compile_kernel(fn, name: str, spec: CompileSpec, arch: str, reuse_dir: str |
             result.assumed_resident_programs = resident_programs(
                 cap, spec.num_warps, spec.maxnreg or MAX_REGISTERS, result.estimated_shared_bytes)
         if ptx_dir:
-            write_text_atomic(os.path.join(ptx_dir, f"{arch}-{name}-{result.ptx_sha256[:16]}.ptx"), ptx)
+            atomic_write_text(os.path.join(ptx_dir, f"{arch}-{name}-{result.ptx_sha256[:16]}.ptx"), ptx)
     except Exception as e:  # noqa: BLE001 - every compiler failure is a finding
         result.seconds = time.perf_counter() - start
         result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
@@ -592,7 +592,7 @@ def main(argv=None) -> int:
                      for p in r.problems(ARCH_PROPS[r.arch].shared_bytes)]
     print(summary_markdown(results))
     if args.json:
-        write_text_atomic(args.json, json.dumps(dict(results=[asdict(r) for r in results], summary=summary(results),
+        atomic_write_text(args.json, json.dumps(dict(results=[asdict(r) for r in results], summary=summary(results),
                                                      failures=failures), indent=1))
     if args.readme:
         shown = [f"--arch {args.arch}"] + (["--largest"] if args.largest else []) + \

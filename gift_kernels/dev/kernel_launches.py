@@ -17,10 +17,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from .. import testing
+from ..files import write_marked_block
 from ..paca import paca_attention
 from ..paca_math import PacaParams
 from ..residual import lowrank_residual_linear
-from .files import write_marked_block
 
 
 @dataclass

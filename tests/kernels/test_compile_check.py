@@ -159,7 +159,8 @@ def test_count_prints_the_number_of_compiles_per_arch_and_compiles_nothing(tmp_p
 
     proc, report = _compile_check(tmp_path, "--arch", "sm_80,sm_86", "--count")
     assert proc.returncode == 0 and report is None, proc.stderr[-3000:]
-    per_arch = {a: (int(k), int(n)) for a, k, n in re.findall(r"(sm_\d+): (\d+) of (\d+) distinct compiles", proc.stdout)}
+    found = re.findall(r"(sm_\d+): (\d+) of (\d+) distinct compiles", proc.stdout)
+    per_arch = {a: (int(k), int(n)) for a, k, n in found}
     assert set(per_arch) == {"sm_80", "sm_86"} and all(k == n > 0 for k, n in per_arch.values()), proc.stdout
     assert f"{sum(k for k, _ in per_arch.values())} compiles in all" in proc.stdout
     assert "spill gate proven" not in proc.stdout

@@ -1,14 +1,19 @@
-"""The dispatch point (dispatch.py): what each backend request resolves to, and `auto` picking only what was
-measured: the residual projection's per-device timing cache, on CPU with fake timers."""
+"""The dispatch point (dispatch.py): what each backend request resolves to, and `auto` taking Triton only where
+its first-use check passed: `verified_choice` with fake checks and timers, and both ops under ``auto`` on CPU
+tensors under the interpreter (``GIFT_AUTO_ON_INTERPRETER=1``) with real kernels, a kernel that raises and a
+kernel that returns a wrong answer (mutated from its source)."""
 import json
 import multiprocessing
+import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gift_kernels
-from gift_kernels import dispatch, residual
-from gift_kernels.testing import residual_case
+from gift_kernels import PacaParams, dispatch, residual
+from gift_kernels.testing import available_devices, paca_case, residual_case
+from tests.kernels.kernel_mutations import Edit, mutated
 
 
 def test_dispatch_point(monkeypatch):
@@ -57,87 +62,155 @@ def test_gift_backend_is_read_before_its_old_name_and_backend_argument_before_bo
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
+    """A fresh verdict cache file and a process that has decided nothing yet."""
     path = tmp_path / "gift" / "kernels.json"
     monkeypatch.setenv(dispatch.CACHE_ENV, str(path))
-    monkeypatch.setattr(dispatch, "_CHOICES", {})
+    for name in ("_CHOICES", "_DECIDED", "_IDENTITIES"):
+        monkeypatch.setattr(dispatch, name, {})
+    monkeypatch.setattr(dispatch, "_WARNED", set())
     return path
 
 
-class FakeTimer:
-    """Seconds per candidate function name; records what was timed."""
-
-    def __init__(self, seconds):
-        self.seconds, self.timed = seconds, []
-
-    def __call__(self, fn):
-        self.timed.append(fn.__name__)
-        return self.seconds[fn.__name__]
+def _new_process():
+    """What a new process knows: nothing but the file."""
+    for table in (dispatch._CHOICES, dispatch._DECIDED, dispatch._WARNED):
+        table.clear()
 
 
-def _candidates():
-    def torch_path(): ...
+class Calls:
+    """Fake first-use checks and timers that record what ran."""
 
-    def triton_path(): ...
+    def __init__(self, reason=None, seconds=None, raises=None):
+        self.reason, self.seconds, self.raises, self.ran = reason, seconds or {}, raises, []
 
-    return {"torch": torch_path, "triton": triton_path}
+    def verify(self):
+        self.ran.append("verify")
+        if self.raises:
+            raise self.raises
+        return self.reason
 
+    def timed(self):
+        self.ran.append("timed")
+        return {name: name for name in self.seconds}
 
-def test_measured_choice_times_once_per_device_and_key_and_persists(cache):
-    candidates = _candidates()
-    timer = FakeTimer({"torch_path": 2.0, "triton_path": 1.0})
-    assert dispatch.measured_choice("H200", "op", "k1", candidates, timer=timer) == "triton"
-    assert dispatch.measured_choice("H200", "op", "k1", candidates, timer=timer) == "triton"
-    assert timer.timed == ["torch_path", "triton_path"]                      # measured once
-    slow_triton = FakeTimer({"torch_path": 1.0, "triton_path": 3.0})
-    assert dispatch.measured_choice("A100", "op", "k1", candidates, timer=slow_triton) == "torch"
-    assert dispatch.measured_choice("H200", "op", "k2", candidates, timer=slow_triton) == "torch"
-    saved, version = json.loads(cache.read_text()), dispatch.code_version()
-    assert saved[f"H200 | op | k1 | {version}"] == {"backend": "triton", "seconds": {"torch": 2.0, "triton": 1.0}}
-    assert saved[f"A100 | op | k1 | {version}"]["backend"] == "torch"
-    dispatch._CHOICES.clear()                                                 # a new process reads the file
-    never = FakeTimer({})
-    assert dispatch.measured_choice("H200", "op", "k1", candidates, timer=never) == "triton" and not never.timed
+    def timer(self, name):
+        self.ran.append(name)
+        if self.seconds[name] is None:
+            raise RuntimeError(f"{name} failed to launch")
+        return self.seconds[name]
 
 
-def test_unreadable_cache_is_measured_again_and_rewritten(cache):
+CPU = torch.device("cpu")
+
+
+def _choose(calls, key="k1", device=CPU, timed=True):
+    return dispatch.verified_choice("op", key, device, calls.verify, calls.timed if timed else None, calls.timer)
+
+
+def _entry(key="k1", op="op"):
+    return f"{dispatch.device_identity(CPU)} | {op} | {key} | {dispatch.code_version()}"
+
+
+def test_verified_choice_checks_and_times_once_per_key_and_persists(cache):
+    calls = Calls(seconds={"torch": 2.0, "triton": 1.0})
+    assert _choose(calls) == "triton" and _choose(calls) == "triton"
+    assert calls.ran == ["verify", "timed", "torch", "triton"]                   # once
+    slow = Calls(seconds={"torch": 1.0, "triton": 3.0})
+    assert _choose(slow, "k2") == "torch"
+    saved = json.loads(cache.read_text())
+    assert saved[_entry()] == {"backend": "triton", "reason": None, "seconds": {"torch": 2.0, "triton": 1.0}}
+    assert saved[_entry("k2")]["backend"] == "torch" and saved[_entry("k2")]["reason"] is None
+    _new_process()
+    never = Calls()
+    assert _choose(never) == "triton" and _choose(never, "k2") == "torch" and never.ran == []
+
+
+def test_without_timing_an_agreeing_kernel_is_chosen(cache):
+    calls = Calls()
+    assert _choose(calls, timed=False) == "triton" and calls.ran == ["verify"]
+
+
+@pytest.mark.parametrize("calls,named", [
+    (Calls(raises=RuntimeError("OutOfResources: shared memory, Required: 200000\nmore")), "OutOfResources"),
+    (Calls(reason="it disagrees with the float64 torch path: output: abs 1e-1 > 1e-5"), "disagrees"),
+    (Calls(seconds={"torch": 1.0, "triton": None}), "timing it raised RuntimeError: triton failed to launch"),
+], ids=["raises", "disagrees", "timing-raises"])
+def test_a_kernel_that_fails_its_check_gets_the_torch_path_one_warning_and_a_cached_reason(cache, calls, named):
+    with pytest.warns(RuntimeWarning, match=named) as caught:
+        assert _choose(calls) == "torch"
+    assert len(caught) == 1 and "using the torch path" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _choose(calls) == "torch"                                        # decided: no second warning
+    assert calls.ran.count("verify") == 1
+    record = json.loads(cache.read_text())[_entry()]
+    assert record["backend"] == "torch" and named.split(":")[0] in record["reason"]
+    _new_process()                                                              # a new process warns once too
+    with pytest.warns(RuntimeWarning, match=named):
+        assert _choose(Calls()) == "torch"
+
+
+def test_nothing_is_checked_while_compiling_or_capturing(cache, monkeypatch):
+    assert _choose(Calls(seconds={"torch": 2.0, "triton": 1.0}), "decided") == "triton"
+    monkeypatch.setattr(dispatch, "_capturing_or_compiling", lambda: True)
+    calls = Calls(seconds={"torch": 2.0, "triton": 1.0})
+    assert _choose(calls) == "torch" and calls.ran == []                         # undecided: the torch path
+    assert _choose(calls, "decided") == "triton" and calls.ran == []             # decided: the verdict holds
+    monkeypatch.setattr(dispatch, "_IDENTITIES", {})                             # device not yet described
+    assert _choose(calls, "decided") == "torch" and calls.ran == []
+
+
+def test_unreadable_cache_is_checked_again_and_rewritten(cache):
     cache.parent.mkdir(parents=True)
     cache.write_text("{not json")
-    candidates = _candidates()
-    assert dispatch.measured_choice("H200", "op", "k", candidates,
-                                    timer=FakeTimer({"torch_path": 1.0, "triton_path": 2.0})) == "torch"
-    assert json.loads(cache.read_text())[f"H200 | op | k | {dispatch.code_version()}"]["backend"] == "torch"
+    assert _choose(Calls(seconds={"torch": 1.0, "triton": 2.0})) == "torch"
+    assert json.loads(cache.read_text())[_entry()]["backend"] == "torch"
 
 
-def test_cached_choice_is_keyed_by_gift_and_triton_versions(cache, monkeypatch):
-    candidates = _candidates()
-    assert dispatch.measured_choice("H200", "op", "k", candidates, timer=FakeTimer({"torch_path": 1.0,
-                                                                                    "triton_path": 2.0})) == "torch"
-    assert dispatch.code_version().startswith("gift ") and " triton " in dispatch.code_version()
-    monkeypatch.setattr(dispatch, "code_version", lambda: "gift 9.9 triton 9.9")    # upgraded code: measured again
-    timer = FakeTimer({"torch_path": 2.0, "triton_path": 1.0})
-    assert dispatch.measured_choice("H200", "op", "k", candidates, timer=timer) == "triton" and len(timer.timed) == 2
-    assert len(json.loads(cache.read_text())) == 2
+def test_verdicts_are_keyed_by_the_code_and_the_device(cache, monkeypatch):
+    assert _choose(Calls(seconds={"torch": 1.0, "triton": 2.0})) == "torch"
+    version = dispatch.code_version()
+    assert all(part in version for part in ("gift ", " triton ", " torch ", " cuda ", " kernels "))
+    _new_process()
+    monkeypatch.setattr(dispatch, "_IDENTITIES", {})
+    monkeypatch.setattr(dispatch, "code_version", lambda: "gift 9.9 edited kernels")   # edited code: checked again
+    calls = Calls(seconds={"torch": 2.0, "triton": 1.0})
+    assert _choose(calls) == "triton" and calls.ran[0] == "verify"
+    monkeypatch.setattr(dispatch, "_IDENTITIES", {})
+    monkeypatch.setattr(dispatch, "device_identity", lambda device: "Other GPU sm_90 132 SMs")
+    assert _choose(calls) == "triton" and calls.ran.count("verify") == 2
+    assert len(json.loads(cache.read_text())) == 3
+
+
+def test_the_code_version_changes_with_the_kernel_sources(monkeypatch, tmp_path):
+    before = dispatch.code_version()
+    dispatch.code_version.cache_clear()
+    real_read = dispatch.Path.read_bytes
+    monkeypatch.setattr(dispatch.Path, "read_bytes", lambda self: real_read(self) + (b"#" if
+                                                                                   self.name == "launch.py" else b""))
+    try:
+        assert dispatch.code_version() != before
+    finally:
+        dispatch.code_version.cache_clear()
 
 
 def test_two_writers_that_loaded_the_cache_before_either_saved_keep_both_entries(cache):
-    """Processes A and B both read the (empty) cache, then each measures its own key and saves."""
+    """Processes A and B both read the (empty) cache, then each checks its own key and saves."""
     views = []
     for _ in range(2):                        # what each process loaded
         dispatch._load_choices(cache)
         views.append(dispatch._CHOICES.pop(str(cache)))
     for view, key in zip(views, ("keyA", "keyB")):
         dispatch._CHOICES[str(cache)] = view
-        dispatch.measured_choice("H200", "op", key, _candidates(), timer=FakeTimer({"torch_path": 1.0,
-                                                                                    "triton_path": 2.0}))
-    version = dispatch.code_version()
-    assert sorted(json.loads(cache.read_text())) == [f"H200 | op | keyA | {version}", f"H200 | op | keyB | {version}"]
-    assert f"H200 | op | keyA | {version}" in views[1]           # B's process now knows A's entry too
+        _choose(Calls(seconds={"torch": 1.0, "triton": 2.0}), key)
+    assert sorted(json.loads(cache.read_text())) == sorted([_entry("keyA"), _entry("keyB")])
+    assert _entry("keyA") in views[1]                            # B's process now knows A's entry too
 
 
 def _write_keys(path, prefix):
-    dispatch._CHOICES.clear()
+    _new_process()
     for i in range(15):
-        dispatch.measured_choice("H200", "op", f"{prefix}{i}", {"torch": None}, timer=lambda fn: 1.0, path=path)
+        dispatch.verified_choice("op", f"{prefix}{i}", CPU, lambda: None, path=path)
 
 
 def test_two_processes_writing_at_once_keep_every_entry(cache):
@@ -151,9 +224,18 @@ def test_two_processes_writing_at_once_keep_every_entry(cache):
     assert len(json.loads(cache.read_text())) == 30
 
 
-def test_auto_asks_the_op_on_cuda_only_and_env_forces(monkeypatch):
-    monkeypatch.delenv("GIFT_BACKEND", raising=False)
-    monkeypatch.delenv("GIFT_KERNELS", raising=False)
+def test_triton_is_not_available_on_cuda_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("checks a machine without CUDA")
+    assert not gift_kernels.triton_available("cuda")
+    with pytest.raises(RuntimeError, match="CUDA is not available here"):
+        gift_kernels.resolve_backend(torch.device("cuda"), torch.float32, backend="triton")
+
+
+def test_auto_asks_the_op_where_triton_may_run_and_env_forces(monkeypatch):
+    for name in ("GIFT_BACKEND", "GIFT_KERNELS", dispatch.AUTO_ON_INTERPRETER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(dispatch, "_why_not_triton", lambda device, dtype: None)    # as if on a GPU
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     asked = []
 
@@ -162,32 +244,144 @@ def test_auto_asks_the_op_on_cuda_only_and_env_forces(monkeypatch):
         return "torch"
 
     assert dispatch.resolve_backend(cuda, torch.float16, auto=auto) == "torch" and asked == [1]
-    assert dispatch.resolve_backend(cuda, torch.float16) == "triton"              # PaCa: Triton on CUDA
+    assert dispatch.resolve_backend(cuda, torch.float16) == "triton"              # no check given: Triton
     assert dispatch.resolve_backend(cpu, torch.float32, auto=auto) == "torch" and asked == [1]
+    monkeypatch.setenv(dispatch.AUTO_ON_INTERPRETER_ENV, "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.resolve_backend(cpu, torch.float32, auto=auto) == "torch" and asked == [1, 1]
     monkeypatch.setenv("GIFT_BACKEND", "triton")
-    assert dispatch.resolve_backend(cuda, torch.float16, auto=auto) == "triton" and asked == [1]
+    assert dispatch.resolve_backend(cuda, torch.float16, auto=auto) == "triton" and asked == [1, 1]
     monkeypatch.setenv("GIFT_BACKEND", "torch")
-    assert dispatch.resolve_backend(cuda, torch.float16, auto=auto) == "torch" and asked == [1]
+    assert dispatch.resolve_backend(cuda, torch.float16, auto=auto) == "torch" and asked == [1, 1]
 
 
-@pytest.mark.skipif(not gift_kernels.triton_available("cpu"), reason="needs TRITON_INTERPRET=1")
-def test_residual_auto_times_both_backends_on_the_real_call(cache, monkeypatch):
-    """The residual op's auto choice: both candidates run (the Triton one under the interpreter) and the
-    faster by the (fake) timer is cached under the device name, shape and dtype."""
-    ran = []
+# ------------------------------------------------------ both ops under auto: on CUDA, and on CPU under the interpreter
+PACA_SHAPE = (2, 37, 5, 24, 3)                 # (L, N, M, r, heads)
+RESIDUAL_SHAPE = (20, 24, 40, 8)               # (rows, d_in, d_out, r)
+DEVICES = available_devices()
+
+
+@pytest.fixture(params=DEVICES)
+def auto_on(request, cache, monkeypatch):
+    """The device, with ``auto`` where Triton may run (on CPU: under the interpreter, GIFT_AUTO_ON_INTERPRETER=1) and
+    a fresh verdict cache."""
+    if request.param == "cpu":
+        if not gift_kernels.triton_available("cpu"):
+            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+        monkeypatch.setenv(dispatch.AUTO_ON_INTERPRETER_ENV, "1")
+    monkeypatch.setenv("GIFT_BACKEND", "auto")
+    return torch.device(request.param)
+
+
+def _paca_call(device, backend=None):
+    t, params, grad = paca_case(PACA_SHAPE, seed=2)
+    leaves = [x.to(device, torch.float32).requires_grad_(True) for x in (t, *params)]
+    out = gift_kernels.paca_attention(leaves[0], PacaParams(*leaves[1:]), PACA_SHAPE[4], backend=backend)
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad.to(device, torch.float32))]
+
+
+def _residual_call(device, backend=None):
+    x, w, b, psi, tokens, grad = (v.to(device, torch.float32) for v in residual_case(RESIDUAL_SHAPE))
+    x, psi, tokens = (v.requires_grad_(True) for v in (x, psi, tokens))
+    out = gift_kernels.lowrank_residual_linear(x, w, b, psi, tokens, backend=backend)
+    return [out.detach(), *torch.autograd.grad(out, [x, psi, tokens], grad)]
+
+
+def _same(a, b):
+    return all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def _close(a, b):
+    return all(torch.allclose(u, v, rtol=1e-4, atol=1e-5) for u, v in zip(a, b))
+
+
+def _raise_out_of_resources(*args, **kwargs):
+    from triton.runtime.errors import OutOfResources
+
+    raise OutOfResources(200000, 166912, "shared memory")
+
+
+# a wrong PaCa kernel: the backward's dVp partials 10% short (d_proj_w, d_v_w, d_t... wrong)
+WRONG_PACA = Edit("_paca_attn_bwd", "dvp += _dot(tl.trans(a), g, F32_DOT)",
+                  "dvp += 0.9 * _dot(tl.trans(a), g, F32_DOT)")
+RESIDUAL_DOT = "acc += tl.dot(p.to(tl.float32), q.to(tl.float32), input_precision=F32_DOT)"
+WRONG_RESIDUAL = Edit("_matmul_lowrank_epilogue", RESIDUAL_DOT, RESIDUAL_DOT.replace("+= ", "+= 0.9 * "))
+
+
+def test_paca_auto_takes_agreeing_triton_kernels(auto_on):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _paca_call(auto_on)
+    assert list(dispatch._DECIDED.values()) == ["triton"]
+    assert _same(got, _paca_call(auto_on, "triton")) and not _same(got, _paca_call(auto_on, "torch"))
+
+
+def test_paca_forced_triton_runs_a_wrong_kernel_unchecked(auto_on):
+    paca_triton = pytest.importorskip("gift_kernels.paca_triton")
+    with mutated(paca_triton, [WRONG_PACA]):
+        forced = _paca_call(auto_on, "triton")
+    assert not _close(forced, _paca_call(auto_on, "torch")) and dispatch._DECIDED == {}
+
+
+def test_residual_auto_checks_times_and_caches_the_faster_agreeing_backend(auto_on, monkeypatch):
+    timed = []
 
     def fake_timer(fn):
-        fn()
-        ran.append(fn.func.__name__)
+        timed.append(fn.func.__name__)
         return {"matmul_lowrank_torch": 5.0, "matmul_lowrank_epilogue": 4.0}[fn.func.__name__]
 
-    monkeypatch.setattr(dispatch, "cuda_timer", fake_timer)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-    x, w, b, psi, tokens, _ = (v.float() if v is not None else None for v in residual_case((20, 24, 40, 8)))
-    assert residual._measured_backend(x, w, b, psi, tokens) == "triton"
-    assert ran == ["matmul_lowrank_torch", "matmul_lowrank_epilogue"]
-    (entry, value), = json.loads(cache.read_text()).items()
-    assert entry == ("Fake GPU | lowrank_residual_linear | rows<=64 d_in=24 d_out=40 r=8 torch.float32 bias=True | "
-                     + dispatch.code_version())
-    assert value["backend"] == "triton"
-    assert residual._measured_backend(x, w, b, psi, tokens) == "triton" and len(ran) == 2
+    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer", fake_timer)
+    got = _residual_call(auto_on)
+    assert timed == ["matmul_lowrank_torch", "matmul_lowrank_epilogue"]
+    (entry, value), = json.loads(dispatch.choices_path().read_text()).items()
+    assert entry == (f"{dispatch.device_identity(auto_on)} | lowrank_residual_linear | rows<=64 d_in=24 d_out=40 r=8 "
+                     f"torch.float32 gift=torch.float32 bias=True matmul={torch.get_float32_matmul_precision()} | "
+                     f"{dispatch.code_version()}")
+    assert value == {"backend": "triton", "reason": None, "seconds": {"torch": 5.0, "triton": 4.0}}
+    assert _same(got, _residual_call(auto_on, "triton"))
+
+
+class AtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_residual_auto_looks_its_verdict_up_before_any_work(auto_on, monkeypatch):
+    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer", lambda fn: 1.0)
+    x, w, b, psi, tokens, _ = (v.to(auto_on, torch.float32) for v in residual_case(RESIDUAL_SHAPE))
+    assert residual._verified_backend(x, w, b, psi, tokens) in ("torch", "triton")
+    with AtenOps() as mode:
+        residual._verified_backend(x, w, b, psi, tokens)
+    assert mode.ops == []                     # no x @ psi, no casts: shapes only
+
+
+# per op: its Triton module, a wrong kernel (an edit), the launcher a raising kernel replaces, a call of the op, and
+# the start of the warning's reason for the wrong kernel
+FAILING = {"paca_attention": ("gift_kernels.paca_triton", WRONG_PACA, "paca_triton_forward", _paca_call,
+                              "disagrees with the float64 torch path: "),
+           "lowrank_residual_linear": ("gift_kernels.residual_triton", WRONG_RESIDUAL, "matmul_lowrank_epilogue",
+                                       _residual_call, "disagrees with the float64 torch path: output")}
+
+
+@pytest.mark.parametrize("failure", ["raises", "disagrees"])
+@pytest.mark.parametrize("op", sorted(FAILING))
+def test_auto_with_a_failing_kernel_gives_the_torch_path_and_one_warning(auto_on, monkeypatch, op, failure):
+    module_name, wrong, launcher, call, disagrees = FAILING[op]
+    module = pytest.importorskip(module_name)
+    with mutated(module, [wrong] if failure == "disagrees" else []):
+        if failure == "raises":
+            monkeypatch.setattr(module, launcher, _raise_out_of_resources)
+        with pytest.warns(RuntimeWarning) as caught:
+            first, second = call(auto_on), call(auto_on)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert message.startswith(f"{op}: the Triton kernels failed their first-use check")
+    assert ("OutOfResources: out of resource: shared memory" if failure == "raises" else disagrees) in message
+    torch_path = call(auto_on, "torch")
+    assert _same(first, torch_path) and _same(second, torch_path)
+    assert list(dispatch._DECIDED.values()) == ["torch"]

@@ -226,7 +226,7 @@ def test_paca_default_shape_fits_every_compile_checked_gpu_in_every_dtype_and_sm
 def test_residual_guard_refuses_tensors_of_2_31_elements_and_auto_takes_torch():
     """No allocation: the sizes alone (and meta tensors, which hold no memory)."""
     assert residual_triton_unsupported(87_680, 1408, 6144, 64) is None            # ViT-g/14, 518 px, batch 64, fc1
-    reason = residual_triton_unsupported(4 * 87_680, 1408, 6144, 64)                  # batch 256: the output passes 2^31
+    reason = residual_triton_unsupported(4 * 87_680, 1408, 6144, 64)              # batch 256: the output passes 2^31
     assert reason is not None and "fewer than 2^31 elements, and the output has 2154823680" in reason
     assert residual_triton_unsupported(INDEX_LIMIT // 1280 + 1, 1280, 16, 8) is not None     # x itself
     assert residual_triton_unsupported(INDEX_LIMIT // 1280 - 1, 1280, 16, 8) is None

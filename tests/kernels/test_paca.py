@@ -1,8 +1,10 @@
 """`paca_attention` (paca.py, paca_math.py, paca_triton.py), each backend against the float64 torch
-reference, outputs and every gradient.
+reference, outputs, every gradient and PaCa's own work (output - t, d_t - grad), on random and on
+sharp-attention inputs; the Triton forward's saved state against its float64 value; and mutated copies of
+the Triton kernels (softened or sharpened attention, a scaled log-sum-exp) that these checks must reject.
 
-Triton runs on CPU tensors under TRITON_INTERPRET=1 (set in tests/conftest.py). bf16 is not tested on CPU:
-the interpreter's bf16 tl.dot returns garbage without an error; bench/gpu_check.sh tests it on a GPU.
+Triton runs on CPU tensors under TRITON_INTERPRET=1 (set in tests/conftest.py); bf16 Triton on CPU with the
+interpreter's bf16 fixed for the test (tests/kernels/bf16_interpreter.py, via the ``runnable`` fixture).
 """
 import pytest
 import torch
@@ -10,15 +12,19 @@ import torch
 from gift_kernels import PacaParams, paca_attention
 from gift_kernels.dispatch import TRITON_DTYPES
 from gift_kernels.testing import (
+    TOLERANCES,
     assert_agree,
     available_devices,
     check_paca,
+    check_paca_saved_state,
     exact_and_baseline,
     paca_case,
     paca_outputs_and_grads,
     paca_zero_gradients,
+    scales_of,
     skip_unless_runnable,
 )
+from tests.kernels.kernel_mutations import Edit, kernel_source, mutated, mutated_kernels
 
 BACKENDS = ["torch", "triton"]
 # CPU always (Triton there under the interpreter); CUDA when present (bench/gpu_check.sh), with bf16
@@ -39,19 +45,160 @@ PACA_SHAPES = [
 ]
 
 
+# sharp attention (`paca_case(sharp=True)`): each token attends mostly to its own cluster
+SHARP_SHAPES = [(3, 100, 5, 24, 3), (1, 100, 64, 64, 1), (2, 37, 8, 16, 2)]
+
+
+def _shape_id(shape):
+    return "L{}-N{}-M{}-r{}-h{}".format(*shape)
+
+
+def _known_16bit_shortfall(shape, device, backend, dtype):
+    """``(reason, strict)`` of a Triton case in 16 bits known to exceed its gate on CPU (the interpreter), else None.
+    CPU only: a GPU's rounding may land on either side."""
+    if backend != "triton" or device != "cpu" or dtype == torch.float32:
+        return None
+    if shape[2] == 1 and shape[1] > 1:
+        return ("known: with one cluster (M = 1) the Triton kernels' 16-bit tensor-core operands on the cluster side "
+                "put d_cluster_b 1.6% off in fp16 (tolerance 0.5%), 3x what fp32 math on fp16 inputs reaches; in bf16 "
+                "(1, 197, 1, 24, 1): abs 1.10e-2 > 6.17e-3"), True
+    if dtype == torch.bfloat16 and shape == (1, 100, 64, 64, 1):
+        # not strict: the excess (6.4e-6) is a tenth of one bf16 ulp of d_cluster_b (6.1e-5): another CPU may pass
+        return ("known: bf16 Triton d_cluster_b abs 4.874e-4 > 4.810e-4 (1.01x; 4e-2 x scale 1.05e-2 + 2 x baseline's "
+                "3.0e-5): dC = U dP^T cancels (dP is orthogonal to Z) and its operands are bf16"), False
+    return None
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", PACA_SHAPES, ids=lambda s: "L{}-N{}-M{}-r{}-h{}".format(*s))
-def test_paca_attention_matches_float64_reference(shape, device, backend, dtype):
-    skip_unless_runnable(device, backend, dtype)
+@pytest.mark.parametrize("shape", PACA_SHAPES, ids=_shape_id)
+def test_paca_attention_matches_float64_reference(shape, device, backend, dtype, request, runnable):
+    runnable(device, backend, dtype)
+    known = _known_16bit_shortfall(shape, device, backend, dtype)
+    if known:
+        request.applymarker(pytest.mark.xfail(strict=known[1], raises=AssertionError, reason=known[0]))
     got, _ = check_paca(shape, dtype, backend, device=device)
     assert got["output"].dtype == dtype and got["d_cluster_w"].dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHARP_SHAPES, ids=_shape_id)
+def test_paca_attention_with_sharp_attention_matches_float64_reference(shape, device, backend, dtype, runnable):
+    runnable(device, backend, dtype)
+    check_paca(shape, dtype, backend, device=device, sharp=True)
+
+
 def test_paca_attention_fp16_triton_at_ragged_two_head_shape_seed_0_matches_float64_reference():
+    """Was a strict xfail at about 1.2x the old gate (d_q_w, d_q_b, d_k_w: gradients whose terms cancel by
+    construction, then judged by their own size); with their rounding floors (`paca_error_floors`) it passes."""
     skip_unless_runnable("cpu", "triton", torch.float16)
     check_paca((2, 10, 17, 40, 2), torch.float16, "triton", "sigmoid", seed=0)
+
+
+SAVED_STATE_CASES = ([(shape, False, "sigmoid") for shape in PACA_SHAPES] +
+                     [(shape, True, "sigmoid") for shape in SHARP_SHAPES] +
+                     [((3, 197, 5, 24, 3), False, "softmax"), ((1, 100, 64, 64, 1), True, "softmax")])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,sharp,activation", SAVED_STATE_CASES,
+                         ids=lambda c: _shape_id(c) if isinstance(c, tuple) else str(c))
+def test_paca_triton_saved_state_matches_float64_reference(shape, sharp, activation, device, dtype, runnable):
+    """Z, ||P||, Kq, cq, Vp and the log-sum-exps the backward reads: no output depends on the attention's
+    log-sum-exp (the backward renormalises), so only this sees it."""
+    runnable(device, "triton", dtype)
+    state = check_paca_saved_state(shape, dtype, activation, device=device, sharp=sharp)
+    assert ("lse_c" in state) == (activation == "softmax")
+
+
+# ------------------------------------------------------------------ mutated kernels the checks must reject
+ATTN_FWD_PROBS = "e = tl.exp(logits - row_max[:, None])"
+ATTN_BWD_PROBS = "a = tl.exp(_head_logits(u, kq, cq, offs_m, M, F32_DOT, EVEN_M) - lse[:, None])"
+ATTN_FWD_LSE = "lse_ptrs = LSE + (layer * H + j).to(tl.int64) * N + offs_n"
+KERNEL_MUTATIONS = {   # attention softened (temperature 2) or sharpened (1/2) in either direction; the lse 2% off
+    "fwd-softened": Edit("_paca_attn_fwd", ATTN_FWD_PROBS, "e = tl.exp(0.5 * (logits - row_max[:, None]))"),
+    "fwd-sharpened": Edit("_paca_attn_fwd", ATTN_FWD_PROBS, "e = tl.exp(2.0 * (logits - row_max[:, None]))"),
+    "bwd-softened": Edit("_paca_attn_bwd", ATTN_BWD_PROBS, ATTN_BWD_PROBS.replace("tl.exp(", "tl.exp(0.5 * (") + ")"),
+    "bwd-sharpened": Edit("_paca_attn_bwd", ATTN_BWD_PROBS, ATTN_BWD_PROBS.replace("tl.exp(", "tl.exp(2.0 * (") + ")"),
+    "lse-scaled": Edit("_paca_attn_fwd", ATTN_FWD_LSE, ATTN_FWD_LSE + "\n        row_max, row_sum = 1.02 * row_max, "
+                                                                    "tl.exp(1.02 * tl.log(row_sum))"),
+}
+# the cases the mutations must fail: the op tests' and the sharp ones. A temperature is invisible with one cluster
+# (a softmax over one is 1) or one token (every cluster token is then the same, so the attention is uniform)
+MUTATION_CASES = [(s, False) for s in PACA_SHAPES] + [(s, True) for s in SHARP_SHAPES]
+# (mutation, shape) that no fp16 check at the gate can see: on these random inputs the attention is near uniform
+# (largest probability 0.202 of 5 clusters), and the mutation moves no result by TOLERANCES[float16] of its scale
+# (test_mutations_left_out_in_fp16_move_no_result_by_the_fp16_tolerance proves it); fp32 sees it
+BELOW_FP16_RESOLUTION = {("bwd-softened", (3, 197, 5, 64, 1))}
+
+
+def _paca_triton():
+    return pytest.importorskip("gift_kernels.paca_triton")          # Triton is optional
+
+
+def _checks_reject(shape, sharp, dtype) -> bool:
+    """Whether the saved-state check or the op check (own work included) raises on this case; the cheap one first."""
+    for check in (lambda: check_paca_saved_state(shape, dtype, sharp=sharp),
+                  lambda: check_paca(shape, dtype, "triton", sharp=sharp)):
+        try:
+            check()
+        except AssertionError:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("mutation", sorted(KERNEL_MUTATIONS))
+def test_paca_kernel_mutations_fail_the_checks(mutation, dtype):
+    """Every mutation fails every case with more than one cluster and token (the lse scaling every case), in fp32
+    and fp16; the real kernels pass them all (test_paca_attention_matches_float64_reference and the tests above)."""
+    skip_unless_runnable("cpu", "triton", dtype)
+    edit = KERNEL_MUTATIONS[mutation]
+    cases = [(s, sharp) for s, sharp in MUTATION_CASES if mutation == "lse-scaled" or (s[1] > 1 and s[2] > 1)
+             if dtype == torch.float32 or sharp or (mutation, s) not in BELOW_FP16_RESOLUTION]
+    with mutated(_paca_triton(), [edit]):
+        unseen = [(s, sharp) for s, sharp in cases if not _checks_reject(s, sharp, dtype)]
+    assert not unseen, f"{mutation} passed the checks at (shape, sharp) {unseen}"
+
+
+def test_mutations_left_out_in_fp16_move_no_result_by_the_fp16_tolerance():
+    """BELOW_FP16_RESOLUTION, measured in fp32: the mutation moves some result by more than the fp32 tolerance and
+    none by TOLERANCES[float16] of its scale, so an fp16 kernel without any rounding error but with this mutation
+    would pass the fp16 gate."""
+    skip_unless_runnable("cpu", "triton", torch.float32)
+    for mutation, shape in sorted(BELOW_FP16_RESOLUTION):
+        real, _ = check_paca(shape, torch.float32, "triton")
+        t, params, grad = paca_case(shape)
+        with mutated(_paca_triton(), [KERNEL_MUTATIONS[mutation]]):
+            wrong = paca_outputs_and_grads(t, params, grad, shape[4], torch.float32, "triton")
+        exact = paca_outputs_and_grads(t, params, grad, shape[4], torch.float64, "reference")
+        scales = scales_of(exact, paca_zero_gradients(shape[2], shape[1]))
+        moved = max((wrong[k].double() - real[k].double()).abs().max().item() / scales[k] for k in real)
+        assert TOLERANCES[torch.float32] < moved < TOLERANCES[torch.float16], (mutation, shape, moved)
+
+
+def test_a_temperature_is_invisible_with_one_cluster_or_one_token():
+    """Why MUTATION_CASES leaves them out: the softened forward and backward pass there, being exact."""
+    skip_unless_runnable("cpu", "triton", torch.float32)
+    with mutated(_paca_triton(), [KERNEL_MUTATIONS["fwd-softened"], KERNEL_MUTATIONS["bwd-softened"]]):
+        for shape in [s for s in PACA_SHAPES if s[1] == 1 or s[2] == 1]:
+            check_paca_saved_state(shape, torch.float32)
+            check_paca(shape, torch.float32, "triton")
+
+
+def test_kernel_mutation_patterns_must_occur_exactly_once():
+    paca_triton = _paca_triton()
+    assert kernel_source(paca_triton, "_paca_attn_fwd").count("tl.store(lse_ptrs, row_max + tl.log(row_sum)") == 2
+    with pytest.raises(AssertionError, match="occurs 2 times"):
+        mutated_kernels(paca_triton, [Edit("_paca_attn_fwd", "tl.store(lse_ptrs, row_max + tl.log(row_sum)", "")])
+    with pytest.raises(AssertionError, match="occurs 0 times"):
+        mutated_kernels(paca_triton, [Edit("_paca_attn_fwd", "no such text", "")])
+    copies = mutated_kernels(paca_triton, [KERNEL_MUTATIONS["fwd-softened"]])
+    assert copies["_paca_attn_fwd"] is not paca_triton._paca_attn_fwd       # the module keeps its kernel
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])

@@ -1,0 +1,39 @@
+"""Loading what `gift finetune` saved, in one place: a GIFT adapter (`load_gift_adapter`) or any
+adapter folder, GIFT or PEFT LoRA, told apart by its files (`load_adapter`), each on exactly the
+backbone it was trained on (its recorded identity, `gift.backbones.rebuild_backbone`)."""
+from __future__ import annotations
+
+import os
+
+import torch.nn as nn
+
+from .backbones import rebuild_backbone
+from .fast import FastGIFT
+from .lora import LORA_CONFIG, load_lora_adapter
+from .wrapper import ADAPTER_CONFIG, GIFTModelBase
+
+
+def load_gift_adapter(directory: str, pretrained_file: str | None = None, **fast_kwargs) -> FastGIFT:
+    """A `FastGIFT` on exactly the backbone the adapter in ``directory`` was trained on, with the adapter
+    loaded. Raises as `rebuild_backbone` does, and ``ValueError`` when the adapter does not fit that backbone."""
+    meta = GIFTModelBase.read_adapter_config(directory)
+    backbone = rebuild_backbone(meta.get("run", {}).get("backbone"), pretrained_file)
+    return FastGIFT.from_adapter(backbone, directory, **fast_kwargs)
+
+
+def load_adapter(directory: str, pretrained_file: str | None = None) -> tuple[nn.Module, nn.Module, dict]:
+    """A GIFT (``gift_config.json``) or PEFT LoRA (``adapter_config.json``) adapter folder on its recorded
+    backbone, in eval mode: ``(model, backbone, run record)``. Raises ``FileNotFoundError`` when
+    ``directory`` is neither, ``ImportError`` naming ``gift[lora]`` for a LoRA adapter without peft."""
+    if os.path.isfile(os.path.join(directory, ADAPTER_CONFIG)):
+        model = load_gift_adapter(directory, pretrained_file).eval()
+        return model, model.backbone, model.read_adapter_config(directory).get("run", {})
+    if os.path.isfile(os.path.join(directory, LORA_CONFIG)):
+        try:
+            import peft  # noqa: F401  (only whether it imports: the error below names the extra)
+        except ImportError:
+            raise ImportError("a LoRA adapter needs peft, which is not installed: pip install 'gift[lora]'") from None
+        model, run = load_lora_adapter(directory, pretrained_file)
+        return model.eval(), model.get_base_model(), run
+    raise FileNotFoundError(f"{directory!r} holds no {ADAPTER_CONFIG} (GIFT) or {LORA_CONFIG} (LoRA): it does not "
+                            f"exist or is not an adapter folder written by gift finetune")

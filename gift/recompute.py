@@ -1,0 +1,155 @@
+"""Memory modes of a timm ViT: what is recomputed in backward instead of kept (non-reentrant
+``torch.utils.checkpoint``), applied to a backbone and undone, reversibly, with state-dict keys
+unchanged (see `gift.config.MEMORY_MODES`):
+
+* ``"mlp"``: each block's MLP (with its pre-norm, moved inside) is a `Recomputed` module;
+* ``"block"``: timm's ``set_grad_checkpointing()`` where the backbone has it, else each of
+  ``backbone.blocks`` wrapped in a `Recomputed` module.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import use_reentrant_ckpt
+from timm.models.vision_transformer import Block
+from torch.utils.checkpoint import checkpoint
+
+from .config import MEMORY_MODES
+
+try:
+    from timm.models.eva import EvaBlock
+except ImportError:  # older timm
+    EvaBlock = Block
+
+
+class KeysAsBefore:
+    """A state-dict hook for a module whose children were moved into a `Recomputed` wrapper: as a
+    ``state_dict`` post-hook (``saving=True``) it shows the keys as they were before the move, as a
+    ``load_state_dict`` pre-hook (``saving=False``) it takes them so. ``moves``: (path before, path now)
+    pairs relative to the module, e.g. ``("mlp.", "mlp.body.")``."""
+
+    def __init__(self, moves: list[tuple[str, str]], saving: bool):
+        self.moves, self.saving = moves, saving
+
+    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *hook_args) -> None:
+        for key in list(state_dict):
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            for before, now in self.moves:
+                old, new = (now, before) if self.saving else (before, now)
+                if rest.startswith(old) and (self.saving or not rest.startswith(now)):
+                    state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                    break
+
+
+class Recomputed(nn.Module):
+    """``body(norm(x))`` recomputed in backward instead of keeping its activations
+    (non-reentrant ``torch.utils.checkpoint``): what ``memory="mlp"`` puts in place of each block's MLP
+    (with the block's pre-norm moved inside) and ``memory="block"`` around blocks of backbones without
+    timm's ``set_grad_checkpointing``. Its submodules are ``norm`` (``nn.Identity`` if none) and ``body``:
+    module paths under it gain ``.norm`` / ``.body`` while it is in place, but state-dict keys do not
+    (`KeysAsBefore` on the parent module); ``set_memory("none")`` restores the original modules."""
+
+    def __init__(self, body: nn.Module, norm: nn.Module | None = None):
+        super().__init__()
+        self.norm = nn.Identity() if norm is None else norm
+        self.body = body
+
+    def _run(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.body(self.norm(x), *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return checkpoint(self._run, x, *args, use_reentrant=False, **kwargs)
+        return self._run(x, *args, **kwargs)
+
+
+def is_prenorm_block(block: nn.Module) -> bool:
+    """timm's pre-norm ViT blocks compute ``x + ls2(mlp(norm2(x)))``: norm2 feeds mlp and nothing else."""
+    return type(block) in (Block, EvaBlock) and isinstance(getattr(block, "norm2", None), nn.Module)
+
+
+def timm_grad_checkpointing(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` offers timm's ``set_grad_checkpointing()`` (and its ``grad_checkpointing`` flag)."""
+    return callable(getattr(backbone, "set_grad_checkpointing", None)) and hasattr(backbone, "grad_checkpointing")
+
+
+def refuse_reentrant_checkpointing() -> None:
+    """Raise when timm checkpoints reentrantly: the recomputed blocks would not reach the generator."""
+    if use_reentrant_ckpt():
+        raise ValueError("timm's grad checkpointing (memory='block') needs its non-reentrant mode (reentrant drops "
+                         "the generator's gradients); call timm.layers.set_reentrant_ckpt(False).")
+
+
+
+
+def vit_blocks(backbone: nn.Module) -> nn.Module:
+    """``backbone.blocks`` (a timm ViT's); ``ValueError`` naming the fix when there is none."""
+    blocks = getattr(backbone, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+        raise ValueError(f"memory modes 'mlp' and 'block' need backbone.blocks (a timm ViT); "
+                         f"{type(backbone).__name__} has none. Use memory='none'.")
+    return blocks
+
+
+def check_memory_mode(backbone: nn.Module, memory: str) -> None:
+    """Raise ``ValueError`` (naming the fix) when ``backbone`` cannot take memory mode ``memory``."""
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory={memory!r} is unknown; choose one of {MEMORY_MODES}.")
+    if memory == "mlp" and not [b for b in vit_blocks(backbone) if isinstance(getattr(b, "mlp", None), nn.Module)]:
+        raise ValueError("memory='mlp' needs blocks with an .mlp submodule (timm ViT); use 'block' or 'none'.")
+    if memory == "block" and not timm_grad_checkpointing(backbone):
+        vit_blocks(backbone)
+
+
+def _move_keys(parent: nn.Module, moves: list[tuple[str, str]]) -> list:
+    return [parent.register_state_dict_post_hook(KeysAsBefore(moves, saving=True)),
+            parent.register_load_state_dict_pre_hook(KeysAsBefore(moves, saving=False))]
+
+
+def apply_memory_mode(backbone: nn.Module, memory: str) -> list:
+    """Put memory mode ``memory`` in place on a backbone in mode ``"none"`` (checked by `check_memory_mode`
+    first); returns the state-dict hook handles that `undo_memory_mode` removes."""
+    check_memory_mode(backbone, memory)
+    handles: list = []
+    if memory == "mlp":
+        for block in vit_blocks(backbone):
+            if not isinstance(getattr(block, "mlp", None), nn.Module):
+                continue
+            if is_prenorm_block(block):  # recompute norm2 too: x + ls2(mlp(norm2(x))) -> x + ls2(mlp'(x))
+                block.mlp, block.norm2 = Recomputed(block.mlp, norm=block.norm2), nn.Identity()
+                handles += _move_keys(block, [("mlp.", "mlp.body."), ("norm2.", "mlp.norm.")])
+            else:
+                block.mlp = Recomputed(block.mlp)
+                handles += _move_keys(block, [("mlp.", "mlp.body.")])
+    elif memory == "block":
+        if timm_grad_checkpointing(backbone):
+            refuse_reentrant_checkpointing()
+            backbone.set_grad_checkpointing(True)
+        else:
+            blocks = vit_blocks(backbone)
+            for i, block in enumerate(blocks):
+                blocks[i] = Recomputed(block)
+            handles += _move_keys(blocks, [(f"{i}.", f"{i}.body.") for i in range(len(blocks))])
+    return handles
+
+
+def undo_memory_mode(backbone: nn.Module, memory: str, handles: list) -> None:
+    """Back to mode ``"none"`` from ``memory`` (as `apply_memory_mode` left it): the original modules in
+    place, the state-dict ``handles`` removed."""
+    for handle in handles:
+        handle.remove()
+    if memory == "none":
+        return
+    blocks = vit_blocks(backbone)
+    for i, block in enumerate(blocks):
+        if isinstance(block, Recomputed):
+            blocks[i] = block = block.body
+        if isinstance(getattr(block, "mlp", None), Recomputed):
+            wrapper = block.mlp
+            block.mlp = wrapper.body
+            if not isinstance(wrapper.norm, nn.Identity):
+                block.norm2 = wrapper.norm
+    if timm_grad_checkpointing(backbone):
+        backbone.set_grad_checkpointing(False)

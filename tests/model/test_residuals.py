@@ -1,0 +1,574 @@
+"""FastGIFT's generated residuals: one owner, made once and in effect everywhere (gift.residuals).
+
+Gradient accumulation (one generator forward and backward per optimizer step, the gradients of one batch,
+DDP), the entry points of the backbone (bare calls, timm feature extraction, a Hugging Face generate),
+caching while the weights stand, concurrent inference, disable_adapter(), merge / load / unmerge, and a
+second wrapper on an adapted backbone."""
+import copy
+import os
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gift import FastGIFT, GIFTConfig, GIFTReference
+from gift.fast import WeightTokens
+from gift.memory import SavedTensorCounter
+from gift.testing import assert_model_agrees, model_exact_and_baseline, outputs_and_grads, randomize_gift_, twin_models
+from tests.helpers import ToyViT, tiny_timm_vit
+
+TWO_KEYS = GIFTConfig(rank=6, num_clusters=5, target_modules=("attn.proj", "mlp.fc2"), in_projection_bias=True,
+                      out_projection_bias=True)
+
+
+def accumulated_outputs_and_grads(model, x, y, micro_batches):
+    """`gift.testing.outputs_and_grads` with a cross-entropy target, as ``micro_batches`` micro-batches of one
+    ``accumulate`` block (each loss divided by their count: the mean over the batch)."""
+    model.zero_grad(set_to_none=True)
+    outputs = []
+    with model.accumulate(micro_batches):
+        for xb, yb in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+            out = model(xb)
+            outputs.append(out.detach())
+            (F.cross_entropy(out.float(), yb) / micro_batches).backward()
+    result = {"output": torch.cat(outputs)}
+    result.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    model.zero_grad(set_to_none=True)
+    return result
+
+
+class Calling(nn.Module):
+    """``call(model, x)`` as a module around ``model``, so `outputs_and_grads` can run any entry point of it."""
+
+    def __init__(self, model, call):
+        super().__init__()
+        self.model, self.call = model, call
+
+    def forward(self, x):
+        return self.call(self.model, x)
+
+
+def outputs_and_grads_of(model, call, x, y=None):
+    """`gift.testing.outputs_and_grads` of ``call(model, x)``, keyed by ``model``'s own parameter names."""
+    return {k.removeprefix("model."): v for k, v in outputs_and_grads(Calling(model, call), x, y).items()}
+
+
+class GeneratorCalls:
+    """Counts a model's generator runs: forwards outside a backward, recomputations inside one, and backwards
+    (a hook on every output of a forward outside a backward)."""
+
+    def __init__(self, model):
+        self.forwards = self.recomputations = self.backwards = 0
+        original = model.generator_tokens
+
+        def counted(key):
+            if torch._C._current_graph_task_id() != -1:
+                self.recomputations += 1  # counted first: a recomputation stops early, inside `original`
+                return original(key)
+            self.forwards += 1
+            tokens = original(key)
+            if tokens.requires_grad:
+                tokens.register_hook(self._backward)
+            return tokens
+
+        model.generator_tokens = counted
+
+    def _backward(self, grad):
+        self.backwards += 1
+
+    def take(self) -> tuple[int, int, int]:
+        counts = (self.forwards, self.recomputations, self.backwards)
+        self.forwards = self.recomputations = self.backwards = 0
+        return counts
+
+
+# ------------------------------------------------------------------------------------ gradient accumulation
+@pytest.mark.parametrize("memory, recompute_generator", [("none", None), ("mlp", None), ("block", None),
+                                                         ("none", True)])
+@pytest.mark.parametrize("cfg", [GIFTConfig(rank=8, num_clusters=5), TWO_KEYS], ids=["one-key", "two-keys-biases"])
+def test_accumulated_gradients_equal_one_batch(cfg, memory, recompute_generator):
+    """Every trainable gradient of 4 accumulated micro-batches equals that of the whole batch: against the same
+    model in float64 on the whole batch, with its fp32 error on the whole batch as slack (to rounding)."""
+    _, fast = twin_models(tiny_timm_vit(), cfg, memory=memory, recompute_generator=recompute_generator)
+    torch.manual_seed(3)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    exact, baseline = model_exact_and_baseline(fast, x, y)
+    got = accumulated_outputs_and_grads(fast.train(), x, y, 4)
+    assert set(got) == set(exact) and len(got) > 10
+    assert_model_agrees(got, exact, baseline, fast)
+    assert fast.residuals.accumulation is None
+
+
+def test_the_accumulation_check_fails_a_wrong_gradient():
+    """The check above on a known-bad case: a micro-batch's loss not divided by the count (its gradient 4x)."""
+    _, fast = twin_models(tiny_timm_vit(), GIFTConfig(rank=8, num_clusters=5))
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    exact, baseline = model_exact_and_baseline(fast, x, y)
+    fast.zero_grad(set_to_none=True)
+    with fast.accumulate(4):
+        for i, (xb, yb) in enumerate(zip(x.chunk(4), y.chunk(4))):
+            (F.cross_entropy(fast(xb), yb) / (1 if i == 3 else 4)).backward()
+    got = {"output": exact["output"].float(), **{n: p.grad for n, p in fast.named_parameters() if p.requires_grad}}
+    with pytest.raises(AssertionError, match="tensors disagree"):
+        assert_model_agrees(got, exact, baseline, fast)
+
+
+@pytest.mark.parametrize("memory", ["none", "mlp", "block"])
+def test_one_generator_forward_and_one_backward_per_optimizer_step(memory):
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3), memory=memory))
+    calls = GeneratorCalls(fast)
+    opt = torch.optim.AdamW([p for p in fast.parameters() if p.requires_grad], lr=1e-3)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    recomputed = 1 if memory == "block" else 0  # memory="block" recomputes the generator in its backward
+    for _ in range(2):
+        with fast.accumulate(4):
+            for xb, yb in zip(x.chunk(4), y.chunk(4)):
+                (F.cross_entropy(fast(xb), yb) / 4).backward()
+        opt.step()
+        opt.zero_grad()
+        assert calls.take() == (1, recomputed, 1)
+    # the same loop without accumulate(): the generator runs for every micro-batch (what the count tells apart)
+    for xb, yb in zip(x.chunk(4), y.chunk(4)):
+        (F.cross_entropy(fast(xb), yb) / 4).backward()
+    assert calls.take() == (4, 4 * recomputed, 4)
+
+
+def test_a_wrong_number_of_micro_batches_is_a_clear_error_and_nothing_stays_behind():
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3)))
+    keys = list(fast.state_dict())
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2,))
+    with pytest.raises(RuntimeError, match=r"accumulate\(3\): 2 micro-batch forward\(s\) .* and 2 backward\(s\)"):
+        with fast.accumulate(3):
+            for _ in range(2):
+                F.cross_entropy(fast(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"accumulate\(2\): a forward after the 2 micro-batches"):
+        with fast.accumulate(2):
+            for _ in range(3):
+                F.cross_entropy(fast(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"micro-batch 2's forward began before the backward of micro-batch 1"):
+        with fast.accumulate(2):
+            [F.cross_entropy(fast(x), y) for _ in range(2)]
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)  # another model's optimizer may step meanwhile
+    with fast.accumulate(2):
+        for _ in range(2):
+            F.cross_entropy(fast(x), y).backward()
+            other.step()
+    opt = torch.optim.SGD([p for p in fast.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(RuntimeError, match=r"optimizer.step\(\) ran inside FastGIFT.accumulate\(2\)"):
+        with fast.accumulate(2):
+            F.cross_entropy(fast(x), y).backward()
+            opt.step()
+            fast(x)
+    with pytest.raises(ValueError, match="positive int"):
+        with fast.accumulate(0):
+            pass
+    # after each failed block the model trains as before, and a copy, its state dict and an EMA carry nothing
+    assert fast.residuals.accumulation is None
+    from timm.utils import ModelEmaV3
+
+    copies = [copy.deepcopy(fast), ModelEmaV3(fast).module]
+    assert all(c.residuals.accumulation is None and not c.residuals._training for c in copies)
+    assert list(fast.state_dict()) == keys
+    fast.zero_grad()
+    with fast.accumulate(2):
+        for _ in range(2):
+            F.cross_entropy(fast(x), y).backward()
+    assert all(p.grad is not None for p in fast.gift_parameters())
+
+
+def test_an_exception_inside_accumulate_drops_its_state():
+    fast = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(KeyboardInterrupt):
+        with fast.accumulate(4):
+            fast(x).sum().backward()
+            raise KeyboardInterrupt
+    assert fast.residuals.accumulation is None
+    with fast.accumulate(1):
+        fast(x).sum().backward()
+
+
+def _ddp_worker(rank, world_size, store, out, cfg, micro_batches):
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        _, fast = twin_models(tiny_timm_vit(), cfg)
+        names = {id(p): n for n, p in fast.named_parameters()}
+        ddp = nn.parallel.DistributedDataParallel(fast)
+        reduced = []  # (micro-batch, parameter names) of every bucket reduced
+
+        def hook(state, bucket):
+            reduced.append((state["micro_batch"], [names[id(p)] for p in bucket.parameters()]))
+            return default_hooks.allreduce_hook(None, bucket)
+
+        state = {"micro_batch": None}
+        ddp.register_comm_hook(state, hook)
+        torch.manual_seed(3)
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+        local = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+        with fast.accumulate(micro_batches):
+            for i, (xb, yb) in enumerate(zip(local[0].chunk(micro_batches), local[1].chunk(micro_batches))):
+                state["micro_batch"] = i
+                sync = i == micro_batches - 1
+                with ddp.no_sync() if not sync else torch.enable_grad():
+                    (F.cross_entropy(ddp(xb), yb) / micro_batches).backward()
+        grads = {n: p.grad for n, p in fast.named_parameters() if p.requires_grad}
+        torch.save({"grads": grads, "reduced": reduced}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_on_two_processes_reduces_the_generator_once_and_matches_one_process(tmp_path):
+    """2 gloo processes x 2 accumulated micro-batches (no_sync() for the first) against the whole batch in one
+    process: the same gradients, and each parameter reduced once, in the last micro-batch's backward."""
+    cfg = GIFTConfig(rank=8, num_clusters=5)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path), cfg, 2), nprocs=2)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    _, fast = twin_models(tiny_timm_vit(), cfg)
+    torch.manual_seed(3)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    exact, baseline = model_exact_and_baseline(fast, x, y)
+    for result in results:
+        got = {"output": exact["output"].float(), **result["grads"]}
+        assert_model_agrees(got, exact, baseline, fast)
+        reduced = [name for micro_batch, names in result["reduced"] for name in names]
+        assert {micro_batch for micro_batch, _ in result["reduced"]} == {1}
+        trainable = [n for n, p in fast.named_parameters() if p.requires_grad]
+        assert sorted(reduced) == sorted(trainable) and any(n.startswith("hypernets.") for n in reduced)
+    for name, grad in results[0]["grads"].items():
+        assert torch.equal(grad, results[1]["grads"][name]), name  # all-reduced: the same on both processes
+
+
+# ------------------------------------------------------------------------------------ entry points
+def _perturbed_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    llama = LlamaForCausalLM(config).eval()
+    plain = copy.deepcopy(llama)
+    model = FastGIFT(llama, GIFTConfig(rank=8, num_clusters=16, target_modules=("o_proj",)))
+    return randomize_gift_(model, seed=1, scale=0.2, psi_scale=0.2).eval(), plain
+
+
+def test_a_wrapped_hugging_face_llama_generates_with_the_adapter():
+    """``model.backbone.generate`` (greedy, with its KV cache) gives the tokens of greedy decoding through the
+    wrapper's forward, not those of the plain Llama; the generator runs once for the whole generation."""
+    model, plain = _perturbed_llama()
+    ids = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(0))
+    calls = GeneratorCalls(model)
+    with torch.no_grad():
+        generated = model.backbone.generate(ids, max_new_tokens=8, do_sample=False)
+        assert calls.take()[0] == 1
+        sequence = ids
+        for _ in range(8):
+            sequence = torch.cat([sequence, model(sequence).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        plain_generated = plain.generate(ids, max_new_tokens=8, do_sample=False)
+    assert generated.tolist() == sequence.tolist()
+    assert generated.tolist() != plain_generated.tolist()  # the adapter changes the tokens: the check can fail
+
+
+def test_bare_backbone_and_feature_extraction_train_with_the_adapters_gradients():
+    """A training step through ``forward_features``/``forward_head`` (not the wrapper) in every memory mode gives
+    the wrapper's outputs and gradients."""
+    _, fast = twin_models(tiny_timm_vit(), TWO_KEYS)
+    x = torch.randn(2, 3, 32, 32)
+    exact, baseline = model_exact_and_baseline(fast, x)
+    for memory in ("none", "mlp", "block"):
+        fast.set_memory(memory)
+        got = outputs_and_grads_of(fast, lambda m, x: m.backbone.forward_head(m.backbone.forward_features(x)), x)
+        assert_model_agrees(got, exact, baseline, fast)
+
+
+# ------------------------------------------------------------------------------------ caching
+def test_eval_forwards_reuse_the_residuals_until_a_weight_changes():
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))).eval()
+    calls = GeneratorCalls(fast)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        first = fast(x)
+        for _ in range(4):
+            assert torch.equal(fast(x), first)
+        fast.backbone.forward_features(x)
+    assert calls.take()[0] == 1
+
+    def fresh_output():
+        other = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3)).eval()
+        other.load_state_dict(fast.state_dict())
+        with torch.no_grad():
+            return other(x)
+
+    # fused AdamW moves the parameters without bumping their version counters: the step count sees it
+    fast.train()
+    F.cross_entropy(fast(x), torch.tensor([0, 1])).backward()
+    versions = [p._version for p in fast.gift_parameters()]
+    torch.optim.AdamW([p for p in fast.parameters() if p.requires_grad], lr=0.1, fused=True).step()
+    assert [p._version for p in fast.gift_parameters()] == versions
+    calls.take()
+    fast.eval()
+    with torch.no_grad():
+        stepped = fast(x)
+    assert calls.take()[0] == 1 and not torch.equal(stepped, first)
+    torch.testing.assert_close(stepped, fresh_output(), rtol=0, atol=0)
+    with torch.no_grad():  # an in-place edit (load_state_dict, copy_, an EMA update) bumps the version
+        fast.hypernets["attn:proj"].blocks[0].attn.q.weight.mul_(1.5)
+        edited = fast(x)
+    assert calls.take()[0] == 1
+    torch.testing.assert_close(edited, fresh_output(), rtol=0, atol=0)
+    with torch.no_grad():  # an edit through .data is invisible to autograd's counters: reset() is the way
+        fast.hypernets["attn:proj"].blocks[0].attn.v.weight.data.mul_(2)
+        assert torch.equal(fast(x), edited)
+        fast.residuals.reset()
+        latest = fast(x)
+        torch.testing.assert_close(latest, fresh_output(), rtol=0, atol=0)
+    calls.take()
+    fast.to(torch.float64)  # a cast: new storages, so new residuals
+    with torch.no_grad():
+        out = fast(x.double())
+    assert out.dtype == torch.float64 and calls.take()[0] == 1
+    torch.testing.assert_close(out.float(), latest, rtol=1e-4, atol=1e-5)
+
+
+def test_concurrent_inference_gives_the_single_thread_outputs():
+    """4 threads x 12 eval forwards on one unmerged model, with the residuals dropped now and then by another
+    thread (so threads make them again while others run), all bit-equal to one thread's output."""
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), TWO_KEYS), seed=2, scale=0.3).eval()
+    inputs = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():
+        want = [fast(x) for x in inputs]
+        plain = copy.deepcopy(fast)
+        with plain.disable_adapter():
+            assert all((plain(x) - w).abs().max() > 1e-3 for x, w in zip(inputs, want))  # a wrong output shows
+    wrong, errors, stop = [], [], threading.Event()
+
+    def infer(i):
+        try:
+            with torch.no_grad():
+                for _ in range(12):
+                    out = fast(inputs[i]) if i % 2 == 0 else fast.backbone(inputs[i])
+                    if not torch.equal(out, want[i]):
+                        wrong.append(i)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def reset():
+        while not stop.is_set():
+            fast.residuals.reset()
+            stop.wait(0.002)
+
+    threads = [threading.Thread(target=infer, args=(i,)) for i in range(4)]
+    resetter = threading.Thread(target=reset)
+    resetter.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    resetter.join()
+    assert not errors and not wrong
+
+
+def test_disable_adapter_gives_the_plain_backbone_at_every_entry_point():
+    backbone = tiny_timm_vit().eval()
+    plain = copy.deepcopy(backbone)
+    fast = randomize_gift_(FastGIFT(backbone, GIFTConfig(rank=4, num_clusters=3)), scale=0.3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        adapted = fast(x)
+        with fast.disable_adapter():
+            torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=0)
+            torch.testing.assert_close(fast.backbone.forward_features(x), plain.forward_features(x), rtol=0, atol=0)
+            with fast.disable_adapter():
+                torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=0)
+            torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=0)
+        assert torch.equal(fast(x), adapted) and (adapted - plain(x)).abs().max() > 1e-3
+        fast.merge()
+        with pytest.raises(RuntimeError, match="merged.*unmerge\\(\\) before disable_adapter"):
+            with fast.disable_adapter():
+                pass
+
+
+# ------------------------------------------------------------------------------------ merge, load, unmerge
+def test_merge_load_adapter_unmerge_sequences_leave_the_weights_exact(tmp_path):
+    backbone = tiny_timm_vit()
+    pretrained = {k: v.clone() for k, v in backbone.state_dict().items()}
+    a = randomize_gift_(FastGIFT(backbone, GIFTConfig(rank=4, num_clusters=3)), seed=1, scale=0.3).eval()
+    b = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3)), seed=2, scale=0.3).eval()
+    b.save_adapter(tmp_path / "b")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out_a, out_b = a(x), b(x)
+
+    def weights_exact():
+        return all(torch.equal(a.backbone.state_dict()[k], pretrained[k]) for k in pretrained if "head" not in k)
+
+    with torch.no_grad():
+        for _ in range(3):
+            a.merge()
+            assert not weights_exact()
+            a.unmerge()
+            assert weights_exact()  # bit for bit, not W + dW - dW
+        a.merge()
+        a.load_adapter(tmp_path / "b")  # while merged: merged in its turn
+        assert a.merged
+        torch.testing.assert_close(a(x), out_b, rtol=1e-5, atol=1e-5)
+        a.unmerge()
+        assert weights_exact()
+        torch.testing.assert_close(a(x), out_b, rtol=0, atol=0)
+        a.merge()
+        a.out_projections["attn:proj"].weight.mul_(2)  # an edit while merged: the merged weights are stale
+        with pytest.raises(RuntimeError, match="GIFT weights changed while merged"):
+            a(x)
+        a.unmerge()
+        assert weights_exact()
+    deployable = a.merge_and_unload()
+    with pytest.raises(RuntimeError, match="merge_and_unload\\(\\) handed the merged backbone over"):
+        a.unmerge()
+    assert not any(getattr(m, "gift_adapted", False) for m in deployable.modules())
+    assert out_a.shape == out_b.shape
+
+
+def test_a_failed_load_while_merged_changes_nothing(tmp_path):
+    a = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3)), scale=0.3).eval()
+    FastGIFT(tiny_timm_vit(), GIFTConfig(rank=8, num_clusters=3)).save_adapter(tmp_path / "other_rank")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a.merge()
+        merged = a(x)
+        with pytest.raises(ValueError, match="was saved with GIFTConfig"):
+            a.load_adapter(tmp_path / "other_rank")
+        assert a.merged and torch.equal(a(x), merged)
+
+
+def test_wrapping_an_adapted_backbone_again_is_refused_and_the_first_model_keeps_working():
+    cfg = GIFTConfig(rank=4, num_clusters=3)
+    first = randomize_gift_(FastGIFT(tiny_timm_vit(), cfg), scale=0.3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = first(x)
+    for wrapper in (FastGIFT, GIFTReference):
+        with pytest.raises(ValueError, match="already wrapped by GIFT .*'blocks.0.attn.proj'.*Wrap a fresh backbone"):
+            wrapper(first.backbone, cfg)
+    reference = GIFTReference(ToyViT(), cfg)
+    with pytest.raises(ValueError, match="already wrapped by GIFT"):
+        FastGIFT(reference.backbone, cfg)
+    with torch.no_grad():
+        assert torch.equal(first(x), before)
+    first.train()(x).sum().backward()
+    assert all(p.grad is not None for p in first.gift_parameters())
+    FastGIFT(first.merge_and_unload(), cfg)  # the plain backbone it hands over wraps again
+
+
+# ------------------------------------------------------------------------------------ the generator's memory
+def test_weight_tokens_keep_no_cast_copy_of_16_bit_weights_and_have_the_linear_gradients():
+    torch.manual_seed(0)
+    weights = [torch.randn(7, 5, dtype=torch.float64) for _ in range(3)]
+    phi_w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    phi_b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, b: WeightTokens.apply(w, b, *weights), (phi_w, phi_b))
+    bf16 = [nn.Parameter(w.to(torch.bfloat16), requires_grad=False) for w in weights]
+    phi = nn.Linear(5, 4, bias=False)
+    with SavedTensorCounter(exclude=bf16 + [phi.weight]) as ours:
+        WeightTokens.apply(phi.weight, None, *bf16)
+    with SavedTensorCounter(exclude=bf16 + [phi.weight]) as autograds:
+        torch.stack([phi(w.float()) for w in bf16])
+    assert ours.bytes == 0 and autograds.bytes == 3 * 7 * 5 * 4  # autograd's linear keeps each fp32 cast
+
+
+def test_memory_block_recomputes_the_generator_and_the_plan_counts_it():
+    from gift.plan import plan_model
+
+    fast = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))
+    plan = plan_model(fast, (2, 3, 32, 32), None)
+    assert plan.modes["none"].generator_saved > 0 and plan.modes["mlp"].generator_saved > 0
+    assert plan.modes["block"].generator_saved == 0
+    fast.recompute_generator = True  # the option elsewhere
+    assert fast.generator_recomputed and plan_model(fast, (2, 3, 32, 32), None).modes["none"].generator_saved == 0
+
+
+def test_hugging_face_reentrant_checkpointing_gives_the_generators_gradients():
+    """PEFT's recipe, ``gradient_checkpointing_enable(use_reentrant=True)`` with ``enable_input_require_grads()``,
+    recomputes each layer in a backward of its own: each gets a fresh pair (the last one's backward has run), so the
+    generator's gradients are those without checkpointing (they were all zero when the pair was shared)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                       image_size=32, patch_size=8, num_labels=5)
+    state = copy.deepcopy(ViTForImageClassification(config).state_dict())
+    cfg = GIFTConfig(rank=8, num_clusters=16, target_modules=("attention.o_proj",))
+
+    def wrapped(reentrant):
+        vit = ViTForImageClassification(config)
+        vit.load_state_dict(state)
+        if reentrant is not None:
+            vit.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            vit.enable_input_require_grads()
+        return randomize_gift_(FastGIFT(vit, cfg), seed=3, scale=0.2).train()
+
+    def logits(model, x):
+        return model(x).logits
+
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    plain = wrapped(None)
+    exact, baseline = (
+        {k.removeprefix("model."): v for k, v in r.items()}
+        for r in model_exact_and_baseline(Calling(plain, logits), x, y)
+    )
+    for reentrant in (True, False):
+        assert_model_agrees(outputs_and_grads_of(wrapped(reentrant), logits, x, y), exact, baseline, plain)
+
+
+def test_memory_auto_inside_accumulate_plans_steps_of_its_micro_batches():
+    from gift.plan import plan_model
+    from tests.helpers import budget_for
+
+    x = torch.randn(2, 3, 32, 32)
+    probe = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))
+    accumulated = plan_model(probe, x.shape, None, accumulation=4).modes
+    fast = FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3), memory="auto",
+                    memory_budget=budget_for(accumulated["block"].peak))
+    with fast.accumulate(4):
+        for _ in range(4):
+            fast(x).sum().backward()
+    assert fast.memory_reason.startswith("memory=") and "with 4 micro-batches of 2" in fast.memory_reason
+    assert not fast.memory_pending
+
+
+def test_a_checkpoint_around_the_whole_model_recomputes_the_generator_with_it():
+    """``checkpoint(model, x)``: the wrapper's forward made the residuals inside the checkpointed region, so its
+    recomputation makes them again (the same saved tensors); the gradients are those without the checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    _, fast = twin_models(tiny_timm_vit(), TWO_KEYS)
+    x = torch.randn(2, 3, 32, 32)
+    exact, baseline = model_exact_and_baseline(fast, x)
+    for memory in ("none", "block"):
+        fast.set_memory(memory)
+        got = outputs_and_grads_of(fast, lambda m, x: checkpoint(m, x, use_reentrant=False), x)
+        assert_model_agrees(got, exact, baseline, fast)
+
+
+def test_one_default_budget_for_every_plan(monkeypatch):
+    """`gift.predict.default_memory_budget`: None off CUDA; on CUDA the driver's free memory, plus the caching
+    allocator's unused reserve, plus the model's tensors on the device (here with the CUDA queries stubbed)."""
+    from gift import predict
+
+    assert predict.default_memory_budget("cpu", FastGIFT(ToyViT(), GIFTConfig(rank=4, num_clusters=3))) is None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 5000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 300)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 100)
+    assert predict.default_memory_budget("cuda:0") == 1200
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # a model with 64 bytes on the GPU, faked (no GPU here)
+        weight = torch.empty(4, 4, device="cuda")
+    model = ToyViT()  # and its CPU tensors, which the GPU's budget does not get
+    model.held = nn.Parameter(weight, requires_grad=False)
+    assert predict.default_memory_budget("cuda:0", model) == 1200 + 64
