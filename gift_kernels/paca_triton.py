@@ -36,6 +36,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .launch import F32_DOT_PRECISION, PacaLaunch, device_props, paca_launch
 from .paca_math import EPS, PacaParams
@@ -585,6 +586,7 @@ class PacaAttentionTriton(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     @ensure_contiguous
     def backward(ctx, grad_out):
         t, *rest = ctx.saved_tensors
