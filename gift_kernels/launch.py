@@ -45,7 +45,8 @@ RESIDUAL_BLOCK_N = {4: 64, 2: 64}     # spills with every edge masked on sm_80 .
 RESIDUAL_BLOCK_K = {4: 16, 2: 64}
 RESIDUAL_BLOCK_R = 16            # low-rank columns per step: 32 spills at some shapes, 16 at none
 RESIDUAL_WARPS = {4: 8, 2: 8}
-RESIDUAL_MAX_STAGES = {4: 2, 2: 3}    # fp32: a third stage spills on sm_120
+RESIDUAL_MAX_STAGES = {4: 2, 2: 3}    # by itemsize; fp32: a third stage spills on sm_120
+RESIDUAL_MAX_STAGES_BY_MAJOR = {12: {4: 1}}   # sm_120 fp32: a second stage spills the ragged no-bias GEMM (24 B)
 RESIDUAL_GROUP_M = 8             # grouped program order: neighbouring programs share B tiles
 TRITON_DEFAULT_WARPS, TRITON_DEFAULT_STAGES = 4, 3   # what Triton gives a launch that names no num_warps / num_stages
 
@@ -396,5 +397,6 @@ def residual_launch(M: int, N: int, K: int, R: int, dtype: torch.dtype, props: D
     size = dtype.itemsize
     bm, bn, bk = RESIDUAL_BLOCK_M, RESIDUAL_BLOCK_N[size], RESIDUAL_BLOCK_K[size]
     per_stage = (bm * bk + bk * bn) * size
-    stages = max(1, min(RESIDUAL_MAX_STAGES[size], props.shared_bytes // per_stage))
+    most = RESIDUAL_MAX_STAGES_BY_MAJOR.get(props.capability[0], {}).get(size, RESIDUAL_MAX_STAGES[size])
+    stages = max(1, min(most, props.shared_bytes // per_stage))
     return ResidualLaunch(bm, bn, bk, RESIDUAL_BLOCK_R, RESIDUAL_GROUP_M, RESIDUAL_WARPS[size], stages, MAX_REGISTERS)
