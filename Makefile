@@ -24,7 +24,8 @@ demo: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) -m pytest -q bench -p no:cacheprovider
-	TRITON_INTERPRET=0 $(PY) -m gift_kernels.dev.compile_check --arch sm_80,sm_86,sm_90 --json bench/results/compile_check.json
+	TRITON_INTERPRET=0 $(PY) -m gift_kernels.dev.compile_check --arch sm_80,sm_86,sm_89,sm_90,sm_100,sm_120 --jobs 2 \
+		--json bench/results/compile_check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

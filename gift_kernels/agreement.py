@@ -10,7 +10,7 @@ baseline, when given, is a plain-torch computation of the same thing in the same
 FlashAttention rule: a gradient that cancels to something small carries rounding noise set by its
 summands, and the baseline shows how much). No tensor borrows the scale of another, so in fp32 and
 fp16 (``ONE_PERCENT_DTYPES``) zeroing, negating or scaling any single gradient, or own-work key (below),
-by 1% fails the check (tests/test_agreement.py proves it for both ops, rounding floors included). In bf16
+by 1% fails the check (tests/kernels/test_testing.py proves it for both ops, rounding floors included). In bf16
 (8 significant bits) the tolerance is 4e-2 of each tensor's scale, so a 1% error is NOT guaranteed to
 fail: zeroing, negating or an error of ``1 + 2 x TOLERANCES[bfloat16]`` (8%) does (tested); measured on
 the test shapes, scaling by 1.04 passes.
@@ -70,7 +70,7 @@ TOLERANCES: dict[torch.dtype, float] = {
     torch.bfloat16: 4e-2,
 }
 BASELINE_FACTOR = 2.0
-# dtypes in which a 1% error in any single tensor is guaranteed to fail (tests/test_agreement.py); not bfloat16
+# dtypes in which a 1% error in any single tensor is guaranteed to fail (tests/kernels/test_testing.py); not bfloat16
 ONE_PERCENT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16)
 # rounding error floors (`paca_error_floors`, `residual_error_floors`): this many `accumulation_unit`s per unit of
 # summand magnitude. Measured on the PaCa test shapes (3 seeds), the torch path's, the Triton kernels' and the fp32

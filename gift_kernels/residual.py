@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from .agreement import disagreements, residual_error_floors, residual_own_work
 from .dispatch import resolve_backend, verified_choice
+from .launch import residual_triton_unsupported
 
 FIRST_USE_ROWS = 4096  # rows of x the first-use check compares on (the tiles do not depend on the row count)
 
@@ -142,6 +143,8 @@ def lowrank_residual_linear(x, weight, bias, psi, tokens, backend: str | None = 
                         f"cast them (or run under torch.autocast) first.")
     matmul_lowrank = matmul_lowrank_torch
     auto = functools.partial(_verified_backend, x, weight, bias, psi, tokens)
-    if resolve_backend(x.device, x.dtype, backend, "lowrank_residual_linear", auto=auto) == "triton":
+    rows = x.numel() // max(1, x.shape[-1])
+    unsupported = residual_triton_unsupported(rows, x.shape[-1], weight.shape[0], psi.shape[1])  # 2^31 elements
+    if resolve_backend(x.device, x.dtype, backend, "lowrank_residual_linear", unsupported, auto) == "triton":
         from .residual_triton import matmul_lowrank_epilogue as matmul_lowrank  # once chosen: Triton is optional
     return LowRankResidualLinear.apply(x, weight, bias, psi, tokens, matmul_lowrank)

@@ -1,15 +1,23 @@
 """Ahead-of-time compile check for real GPUs, on CPU: every gift_kernels Triton kernel at every launch
 configuration the launchers choose for a table of ViT shapes, compiled to cubin for each arch.
 
-    python -m gift_kernels.dev.compile_check --arch sm_80,sm_90 [--json FILE] [--sample K]
+    python -m gift_kernels.dev.compile_check --arch sm_80,sm_86,sm_90 [--json FILE] [--largest | --sample K]
+                                             [--jobs 2] [--ptx-dir DIR] [--count]
 
 The launchers run forward and backward on ``meta`` tensors under `launch.emulate_device` (the arch's SM
 count, shared memory, capability) while `kernel_launches.record_triton_launches` records every launch
-without running it. Launches that reach the compiler identically (same constexprs, argument types with
-the JIT's integer specialisations: equal to 1, divisible by 16; same options) are compiled once. For each
-compile it reports registers, spill (local) bytes, shared bytes and compile seconds, and exits with status
-1 on a compile error, any spill, shared memory over the arch's limit or over the launchers' estimate
-(`launch.paca_kernel_shared_bytes`), or a compile over ``COMPILE_SECONDS_LIMIT``; 2 on bad arguments.
+without running it. Launches that reach the compiler identically (same constexprs, argument types with the
+JIT's own specialisations: equal to 1, divisible by 16, unless the kernel opts out; same options) are compiled
+once, in ``--jobs`` processes; a PTX text that ptxas already compiled in the run is not compiled again.
+
+What each compile uses is read from the compiler's own reports: ptxas' ``-v`` log (registers, stack frame,
+spill stores and loads of the entry function) and cuobjdump's STACK and LOCAL of the kernel's own Function
+block; shared bytes from Triton's metadata. Before the table, the gate is proved on `spill_probe`'s kernel
+built to spill (flagged) and a clean one (passed). Rows at the register cap are marked; each row says how many
+programs fit on an SM (registers, shared memory, warps: `launch.resident_programs`). Exit status 1 on a
+compile error, any spill, shared memory over the arch's limit or over the launchers' estimate
+(`launch.paca_kernel_shared_bytes`), fewer resident programs than the launchers split for, or a compile over
+``COMPILE_SECONDS_LIMIT`` (compiles over it are timed again alone before they count); 2 on bad arguments.
 """
 from __future__ import annotations
 
@@ -17,8 +25,7 @@ import argparse
 import itertools
 import json
 import os
-import re
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -30,14 +37,17 @@ from ..dispatch import TRITON_DTYPE_NAMES
 from ..files import atomic_write_text, write_marked_block
 from ..launch import (
     ARCH_PROPS,
+    MAX_REGISTERS,
     TRITON_DEFAULT_STAGES,
     TRITON_DEFAULT_WARPS,
     emulate_device,
     paca_kernel_shared_bytes,
     paca_triton_unsupported,
+    resident_programs,
 )
 from ..residual import LowRankResidualLinear
 from .kernel_launches import innermost_kernel, record_triton_launches, triton_kernels, triton_modules
+from .resources import cuobjdump_usage, parse_ptxas_log
 
 COMPILE_SECONDS_LIMIT = 60.0
 README_COMPILE_START, README_COMPILE_END = "<!-- compile-check:start -->", "<!-- compile-check:end -->"
@@ -65,9 +75,10 @@ class CompileSpec:
     num_warps: int
     num_stages: int
     example: str
+    maxnreg: int | None = None
 
     def key(self):
-        return (self.kernel, self.signature, self.constexprs, self.num_warps, self.num_stages)
+        return (self.kernel, self.signature, self.constexprs, self.num_warps, self.num_stages, self.maxnreg)
 
     def config(self) -> str:
         short = {k: v for k, v in self.constexprs if not k.startswith("EVEN") and k not in ("F32_DOT",)}
@@ -75,24 +86,28 @@ class CompileSpec:
         dtype = next((t[1:].split(":")[0] for _, t in self.signature if t.startswith("*")), "?")
         ones = ",".join(n for n, t in self.signature if t.endswith(":1"))
         div16 = ",".join(n for n, t in self.signature if t.startswith("i") and t.endswith(":D"))
+        regs = f" r{self.maxnreg}" if self.maxnreg else ""
         return (f"{dtype} " + " ".join(f"{k}={v}" for k, v in short.items() if k != "DT")
-                + f" even={even or '-'} w{self.num_warps} s{self.num_stages} one={ones or '-'} div16={div16 or '-'}")
+                + f" even={even or '-'} w{self.num_warps}{regs} s{self.num_stages} one={ones or '-'} "
+                  f"div16={div16 or '-'}")
 
 
-def _arg_type(value) -> str:
-    """Triton signature type of one runtime argument, specialised as the JIT specialises a real launch:
-    pointers carry its 16-byte alignment (":D"), an integer equal to 1 becomes the constant 1 (":1") and one
-    divisible by 16 carries the divisibility-16 attribute (":D")."""
-    if isinstance(value, torch.Tensor) and value.dtype in TRITON_DTYPE_NAMES:
-        return "*" + TRITON_DTYPE_NAMES[value.dtype] + ":D"
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        kind = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-        return kind + (":1" if value == 1 else ":D" if value % 16 == 0 else "")
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"compile_check: cannot type a kernel argument {value!r}")
+def _arg_type(value, specialize: bool = True, align: bool = True) -> str:
+    """Triton signature type of one runtime argument, specialised as the JIT specialises a real launch (its own
+    rule, `native_specialize_impl`): a pointer carries its 16-byte alignment (":D"), an integer equal to 1 becomes
+    the constant 1 (":1") and one divisible by 16 carries the divisibility-16 attribute (":D"), unless the kernel
+    lists the argument in ``do_not_specialize`` (``specialize`` False) or ``do_not_specialize_on_alignment``."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    if isinstance(value, torch.Tensor) and value.dtype not in TRITON_DTYPE_NAMES:
+        raise TypeError(f"compile_check: cannot type a kernel argument of dtype {value.dtype}")
+    if not isinstance(value, (torch.Tensor, bool, int, float)):
+        raise TypeError(f"compile_check: cannot type a kernel argument {value!r}")
+    kind, flag = native_specialize_impl(BaseBackend, value, False, specialize, align)
+    if kind == "constexpr":
+        return f"i32:{flag}"
+    return kind + (":D" if flag == "D" else "")
 
 
 def compile_spec(launch, example: str) -> CompileSpec:
@@ -100,10 +115,17 @@ def compile_spec(launch, example: str) -> CompileSpec:
     kwargs = dict(launch.kwargs)
     num_warps = kwargs.pop("num_warps", TRITON_DEFAULT_WARPS)
     num_stages = kwargs.pop("num_stages", TRITON_DEFAULT_STAGES)
-    signature = [(name, _arg_type(value)) for name, value in zip(launch.arg_names, launch.args)]
+    maxnreg = kwargs.pop("maxnreg", None)
+    params = {p.name: p for p in getattr(launch.fn, "params", [])}
+
+    def arg_type(name, value):
+        p = params.get(name)
+        return _arg_type(value, not (p and p.do_not_specialize), not (p and p.do_not_specialize_on_alignment))
+
+    signature = [(name, arg_type(name, value)) for name, value in zip(launch.arg_names, launch.args)]
     signature += [(name, "constexpr") for name in launch.arg_names[len(launch.args):]]
     return CompileSpec(launch.name, tuple(signature), tuple(sorted((k, _const(v)) for k, v in kwargs.items())),
-                       num_warps, num_stages, example)
+                       num_warps, num_stages, example, maxnreg)
 
 
 def _const(v):
@@ -190,7 +212,7 @@ def largest(specs: list[CompileSpec]) -> list[CompileSpec]:
         return dict(s.constexprs)
 
     def tile(s):
-        return c(s).get("BLOCK_M", 1) * c(s).get("BLOCK_R", 1)
+        return c(s).get("BLOCK_M", c(s).get("BLOCK_MS", 1)) * c(s).get("BLOCK_R", 1)
 
     best: dict = {}
     for s in specs:
@@ -200,7 +222,7 @@ def largest(specs: list[CompileSpec]) -> list[CompileSpec]:
     for s in specs:
         group = (s.kernel, c(s).get("DT"), next(t for _, t in s.signature if t.startswith("*")))
         if tile(s) == best[group]:
-            key = group + (c(s).get("BLOCK_M"), c(s).get("BLOCK_R"), c(s).get("BLOCK_N"))
+            key = group + (c(s).get("BLOCK_M"), c(s).get("BLOCK_MS"), c(s).get("BLOCK_R"), c(s).get("BLOCK_N"))
             masks = sum(1 for k, v in s.constexprs if k.startswith("EVEN") and not v)
             if key not in chosen or masks > chosen[key][0]:
                 chosen[key] = (masks, s)
@@ -209,113 +231,282 @@ def largest(specs: list[CompileSpec]) -> list[CompileSpec]:
 
 @dataclass
 class CompileResult:
+    """One compile: ptxas' report (``ptxas_*``), cuobjdump's numbers of the kernel's own Function block
+    (``cuobjdump_*``), shared bytes (what the launch requests), residency and times."""
+
     arch: str
     kernel: str
     config: str
     example: str
-    registers: int | None = None
-    spill_bytes: int | None = None
+    num_warps: int = 0
+    maxnreg: int | None = None
+    registers: int | None = None              # ptxas "Used N registers"
+    stack_frame_bytes: int | None = None      # ptxas: the kernel's stack frame (spilled registers)
+    spill_store_bytes: int | None = None
+    spill_load_bytes: int | None = None
+    cuobjdump_registers: int | None = None
+    cuobjdump_stack_bytes: int | None = None
+    cuobjdump_local_bytes: int | None = None
     shared_bytes: int | None = None
-    seconds: float = 0.0
-    ptx_lines: int = 0
-    scalar_fp32_fmas: int = 0            # fma.rn.f32 in the PTX: unrolled IEEE dots show up here
     estimated_shared_bytes: int | None = None   # what `launch.paca_kernel_shared_bytes` gates the launch with
+    resident_programs: int | None = None        # per SM, from the measured registers, shared bytes and warps
+    assumed_resident_programs: int | None = None  # per SM, what the launchers split for (`launch.resident_programs`
+                                                  # of the launch's maxnreg and the estimated shared bytes)
+    seconds: float = 0.0                       # the whole compile (frontend, LLVM, ptxas), with --jobs running
+    ptxas_seconds: float = 0.0
+    seconds_alone: float | None = None         # re-timed with nothing else of ours running (compiles over the limit)
+    ptx_sha256: str = ""
+    ptx_reused: bool = False                   # ptxas already compiled this exact PTX in this run: its report reused
+    ptx_lines: int = 0
+    scalar_fp32_fmas: int = 0                  # fma.rn.f32 in the PTX: unrolled IEEE dots show up here
     error: str | None = None
+
+    def at_register_cap(self) -> bool:
+        return self.registers is not None and self.registers >= (self.maxnreg or MAX_REGISTERS)
+
+    def spills(self) -> bool:
+        return any(bool(v) for v in (self.stack_frame_bytes, self.spill_store_bytes, self.spill_load_bytes,
+                                     self.cuobjdump_stack_bytes, self.cuobjdump_local_bytes))
 
     def problems(self, shared_limit: int) -> list[str]:
         if self.error:
             return [f"compile error: {self.error}"]
         out = []
-        if self.spill_bytes:
-            out.append(f"spills {self.spill_bytes} bytes per thread")
+        if self.registers is None or self.stack_frame_bytes is None:
+            out.append("no ptxas report for the kernel (the spill check cannot run)")
+        if self.spills():
+            out.append(f"spills: stack frame {self.stack_frame_bytes} B, spill stores {self.spill_store_bytes} B, "
+                       f"loads {self.spill_load_bytes} B (ptxas); STACK {self.cuobjdump_stack_bytes}, "
+                       f"LOCAL {self.cuobjdump_local_bytes} (cuobjdump)")
+        if self.cuobjdump_registers is not None and self.cuobjdump_registers != self.registers:
+            out.append(f"ptxas reports {self.registers} registers, cuobjdump {self.cuobjdump_registers}")
         if self.shared_bytes is not None and self.shared_bytes > shared_limit:
             out.append(f"shared {self.shared_bytes} B > {shared_limit} B")
         if self.estimated_shared_bytes is not None and (self.shared_bytes or 0) > self.estimated_shared_bytes:
             out.append(f"shared {self.shared_bytes} B > the launchers' estimate {self.estimated_shared_bytes} B "
                        f"(launch.PACA_SHARED_FIT is not conservative here)")
-        if self.seconds > COMPILE_SECONDS_LIMIT:
-            out.append(f"compile took {self.seconds:.0f} s > {COMPILE_SECONDS_LIMIT:.0f} s")
+        if self.assumed_resident_programs is not None and self.resident_programs is not None and \
+                self.resident_programs < self.assumed_resident_programs:
+            out.append(f"{self.resident_programs} programs per SM fit, the launchers split for "
+                       f"{self.assumed_resident_programs}")
+        seconds = self.seconds if self.seconds_alone is None else self.seconds_alone
+        if seconds > COMPILE_SECONDS_LIMIT:
+            out.append(f"compile took {seconds:.0f} s > {COMPILE_SECONDS_LIMIT:.0f} s"
+                       + (" (re-timed alone)" if self.seconds_alone is not None else ""))
         return out
 
 
-def _cuobjdump() -> str:
-    import triton
+class _CubinStage:
+    """Triton's PTX -> cubin stage, wrapped: it times ptxas, keeps ptxas' own ``-v`` report (Triton runs ptxas
+    with -v and prints the log when ``knobs.nvidia.dump_ptxas_log`` is set) and compiles each distinct PTX text
+    once per run: a PTX that ptxas already compiled (in any of the run's processes, through files in
+    ``reuse_dir``) gets that cubin and report back. ``reuse_dir`` None: always run ptxas."""
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    def __init__(self, reuse_dir: str | None):
+        self.reuse_dir = reuse_dir
+        self.last: dict = {}
+
+    def hook(self, *args):
+        if not args:                                     # Triton asks for a cache-key suffix first
+            return "gift-compile-check", "gift-compile-check"
+        _backend, stages, *_ = args
+        original = stages["cubin"]
+        stages["cubin"] = lambda src, metadata: self._cubin(original, src, metadata)
+        return None
+
+    def _cubin(self, original, src, metadata):
+        import contextlib
+        import hashlib
+        import io
+
+        from triton import knobs
+
+        sha = hashlib.sha256(src.encode()).hexdigest()
+        self.last = dict(ptx=src, sha=sha)
+        if self.reuse_dir is None:
+            return self._run_ptxas(original, src, metadata, contextlib, io, knobs)
+        import fcntl
+
+        base = os.path.join(self.reuse_dir, sha)
+        with open(base + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)            # a second process with the same PTX waits, then reuses
+            if os.path.exists(base + ".json"):
+                with open(base + ".json") as f:
+                    self.last.update(json.load(f), reused=True)
+                with open(base + ".cubin", "rb") as f:
+                    return f.read()
+            cubin = self._run_ptxas(original, src, metadata, contextlib, io, knobs)
+            with open(base + ".cubin", "wb") as f:
+                f.write(cubin)
+            atomic_write_text(base + ".json", json.dumps(dict(log=self.last["log"], seconds=self.last["seconds"])))
+            return cubin
+
+    def _run_ptxas(self, original, src, metadata, contextlib, io, knobs):
+        log = io.StringIO()
+        start = time.perf_counter()
+        with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+            knobs.nvidia.dump_ptxas_log = True
+            cubin = original(src, metadata)
+        self.last.update(log=log.getvalue(), seconds=time.perf_counter() - start, reused=False)
+        return cubin
 
 
-def resource_usage(cubin: bytes) -> tuple[int, int, int]:
-    """``(registers, local bytes, shared bytes)`` of the one kernel in ``cubin``, from cuobjdump."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    values = {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|SHARED):(\d+)", text)}
-    return values.get("REG", 0), values.get("LOCAL", 0), values.get("SHARED", 0)
-
-
-def compile_one(spec: CompileSpec, arch: str) -> CompileResult:
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = innermost_kernel(triton_kernels()[spec.kernel])
-    constexprs = {k: tl.dtype(v) if isinstance(v, str) and k == "DT" else v for k, v in spec.constexprs}
+def _signature_for_triton(spec_signature, constexprs):
     signature, attrs = {}, {}
-    for i, (name, kind) in enumerate(spec.signature):
+    for i, (name, kind) in enumerate(spec_signature):
         kind, _, flags = kind.partition(":")
         signature[name] = kind
         if flags == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif flags == "1":                       # the JIT passes an integer argument equal to 1 as a constant
             signature[name], constexprs[name] = "constexpr", 1
-    result = CompileResult(arch, spec.kernel, spec.config(), spec.example)
+    return signature, attrs
+
+
+def compile_kernel(fn, name: str, spec: CompileSpec, arch: str, reuse_dir: str | None = None,
+                   ptx_dir: str | None = None) -> CompileResult:
+    """Compile the @triton.jit function ``fn`` as ``spec`` says for ``arch`` and read what it uses."""
+    import triton
+    import triton.language as tl
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs = {k: tl.dtype(v) if isinstance(v, str) and k == "DT" else v for k, v in spec.constexprs}
+    signature, attrs = _signature_for_triton(spec.signature, constexprs)
+    result = CompileResult(arch, name, spec.config(), spec.example, num_warps=spec.num_warps, maxnreg=spec.maxnreg)
     tiles = dict(spec.constexprs)
-    if "BLOCK_M" in tiles and "BLOCK_R" in tiles:
+    if ("BLOCK_M" in tiles or "BLOCK_MS" in tiles) and "BLOCK_R" in tiles:
         result.estimated_shared_bytes = paca_kernel_shared_bytes(
-            spec.kernel, tiles["BLOCK_M"], tiles.get("BLOCK_N", 0), tiles["BLOCK_R"],
-            4 if tiles.get("DT", "fp32") == "fp32" else 2, ARCH_PROPS[arch].capability)
+            name, tiles.get("BLOCK_M", 0), tiles.get("BLOCK_N", 0), tiles["BLOCK_R"], ARCH_PROPS[arch].capability,
+            tiles.get("BLOCK_MS"))
+    stage = _CubinStage(reuse_dir)
+    options = dict(num_warps=spec.num_warps, num_stages=spec.num_stages)
+    if spec.maxnreg:
+        options["maxnreg"] = spec.maxnreg
     start = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                                  target=GPUTarget("cuda", int(arch[3:]), 32),
-                                  options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+        with knobs.runtime.scope(), knobs.compilation.scope():
+            knobs.runtime.add_stages_inspection_hook = stage.hook
+            knobs.compilation.always_compile = True      # every compile runs (the PTX reuse above is ours)
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", int(arch[3:]), 32), options=options)
         result.seconds = time.perf_counter() - start
-        result.ptx_lines = compiled.asm["ptx"].count("\n")
-        result.scalar_fp32_fmas = compiled.asm["ptx"].count("fma.rn.f32")
-        result.registers, result.spill_bytes, shared = resource_usage(compiled.asm["cubin"])
-        result.shared_bytes = max(shared, int(compiled.metadata.shared))
+        ptx = compiled.asm["ptx"]
+        result.ptx_lines, result.scalar_fp32_fmas = ptx.count("\n"), ptx.count("fma.rn.f32")
+        result.ptx_sha256, result.ptx_reused = stage.last.get("sha", ""), bool(stage.last.get("reused"))
+        result.ptxas_seconds = 0.0 if result.ptx_reused else stage.last.get("seconds", 0.0)
+        entry = compiled.metadata.name
+        usage = parse_ptxas_log(stage.last.get("log", "")).get(entry)
+        if usage is not None:
+            result.registers, result.stack_frame_bytes = usage.registers, usage.stack_frame_bytes
+            result.spill_store_bytes, result.spill_load_bytes = usage.spill_store_bytes, usage.spill_load_bytes
+        dump = cuobjdump_usage(compiled.asm["cubin"]).get(entry, {})
+        result.cuobjdump_registers, result.cuobjdump_stack_bytes = dump.get("REG"), dump.get("STACK")
+        result.cuobjdump_local_bytes = dump.get("LOCAL")
+        result.shared_bytes = max(dump.get("SHARED", 0), int(compiled.metadata.shared))
+        cap = ARCH_PROPS[arch].capability
+        if result.registers is not None:
+            result.resident_programs = resident_programs(cap, spec.num_warps, result.registers, result.shared_bytes)
+        if result.estimated_shared_bytes is not None:
+            result.assumed_resident_programs = resident_programs(
+                cap, spec.num_warps, spec.maxnreg or MAX_REGISTERS, result.estimated_shared_bytes)
+        if ptx_dir:
+            atomic_write_text(os.path.join(ptx_dir, f"{arch}-{name}-{result.ptx_sha256[:16]}.ptx"), ptx)
     except Exception as e:  # noqa: BLE001 - every compiler failure is a finding
         result.seconds = time.perf_counter() - start
         result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
     return result
 
 
+def compile_one(spec: dict, arch: str, reuse_dir: str | None = None, ptx_dir: str | None = None) -> dict:
+    """`compile_kernel` of one gift_kernels kernel; ``spec`` and the result as dicts (they cross processes)."""
+    spec = CompileSpec(**{k: tuple(tuple(x) for x in v) if k in ("signature", "constexprs") else v
+                          for k, v in spec.items()})
+    fn = innermost_kernel(triton_kernels()[spec.kernel])
+    return asdict(compile_kernel(fn, spec.kernel, spec, arch, reuse_dir, ptx_dir))
+
+
+def prove_spill_gate(arch: str) -> list[str]:
+    """Compile the `spill_probe` kernels for ``arch``: empty if the gate flags the one built to spill and passes the
+    clean one, else what went wrong (the gate is then not to be trusted)."""
+    from .spill_probe import PROBE_KERNELS, PROBES
+
+    wrong = []
+    for name, constexprs, warps, must_spill in PROBES:
+        spec = CompileSpec(name, (("X", "*fp32:D"), ("Y", "*fp32:D")) + tuple((k, "constexpr") for k, _ in constexprs),
+                           constexprs, warps, 1, "spill probe")
+        r = compile_kernel(PROBE_KERNELS[name], name, spec, arch)
+        flagged = any(p.startswith("spills") for p in r.problems(ARCH_PROPS[arch].shared_bytes))
+        if r.error or r.registers is None or flagged != must_spill:
+            wrong.append(f"{arch} {name} {dict(constexprs)}: built {'to' if must_spill else 'not to'} spill, the gate "
+                         f"{'flags' if flagged else 'passes'} it (registers {r.registers}, stack "
+                         f"{r.stack_frame_bytes}, error {r.error})")
+    return wrong
+
+
 def summary(results: list[CompileResult]) -> dict[str, dict]:
-    """Per arch and kernel: compiles, worst registers, spill, shared bytes and compile seconds."""
+    """Per arch and kernel: compiles, worst registers, spills, shared bytes, residency and compile seconds."""
     out: dict[str, dict] = {}
     for r in results:
-        s = out.setdefault(f"{r.kernel} {r.arch}", dict(compiles=0, max_registers=0, max_spill_bytes=0,
-                                                        max_shared_bytes=0, max_seconds=0.0, errors=0))
+        s = out.setdefault(f"{r.kernel} {r.arch}", dict(compiles=0, max_registers=0, at_register_cap=0,
+                                                        max_spill_store_bytes=0, max_stack_bytes=0,
+                                                        max_shared_bytes=0, min_resident_programs=None,
+                                                        max_seconds=0.0, errors=0))
         s["compiles"] += 1
         s["errors"] += r.error is not None
         s["max_registers"] = max(s["max_registers"], r.registers or 0)
-        s["max_spill_bytes"] = max(s["max_spill_bytes"], r.spill_bytes or 0)
+        s["at_register_cap"] += r.at_register_cap()
+        s["max_spill_store_bytes"] = max(s["max_spill_store_bytes"], r.spill_store_bytes or 0)
+        s["max_stack_bytes"] = max(s["max_stack_bytes"], r.stack_frame_bytes or 0, r.cuobjdump_stack_bytes or 0)
         s["max_shared_bytes"] = max(s["max_shared_bytes"], r.shared_bytes or 0)
-        s["max_seconds"] = round(max(s["max_seconds"], r.seconds), 1)
+        if r.resident_programs is not None:
+            s["min_resident_programs"] = min(r.resident_programs, s["min_resident_programs"] or r.resident_programs)
+        s["max_seconds"] = round(max(s["max_seconds"], r.seconds if r.seconds_alone is None else r.seconds_alone), 1)
     return out
 
 
 def summary_markdown(results: list[CompileResult]) -> str:
-    lines = ["| kernel | arch | compiles | max registers | max spill B | max shared B | max compile s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | arch | compiles | max registers | at the cap | max spill stores B | max stack B | "
+             "max shared B | min programs per SM | max compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in sorted(summary(results).items()):
         kernel, arch = name.split()
-        lines.append(f"| `{kernel}` | {arch} | {s['compiles']} | {s['max_registers']} | {s['max_spill_bytes']} | "
-                     f"{s['max_shared_bytes']} | {s['max_seconds']} |")
+        lines.append(f"| `{kernel}` | {arch} | {s['compiles']} | {s['max_registers']} | {s['at_register_cap']} | "
+                     f"{s['max_spill_store_bytes']} | {s['max_stack_bytes']} | {s['max_shared_bytes']} | "
+                     f"{s['min_resident_programs'] if s['min_resident_programs'] is not None else '-'} | "
+                     f"{s['max_seconds']} |")
     return "\n".join(lines)
+
+
+def _row(r: CompileResult, problems: list[str]) -> str:
+    def v(x):
+        return "-" if x is None else x
+
+    cap = "*" if r.at_register_cap() else " "
+    return (f"{r.kernel:<26} {r.config:<78} {v(r.registers):>4}{cap} {v(r.stack_frame_bytes):>6} "
+            f"{v(r.shared_bytes):>7} {v(r.resident_programs):>3} {r.seconds:>6.1f}"
+            + (" (reused)" if r.ptx_reused else "")
+            + (f"  FAIL: {'; '.join(problems)}" if problems else ""))
+
+
+def run_compiles(jobs: list[tuple[dict, str]], workers: int, reuse_dir: str, ptx_dir: str | None, on_result):
+    """``compile_one`` of every ``(spec, arch)`` in ``workers`` processes; ``on_result(index, result)`` as each ends."""
+    import importlib
+
+    module = importlib.import_module("gift_kernels.dev.compile_check")   # by name: picklable as __main__ is not
+    if workers <= 1:
+        for i, (spec, arch) in enumerate(jobs):
+            on_result(i, module.compile_one(spec, arch, reuse_dir, ptx_dir))
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(module.compile_one, spec, arch, reuse_dir, ptx_dir): i
+                   for i, (spec, arch) in enumerate(jobs)}
+        for future in concurrent.futures.as_completed(futures):
+            on_result(futures[future], future.result())
 
 
 def main(argv=None) -> int:
@@ -326,9 +517,13 @@ def main(argv=None) -> int:
     parser.add_argument("--sample", type=int, help="compile only this many configs per arch (spread over the table)")
     parser.add_argument("--largest", action="store_true",
                         help="compile only each kernel's largest tiles per dtype (where shared memory and spills bite)")
-    parser.add_argument("--kernel", help="compile only this kernel (e.g. _paca_cluster_fwd)")
+    parser.add_argument("--kernel", help="compile only this kernel (e.g. _paca_cluster_pool)")
     parser.add_argument("--match", help="compile only configs whose description contains this text")
+    parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    parser.add_argument("--ptx-dir", help="write each compiled PTX here (for an independent ptxas -v)")
     parser.add_argument("--readme", help="write the per-kernel summary into this file's compile-check block")
+    parser.add_argument("--count", action="store_true",
+                        help="print how many compiles the selection takes per arch and stop (compiles nothing)")
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in ARCH_PROPS]
@@ -339,12 +534,15 @@ def main(argv=None) -> int:
     if args.sample is not None and args.sample < 1:
         print(f"compile_check: --sample {args.sample} must be at least 1.", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        print(f"compile_check: --jobs {args.jobs} must be at least 1.", file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check: TRITON_INTERPRET=1 is set; run it with TRITON_INTERPRET=0 (it compiles for GPUs).",
               file=sys.stderr)
         return 2
-    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="gift-compile-check-"))  # time real compiles
-    results, failures = [], []
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="gift-compile-check-"))
+    jobs, failures = [], []
     for arch in archs:
         planned, torch_rows = planned_specs(arch)
         planned = [s for s in planned if (not args.kernel or s.kernel == args.kernel)
@@ -356,16 +554,42 @@ def main(argv=None) -> int:
         specs = sample(largest(planned) if args.largest else planned, args.sample)
         print(f"{arch}: {len(specs)} of {len(planned)} distinct compiles; {len(torch_rows)} table rows take the torch "
               f"path (the Triton kernels do not support them), e.g. {torch_rows[0] if torch_rows else '-'}", flush=True)
-        print(f"{'kernel':<26} {'config':<70} {'regs':>5} {'spill':>6} {'shared':>7} {'sec':>6}")
-        for spec in specs:
-            r = compile_one(spec, arch)
-            results.append(r)
-            problems = r.problems(ARCH_PROPS[arch].shared_bytes)
-            spill = r.spill_bytes if r.spill_bytes is not None else "-"
-            print(f"{r.kernel:<26} {r.config:<70} {r.registers or '-':>5} {spill:>6} "
-                  f"{r.shared_bytes if r.shared_bytes is not None else '-':>7} {r.seconds:>6.1f}"
-                  + (f"  FAIL: {'; '.join(problems)}" if problems else ""), flush=True)
-            failures += [f"{arch} {r.kernel} [{r.config}] ({r.example}): {p}" for p in problems]
+        jobs += [(asdict(s), arch) for s in specs]
+    if args.count:
+        print(f"{len(jobs)} compiles in all")
+        return 0
+    for arch in archs:
+        wrong = prove_spill_gate(arch)
+        if wrong:
+            print("compile_check: the spill gate failed its own proof:\n  " + "\n  ".join(wrong), file=sys.stderr)
+            return 1
+    print(f"spill gate proven on {', '.join(archs)}: a kernel built to spill is flagged, a clean one passes")
+    print(f"{'kernel':<26} {'config':<78} {'regs':>5} {'stack':>6} {'shared':>7} {'/SM':>3} {'sec':>6}  "
+          f"(* at the register cap)", flush=True)
+    results: list[CompileResult | None] = [None] * len(jobs)
+    reuse_dir = tempfile.mkdtemp(prefix="gift-compile-check-ptx-")
+
+    def on_result(i, row):
+        r = results[i] = CompileResult(**row)
+        print(_row(r, r.problems(ARCH_PROPS[r.arch].shared_bytes)), flush=True)
+
+    if args.ptx_dir:
+        os.makedirs(args.ptx_dir, exist_ok=True)
+    try:
+        run_compiles(jobs, args.jobs, reuse_dir, args.ptx_dir, on_result)
+    finally:
+        shutil.rmtree(reuse_dir, ignore_errors=True)
+    slow = [i for i, r in enumerate(results) if r.error is None and r.seconds > COMPILE_SECONDS_LIMIT]
+    if slow:
+        print(f"re-timing {len(slow)} compiles over {COMPILE_SECONDS_LIMIT:.0f} s alone (no PTX reuse)", flush=True)
+    for i in slow:
+        spec, arch = jobs[i]
+        again = CompileResult(**compile_one(spec, arch))
+        results[i].seconds_alone = again.seconds
+        print(_row(results[i], results[i].problems(ARCH_PROPS[arch].shared_bytes)) + " [alone]", flush=True)
+    for r in results:
+        failures += [f"{r.arch} {r.kernel} [{r.config}] ({r.example}): {p}"
+                     for p in r.problems(ARCH_PROPS[r.arch].shared_bytes)]
     print(summary_markdown(results))
     if args.json:
         atomic_write_text(args.json, json.dumps(dict(results=[asdict(r) for r in results], summary=summary(results),
@@ -376,7 +600,11 @@ def main(argv=None) -> int:
         command = "python -m gift_kernels.dev.compile_check " + " ".join(shown)
         selection = "the full shape table" if not (args.largest or args.sample or args.kernel or args.match) else \
             "a selection of the shape table (see the command)"
-        body = (f"Produced by `{command}` on {selection}: {len(results)} compiles, {len(failures)} problems.\n\n"
+        ptxas_runs = sum(1 for r in results if not r.ptx_reused and r.error is None)
+        body = (f"Produced by `{command}` on {selection}: {len(results)} compiles ({ptxas_runs} distinct PTX), "
+                f"{len(failures)} problems. Registers, stack and spills from ptxas' own `-v` report and "
+                f"cuobjdump's STACK/LOCAL of the kernel's Function block; programs per SM from registers, shared "
+                f"memory and warps; compile seconds with {args.jobs} compile processes on a shared machine.\n\n"
                 + summary_markdown(results))
         write_marked_block(args.readme, README_COMPILE_START, README_COMPILE_END, body)
     if failures:

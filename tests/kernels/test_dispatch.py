@@ -302,9 +302,9 @@ def _raise_out_of_resources(*args, **kwargs):
 
 
 # a wrong PaCa kernel: the backward's dVp partials 10% short (d_proj_w, d_v_w, d_t... wrong)
-WRONG_PACA = Edit("_paca_attn_bwd", "dvp += _dot(tl.trans(a), g, DT, F32_DOT)",
-                  "dvp += 0.9 * _dot(tl.trans(a), g, DT, F32_DOT)")
-RESIDUAL_DOT = "acc += tl.dot(p.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision=F32_DOT)"
+WRONG_PACA = Edit("_paca_attn_bwd", "dvp += _dot(tl.trans(a), g, F32_DOT)",
+                  "dvp += 0.9 * _dot(tl.trans(a), g, F32_DOT)")
+RESIDUAL_DOT = "acc += tl.dot(p.to(tl.float32), q.to(tl.float32), input_precision=F32_DOT)"
 WRONG_RESIDUAL = Edit("_matmul_lowrank_epilogue", RESIDUAL_DOT, RESIDUAL_DOT.replace("+= ", "+= 0.9 * "))
 
 

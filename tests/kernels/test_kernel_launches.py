@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(not gift_kernels.triton_available("cpu"), reason
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_forward_launches(dtype):
     paca = op_launch_counts("paca_attention", dtype, COUNT_SHAPES["paca_attention"])
-    assert paca["forward"].triton == ["_paca_cluster_fwd", "_paca_attn_fwd"] and paca["forward"].aten == []
+    assert paca["forward"].triton == ["_paca_cluster_pool", "_paca_cluster_side_fwd", "_paca_attn_fwd"]
+    assert paca["forward"].aten == []
     assert paca["backward"].triton == ["_paca_attn_bwd", "_paca_cluster_side_bwd", "_paca_cluster_bwd", "_sum_rows",
                                        "_sum_rows"]
     assert paca["backward"].aten == []                     # partial sums, cluster side and casts all in kernels

@@ -90,8 +90,8 @@ def test_lowrank_residual_with_even_gpu_tiles_matches_float64_reference(monkeypa
 
 
 # the epilogue's low-rank product, per operand dtype; the mutations scale it
-EPILOGUE_DOT = {torch.float32: "acc += tl.dot(p.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision=F32_DOT)",
-                torch.float16: "acc += tl.dot(p.to(A.dtype.element_ty), tl.trans(q.to(A.dtype.element_ty)))"}
+EPILOGUE_DOT = {torch.float32: "acc += tl.dot(p.to(tl.float32), q.to(tl.float32), input_precision=F32_DOT)",
+                torch.float16: "acc += tl.dot(p.to(A.dtype.element_ty), q.to(A.dtype.element_ty))"}
 
 
 @pytest.mark.parametrize("dtype,psi_scale,factor", [(torch.float32, GIFT_PSI_SCALE, 0.9), (torch.float16, 0.1, 0.9),
