@@ -4,6 +4,7 @@ Gradient accumulation (one generator forward and backward per optimizer step, th
 DDP), the entry points of the backbone (bare calls, timm feature extraction, a Hugging Face generate),
 caching while the weights stand, concurrent inference, disable_adapter(), merge / load / unmerge, and a
 second wrapper on an adapted backbone."""
+import contextlib
 import copy
 import os
 import threading
@@ -23,16 +24,20 @@ TWO_KEYS = GIFTConfig(rank=6, num_clusters=5, target_modules=("attn.proj", "mlp.
                       out_projection_bias=True)
 
 
-def accumulated_outputs_and_grads(model, x, y, micro_batches):
+def accumulated_outputs_and_grads(model, x, y, micro_batches, call=None, losses=1, accumulate=True):
     """`gift.testing.outputs_and_grads` with a cross-entropy target, as ``micro_batches`` micro-batches of one
-    ``accumulate`` block (each loss divided by their count: the mean over the batch)."""
+    ``accumulate`` block (each loss divided by their count: the mean over the batch), through ``call(model, x)``
+    (default: the wrapper's forward); ``losses`` > 1 splits each micro-batch's loss into as many backwards;
+    ``accumulate=False``: the same loop without the block (the generator runs for every micro-batch)."""
     model.zero_grad(set_to_none=True)
     outputs = []
-    with model.accumulate(micro_batches):
+    with model.accumulate(micro_batches) if accumulate else contextlib.nullcontext():
         for xb, yb in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
-            out = model(xb)
+            out = model(xb) if call is None else call(model, xb)
             outputs.append(out.detach())
-            (F.cross_entropy(out.float(), yb) / micro_batches).backward()
+            loss = F.cross_entropy(out if out.dtype == torch.float64 else out.float(), yb) / micro_batches
+            for i in range(losses):
+                (loss / losses).backward(retain_graph=i < losses - 1)
     result = {"output": torch.cat(outputs)}
     result.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     model.zero_grad(set_to_none=True)
@@ -169,7 +174,7 @@ def test_a_wrong_number_of_micro_batches_is_a_clear_error_and_nothing_stays_behi
     from timm.utils import ModelEmaV3
 
     copies = [copy.deepcopy(fast), ModelEmaV3(fast).module]
-    assert all(c.residuals.accumulation is None and not c.residuals._training for c in copies)
+    assert all(c.residuals.accumulation is None and not c.residuals._latest for c in copies)
     assert list(fast.state_dict()) == keys
     fast.zero_grad()
     with fast.accumulate(2):
@@ -188,6 +193,118 @@ def test_an_exception_inside_accumulate_drops_its_state():
     assert fast.residuals.accumulation is None
     with fast.accumulate(1):
         fast(x).sum().backward()
+
+
+def bare_backbone(model, x):
+    return model.backbone(x)
+
+
+@pytest.mark.parametrize("memory, recompute_generator", [("mlp", None), ("block", False), ("block", None)])
+@pytest.mark.parametrize("targets", [("mlp.fc2",), ("attn.proj", "mlp.fc2")], ids=["fc2", "proj-fc2"])
+def test_accumulating_bare_backbone_calls_whose_generator_runs_inside_a_checkpointed_block(targets, memory,
+                                                                                         recompute_generator):
+    """``model.backbone(x)`` inside ``accumulate``: the first target layer asks for the residuals inside a block that
+    ``memory`` recomputes, so the generator runs there; its graph must not belong to that block's checkpoint (the
+    last micro-batch's backward would unpack tensors of micro-batch 1's checkpoint). The gradients are one batch's,
+    with one generator forward per key and step, and its recomputation only where the generator is recomputed."""
+    cfg = GIFTConfig(rank=6, num_clusters=5, target_modules=targets)
+    _, fast = twin_models(tiny_timm_vit(), cfg, memory=memory, recompute_generator=recompute_generator)
+    torch.manual_seed(3)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    exact, baseline = model_exact_and_baseline(fast, x, y)
+    calls = GeneratorCalls(fast)
+    got = accumulated_outputs_and_grads(fast.train(), x, y, 4, call=bare_backbone)
+    assert_model_agrees(got, exact, baseline, fast)
+    keys = len(fast.target_groups)
+    assert calls.take() == (keys, keys if fast.generator_recomputed else 0, keys)
+
+
+def test_accumulate_trains_with_the_generator_frozen():
+    """psi-only and head-only training inside ``accumulate`` (the generator's tokens need no gradient, so no
+    micro-batch hands one back): the trainable gradients are one batch's."""
+    for frozen in (("in_projections.", "hypernets."), ("in_projections.", "hypernets.", "out_projections.")):
+        _, fast = twin_models(tiny_timm_vit(), TWO_KEYS)
+        for name, p in fast.named_parameters():
+            p.requires_grad_(p.requires_grad and not name.startswith(frozen))
+        torch.manual_seed(3)
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+        exact, baseline = model_exact_and_baseline(fast, x, y)
+        got = accumulated_outputs_and_grads(fast.train(), x, y, 4)
+        assert set(got) == set(exact) and any(n.startswith("backbone.head") for n in got)
+        assert_model_agrees(got, exact, baseline, fast)
+
+
+def test_several_backwards_per_micro_batch_accumulate_like_one():
+    """Each micro-batch's loss in 2 backwards (``retain_graph``): the gradients are one batch's. The baseline is the
+    same split loop without ``accumulate`` in fp32 (the split rounds differently from one batch, which shows on the
+    gradients that cancel to nearly zero)."""
+    _, fast = twin_models(tiny_timm_vit(), TWO_KEYS)
+    torch.manual_seed(3)
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 4, (6,))
+    exact, _ = model_exact_and_baseline(fast, x, y)
+    baseline = accumulated_outputs_and_grads(fast.train(), x, y, 3, losses=2, accumulate=False)
+    got = accumulated_outputs_and_grads(fast, x, y, 3, losses=2)
+    assert_model_agrees(got, exact, baseline, fast)
+
+
+def test_zero_grad_between_micro_batches_is_a_clear_error():
+    """``zero_grad()`` (either kind) inside the block would drop the earlier micro-batches from psi's and the head's
+    gradients but not from the generator's: the next backward raises."""
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2,))
+    for set_to_none in (True, False):
+        fast.zero_grad()
+        with pytest.raises(RuntimeError, match=r"\.grad was zeroed, replaced or changed between the micro-batches"):
+            with fast.accumulate(2):
+                for _ in range(2):
+                    F.cross_entropy(fast(x), y).backward()
+                    fast.zero_grad(set_to_none=set_to_none)
+        assert fast.residuals.accumulation is None
+    # without the zero_grad the same loop passes, and the hooks are gone after the block
+    fast.zero_grad()
+    with fast.accumulate(2):
+        for _ in range(2):
+            F.cross_entropy(fast(x), y).backward()
+    fast.zero_grad(set_to_none=False)
+    F.cross_entropy(fast(x), y).backward()
+    F.cross_entropy(fast(x), y).backward()
+
+
+def _hf_vit(reentrant):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                       image_size=32, patch_size=8, num_labels=5)
+    vit = ViTForImageClassification(config)
+    if reentrant is not None:
+        vit.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        vit.enable_input_require_grads()
+    cfg = GIFTConfig(rank=8, num_clusters=16, target_modules=("attention.o_proj",))
+    return randomize_gift_(FastGIFT(vit, cfg), seed=3, scale=0.2).train()
+
+
+def hf_logits(model, x):
+    return model(x).logits
+
+
+def test_hugging_face_reentrant_checkpointing_inside_accumulate():
+    """PEFT's recipe (``use_reentrant=True``: each layer's forward under ``no_grad``, recomputed in a backward of its
+    own) and the non-reentrant one inside ``accumulate(2)``, through the wrapper and the bare backbone: one batch's
+    gradients, one generator forward and one backward per step."""
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 3, 0, 4])
+    plain = _hf_vit(None)
+    exact, baseline = (
+        {k.removeprefix("model."): v for k, v in r.items()}
+        for r in model_exact_and_baseline(Calling(plain, hf_logits), x, y)
+    )
+    for reentrant in (True, False):
+        for call in (hf_logits, lambda m, x: m.backbone(x).logits):
+            model = _hf_vit(reentrant)
+            calls = GeneratorCalls(model)
+            got = accumulated_outputs_and_grads(model, x, y, 2, call=call)
+            assert_model_agrees(got, exact, baseline, plain)
+            assert calls.take() == (1, 0, 1)
 
 
 def _ddp_worker(rank, world_size, store, out, cfg, micro_batches):
