@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from gift import FastGIFT, GIFTConfig, GIFTReference
 from gift.fast import WeightTokens
+from gift.wrapper import GIFT_PREFIXES
 from gift.memory import SavedTensorCounter
 from gift.testing import assert_model_agrees, model_exact_and_baseline, outputs_and_grads, randomize_gift_, twin_models
 from tests.helpers import ToyViT, tiny_timm_vit
@@ -452,6 +453,158 @@ def test_eval_forwards_reuse_the_residuals_until_a_weight_changes():
     torch.testing.assert_close(out.float(), latest, rtol=1e-4, atol=1e-5)
 
 
+def _fresh_output(model, x, state=None):
+    """The output of a new model holding ``model``'s state (or ``state``): no residuals cached."""
+    other = FastGIFT(tiny_timm_vit(), model.config).eval()
+    other.load_state_dict(model.state_dict() if state is None else state)
+    with torch.no_grad():
+        return other(x)
+
+
+def test_a_replaced_parameter_object_or_storage_makes_the_residuals_again():
+    """The cached pair is checked against the live parameters at every call: a new GIFT parameter or target weight
+    object, ``load_state_dict(assign=True)`` of a submodule, a submodule's cast round trip and
+    ``torch.func.functional_call`` each give the output of a fresh model with that state."""
+    x = torch.randn(2, 3, 32, 32)
+
+    def cached_model():
+        model = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3)), scale=0.3).eval()
+        with torch.no_grad():
+            model(x)  # fills the cache
+        return model
+
+    def replace_gift_parameter(m):
+        q = m.hypernets["attn:proj"].blocks[0].attn.q
+        q.weight = nn.Parameter(q.weight.detach() * 3)
+
+    def replace_target_weight(m):
+        layer = m.target_groups[0].modules[0]
+        layer.weight = nn.Parameter(layer.weight.detach() * 2, requires_grad=False)
+
+    def load_backbone_assigning(m):
+        state = {k: v * 1.5 if "attn.proj.weight" in k else v for k, v in m.backbone.state_dict().items()}
+        m.backbone.load_state_dict(state, assign=True)
+
+    def load_hypernet_assigning(m):
+        hypernet = m.hypernets["attn:proj"]
+        hypernet.load_state_dict({k: v * 1.5 for k, v in hypernet.state_dict().items()}, assign=True)
+
+    def cast_hypernets_round_trip(m):
+        m.hypernets.double().float()  # new storages, versions unchanged
+
+    for edit in (replace_gift_parameter, replace_target_weight, load_backbone_assigning, load_hypernet_assigning,
+                 cast_hypernets_round_trip):
+        model = cached_model()
+        with torch.no_grad():
+            before = model(x)
+            edit(model)
+            after = model(x)
+        torch.testing.assert_close(after, _fresh_output(model, x), rtol=0, atol=0, msg=edit.__name__)
+        if edit is not cast_hypernets_round_trip:
+            assert (after - before).abs().max() > 1e-3, edit.__name__  # the edit shows: a stale pair would fail
+
+    model = cached_model()
+    params = {n: p.detach() * 1.5 for n, p in model.named_parameters() if n.startswith(GIFT_PREFIXES)}
+    with torch.no_grad():
+        plain = model(x)
+        called = torch.func.functional_call(model, params, (x,))
+        after = model(x)
+    state = {**model.state_dict(), **params}
+    torch.testing.assert_close(called, _fresh_output(model, x, state), rtol=0, atol=0)
+    assert torch.equal(after, plain) and (called - plain).abs().max() > 1e-3
+    fresh = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3)), scale=0.3).eval()
+    with torch.no_grad():  # a first functional_call on an empty cache leaves no pair behind for plain calls
+        torch.func.functional_call(fresh, params, (x,))
+        torch.testing.assert_close(fresh(x), plain, rtol=0, atol=0)
+
+
+def test_unfreezing_the_gift_parameters_gives_the_generator_its_gradients():
+    """A grad-enabled pass with every GIFT parameter frozen makes a pair without a graph; after ``requires_grad_(True)``
+    (no optimizer step between) the next pass must not reuse it: every GIFT parameter gets a gradient."""
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2,))
+    for call in (lambda m: m(x), lambda m: m.backbone(x)):
+        fast.zero_grad(set_to_none=True)
+        for p in fast.gift_parameters():
+            p.requires_grad_(False)
+        F.cross_entropy(call(fast), y).backward()
+        for p in fast.gift_parameters():
+            p.requires_grad_(True)
+        F.cross_entropy(call(fast), y).backward()
+        assert all(p.grad is not None for p in fast.gift_parameters())
+
+
+def test_two_threads_training_through_one_model_keep_their_own_passes():
+    """Two threads take input gradients (saliency) through one model, interleaved: B's first layer runs between A's
+    first and second, A's backward before B's second layer. Each gets its single-thread gradient. And another
+    thread's grad-enabled forward during an ``accumulate`` block is not one of its micro-batches."""
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3)), scale=0.3).eval()
+    xs = {"A": torch.randn(2, 3, 32, 32), "B": torch.randn(2, 3, 32, 32)}
+
+    def saliency(x):
+        x = x.clone().requires_grad_(True)
+        return torch.autograd.grad(fast(x).square().sum(), x)[0]
+
+    want = {name: saliency(x) for name, x in xs.items()}
+    events = {name: threading.Event() for name in ("a_started", "b_layer0", "a_backward")}
+    layer0, layer1 = fast.target_groups[0].modules[:2]
+
+    def wait(name):
+        events[name].wait(timeout=60)  # a missed interleaving only weakens the test; the results are checked below
+
+    def before_layer0(module, args):
+        if threading.current_thread().name == "A":
+            events["a_started"].set()
+
+    def after_layer0(module, args, out):
+        if threading.current_thread().name == "B":
+            events["b_layer0"].set()
+
+    def before_layer1(module, args):
+        name = threading.current_thread().name
+        if name == "A":
+            wait("b_layer0")
+        elif name == "B":
+            wait("a_backward")
+
+    hooks = [layer0.register_forward_pre_hook(before_layer0), layer0.register_forward_hook(after_layer0),
+             layer1.register_forward_pre_hook(before_layer1)]
+    got, errors = {}, []
+
+    def run(name):
+        try:
+            if name == "B":
+                wait("a_started")
+            got[name] = saliency(xs[name])
+        except Exception as e:  # reported below
+            errors.append(e)
+        finally:
+            if name == "A":
+                events["a_backward"].set()
+
+    threads = [threading.Thread(target=run, args=(name,), name=name) for name in xs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for hook in hooks:
+        hook.remove()
+    assert not errors, errors
+    for name in xs:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+
+    fast.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))
+    with fast.accumulate(2):
+        for i, (xb, yb) in enumerate(zip(x.chunk(2), y.chunk(2))):
+            (F.cross_entropy(fast(xb), yb) / 2).backward()
+            if i == 0:
+                other = threading.Thread(target=lambda: got.update(other=saliency(xs["A"])))
+                other.start()
+                other.join()
+    assert "other" in got and all(p.grad is not None for p in fast.gift_parameters())
+
+
 def test_concurrent_inference_gives_the_single_thread_outputs():
     """4 threads x 12 eval forwards on one unmerged model, with the residuals dropped now and then by another
     thread (so threads make them again while others run), all bit-equal to one thread's output."""
@@ -572,9 +725,16 @@ def test_wrapping_an_adapted_backbone_again_is_refused_and_the_first_model_keeps
     for wrapper in (FastGIFT, GIFTReference):
         with pytest.raises(ValueError, match="already wrapped by GIFT .*'blocks.0.attn.proj'.*Wrap a fresh backbone"):
             wrapper(first.backbone, cfg)
+    for other_targets in (("mlp.fc2",), ("mlp.fc1", "attn.qkv")):  # other targets than the first wrapper's too
+        with pytest.raises(ValueError, match="already wrapped by GIFT .*'blocks.0.attn.proj'"):
+            FastGIFT(first.backbone, GIFTConfig(rank=4, num_clusters=3, target_modules=other_targets))
+    with pytest.raises(ValueError, match="Block is already wrapped by GIFT .*'attn.proj'"):
+        FastGIFT(first.backbone.blocks[0], GIFTConfig(rank=4, num_clusters=3, target_modules=("mlp.fc2",)))
     reference = GIFTReference(ToyViT(), cfg)
     with pytest.raises(ValueError, match="already wrapped by GIFT"):
         FastGIFT(reference.backbone, cfg)
+    with pytest.raises(ValueError, match="already wrapped by GIFT"):
+        GIFTReference(reference.backbone, GIFTConfig(rank=4, num_clusters=3, target_modules=("mlp.fc2",)))
     with torch.no_grad():
         assert torch.equal(first(x), before)
     first.train()(x).sum().backward()
@@ -658,18 +818,22 @@ def test_memory_auto_inside_accumulate_plans_steps_of_its_micro_batches():
     assert not fast.memory_pending
 
 
-def test_a_checkpoint_around_the_whole_model_recomputes_the_generator_with_it():
-    """``checkpoint(model, x)``: the wrapper's forward made the residuals inside the checkpointed region, so its
-    recomputation makes them again (the same saved tensors); the gradients are those without the checkpoint."""
+def test_a_checkpoint_around_the_whole_model_keeps_the_generators_graph_out_of_it():
+    """``checkpoint(model, x)``: the wrapper's forward made the residuals inside the checkpointed region, outside its
+    saved-tensor hooks, so the recomputation takes the same pair without running the generator again; the
+    gradients are those without the checkpoint."""
     from torch.utils.checkpoint import checkpoint
 
     _, fast = twin_models(tiny_timm_vit(), TWO_KEYS)
     x = torch.randn(2, 3, 32, 32)
     exact, baseline = model_exact_and_baseline(fast, x)
+    calls = GeneratorCalls(fast)
     for memory in ("none", "block"):
         fast.set_memory(memory)
         got = outputs_and_grads_of(fast, lambda m, x: checkpoint(m, x, use_reentrant=False), x)
         assert_model_agrees(got, exact, baseline, fast)
+        keys = len(fast.target_groups)
+        assert calls.take() == (keys, keys if fast.generator_recomputed else 0, keys)
 
 
 def test_one_default_budget_for_every_plan(monkeypatch):
