@@ -303,8 +303,9 @@ class Accumulation:
     def deposit(self, key: str, micro_batch: int, grad: torch.Tensor) -> None:
         if key in self.withdrawn:
             k = self.micro_batches
-            raise RuntimeError(f"FastGIFT.accumulate({k}): a backward of micro-batch {micro_batch} ran after the generator's "
-                               f"backward in micro-batch {k}'s; call loss.backward() on each micro-batch in turn.")
+            raise RuntimeError(f"FastGIFT.accumulate({k}): a backward of micro-batch {micro_batch} ran after the "
+                               f"generator's backward in micro-batch {k}'s; call loss.backward() on each micro-batch "
+                               f"in turn.")
         self.bank[key] = grad if key not in self.bank else self.bank[key] + grad
         self.banked.setdefault(key, set()).add(micro_batch)
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from gift import FastGIFT, GIFTConfig, GIFTReference
 from gift.fast import WeightTokens
-from gift.wrapper import GIFT_PREFIXES
 from gift.memory import SavedTensorCounter
 from gift.testing import assert_model_agrees, model_exact_and_baseline, outputs_and_grads, randomize_gift_, twin_models
+from gift.wrapper import GIFT_PREFIXES
 from tests.helpers import ToyViT, tiny_timm_vit
 
 TWO_KEYS = GIFTConfig(rank=6, num_clusters=5, target_modules=("attn.proj", "mlp.fc2"), in_projection_bias=True,
