@@ -172,6 +172,7 @@ class Accumulation:
     def __init__(self, owner: "GeneratedResiduals", micro_batches: int):
         self.owner, self.micro_batches = owner, micro_batches
         self.thread = threading.get_ident()
+        self.other_threads: set[int] = set()  # threads whose forwards with gradient ran outside the block meanwhile
         parameters = [p for key in owner.keys() for p in owner.model.residual_parameters(key)]
         self.parameter_ids = {id(p) for p in parameters}
         self.stepped = False  # an optimizer holding one of the model's GIFT parameters stepped inside the block
@@ -397,9 +398,17 @@ class GeneratedResiduals:
         return _Entry(signature, tuple(map(_weight_state, weights)), psi, tokens, **state)
 
     def _accumulation_of_this_call(self, in_backward: bool) -> Accumulation | None:
+        """The `accumulate` block a call belongs to: a forward of the thread that entered it, or a recomputation in
+        a backward on any thread but one whose own forwards ran outside the block (on CUDA a backward runs on an
+        autograd device thread, which made no forward)."""
         accumulation = self.accumulation
-        if accumulation is not None and (in_backward or accumulation.thread == threading.get_ident()):
+        if accumulation is None:
+            return None
+        thread = threading.get_ident()
+        if thread == accumulation.thread or (in_backward and thread not in accumulation.other_threads):
             return accumulation
+        if not in_backward:
+            accumulation.other_threads.add(thread)
         return None
 
     @torch.compiler.disable
