@@ -854,3 +854,19 @@ def test_one_default_budget_for_every_plan(monkeypatch):
     model = ToyViT()  # and its CPU tensors, which the GPU's budget does not get
     model.held = nn.Parameter(weight, requires_grad=False)
     assert predict.default_memory_budget("cuda:0", model) == 1200 + 64
+
+
+def test_the_graph_of_a_forward_without_backward_is_dropped_at_the_next_forward():
+    """A grad-enabled forward whose output is dropped unused: its generator graph goes with the next forward's pair
+    (or with ``reset()``), not kept for the model's lifetime."""
+    import gc
+    import weakref
+
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))).train()
+    x = torch.randn(2, 3, 32, 32)
+    for drop in (lambda: fast(x), fast.residuals.reset):
+        fast(x)  # no backward
+        tokens = weakref.ref(fast.residuals._training()["attn:proj"].tokens)
+        drop()
+        gc.collect()
+        assert tokens() is None
