@@ -377,7 +377,9 @@ class GeneratedResiduals:
         with self._lock:
             self._inference, self._local, self._latest = {}, threading.local(), {}
 
+    @property
     def _training(self) -> dict[str, _Entry]:
+        """{key: `_Entry`} of this thread's passes with gradient."""
         entries = getattr(self._local, "training", None)
         if entries is None:
             entries = self._local.training = {}
@@ -446,7 +448,7 @@ class GeneratedResiduals:
             with self._lock:
                 accumulation.begin_pass(keys)
             return
-        entries = self._training()
+        entries = self._training
         for key in keys:
             signature, weights = self.signature(key), self.model.target_weights(key)
             entry = entries.get(key)
@@ -465,7 +467,7 @@ class GeneratedResiduals:
 
     def _lookup_training(self, key: str, layer: int, in_backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
         signature, weights = self.signature(key), self.model.target_weights(key)
-        entries = self._training()
+        entries = self._training
         with self._lock:
             entry = entries.get(key)
             if entry is None and in_backward:  # a backward on an autograd device thread: the latest pass's pair
@@ -484,7 +486,7 @@ class GeneratedResiduals:
         if entry.tokens.requires_grad:
             entry.consumed = _Flag()
             entry.tokens.register_hook(entry.consumed.set)
-        entries = self._training()
+        entries = self._training
         with self._lock:
             entries[key] = entry
             self._latest[key] = entry

@@ -175,7 +175,8 @@ def test_a_wrong_number_of_micro_batches_is_a_clear_error_and_nothing_stays_behi
     from timm.utils import ModelEmaV3
 
     copies = [copy.deepcopy(fast), ModelEmaV3(fast).module]
-    assert all(c.residuals.accumulation is None and not c.residuals._latest for c in copies)
+    assert all(c.residuals.accumulation is None and not c.residuals._training and not c.residuals._latest
+               for c in copies)
     assert list(fast.state_dict()) == keys
     fast.zero_grad()
     with fast.accumulate(2):
@@ -866,7 +867,7 @@ def test_the_graph_of_a_forward_without_backward_is_dropped_at_the_next_forward(
     x = torch.randn(2, 3, 32, 32)
     for drop in (lambda: fast(x), fast.residuals.reset):
         fast(x)  # no backward
-        tokens = weakref.ref(fast.residuals._training()["attn:proj"].tokens)
+        tokens = weakref.ref(fast.residuals._training["attn:proj"].tokens)
         drop()
         gc.collect()
         assert tokens() is None
