@@ -163,6 +163,28 @@ class Provider:
             return self.model(x)
 
 
+class GeneratorRuns:
+    """Counts the generator runs of a provider's `gift.FastGIFT` (``runs``; none for other providers): wraps its
+    ``generator_tokens``, which every residual pair goes through."""
+
+    def __init__(self, provider: Provider):
+        self.runs = 0
+        model = provider.gift_model
+        if isinstance(model, gift.FastGIFT):
+            original = model.generator_tokens
+
+            def counted(key: str) -> torch.Tensor:
+                self.runs += 1
+                return original(key)
+
+            model.generator_tokens = counted
+
+    def take(self) -> int:
+        """The runs since the last call."""
+        runs, self.runs = self.runs, 0
+        return runs
+
+
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -217,12 +239,12 @@ def build_provider(name: str, backbone: nn.Module, rank: int, gift_state: dict |
     if name == "lora":
         model = lora_model(backbone, rank, config.target_modules)
         return Provider(name, model, torch.optim.AdamW(_trainable(model), lr=1e-4))
-    if name == "merged":  # FastGIFT with its residuals folded into the weights (`merge()`): the plain backbone's cost
+    if name == "merged":  # the plain backbone holding W + dW (`merge_and_unload()` of a FastGIFT on the private copy)
         model = gift.FastGIFT(backbone, config)
         if gift_state is not None:
             model.load_gift_state_dict(gift_state)
-        model.merge()
-        return Provider(name, model, torch.optim.AdamW(_trainable(model), lr=1e-4), gift_model=model)
+        plain = model.merge_and_unload()
+        return Provider(name, plain, torch.optim.AdamW(_trainable(plain), lr=1e-4))
     if name == "reference":
         model = gift.GIFTReference(backbone, config)
     elif name == "naive_merged":

@@ -304,9 +304,11 @@ class FastGIFT(GIFTModelBase):
         The generator runs forward once, at the first micro-batch, and backward once, in the last micro-batch's
         backward, with the sum of all micro-batches' gradients: every gradient equals that of one batch. Each
         micro-batch needs its forward, then its backward; another count, or a step of an optimizer of this
-        model's GIFT parameters inside the block, raises ``RuntimeError``. Under DDP, wrap the backwards of all
-        micro-batches but the last in ``ddp_model.no_sync()``: the generator's gradients are reduced once, in the
-        synchronised backward.
+        model's GIFT parameters inside the block, raises ``RuntimeError``; so does ``zero_grad()`` between the
+        micro-batches. Under DDP, wrap the backwards of all micro-batches but the last in ``ddp_model.no_sync()``:
+        the generator's gradients are reduced once, in the synchronised backward. Without it the generator's
+        parameters get no gradient in the earlier backwards, and DDP fails at the next forward with its own
+        "Expected to have finished reduction in the prior iteration" error (the block cannot see the DDP wrapper).
         Nothing stays behind after the block (an exception inside it drops its state silently)."""
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"accumulate(micro_batches) takes a positive int, got {micro_batches!r}.")

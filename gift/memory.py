@@ -61,9 +61,10 @@ class SavedTensorCounter:
     def __init__(self, exclude: nn.Module | Iterable[torch.Tensor] | None = None):
         self._excluded = _excluded_ids(exclude)
         self._seen: dict[int, int] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """Count ``t`` (the pack hook; also called for tensors saved under other hooks: `gift.residuals.generate`)."""
         for storage in storages(t):
             key = storage._cdata
             if key not in self._excluded:
@@ -76,10 +77,20 @@ class SavedTensorCounter:
 
     def __enter__(self) -> "SavedTensorCounter":
         self._hooks.__enter__()
+        _active_counters.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        _active_counters.remove(self)
         self._hooks.__exit__(*exc)
+
+
+_active_counters: list[SavedTensorCounter] = []  # the `SavedTensorCounter` blocks now open, innermost last
+
+
+def innermost_saved_tensor_counter() -> SavedTensorCounter | None:
+    """The innermost open `SavedTensorCounter`, or None."""
+    return _active_counters[-1] if _active_counters else None
 
 
 class LiveBytes(TorchDispatchMode):

@@ -213,7 +213,9 @@ class Plan:
     fit ``device_memory`` (their peak within `FIT_FRACTION` of it, ``usable_memory``); the fastest that fits
     (``recommended``) and the largest batch size for it (for the most frugal mode when none fits). ``fewer``:
     for a plan whose accumulation was chosen (`fit_accumulation`), (the next fewer accumulation steps tried,
-    the predicted peak there, its mode), else None."""
+    the predicted peak there, its mode), else None. ``faster_mode_later``: for such a plan whose recommended mode
+    recomputes, (the fewest more accumulation steps at which the fastest mode fits, its predicted peak, that mode),
+    else None: the rule prefers fewer micro-batches, and no prediction says which of the two steps is faster."""
 
     setup: TrainingSetup
     device_memory: int | None
@@ -223,6 +225,7 @@ class Plan:
     largest_batch_mode: str | None = None
     fake: FakeTrainingModel | None = field(default=None, repr=False, compare=False)
     fewer: tuple[int, int, str] | None = None
+    faster_mode_later: tuple[int, int, str] | None = None
 
     def with_device_memory(self, device_memory: int | str) -> "Plan":
         """The same predictions against another budget (no step is predicted again but for the largest batch)."""
@@ -364,11 +367,16 @@ def choose_memory_mode(plan: Plan) -> tuple[str, str]:
         k, peak, frugal = plan.fewer
         why.append(f"{k} micro-batch{'es' if k > 1 else ''} per step need{'s' if k == 1 else ''} "
                    f"{format_bytes(peak)} with memory={frugal}")
+    later = ""
+    if plan.faster_mode_later is not None:
+        k, peak, fastest = plan.faster_mode_later
+        later = (f"; memory={fastest} fits with {k} micro-batches (predicted peak {format_bytes(peak)}), and may be "
+                 f"faster: the rule takes the fewest micro-batches first, it predicts no time")
     return mode, (
         f"memory={mode}{_accumulation_text(plan.setup)}: predicted peak {format_bytes(plan.modes[mode].peak)} "
         f"within {plan.budget_text} ({1 - FIT_FRACTION:.0%} kept for the CUDA allocator and workspaces), the fastest "
         f"mode that fits{' at the fewest micro-batches that do' if plan.fewer is not None else ''}"
-        + (f" ({', '.join(why)})" if why else "")
+        + (f" ({', '.join(why)})" if why else "") + later
     )
 
 
@@ -380,9 +388,13 @@ def fit_accumulation(fake: FakeTrainingModel, setup: TrainingSetup, device_memor
     (default: every divisor of ``setup.batch_size``), those that divide it, fewest first.
 
     The most frugal mode decides the accumulation, by bisection over the candidates: its peak falls as the
-    micro-batches shrink (fewer activations), so the first candidate where it fits is the fewest. Fewer
-    steps come first because the micro-batches stay larger (the GPU busier); at one number of steps the modes
-    go fastest first, as in `recommend`. Raises `DoesNotFit` when not even the largest candidate fits."""
+    micro-batches shrink (fewer activations), so the first candidate where it fits is the fewest. The order is a
+    rule, not a cost model: fewer steps first, then at that number of steps the modes fastest first, as in
+    `recommend` (``none`` recomputes nothing, ``mlp`` each MLP, ``block`` every block and the generator). The plan
+    predicts bytes, not time, so it cannot tell whether recomputing at fewer micro-batches beats less recomputation
+    at more (their fixed per-micro-batch cost); when the recommended mode recomputes, ``faster_mode_later`` names the
+    fewest steps at which the fastest mode fits, for the one line to say. Raises `DoesNotFit` when not even the
+    largest candidate fits."""
     budget = parse_bytes(device_memory)
     usable = int(budget * FIT_FRACTION)
     candidates = sorted(k for k in set(accumulations or range(1, setup.batch_size + 1)) if setup.batch_size % k == 0)
@@ -409,8 +421,16 @@ def fit_accumulation(fake: FakeTrainingModel, setup: TrainingSetup, device_memor
     if lo > 0:
         previous = candidates[lo - 1]
         fewer = (previous, predict(previous, frugal).peak, frugal)
-    plan = Plan(dataclasses.replace(setup, grad_accum_steps=k), budget, steps, fake=fake, fewer=fewer)
-    return recommend(plan, largest=False)
+    plan = recommend(Plan(dataclasses.replace(setup, grad_accum_steps=k), budget, steps, fake=fake, fewer=fewer),
+                     largest=False)
+    fastest, later = modes[0], candidates[lo + 1:]
+    if plan.recommended != fastest and later and predict(later[-1], fastest).peak <= usable:
+        lo, hi = 0, len(later) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if predict(later[mid], fastest).peak <= usable else (mid + 1, hi)
+        plan.faster_mode_later = (later[lo], predict(later[lo], fastest).peak, fastest)
+    return plan
 
 
 def plan_model(model: nn.Module, input_shape: tuple[int, ...], budget: int | str | None,

@@ -32,20 +32,19 @@ def block_index_argument(block_index: int, block: int | None) -> int:
     return block
 
 
-def refuse_adapted_backbone(backbone: nn.Module, groups: list[TargetGroup]) -> None:
-    """Raise when a target of ``backbone`` is already adapted by another GIFT wrapper (a `FastGIFT` layer or a
-    `GIFTReference` hook: both say ``gift_adapted``): wrapping it again would silently switch the first
-    wrapper off (its layers replaced, or its residual added twice)."""
-    for group in groups:
-        for name, module in zip(group.names, group.modules):
-            hooks = getattr(module, "_forward_hooks", {}).values()
-            if getattr(module, "gift_adapted", False) or any(getattr(h, "gift_adapted", False) for h in hooks):
-                raise ValueError(
-                    f"this {type(backbone).__name__} is already wrapped by GIFT ({name!r} is adapted by another "
-                    f"FastGIFT or GIFTReference); wrapping it again would switch the first model off. Wrap a fresh "
-                    f"backbone (timm.create_model(...)) or keep using the first model (its merge_and_unload() "
-                    f"returns the plain backbone)."
-                )
+def refuse_adapted_backbone(backbone: nn.Module) -> None:
+    """Raise when any module of ``backbone`` is already adapted by a GIFT wrapper (a `FastGIFT` layer or a
+    `GIFTReference` hook: both say ``gift_adapted``), whatever the new targets: wrapping it again would silently
+    switch the first wrapper off or change its outputs (its layers replaced, or residuals added twice)."""
+    for name, module in backbone.named_modules():
+        hooks = getattr(module, "_forward_hooks", {}).values()
+        if getattr(module, "gift_adapted", False) or any(getattr(h, "gift_adapted", False) for h in hooks):
+            raise ValueError(
+                f"this {type(backbone).__name__} is already wrapped by GIFT ({name!r} is adapted by another "
+                f"FastGIFT or GIFTReference); wrapping it again would switch the first model off. Wrap a fresh "
+                f"backbone (timm.create_model(...)) or keep using the first model (its merge_and_unload() "
+                f"returns the plain backbone)."
+            )
 
 
 class GIFTModelBase(nn.Module):
@@ -70,7 +69,7 @@ class GIFTModelBase(nn.Module):
             )
         self.config = config
         self.target_groups = find_targets(backbone, config.target_modules)
-        refuse_adapted_backbone(backbone, self.target_groups)
+        refuse_adapted_backbone(backbone)
         self.backbone = backbone
         self.backbone.requires_grad_(False)
         self.head_name = classifier_name(backbone)

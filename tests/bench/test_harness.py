@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench.harness import (
+    GeneratorRuns,
     RatioStats,
     bench_rounds,
     build_provider,
@@ -170,12 +171,35 @@ def test_an_accumulated_step_applies_the_gradients_of_one_batch_and_runs_the_gen
 
 
 def test_eval_forward_of_the_unmerged_model_is_the_merged_models():
+    """The ``merged`` eval baseline is the plain backbone (``merge_and_unload()``: no GIFT layer left to ask for
+    residuals) with the unmerged model's outputs."""
     backbone = tiny_timm_vit().eval()
     state = random_gift_state(backbone, rank=8)
     merged = build_provider("merged", backbone, rank=8, gift_state=state)
     fast = build_provider("fast_torch", backbone, rank=8, gift_state=state)
-    assert merged.model.merged and not fast.model.merged
+    assert merged.gift_model is None and not any(getattr(m, "gift_adapted", False) for m in merged.model.modules())
+    assert type(merged.model) is type(backbone) and not fast.model.merged
     x = torch.randn(2, 3, 32, 32)
     fast.model.eval()
     merged.model.eval()
     torch.testing.assert_close(fast.eval_forward(x), merged.eval_forward(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert (backbone(x) - merged.eval_forward(x)).abs().max() > 1e-3  # the merged weights hold the adapter
+
+
+def test_generator_runs_tell_cached_eval_forwards_from_fresh_ones():
+    """The bench's ``cached`` check: after a first eval forward, the timed ones run no generator; with the residuals
+    dropped before every forward (what the check must catch) each runs it once per key, with equal outputs."""
+    backbone = tiny_timm_vit().eval()
+    fast = build_provider("fast_torch", backbone, rank=8, gift_state=random_gift_state(backbone, rank=8))
+    fast.model.eval()
+    runs = GeneratorRuns(fast)
+    x = torch.randn(2, 3, 32, 32)
+    first = fast.eval_forward(x)
+    assert runs.take() == len(fast.gift_model.target_groups)
+    assert all(torch.equal(fast.eval_forward(x), first) for _ in range(3)) and runs.take() == 0
+    for _ in range(3):
+        fast.gift_model.residuals.reset()
+        assert torch.equal(fast.eval_forward(x), first)
+    assert runs.take() == 3 * len(fast.gift_model.target_groups)
+    assert GeneratorRuns(build_provider("lora", backbone, rank=8)).take() == 0

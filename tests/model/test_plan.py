@@ -131,6 +131,27 @@ def test_fit_accumulation_takes_the_fewest_micro_batches_that_fit(small_plan):
         plan_fitting(setup, peaks[8] - 1)
 
 
+
+def test_memory_auto_says_when_the_fastest_mode_fits_at_more_micro_batches(small_plan):
+    """The rule is the fewest micro-batches first, then the fastest mode there; it predicts no time. When its mode
+    recomputes and memory=none fits at more micro-batches, the one line says so (and that it may be faster)."""
+    from gift.plan import plan_fitting
+
+    fake, setup = small_plan.fake, small_plan.setup
+    block_at_1 = fake.predict(8, "block", 1).peak
+    assert fake.predict(8, "none", 1).peak > block_at_1 > fake.predict(8, "none", 8).peak  # the premise
+    plan = plan_fitting(setup, budget_for(block_at_1))
+    assert (plan.accumulation, plan.recommended) == (1, "block")
+    k, peak, mode = plan.faster_mode_later
+    assert mode == "none" and peak == fake.predict(8, "none", k).peak and peak <= plan.usable_memory
+    assert all(fake.predict(8, "none", fewer).peak > plan.usable_memory for fewer in (1, 2, 4, 8) if fewer < k)
+    why = choose_memory_mode(plan)[1]
+    assert why.startswith("memory=block: predicted peak")
+    assert f"memory=none fits with {k} micro-batches" in why and "it predicts no time" in why
+    relaxed = plan_fitting(setup, budget_for(fake.predict(8, "none", 1).peak))  # memory=none fits at once: no note
+    assert relaxed.recommended == "none" and relaxed.faster_mode_later is None
+    assert "predicts no time" not in choose_memory_mode(relaxed)[1]
+
 def test_dinov3_7b_fits_an_8gib_gpu_at_batch_64_with_nf4():
     """The issue's target: ``gift plan --model vit_7b_patch16_dinov3 --batch-size 64 --device-memory 8GiB --amp bf16
     --backbone-dtype nf4 --memory auto`` finds a fitting (memory mode, accumulation) plan, on fake tensors (the 7B

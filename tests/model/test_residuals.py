@@ -4,6 +4,7 @@ Gradient accumulation (one generator forward and backward per optimizer step, th
 DDP), the entry points of the backbone (bare calls, timm feature extraction, a Hugging Face generate),
 caching while the weights stand, concurrent inference, disable_adapter(), merge / load / unmerge, and a
 second wrapper on an adapted backbone."""
+import contextlib
 import copy
 import os
 import threading
@@ -17,22 +18,27 @@ from gift import FastGIFT, GIFTConfig, GIFTReference
 from gift.fast import WeightTokens
 from gift.memory import SavedTensorCounter
 from gift.testing import assert_model_agrees, model_exact_and_baseline, outputs_and_grads, randomize_gift_, twin_models
+from gift.wrapper import GIFT_PREFIXES
 from tests.helpers import ToyViT, tiny_timm_vit
 
 TWO_KEYS = GIFTConfig(rank=6, num_clusters=5, target_modules=("attn.proj", "mlp.fc2"), in_projection_bias=True,
                       out_projection_bias=True)
 
 
-def accumulated_outputs_and_grads(model, x, y, micro_batches):
+def accumulated_outputs_and_grads(model, x, y, micro_batches, call=None, losses=1, accumulate=True):
     """`gift.testing.outputs_and_grads` with a cross-entropy target, as ``micro_batches`` micro-batches of one
-    ``accumulate`` block (each loss divided by their count: the mean over the batch)."""
+    ``accumulate`` block (each loss divided by their count: the mean over the batch), through ``call(model, x)``
+    (default: the wrapper's forward); ``losses`` > 1 splits each micro-batch's loss into as many backwards;
+    ``accumulate=False``: the same loop without the block (the generator runs for every micro-batch)."""
     model.zero_grad(set_to_none=True)
     outputs = []
-    with model.accumulate(micro_batches):
+    with model.accumulate(micro_batches) if accumulate else contextlib.nullcontext():
         for xb, yb in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
-            out = model(xb)
+            out = model(xb) if call is None else call(model, xb)
             outputs.append(out.detach())
-            (F.cross_entropy(out.float(), yb) / micro_batches).backward()
+            loss = F.cross_entropy(out if out.dtype == torch.float64 else out.float(), yb) / micro_batches
+            for i in range(losses):
+                (loss / losses).backward(retain_graph=i < losses - 1)
     result = {"output": torch.cat(outputs)}
     result.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     model.zero_grad(set_to_none=True)
@@ -169,7 +175,8 @@ def test_a_wrong_number_of_micro_batches_is_a_clear_error_and_nothing_stays_behi
     from timm.utils import ModelEmaV3
 
     copies = [copy.deepcopy(fast), ModelEmaV3(fast).module]
-    assert all(c.residuals.accumulation is None and not c.residuals._training for c in copies)
+    assert all(c.residuals.accumulation is None and not c.residuals._training and not c.residuals._latest
+               for c in copies)
     assert list(fast.state_dict()) == keys
     fast.zero_grad()
     with fast.accumulate(2):
@@ -188,6 +195,118 @@ def test_an_exception_inside_accumulate_drops_its_state():
     assert fast.residuals.accumulation is None
     with fast.accumulate(1):
         fast(x).sum().backward()
+
+
+def bare_backbone(model, x):
+    return model.backbone(x)
+
+
+@pytest.mark.parametrize("memory, recompute_generator", [("mlp", None), ("block", False), ("block", None)])
+@pytest.mark.parametrize("targets", [("mlp.fc2",), ("attn.proj", "mlp.fc2")], ids=["fc2", "proj-fc2"])
+def test_accumulating_bare_backbone_calls_whose_generator_runs_inside_a_checkpointed_block(targets, memory,
+                                                                                         recompute_generator):
+    """``model.backbone(x)`` inside ``accumulate``: the first target layer asks for the residuals inside a block that
+    ``memory`` recomputes, so the generator runs there; its graph must not belong to that block's checkpoint (the
+    last micro-batch's backward would unpack tensors of micro-batch 1's checkpoint). The gradients are one batch's,
+    with one generator forward per key and step, and its recomputation only where the generator is recomputed."""
+    cfg = GIFTConfig(rank=6, num_clusters=5, target_modules=targets)
+    _, fast = twin_models(tiny_timm_vit(), cfg, memory=memory, recompute_generator=recompute_generator)
+    torch.manual_seed(3)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    exact, baseline = model_exact_and_baseline(fast, x, y)
+    calls = GeneratorCalls(fast)
+    got = accumulated_outputs_and_grads(fast.train(), x, y, 4, call=bare_backbone)
+    assert_model_agrees(got, exact, baseline, fast)
+    keys = len(fast.target_groups)
+    assert calls.take() == (keys, keys if fast.generator_recomputed else 0, keys)
+
+
+def test_accumulate_trains_with_the_generator_frozen():
+    """psi-only and head-only training inside ``accumulate`` (the generator's tokens need no gradient, so no
+    micro-batch hands one back): the trainable gradients are one batch's."""
+    for frozen in (("in_projections.", "hypernets."), ("in_projections.", "hypernets.", "out_projections.")):
+        _, fast = twin_models(tiny_timm_vit(), TWO_KEYS)
+        for name, p in fast.named_parameters():
+            p.requires_grad_(p.requires_grad and not name.startswith(frozen))
+        torch.manual_seed(3)
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+        exact, baseline = model_exact_and_baseline(fast, x, y)
+        got = accumulated_outputs_and_grads(fast.train(), x, y, 4)
+        assert set(got) == set(exact) and any(n.startswith("backbone.head") for n in got)
+        assert_model_agrees(got, exact, baseline, fast)
+
+
+def test_several_backwards_per_micro_batch_accumulate_like_one():
+    """Each micro-batch's loss in 2 backwards (``retain_graph``): the gradients are one batch's. The baseline is the
+    same split loop without ``accumulate`` in fp32 (the split rounds differently from one batch, which shows on the
+    gradients that cancel to nearly zero)."""
+    _, fast = twin_models(tiny_timm_vit(), TWO_KEYS)
+    torch.manual_seed(3)
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 4, (6,))
+    exact, _ = model_exact_and_baseline(fast, x, y)
+    baseline = accumulated_outputs_and_grads(fast.train(), x, y, 3, losses=2, accumulate=False)
+    got = accumulated_outputs_and_grads(fast, x, y, 3, losses=2)
+    assert_model_agrees(got, exact, baseline, fast)
+
+
+def test_zero_grad_between_micro_batches_is_a_clear_error():
+    """``zero_grad()`` (either kind) inside the block would drop the earlier micro-batches from psi's and the head's
+    gradients but not from the generator's: the next backward raises."""
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2,))
+    for set_to_none in (True, False):
+        fast.zero_grad()
+        with pytest.raises(RuntimeError, match=r"\.grad was zeroed, replaced or changed between the micro-batches"):
+            with fast.accumulate(2):
+                for _ in range(2):
+                    F.cross_entropy(fast(x), y).backward()
+                    fast.zero_grad(set_to_none=set_to_none)
+        assert fast.residuals.accumulation is None
+    # without the zero_grad the same loop passes, and the hooks are gone after the block
+    fast.zero_grad()
+    with fast.accumulate(2):
+        for _ in range(2):
+            F.cross_entropy(fast(x), y).backward()
+    fast.zero_grad(set_to_none=False)
+    F.cross_entropy(fast(x), y).backward()
+    F.cross_entropy(fast(x), y).backward()
+
+
+def _hf_vit(reentrant):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                       image_size=32, patch_size=8, num_labels=5)
+    vit = ViTForImageClassification(config)
+    if reentrant is not None:
+        vit.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        vit.enable_input_require_grads()
+    cfg = GIFTConfig(rank=8, num_clusters=16, target_modules=("attention.o_proj",))
+    return randomize_gift_(FastGIFT(vit, cfg), seed=3, scale=0.2).train()
+
+
+def hf_logits(model, x):
+    return model(x).logits
+
+
+def test_hugging_face_reentrant_checkpointing_inside_accumulate():
+    """PEFT's recipe (``use_reentrant=True``: each layer's forward under ``no_grad``, recomputed in a backward of its
+    own) and the non-reentrant one inside ``accumulate(2)``, through the wrapper and the bare backbone: one batch's
+    gradients, one generator forward and one backward per step."""
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 3, 0, 4])
+    plain = _hf_vit(None)
+    exact, baseline = (
+        {k.removeprefix("model."): v for k, v in r.items()}
+        for r in model_exact_and_baseline(Calling(plain, hf_logits), x, y)
+    )
+    for reentrant in (True, False):
+        for call in (hf_logits, lambda m, x: m.backbone(x).logits):
+            model = _hf_vit(reentrant)
+            calls = GeneratorCalls(model)
+            got = accumulated_outputs_and_grads(model, x, y, 2, call=call)
+            assert_model_agrees(got, exact, baseline, plain)
+            assert calls.take() == (1, 0, 1)
 
 
 def _ddp_worker(rank, world_size, store, out, cfg, micro_batches):
@@ -335,6 +454,159 @@ def test_eval_forwards_reuse_the_residuals_until_a_weight_changes():
     torch.testing.assert_close(out.float(), latest, rtol=1e-4, atol=1e-5)
 
 
+def _fresh_output(model, x, state=None):
+    """The output of a new model holding ``model``'s state (or ``state``): no residuals cached."""
+    other = FastGIFT(tiny_timm_vit(), model.config).eval()
+    other.load_state_dict(model.state_dict() if state is None else state)
+    with torch.no_grad():
+        return other(x)
+
+
+def test_a_replaced_parameter_object_or_storage_makes_the_residuals_again():
+    """The cached pair is checked against the live parameters at every call: a new GIFT parameter or target weight
+    object, ``load_state_dict(assign=True)`` of a submodule, a submodule's cast round trip and
+    ``torch.func.functional_call`` each give the output of a fresh model with that state."""
+    x = torch.randn(2, 3, 32, 32)
+
+    def cached_model():
+        model = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3)), scale=0.3).eval()
+        with torch.no_grad():
+            model(x)  # fills the cache
+        return model
+
+    def replace_gift_parameter(m):
+        q = m.hypernets["attn:proj"].blocks[0].attn.q
+        q.weight = nn.Parameter(q.weight.detach() * 3)
+
+    def replace_target_weight(m):
+        layer = m.target_groups[0].modules[0]
+        layer.weight = nn.Parameter(layer.weight.detach() * 2, requires_grad=False)
+
+    def load_backbone_assigning(m):
+        state = {k: v * 1.5 if "attn.proj.weight" in k else v for k, v in m.backbone.state_dict().items()}
+        m.backbone.load_state_dict(state, assign=True)
+
+    def load_hypernet_assigning(m):
+        hypernet = m.hypernets["attn:proj"]
+        hypernet.load_state_dict({k: v * 1.5 for k, v in hypernet.state_dict().items()}, assign=True)
+
+    def cast_hypernets_round_trip(m):
+        m.hypernets.double().float()  # new storages, versions unchanged
+
+    for edit in (replace_gift_parameter, replace_target_weight, load_backbone_assigning, load_hypernet_assigning,
+                 cast_hypernets_round_trip):
+        model = cached_model()
+        with torch.no_grad():
+            before = model(x)
+            edit(model)
+            after = model(x)
+        torch.testing.assert_close(after, _fresh_output(model, x), rtol=0, atol=0, msg=edit.__name__)
+        if edit is not cast_hypernets_round_trip:
+            assert (after - before).abs().max() > 1e-3, edit.__name__  # the edit shows: a stale pair would fail
+
+    model = cached_model()
+    params = {n: p.detach() * 1.5 for n, p in model.named_parameters() if n.startswith(GIFT_PREFIXES)}
+    with torch.no_grad():
+        plain = model(x)
+        called = torch.func.functional_call(model, params, (x,))
+        after = model(x)
+    state = {**model.state_dict(), **params}
+    torch.testing.assert_close(called, _fresh_output(model, x, state), rtol=0, atol=0)
+    assert torch.equal(after, plain) and (called - plain).abs().max() > 1e-3
+    fresh = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3)), scale=0.3).eval()
+    with torch.no_grad():  # a first functional_call on an empty cache leaves no pair behind for plain calls
+        torch.func.functional_call(fresh, params, (x,))
+        torch.testing.assert_close(fresh(x), plain, rtol=0, atol=0)
+
+
+def test_unfreezing_the_gift_parameters_gives_the_generator_its_gradients():
+    """A grad-enabled pass with every GIFT parameter frozen makes a pair without a graph; after ``requires_grad_(True)``
+    (no optimizer step between) the next pass must not reuse it: every GIFT parameter gets a gradient."""
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2,))
+    for call in (lambda m: m(x), lambda m: m.backbone(x)):
+        fast.zero_grad(set_to_none=True)
+        for p in fast.gift_parameters():
+            p.requires_grad_(False)
+        F.cross_entropy(call(fast), y).backward()
+        for p in fast.gift_parameters():
+            p.requires_grad_(True)
+        F.cross_entropy(call(fast), y).backward()
+        assert all(p.grad is not None for p in fast.gift_parameters())
+
+
+def test_two_threads_training_through_one_model_keep_their_own_passes():
+    """Two threads take input gradients (saliency) through one model, interleaved: B's first layer runs between A's
+    first and second, A's backward before B's second layer. Each gets its single-thread gradient. And another
+    thread's forward and backward during an ``accumulate`` block are not one of its micro-batches."""
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3)), scale=0.3).eval()
+    xs = {"A": torch.randn(2, 3, 32, 32), "B": torch.randn(2, 3, 32, 32)}
+
+    def saliency(x):
+        x = x.clone().requires_grad_(True)
+        return torch.autograd.grad(fast(x).square().sum(), x)[0]
+
+    want = {name: saliency(x) for name, x in xs.items()}
+    events = {name: threading.Event() for name in ("a_started", "b_layer0", "a_backward")}
+    layer0, layer1 = fast.target_groups[0].modules[:2]
+
+    def wait(name):
+        events[name].wait(timeout=60)  # a missed interleaving only weakens the test; the results are checked below
+
+    def before_layer0(module, args):
+        if threading.current_thread().name == "A":
+            events["a_started"].set()
+
+    def after_layer0(module, args, out):
+        if threading.current_thread().name == "B":
+            events["b_layer0"].set()
+
+    def before_layer1(module, args):
+        name = threading.current_thread().name
+        if name == "A":
+            wait("b_layer0")
+        elif name == "B":
+            wait("a_backward")
+
+    hooks = [layer0.register_forward_pre_hook(before_layer0), layer0.register_forward_hook(after_layer0),
+             layer1.register_forward_pre_hook(before_layer1)]
+    got, errors = {}, []
+
+    def run(name):
+        try:
+            if name == "B":
+                wait("a_started")
+            got[name] = saliency(xs[name])
+        except Exception as e:  # reported below
+            errors.append(e)
+        finally:
+            if name == "A":
+                events["a_backward"].set()
+
+    threads = [threading.Thread(target=run, args=(name,), name=name) for name in xs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for hook in hooks:
+        hook.remove()
+    assert not errors, errors
+    for name in xs:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+
+    fast.train().set_memory("block")  # the other thread's backward recomputes its blocks: not the block's either
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))
+    with fast.accumulate(2):
+        for i, (xb, yb) in enumerate(zip(x.chunk(2), y.chunk(2))):
+            loss = F.cross_entropy(fast(xb), yb) / 2
+            if i == 0:  # between this micro-batch's forward and its backward
+                other = threading.Thread(target=lambda: got.update(other=saliency(xs["A"])))
+                other.start()
+                other.join()
+            loss.backward()
+    assert "other" in got and all(p.grad is not None for p in fast.gift_parameters())
+
+
 def test_concurrent_inference_gives_the_single_thread_outputs():
     """4 threads x 12 eval forwards on one unmerged model, with the residuals dropped now and then by another
     thread (so threads make them again while others run), all bit-equal to one thread's output."""
@@ -455,9 +727,16 @@ def test_wrapping_an_adapted_backbone_again_is_refused_and_the_first_model_keeps
     for wrapper in (FastGIFT, GIFTReference):
         with pytest.raises(ValueError, match="already wrapped by GIFT .*'blocks.0.attn.proj'.*Wrap a fresh backbone"):
             wrapper(first.backbone, cfg)
+    for other_targets in (("mlp.fc2",), ("mlp.fc1", "attn.qkv")):  # other targets than the first wrapper's too
+        with pytest.raises(ValueError, match="already wrapped by GIFT .*'blocks.0.attn.proj'"):
+            FastGIFT(first.backbone, GIFTConfig(rank=4, num_clusters=3, target_modules=other_targets))
+    with pytest.raises(ValueError, match="Block is already wrapped by GIFT .*'attn.proj'"):
+        FastGIFT(first.backbone.blocks[0], GIFTConfig(rank=4, num_clusters=3, target_modules=("mlp.fc2",)))
     reference = GIFTReference(ToyViT(), cfg)
     with pytest.raises(ValueError, match="already wrapped by GIFT"):
         FastGIFT(reference.backbone, cfg)
+    with pytest.raises(ValueError, match="already wrapped by GIFT"):
+        GIFTReference(reference.backbone, GIFTConfig(rank=4, num_clusters=3, target_modules=("mlp.fc2",)))
     with torch.no_grad():
         assert torch.equal(first(x), before)
     first.train()(x).sum().backward()
@@ -541,18 +820,22 @@ def test_memory_auto_inside_accumulate_plans_steps_of_its_micro_batches():
     assert not fast.memory_pending
 
 
-def test_a_checkpoint_around_the_whole_model_recomputes_the_generator_with_it():
-    """``checkpoint(model, x)``: the wrapper's forward made the residuals inside the checkpointed region, so its
-    recomputation makes them again (the same saved tensors); the gradients are those without the checkpoint."""
+def test_a_checkpoint_around_the_whole_model_keeps_the_generators_graph_out_of_it():
+    """``checkpoint(model, x)``: the wrapper's forward made the residuals inside the checkpointed region, outside its
+    saved-tensor hooks, so the recomputation takes the same pair without running the generator again; the
+    gradients are those without the checkpoint."""
     from torch.utils.checkpoint import checkpoint
 
     _, fast = twin_models(tiny_timm_vit(), TWO_KEYS)
     x = torch.randn(2, 3, 32, 32)
     exact, baseline = model_exact_and_baseline(fast, x)
+    calls = GeneratorCalls(fast)
     for memory in ("none", "block"):
         fast.set_memory(memory)
         got = outputs_and_grads_of(fast, lambda m, x: checkpoint(m, x, use_reentrant=False), x)
         assert_model_agrees(got, exact, baseline, fast)
+        keys = len(fast.target_groups)
+        assert calls.take() == (keys, keys if fast.generator_recomputed else 0, keys)
 
 
 def test_one_default_budget_for_every_plan(monkeypatch):
@@ -572,3 +855,19 @@ def test_one_default_budget_for_every_plan(monkeypatch):
     model = ToyViT()  # and its CPU tensors, which the GPU's budget does not get
     model.held = nn.Parameter(weight, requires_grad=False)
     assert predict.default_memory_budget("cuda:0", model) == 1200 + 64
+
+
+def test_the_graph_of_a_forward_without_backward_is_dropped_at_the_next_forward():
+    """A grad-enabled forward whose output is dropped unused: its generator graph goes with the next forward's pair
+    (or with ``reset()``), not kept for the model's lifetime."""
+    import gc
+    import weakref
+
+    fast = randomize_gift_(FastGIFT(tiny_timm_vit(), GIFTConfig(rank=4, num_clusters=3))).train()
+    x = torch.randn(2, 3, 32, 32)
+    for drop in (lambda: fast(x), fast.residuals.reset):
+        fast(x)  # no backward
+        tokens = weakref.ref(fast.residuals._training["attn:proj"].tokens)
+        drop()
+        gc.collect()
+        assert tokens() is None
