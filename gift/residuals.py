@@ -249,6 +249,7 @@ class GeneratedResiduals:
         self._training: dict[str, _Entry] = {}
         self._parameters: dict[str, tuple[list, list]] = {}
         self.accumulation: Accumulation | None = None
+        self.traced: dict | None = None  # under torch.compile: the pairs FastGIFT.forward made in its graph
 
     # copies start empty, bound to the copy of the model
     def __deepcopy__(self, memo) -> "GeneratedResiduals":
@@ -294,6 +295,7 @@ class GeneratedResiduals:
                 return self.accumulation.lookup(key, layer)
         return self._lookup_training(key, layer)
 
+    @torch.compiler.disable
     def begin_pass(self) -> None:
         """A forward pass with gradient begins (the wrapper's forward): each key's pair is made here, outside any
         block that ``memory="mlp"/"block"`` recomputes, for the layers of this pass to share."""
