@@ -64,5 +64,11 @@ def pytest_sessionfinish(session, exitstatus):
     config = session.config
     rows = getattr(config, "gift_bench_rows", None)
     if rows:
-        report.write_all(rows, config.gift_bench_out)
+        missing_chart = report.write_all(rows, config.gift_bench_out)
         report.update_readme(RESULTS_ROOT, os.path.join(os.path.dirname(RESULTS_ROOT), "..", "README.md"))
+        if missing_chart:
+            reporter = config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line(missing_chart)
+            else:
+                print(missing_chart)

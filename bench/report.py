@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import glob
+import importlib.util
+import io
 import os
 
 from bench.harness import format_ratio
@@ -210,17 +212,27 @@ def bar_chart(rows, path: str) -> None:
     plt.close(fig)
 
 
-def write_all(rows, out_dir: str) -> None:
+CHART_NEEDS = ("results.png not drawn: matplotlib is not installed (pip install 'gift[plots]', then "
+               "python -m bench.report draws it from results.csv)")
+
+
+def write_all(rows, out_dir: str) -> str | None:
+    """results.csv, results.md and (with matplotlib) results.png in ``out_dir``, each atomically; returns
+    the one line saying how to get the chart when matplotlib is missing, else None."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r.get(k) for k in COLUMNS})
-    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(rows) + "\n")
-    if any(r["kernel"] == "train_step" for r in rows):
-        bar_chart(rows, os.path.join(out_dir, "results.png"))
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r.get(k) for k in COLUMNS})
+    atomic_write_text(os.path.join(out_dir, "results.csv"), text.getvalue())
+    atomic_write_text(os.path.join(out_dir, "results.md"), markdown(rows) + "\n")
+    if not any(r["kernel"] == "train_step" for r in rows):
+        return None
+    if importlib.util.find_spec("matplotlib") is None:
+        return CHART_NEEDS
+    bar_chart(rows, os.path.join(out_dir, "results.png"))
+    return None
 
 
 def update_readme(results_root: str, readme: str) -> None:
@@ -230,9 +242,11 @@ def update_readme(results_root: str, readme: str) -> None:
     parts = []
     for md in sorted(glob.glob(os.path.join(results_root, "*", "results.md"))):
         device = os.path.basename(os.path.dirname(md))
+        chart = os.path.join(os.path.dirname(md), "results.png")
         with open(md, encoding="utf-8") as f:
             parts.append(f"#### `{device}`\n\n" + f.read().strip()
-                         + f"\n\n![bench chart](bench/results/{device}/results.png)\n")
+                         + (f"\n\n![bench chart](bench/results/{device}/results.png)\n" if os.path.isfile(chart)
+                            else "\n"))
     with open(readme, encoding="utf-8") as f:
         text = f.read()
     if START not in text or END not in text:
@@ -255,7 +269,9 @@ def main() -> None:
     ``bench/results/<device>/results.csv`` (no measuring)."""
     root = os.path.join(os.path.dirname(__file__), "results")
     for path in sorted(glob.glob(os.path.join(root, "*", "results.csv"))):
-        write_all(_read_csv(path), os.path.dirname(path))
+        missing = write_all(_read_csv(path), os.path.dirname(path))
+        if missing:
+            print(missing)
     update_readme(root, os.path.join(os.path.dirname(__file__), "..", "README.md"))
 
 

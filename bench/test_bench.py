@@ -37,16 +37,7 @@ from bench.harness import (
 )
 from gift.backbones import data_config
 from gift.testing import model_exact_and_baseline
-from gift_kernels.testing import (
-    disagreements,
-    exact_and_baseline,
-    paca_case,
-    paca_outputs_and_grads,
-    paca_zero_gradients,
-    relative_errors,
-    residual_case,
-    residual_outputs_and_grads,
-)
+from gift_kernels.testing import paca_agreement, paca_case, residual_agreement, residual_case
 
 RANK = 64
 # (timm model, batch, timing rounds on CPU); bench/README.md says how long `make bench` takes with them.
@@ -352,24 +343,12 @@ def _op_call(fn):
 
 
 def _op_agreement(kernel, shape, provider, device, dtype) -> dict:
-    """Outputs and every gradient of the op vs float64 (each tensor at its own scale, same-dtype baseline)."""
-    if kernel == "paca_step":
-        t, params, grad = paca_case(shape)
-
-        def run(inputs, dt, backend="reference"):
-            return paca_outputs_and_grads(inputs[0], inputs[1:-1], inputs[-1], shape[4], dt, backend, device=device)
-
-        inputs, zero = [t, *params, grad], paca_zero_gradients(shape[2], shape[1])
-    else:
-        def run(inputs, dt, backend="reference"):
-            return residual_outputs_and_grads(*inputs, dt, backend, device=device)
-
-        inputs, zero = list(residual_case(shape)), ()
-    exact, baseline = exact_and_baseline(run, inputs, dtype)
-    got = run(inputs, dtype, provider.split("_")[1] if provider.startswith("fast_") else "reference")
-    errs = relative_errors(got, exact, zero)
-    return {"agree_out_rel": errs["output"][1], "agree_grad_rel": max(v[1] for k, v in errs.items() if k != "output"),
-            "bad": disagreements(got, exact, dtype, baseline, zero)}
+    """Outputs, every gradient and the op's own work vs float64, as the kernel tests check them
+    (`gift_kernels.testing.paca_agreement` / `residual_agreement`)."""
+    backend = provider.split("_")[1] if provider.startswith("fast_") else "reference"
+    agree = (paca_agreement if kernel == "paca_step" else residual_agreement)(shape, dtype, backend, device=device)
+    grads = [agree.relative[k] for k in agree.got if k != "output"]  # the gradients themselves; own work is in "bad"
+    return {"agree_out_rel": agree.relative["output"], "agree_grad_rel": max(grads), "bad": agree.bad}
 
 
 @pytest.mark.parametrize("provider", OP_PROVIDERS)

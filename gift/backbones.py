@@ -13,7 +13,6 @@ Library code: plain exceptions (``ValueError``, ``FileNotFoundError``, `Pretrain
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 from typing import Any, NamedTuple
 
@@ -24,7 +23,7 @@ from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg
 
 from . import timm_models  # noqa: F401  (registers the gift_* models with timm)
-from .files import read_state_dict
+from .files import content_sha256, file_sha256, read_state_dict
 from .targets import classifier_name
 
 IDENTITY_FORMAT = "gift-backbone-v1"
@@ -148,14 +147,6 @@ def data_config(model: nn.Module) -> DataConfig:
 
 
 # ------------------------------------------------------------------------------------ identity
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def backbone_identity(name: str, num_classes: int, drop_path: float, seed: int, pretrained_file: str | None = None,
                       pretrained: bool = False) -> dict[str, Any]:
     """The record `rebuild_backbone` needs: what `create_backbone` was called with, right after
@@ -200,20 +191,13 @@ RECORDED_ATTRIBUTES = ("img_size", "global_pool", "dynamic_img_size")
 
 
 def weights_digest(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> str | None:
-    """SHA-256 of the tensors of ``state`` (names, shapes, dtypes and bytes, in name order; floating tensors cast
-    to ``dtype`` when given), or None when one is not a plain tensor (a quantized weight)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name]
-        if type(t) is not torch.Tensor and not isinstance(t, nn.Parameter):
-            return None
-        t = t.detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        t = t.to("cpu").contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+    """`gift.files.content_sha256` of the tensors of ``state`` (floating tensors cast to ``dtype`` when given), or
+    None when one is not a plain tensor (a quantized weight)."""
+    if any(type(t) is not torch.Tensor and not isinstance(t, nn.Parameter) for t in state.values()):
+        return None
+    cast = {k: t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
+            for k, t in state.items()}
+    return content_sha256(cast)
 
 
 def frozen_dtype(state: dict[str, torch.Tensor]) -> str | None:

@@ -1,12 +1,13 @@
 """Files, written and read in one way everywhere: atomic writes (a crash leaves the old file, the
-new one gets the permissions of the umask) and the README's generated blocks between two markers, both
-`gift_kernels.files`' (the one home the kernels' tools share), and state dicts read from ``.safetensors``
-or torch files.
+new one is on the disk before it replaces it and gets the permissions of the umask) and the README's
+generated blocks between two markers, both `gift_kernels.files`' (the one home the kernels' tools share),
+checksums, and state dicts read from ``.safetensors`` or torch files.
 
 Library code: plain exceptions (``FileNotFoundError``, ``ValueError``, ``TypeError``).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import warnings
@@ -15,6 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from gift_kernels.files import (
+    TMP_PREFIX,
     atomic_write,
     atomic_write_json,
     atomic_write_text,
@@ -22,8 +24,52 @@ from gift_kernels.files import (
     write_marked_block,
 )
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "read_state_dict", "replace_marked_block",
-           "write_marked_block"]
+__all__ = ["TMP_PREFIX", "atomic_write", "atomic_write_json", "atomic_write_text", "content_sha256", "file_sha256",
+           "read_state_dict", "replace_marked_block", "write_marked_block"]
+
+
+# ------------------------------------------------------------------------------- checksums
+def file_sha256(path: str) -> str:
+    """The SHA-256 of the file ``path``, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_sha256(obj: Any) -> str:
+    """The SHA-256 of a nested structure of tensors, numpy arrays, dicts, lists, tuples and plain values
+    (a checkpoint's state): of each tensor's dtype, shape and bytes, each dict in key order, so that it
+    is the same after a save and a load whatever the file format; a flipped bit changes it."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            digest.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, np.ndarray):
+            digest.update(f"array {x.dtype} {x.shape};".encode())
+            digest.update(np.ascontiguousarray(x).view(np.uint8).reshape(-1))
+        elif isinstance(x, Mapping):
+            digest.update(f"dict {len(x)}{{".encode())
+            for key in sorted(x, key=repr):
+                feed(key)
+                feed(x[key])
+            digest.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"{type(x).__name__} {len(x)}[".encode())
+            for item in x:
+                feed(item)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(x).__name__} {x!r};".encode())
+
+    feed(obj)
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------- state dicts

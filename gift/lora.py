@@ -11,10 +11,12 @@ import tempfile
 import torch.nn as nn
 
 from .backbones import rebuild_backbone
-from .files import atomic_write, atomic_write_json
+from .files import TMP_PREFIX, atomic_write, atomic_write_json, file_sha256
 from .targets import classifier_name
 
 LORA_RUN = "gift_run.json"
+#: the key of ``gift_run.json`` with the SHA-256 of each of PEFT's files
+FILES_SHA256 = "files_sha256"
 #: the file PEFT writes beside its weights; it tells a LoRA adapter folder from a GIFT one
 LORA_CONFIG = "adapter_config.json"
 
@@ -31,18 +33,20 @@ def lora_model(backbone: nn.Module, lora_rank: int, target_modules=("attn.proj",
 
 def save_lora_adapter(model, directory: str, run: dict) -> None:
     """PEFT's ``save_pretrained`` (``adapter_model.safetensors``, ``adapter_config.json``) plus ``run``
-    (with the backbone identity) in ``gift_run.json``; each file replaced atomically."""
+    (with the backbone identity) and the SHA-256 of PEFT's files in ``gift_run.json``; each file replaced
+    atomically."""
     os.makedirs(directory, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=directory, prefix=".tmp-")
+    staging = tempfile.mkdtemp(dir=directory, prefix=TMP_PREFIX)
     try:
         model.save_pretrained(staging)
-        for name in os.listdir(staging):
+        checksums = {name: file_sha256(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
+        for name in checksums:
             atomic_write(
                 os.path.join(directory, name), lambda tmp, n=name: shutil.copyfile(os.path.join(staging, n), tmp)
             )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    atomic_write_json(os.path.join(directory, LORA_RUN), run, sort_keys=True)
+    atomic_write_json(os.path.join(directory, LORA_RUN), {**run, FILES_SHA256: checksums}, sort_keys=True)
 
 
 def load_lora_adapter(directory: str, pretrained_file: str | None = None):
@@ -55,7 +59,16 @@ def load_lora_adapter(directory: str, pretrained_file: str | None = None):
         raise FileNotFoundError(
             f"{path!r} does not exist: is {directory!r} a LoRA adapter folder written by gift finetune?"
         )
-    with open(path, encoding="utf-8") as f:
-        run = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path!r} is damaged: not valid JSON ({e})") from None
+    for name, recorded in run.pop(FILES_SHA256, {}).items():  # adapters saved before the checksums have none
+        file = os.path.join(directory, name)
+        if os.path.isfile(file) and file_sha256(file) != recorded:
+            raise ValueError(f"{file!r} is damaged: it does not match the checksum in {LORA_RUN} (a flipped bit or "
+                             f"a partial copy); restore it from a copy (a gift finetune run writes it again from its "
+                             f"checkpoint.pt with --resume)")
     backbone = rebuild_backbone(run.get("backbone"), pretrained_file)
     return PeftModel.from_pretrained(backbone, directory), run

@@ -14,13 +14,15 @@ import torch.nn as nn
 
 from .backbones import recorded_identity
 from .config import GIFTConfig
-from .files import atomic_write, atomic_write_json, read_state_dict
+from .files import atomic_write, atomic_write_json, content_sha256, read_state_dict
 from .generator import Hypernet, l2_normalize
 from .targets import TargetGroup, find_targets, saved_modules
 
 GIFT_PREFIXES = ("in_projections.", "hypernets.", "out_projections.")
 ADAPTER_WEIGHTS = "gift_adapter.safetensors"
 ADAPTER_CONFIG = "gift_config.json"
+#: the metadata key of ``gift_adapter.safetensors`` that holds the `content_sha256` of its tensors
+WEIGHTS_CHECKSUM = "gift_content_sha256"
 
 
 def block_index_argument(block_index: int, block: int | None) -> int:
@@ -307,12 +309,12 @@ class GIFTModelBase(nn.Module):
 
     def save_adapter(self, directory: str | os.PathLike, run: dict | None = None,
                      adapter_name: str | None = None) -> None:
-        """Write ``gift_adapter.safetensors`` (GIFT weights and the modules trained whole, `saved_module_names`)
-        and ``gift_config.json``, each atomically (temp file, then rename). The frozen backbone is never written;
-        ``run`` (e.g. the timm model name and the local pretrained file) is kept in the JSON for tools like
-        ``gift explain``. Without a backbone identity in ``run`` (a backbone built in Python), the one
-        `gift.backbones.recorded_identity` reads back from the backbone is recorded, for `load_gift_adapter`.
-        ``adapter_name``: another of `adapter_names` than the active one."""
+        """Write ``gift_adapter.safetensors`` (GIFT weights and the modules trained whole, `saved_module_names`,
+        with the `content_sha256` of its tensors in the file's metadata) and ``gift_config.json``, each atomically
+        (temp file, then rename). The frozen backbone is never written; ``run`` (e.g. the timm model name and the
+        local pretrained file) is kept in the JSON for tools like ``gift explain``. Without a backbone identity in
+        ``run`` (a backbone built in Python), the one `gift.backbones.recorded_identity` reads back from the backbone
+        is recorded, for `load_gift_adapter`. ``adapter_name``: another of `adapter_names` than the active one."""
         from safetensors.torch import save_file
 
         state = self._adapter_state(adapter_name)
@@ -332,10 +334,11 @@ class GIFTModelBase(nn.Module):
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        checksum = {"format": "pt", WEIGHTS_CHECKSUM: content_sha256(tensors)}
         meta = {"format": "gift-adapter-v1", "config": self.config.to_dict(), "targets": self._target_shapes(),
                 "head": self.head_name, "modules_to_save": list(self.saved_module_names),
                 "backbone_class": type(self.backbone).__name__, "run": run}
-        atomic_write(os.path.join(directory, ADAPTER_WEIGHTS), lambda tmp: save_file(tensors, tmp))
+        atomic_write(os.path.join(directory, ADAPTER_WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata=checksum))
         atomic_write_json(os.path.join(directory, ADAPTER_CONFIG), meta, sort_keys=True)
 
     @staticmethod
@@ -345,8 +348,35 @@ class GIFTModelBase(nn.Module):
             raise FileNotFoundError(
                 f"{path!r} does not exist: is {os.fspath(directory)!r} a directory written by save_adapter()?"
             )
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path!r} is damaged: not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path!r} is damaged: not a JSON object")
+        return meta
+
+    @staticmethod
+    def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """The tensors of ``gift_adapter.safetensors``, checked against the checksum in its metadata (adapters
+        saved before the checksum have none). ``ValueError`` for a damaged file."""
+        from safetensors import safe_open
+
+        path = os.path.join(os.fspath(directory), ADAPTER_WEIGHTS)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GIFT checkpoint {path!r} does not exist.")
+        try:
+            with safe_open(path, framework="pt") as f:
+                recorded = (f.metadata() or {}).get(WEIGHTS_CHECKSUM)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for a broken file
+            raise ValueError(f"cannot read GIFT checkpoint {path!r}: {type(e).__name__}: {e}") from None
+        if recorded is not None and content_sha256(tensors) != recorded:
+            raise ValueError(f"{path!r} is damaged: its tensors do not match the checksum they were saved with "
+                             f"(a flipped bit or a partial copy); restore it from a copy (a gift finetune run "
+                             f"writes it again from its checkpoint.pt with --resume)")
+        return tensors
 
     @staticmethod
     def adapter_config(meta: dict) -> GIFTConfig:
@@ -379,7 +409,7 @@ class GIFTModelBase(nn.Module):
             raise ValueError(f"Adapter in {os.fspath(directory)!r} holds the modules {held} whole, but this model "
                              f"trains {list(self.saved_module_names)}; build it with "
                              f"GIFTConfig(modules_to_save={tuple(held)!r}).")
-        return self.checked_gift_state(os.path.join(os.fspath(directory), ADAPTER_WEIGHTS))
+        return self.checked_gift_state(self.read_adapter_weights(directory))
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
         """Restore what `save_adapter` wrote, into the active adapter, or (``adapter_name``: a new name) as another

@@ -1,33 +1,55 @@
 """Files written in one way everywhere, by `gift` as by the kernels' tools (the one module both reach):
-atomic writes (a crash leaves the old file; the new one gets the umask's permissions, as a plain
-``open(path, "w")`` would, not ``mkstemp``'s 0600) and a README's generated block between two marker
-lines. Plain exceptions only (``OSError``, ``ValueError``).
+atomic writes (a crash leaves the old file; the new one is on the disk before it replaces it and gets
+the umask's permissions, as a plain ``open(path, "w")`` would, not ``mkstemp``'s 0600) and a README's
+generated block between two marker lines. Plain exceptions only (``OSError``, ``ValueError``).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from typing import Any, Callable
 
+#: how the temporary files of `atomic_write` begin (what a crash mid-write leaves behind)
+TMP_PREFIX = ".tmp-"
+
 
 def atomic_write(path: str, write: Callable[[str], object]) -> None:
     """Write a file through ``write(tmp_path)`` (a unique file beside ``path``, its folder made if need
-    be), then rename it over ``path``; on any error the temporary file is removed and ``path`` is as it was."""
+    be), then rename it over ``path``; on any error the temporary file is removed and ``path`` is as it was.
+    The new file's data is flushed to the disk (``fsync``) before the rename, and the rename before this
+    returns, so that a power loss cannot leave a renamed but empty file."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=os.path.basename(path))
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     try:
         write(tmp)
+        _fsync_path(tmp)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_path(directory)
+
+
+def _fsync_path(path: str) -> None:
+    """``fsync`` a file or a directory (its entries: a rename in it); a file system that cannot sync a
+    directory (some network ones) is let be."""
+    is_dir = os.path.isdir(path)
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not is_dir or e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str, text: str) -> None:

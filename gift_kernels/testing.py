@@ -1,12 +1,13 @@
 """What the op tests and the bench share: inputs for each op (`paca_case`, `residual_case`), runs of it on any
-backend with its gradients (`paca_outputs_and_grads`, `residual_outputs_and_grads`), each op checked end to end
-against its float64 reference (`check_paca`, `check_residual`; the Triton PaCa forward's saved state:
-`check_paca_saved_state`), and which op tests can run here. The agreement rule they apply (the tolerance
-table, the own-work keys, the rounding floors) is `agreement`'s, re-exported here.
+backend with its gradients (`paca_outputs_and_grads`, `residual_outputs_and_grads`), each op compared end to end
+with its float64 reference (`paca_agreement`, `residual_agreement`; raising: `check_paca`, `check_residual`; the
+Triton PaCa forward's saved state: `check_paca_saved_state`), and which op tests can run here. The agreement
+rule they apply (the tolerance table, the own-work keys, the rounding floors) is `agreement`'s, re-exported here.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -184,14 +185,29 @@ def residual_outputs_and_grads(x, w, b, psi, tokens, grad, dtype: torch.dtype, b
 
 
 # ------------------------------------------------------------------------------ one op checked end to end
-def check_paca(shape, dtype: torch.dtype, backend: str, activation: str = "sigmoid", seed: int = 0,
-               device="cpu", sharp: bool = False
-               ) -> tuple[dict[str, torch.Tensor], Callable[[], dict[str, torch.Tensor]]]:
+@dataclass
+class Agreement:
+    """One op's run against its float64 reference: ``got`` (the run's results, without the own-work keys),
+    ``relative`` (per key, own-work keys included: max abs error / the key's scale), ``bad`` (one line per key over
+    its tolerance: `disagreements`; empty when all agree) and ``rerun`` (runs the op again, as ``got`` was made)."""
+
+    got: dict[str, torch.Tensor]
+    relative: dict[str, float]
+    bad: list[str]
+    rerun: Callable[[], dict[str, torch.Tensor]]
+
+    def raise_if_bad(self, dtype: torch.dtype) -> None:
+        if self.bad:
+            raise AssertionError(f"{len(self.bad)} of {len(self.relative)} tensors disagree in {dtype}:\n  "
+                                 + "\n  ".join(self.bad))
+
+
+def paca_agreement(shape, dtype: torch.dtype, backend: str, activation: str = "sigmoid", seed: int = 0,
+                   device="cpu", sharp: bool = False) -> Agreement:
     """`paca_attention` on ``paca_case(shape, seed, sharp)`` (``shape = (L, N, M, r, heads)``) in ``dtype`` on
     ``backend``/``device`` against the float64 reference (`exact_and_baseline`: rounded inputs, fp32 baseline),
     every tensor and PaCa's own work (`paca_own_work`) at its own scale, with the rounding floors of
-    `paca_error_floors`. Raises ``AssertionError`` on disagreement; returns the results and a function that
-    reruns the op (both without the own-work keys)."""
+    `paca_error_floors`."""
     t, params, grad = paca_case(shape, seed, sharp)
     heads = shape[4]
 
@@ -204,16 +220,16 @@ def check_paca(shape, dtype: torch.dtype, backend: str, activation: str = "sigmo
     got = run(inputs, dtype, backend, device)
     rounded = rounded_to(inputs, dtype)
     own = [paca_own_work(r, rounded[0], rounded[-1]) for r in (got, exact, baseline)]
-    assert_agree(*own[:2], dtype, baseline=own[2],
-                 zero_by_construction=paca_zero_gradients(shape[2], shape[1], activation),
-                 floors=paca_error_floors(rounded[0], rounded[1:-1], rounded[-1], heads, dtype, exact, activation))
-    return got, lambda: run(inputs, dtype, backend, device)
+    zero = paca_zero_gradients(shape[2], shape[1], activation)
+    floors = paca_error_floors(rounded[0], rounded[1:-1], rounded[-1], heads, dtype, exact, activation)
+    return Agreement(got, {k: v[1] for k, v in relative_errors(own[0], own[1], zero).items()},
+                     disagreements(own[0], own[1], dtype, baseline=own[2], zero_by_construction=zero, floors=floors),
+                     lambda: run(inputs, dtype, backend, device))
 
 
-def check_residual(shape, dtype: torch.dtype, backend: str, bias: bool = True, device="cpu",
-                   psi_scale: float = RESIDUAL_PSI_SCALE) -> tuple[dict[str, torch.Tensor],
-                                                                  Callable[[], dict[str, torch.Tensor]]]:
-    """`lowrank_residual_linear` at ``shape = (rows, d_in, d_out, r)``, checked like `check_paca` (own work:
+def residual_agreement(shape, dtype: torch.dtype, backend: str, bias: bool = True, device="cpu",
+                       psi_scale: float = RESIDUAL_PSI_SCALE) -> Agreement:
+    """`lowrank_residual_linear` at ``shape = (rows, d_in, d_out, r)``, compared like `paca_agreement` (own work:
     `residual_own_work`, floors: `residual_error_floors`)."""
     inputs = list(residual_case(shape, bias, psi_scale=psi_scale))
 
@@ -224,8 +240,29 @@ def check_residual(shape, dtype: torch.dtype, backend: str, bias: bool = True, d
     got = run(inputs, dtype, backend, device)
     x, w, b, psi, tokens, grad = rounded_to(inputs, dtype)
     own = [residual_own_work(r, x, w, b, grad) for r in (got, exact, baseline)]
-    assert_agree(*own[:2], dtype, baseline=own[2], floors=residual_error_floors(x, w, b, psi, tokens, grad, dtype))
-    return got, lambda: run(inputs, dtype, backend, device)
+    return Agreement(got, {k: v[1] for k, v in relative_errors(own[0], own[1]).items()},
+                     disagreements(own[0], own[1], dtype, baseline=own[2],
+                                   floors=residual_error_floors(x, w, b, psi, tokens, grad, dtype)),
+                     lambda: run(inputs, dtype, backend, device))
+
+
+def check_paca(shape, dtype: torch.dtype, backend: str, activation: str = "sigmoid", seed: int = 0,
+               device="cpu", sharp: bool = False
+               ) -> tuple[dict[str, torch.Tensor], Callable[[], dict[str, torch.Tensor]]]:
+    """`paca_agreement`, raising ``AssertionError`` on disagreement; returns the results and a function that reruns
+    the op (both without the own-work keys)."""
+    agreement = paca_agreement(shape, dtype, backend, activation, seed, device, sharp)
+    agreement.raise_if_bad(dtype)
+    return agreement.got, agreement.rerun
+
+
+def check_residual(shape, dtype: torch.dtype, backend: str, bias: bool = True, device="cpu",
+                   psi_scale: float = RESIDUAL_PSI_SCALE) -> tuple[dict[str, torch.Tensor],
+                                                                  Callable[[], dict[str, torch.Tensor]]]:
+    """`residual_agreement`, raising like `check_paca`."""
+    agreement = residual_agreement(shape, dtype, backend, bias, device, psi_scale)
+    agreement.raise_if_bad(dtype)
+    return agreement.got, agreement.rerun
 
 
 # ------------------------------------------------------------------------------ what the op tests can run here

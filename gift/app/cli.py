@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from .. import __version__
 from .errors import UsageError, one_line
+from .interrupts import Terminated
 
 # name: one-line help. Adding a subcommand: one line here and a module gift/app/commands/<name>.py.
 COMMANDS = {
@@ -68,6 +70,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    called_as_command = argv is None  # the console script (a caller passing argv keeps its own Ctrl-C)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     try:
@@ -77,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gift {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # the training loop saved what it had; SIGTERM exits as a terminated job does
+        if called_as_command:  # the process ends now: a further Ctrl-C while Python shuts down prints no traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -14,9 +14,18 @@ class DataError(UsageError, ValueError):
     """Bad input data: the message says what and where (file, line) and what to do."""
 
 
+#: where torch's C++ errors (``c10::Error``) begin the stack trace they append to their message
+CPP_TRACE_MARKERS = ("Exception raised from ", "frame #0:")
+
+
 def one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line (library messages may span several)."""
-    text = " ".join(str(error).split())
+    """The message of ``error`` on one line (library messages may span several), without the C++ stack
+    frames torch appends to some."""
+    text = str(error)
+    for marker in CPP_TRACE_MARKERS:
+        if marker in text:
+            text = text[:text.index(marker)]
+    text = " ".join(text.split())
     return text or type(error).__name__
 
 
@@ -45,9 +54,11 @@ def missing_extra(module: str, extra: str, feature: str) -> str | None:
     return f"{feature} needs {module}, which is not installed: pip install 'gift[{extra}]'"
 
 
-def check_output_folder(path: str, *, kind: str = "--output") -> None:
+def check_output_folder(path: str, *, kind: str = "--output", create: bool = True) -> None:
     """Create folder ``path`` and check that files can be written in it; `UsageError` naming the
-    problem (a file in the way, a read-only file system, no permission) otherwise."""
+    problem (a file in the way, a read-only file system, no permission) otherwise. With ``create=False``
+    nothing is created: the folder, or its nearest existing parent, must be writable (for commands that
+    check their other inputs before they write anything)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{kind} {path!r} is a file, not a folder; name a folder")
     parent = os.path.abspath(path)
@@ -55,6 +66,11 @@ def check_output_folder(path: str, *, kind: str = "--output") -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise UsageError(f"{kind} {path!r} is under {parent!r}, which is a file; name a folder")
+    if not create:
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"{kind} {path!r} is not writable (no permission on {parent!r}); "
+                             f"choose a folder you can write to")
+        return
     try:
         os.makedirs(path, exist_ok=True)
         import tempfile

@@ -37,14 +37,42 @@ def _save_png(image: np.ndarray, path: str, scale: int = 1) -> None:
     atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
+def unique_stems(names) -> list[str]:
+    """One file-name stem per image path, unique among ``names``: the base name without its extension,
+    with as many parent folders as it takes to tell two files apart (``cat/0.png``, ``dog/0.png`` ->
+    ``cat_0``, ``dog_0``), and ``_2``, ``_3``... for one file given again (or two that differ only in
+    their extension)."""
+    def key(name) -> str:
+        return os.path.splitext(os.path.normpath(os.path.abspath(str(name))))[0]
+
+    paths = list(dict.fromkeys(key(n) for n in names))
+    parts = [[p for p in path.split(os.sep) if p] for path in paths]
+    depth = [1] * len(parts)
+    while True:
+        stems = ["_".join(p[-d:]) or "image" for p, d in zip(parts, depth)]
+        clashing = [i for i, s in enumerate(stems) if stems.count(s) > 1 and depth[i] < len(parts[i])]
+        if not clashing:
+            break
+        for i in clashing:
+            depth[i] += 1
+    of_path = dict(zip(paths, stems))
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        stem = of_path[key(name)]
+        seen[stem] = seen.get(stem, 0) + 1
+        unique.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return unique
+
+
 def write_pngs(raw_images, result, out_dir: str, names, top_k: int) -> list[str]:
     """Per image (``raw_images``: (H, W, 3) uint8 arrays; ``result``: `gift.ClusterMaps`): top-k cluster
-    overlays per layer, the hard segmentation, and a per-layer grid. Returns the paths written."""
+    overlays per layer, the hard segmentation, and a per-layer grid, named after the image (``names``,
+    `unique_stems`). Returns the paths written, each once."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
     layers = sorted(result.maps)
-    for b, (img, name) in enumerate(zip(raw_images, names)):
-        stem = os.path.splitext(os.path.basename(name))[0]
+    for b, (img, stem) in enumerate(zip(raw_images, unique_stems(names))):
         rows = []
         for layer in layers:
             maps = result.maps[layer][b].numpy()                                   # (M, H, W)

@@ -5,6 +5,7 @@ policy (`choose_finetune_memory`)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
@@ -112,6 +113,8 @@ class FinetuneConfig:
         check_ranges(self)
         if self.pretrained and self.pretrained_file:
             raise UsageError("give either --pretrained (timm's hub) or --pretrained-file (local), not both")
+        if self.pretrained_file and not os.path.isfile(self.pretrained_file):
+            raise UsageError(f"--pretrained-file {self.pretrained_file!r} does not exist (or is not a file)")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in --output and --overwrite replaces it: give one")
         if self.device is not None and not DEVICE_PATTERN.fullmatch(self.device):
@@ -174,7 +177,8 @@ def choose_finetune_memory(
             "none", accumulation,
             f"--memory auto: --method {cfg.method} has one memory mode (recomputation is GIFT's): memory=none",
         )
-    budget = parse_bytes(cfg.max_memory) if cfg.max_memory is not None else default_memory_budget(device)
+    budget = memory_size(cfg.max_memory, "--max-memory") if cfg.max_memory is not None \
+        else default_memory_budget(device)
     setup = dataclasses.replace(training_setup(cfg, num_classes=num_classes), batch_size=local_batch_size,
                                 grad_accum_steps=1)
     if budget is None:
@@ -186,6 +190,23 @@ def choose_finetune_memory(
     except DoesNotFit as e:
         raise UsageError(f"--memory auto: {e}") from None
     return mode, plan.accumulation, f"--memory auto: {reason}"
+
+
+#: the smallest memory size `memory_size` takes: less is a unit left out ("24" for 24GiB), not a device
+MIN_DEVICE_MEMORY = 1 << 20
+
+
+def memory_size(text: str, flag: str) -> int:
+    """``text`` (``24GiB``, ``80GB``, bytes) as bytes; `UsageError` naming ``flag`` for text that does not
+    parse or a size under 1 MiB."""
+    try:
+        size = parse_bytes(text)
+    except ValueError as e:
+        raise UsageError(f"{flag}: {e}") from None
+    if size < MIN_DEVICE_MEMORY:
+        raise UsageError(f"{flag} {text!r} is {size} bytes, too little for a device: give the size with its unit, "
+                         f"e.g. 24GiB or 80GB")
+    return size
 
 
 def probe_data_config(name: str) -> tuple[int, tuple, tuple]:

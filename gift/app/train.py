@@ -2,7 +2,9 @@
 job from a `FinetuneConfig`, checked before it trains, checkpointed every epoch (atomically), resumed
 to the same result bit for bit (also after Ctrl-C mid-step), and run on several processes under
 ``torchrun`` (DDP: gloo on CPU, NCCL on CUDA). `finetune` = `start_run`, then per epoch
-`train_one_epoch`, `evaluate` and `end_epoch` (`train`).
+`train_one_epoch`, `evaluate` and `end_epoch` (`train`). One run owns its folder at a time (a lock), a
+non-finite step stops it before anything non-finite is written (`gift.app.divergence`), SIGTERM is
+Ctrl-C, and a full disk is one line.
 """
 from __future__ import annotations
 
@@ -12,10 +14,7 @@ import io
 import math
 import os
 import random
-import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -28,19 +27,31 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..backbones import backbone_identity, create_backbone
-from ..dtypes import autocast_for
+from ..dtypes import autocast_for, dtype_name
 from ..fast import FastGIFT
-from ..files import atomic_write, atomic_write_json, atomic_write_text
+from ..files import atomic_write, atomic_write_json, atomic_write_text, content_sha256
 from ..lora import save_lora_adapter
 from ..plan import wrap_for_training
-from .data import absolute_data_spec, open_train_val
+from .data import absolute_data_spec, data_fingerprint, open_train_val
+from .divergence import Diverged, non_finite_tensors, step_is_finite
 from .errors import UsageError, check_output_folder, library_errors
+from .interrupts import Terminated, interrupts_held, sigterm_as_interrupt
 from .render import curves_unavailable, write_curves
 from .run_config import FinetuneConfig, choose_finetune_memory, probe_data_config, training_setup
+from .run_folder import (
+    CHECKPOINT,
+    check_free_space,
+    describe_owner,
+    disk_full_as_usage_error,
+    epoch_write_bytes,
+    folder_lock,
+    held_run_files,
+    remove_orphans,
+    remove_run,
+)
 from .runtime import Dist, accuracy, batch_of, init_distributed
 
-CHECKPOINT = "checkpoint.pt"
-RUN_FILES = (CHECKPOINT, "metrics.csv", "metrics.json", "curves.png", "adapter", "eval.json")
+RESUME_HINT = "continue with --resume"
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -74,8 +85,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict) -> dict:
-    """What a checkpoint must agree on to be resumed (the number of epochs may grow)."""
+def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict, train_data: str | None = None) -> dict:
+    """What a checkpoint must agree on to be resumed: every setting that changes the trained weights (the
+    number of epochs may grow). ``train_data``: `gift.app.data.data_fingerprint` of the training split."""
     frozen = {k: v for k, v in backbone.items() if k != "pretrained_path"}
     return {
         "model": cfg.model,
@@ -87,11 +99,41 @@ def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict) -> dict:
         "cluster_activation": cfg.cluster_activation,
         "train_split": cfg.train_split,
         "batch_size": cfg.batch_size,
+        "grad_accum_steps": cfg.grad_accum_steps,
         "lr": cfg.lr,
         "weight_decay": cfg.weight_decay,
         "seed": cfg.seed,
         "backbone": frozen,
+        "train_data": train_data,
+        "warmup": cfg.warmup,
+        "amp": cfg.amp,
+        "backbone_dtype": cfg.backbone_dtype,
+        "model_ema_decay": cfg.model_ema_decay if cfg.model_ema else None,
     }
+
+
+#: identity fields whose values are dtype names (compared as `gift.dtypes.dtype_name` spells them, so a
+#: run recorded as ``bf16`` matches ``bfloat16``)
+DTYPE_FIELDS = ("amp", "backbone_dtype")
+
+
+def normal_setting(key: str, value):
+    """A recorded setting as it compares: dtype names (`DTYPE_FIELDS`) in torch's spelling, others as they are."""
+    return dtype_name(value) if key in DTYPE_FIELDS and isinstance(value, str) else value
+
+
+# fields added to the identity for a setting that older gifts did not have: their runs had this value
+VALUE_BEFORE_RECORDED = {"grad_accum_steps": None}
+
+
+def identity_differences(saved: dict, now: dict) -> tuple[dict, list[str]]:
+    """``({field: (saved value, value now)}, fields the saved identity does not record)``: what differs
+    between a checkpoint's identity and this run's (`normal_setting`); a checkpoint of an older gift lacks
+    the fields added since (those of `VALUE_BEFORE_RECORDED` are compared with the value they had then)."""
+    saved = {**{k: v for k, v in VALUE_BEFORE_RECORDED.items() if k in now}, **saved}
+    diff = {k: (saved[k], v) for k, v in now.items()
+            if k in saved and normal_setting(k, saved[k]) != normal_setting(k, v)}
+    return diff, [k for k in now if k not in saved]
 
 
 def save_checkpoint(path: str, model, optimizer, scheduler, identity, epochs, epoch, step_in_epoch, history,
@@ -102,40 +144,41 @@ def save_checkpoint(path: str, model, optimizer, scheduler, identity, epochs, ep
              "step_in_epoch": step_in_epoch, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": rng, "history": history, "partial": partial,
              "ema": None if ema is None else trainable_state(ema)}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    state["sha256"] = content_sha256(state)  # of everything else: a flipped bit is found on resume
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # through Python's file: a full disk is an OSError, not torch's stream error
+            torch.save(state, f)
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: str, identity: dict) -> dict:
+    """The checkpoint at ``path`` if it is whole (its checksum), of this run (``identity``) and finite;
+    `UsageError` naming what is wrong otherwise."""
     if not os.path.isfile(path):
         raise UsageError(f"--resume: no checkpoint at {path!r}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise UsageError(f"--resume: cannot read {path!r}: {type(e).__name__}: {e}") from None
+        raise UsageError(f"--resume: cannot read {path!r}: {type(e).__name__}: {e}; it is damaged or partial: "
+                         f"restore it from a copy, or start again with --overwrite") from None
     if not isinstance(state, dict) or state.get("format") != "gift-finetune-v2":
         raise UsageError(f"--resume: {path!r} is not a checkpoint of this gift version's finetune")
-    saved = state["identity"]
-    diff = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+    recorded = state.pop("sha256", None)  # checkpoints of gifts before the checksum have none
+    if recorded is not None and content_sha256(state) != recorded:
+        raise UsageError(f"--resume: {path!r} is damaged: its content does not match the checksum it was saved "
+                         f"with (a flipped bit or a partial copy); restore it from a copy, or start again with "
+                         f"--overwrite")
+    diff, state["unrecorded"] = identity_differences(state["identity"], identity)
     if diff:
         text = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise UsageError(f"--resume: checkpoint {path!r} is from another model or config ({text})")
+    bad = [n for n, t in {**state["trainable"], **(state.get("ema") or {})}.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise UsageError(f"--resume: {path!r} holds non-finite weights ({len(bad)} tensor(s), e.g. {bad[0]}): "
+                         f"it is damaged or from a run that diverged; start again with --overwrite")
     return state
-
-
-@contextlib.contextmanager
-def interrupts_held():
-    """Ctrl-C (SIGINT) inside the block is held until the block ends, so its work is all or nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-    if caught:
-        raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -159,21 +202,34 @@ def write_metrics(output: str, history: list[dict], curves: bool) -> None:
         write_curves(os.path.join(output, "curves.png"), history)
 
 
-def prepare_output(cfg: FinetuneConfig) -> None:
-    """The run folder exists and is writable; an earlier run in it is kept unless --resume or --overwrite."""
-    check_output_folder(cfg.output)
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output, f))]
+def check_run_folder(cfg: FinetuneConfig) -> None:
+    """An earlier run in the folder is kept unless --resume or --overwrite (called with the folder locked)."""
+    held = held_run_files(cfg.output)
     if held and not (cfg.resume or cfg.overwrite):
         raise UsageError(f"--output {cfg.output!r} already holds a run ({', '.join(held)}); "
                          f"pass --resume to continue it or --overwrite to replace it")
-    if cfg.overwrite:  # every torchrun process may get here: whoever comes second finds nothing left
-        for f in held:
-            path = os.path.join(cfg.output, f)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+
+
+def take_run_folder(cfg: FinetuneConfig, d: Dist, held: contextlib.ExitStack) -> None:
+    """Lock the run folder for this run (main process; released when ``held`` closes), then refuse one
+    that holds a run unless --resume or --overwrite."""
+    lock = held.enter_context(folder_lock(cfg.output, d.main))
+    if lock is not None and lock.recovered:
+        say(d, f"note: took over the lock of {cfg.output} from a run that ended without releasing it "
+               f"({describe_owner(lock.recovered)})")
+    check_run_folder(cfg)
+
+
+def prepare_output(cfg: FinetuneConfig, d: Dist, trainable_bytes: int) -> None:
+    """Once every other check has passed (main process, folder locked): room for an epoch's files, then
+    the old run removed with --overwrite, else what a killed write left behind."""
+    if not d.main:
+        return
+    check_free_space(cfg.output, epoch_write_bytes(trainable_bytes, cfg.model_ema))
+    if cfg.overwrite:
+        remove_run(cfg.output)
+    else:
+        remove_orphans(cfg.output)
 
 
 def say(d, text: str, err: bool = False) -> None:
@@ -182,18 +238,23 @@ def say(d, text: str, err: bool = False) -> None:
         print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def finetune(cfg: FinetuneConfig, keep_model: bool = False) -> dict:
+def finetune(cfg: FinetuneConfig, keep_model: bool = False, resume_hint: str = RESUME_HINT) -> dict:
     """Run one fine-tuning job. Returns the summary: ``method``, ``trainable_parameters``, ``top1`` and
     ``top5`` (validation, last epoch), ``step_time_s``, ``history``, ``output`` (the run folder), ``main``
-    (this is the process that reports), and the trained ``model`` with ``keep_model``.
+    (this is the process that reports), and the trained ``model`` with ``keep_model``. ``resume_hint``:
+    how to continue, in the line a Ctrl-C prints (`gift sweep` continues by re-running itself).
 
-    Raises `UsageError` / `DataError` for bad input, before any training step."""
+    Raises `UsageError` / `DataError` for bad input, before any training step (and before --overwrite
+    removes anything); `gift.app.run_folder.FolderInUse` while another run owns the folder;
+    `gift.app.divergence.Diverged` at a non-finite step; `gift.app.run_folder.DiskFull`."""
     cfg.validate()
     with library_errors():
         image_size, mean, std = probe_data_config(cfg.model)
-    prepare_output(cfg)
+    check_output_folder(cfg.output)
     d = init_distributed(cfg.device)
-    try:
+    with contextlib.ExitStack() as held:
+        held.callback(d.close)
+        take_run_folder(cfg, d, held)
         if cfg.batch_size % ((cfg.grad_accum_steps or 1) * d.world_size):
             raise UsageError(
                 f"--batch-size {cfg.batch_size} (the global batch) is not divisible by "
@@ -223,18 +284,17 @@ def finetune(cfg: FinetuneConfig, keep_model: bool = False) -> dict:
             if reason:
                 say(d, reason)
             model, gift_model = build_model(cfg, backbone, memory)
+        prepare_output(cfg, d, sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad))
         run = start_run(cfg, d, model, gift_model, identity, train_set, val_set, classes, steps_per_epoch)
         run.grad_accum_steps = accumulation
-        return train(run, keep_model)
-    finally:
-        d.close()
+        return train(run, keep_model, resume_hint)
 
 
 @dataclass
 class Run:
     """One fine-tuning run between its steps: the model and what trains it, where it is (``history``,
-    this epoch's ``partial`` sums) and where a checkpoint taken now continues from (``resume_at``
-    (epoch, step) with the RNG state ``resume_rng``)."""
+    this epoch's ``partial`` sums), where a checkpoint taken now continues from (``resume_at``
+    (epoch, step) with the RNG state ``resume_rng``) and where the one on disk does (``saved_at``)."""
 
     cfg: FinetuneConfig
     d: Dist
@@ -258,10 +318,16 @@ class Run:
     resume_at: tuple[int, int] = (0, 0)
     resume_rng: dict | None = None
     grad_accum_steps: int = 1  # micro-batches of each optimizer step, per process
+    saved_at: tuple[int, int] | None = None
+    resume_hint: str = RESUME_HINT
 
     @property
     def checkpoint_path(self) -> str:
         return os.path.join(self.cfg.output, CHECKPOINT)
+
+    @property
+    def trained_parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     @property
     def local_batch_size(self) -> int:
@@ -288,23 +354,30 @@ def start_run(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, max(1, round(total * cfg.warmup))))
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "float16")
+    train_data = data_fingerprint(train_set)
     run_info = {"model": cfg.model, "method": cfg.method, "num_classes": len(classes), "classes": list(classes),
                 "trainable_parameters": sum(p.numel() for p in params),
                 "backbone": backbone_id, "amp": cfg.amp,
                 "data": {"data": absolute_data_spec(cfg.data), "train_split": cfg.train_split,
-                         "eval_split": cfg.eval_split, **asdict(cfg.embedded)}}
+                         "eval_split": cfg.eval_split, "train_data": train_data, **asdict(cfg.embedded)}}
     return Run(cfg, d, model, gift_model, train_module, optimizer, scheduler, scaler, ema,
-               run_identity(cfg, len(classes), backbone_id), run_info, train_set, val_set, steps_per_epoch,
+               run_identity(cfg, len(classes), backbone_id, train_data), run_info, train_set, val_set, steps_per_epoch,
                run_info["trainable_parameters"], curves_missing)
 
 
 def resume(run: Run) -> bool:
-    """Load the run's checkpoint into it (trainable weights, EMA, optimizer, schedule, RNG); True when
-    the run had already done all its epochs. Raises `UsageError` for a checkpoint of another run."""
+    """Load the run's checkpoint into it (trainable weights, EMA, optimizer, schedule, RNG) and rewrite
+    the adapter(s) and metrics from it (a run killed between its checkpoint and those files, or whose
+    adapter was lost, is whole again); True when the run had already done all its epochs. Raises
+    `UsageError` for a checkpoint of another run, a damaged one or one with non-finite weights."""
     cfg, d = run.cfg, run.d
     state = load_checkpoint(run.checkpoint_path, run.identity)
+    unrecorded = state["unrecorded"]
+    if unrecorded:
+        say(d, f"note: {run.checkpoint_path} was written by an older gift that did not record "
+               f"{', '.join(unrecorded)}; those are not checked: resume with the settings the run began with")
     run.history, run.partial = state["history"], state["partial"]
-    start_epoch, start_step = run.start = state["epoch"], state["step_in_epoch"]
+    start_epoch, start_step = run.start = run.saved_at = state["epoch"], state["step_in_epoch"]
     if start_epoch > cfg.epochs or (start_epoch == cfg.epochs and start_step):
         raise UsageError(f"--epochs {cfg.epochs} is fewer than the {start_epoch} epoch(s) the run in "
                          f"{cfg.output!r} has done; pass --epochs {state['epochs']} or more")
@@ -321,6 +394,11 @@ def resume(run: Run) -> bool:
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    with disk_full_as_usage_error(f"the adapter and metrics in {cfg.output}", "its checkpoint is intact: free some "
+                                  "space, then run the same command again"):
+        save_adapters(run)
+        if d.main and run.history:
+            write_metrics(cfg.output, run.history, curves=not run.curves_missing)
     if start_epoch == cfg.epochs:
         say(d, f"the run in {cfg.output} is already finished ({cfg.epochs} epochs); "
                f"pass --epochs N > {cfg.epochs} to extend it")
@@ -340,6 +418,15 @@ def save_run(run: Run, epoch: int, step: int, partial: dict, rng: dict) -> None:
         return
     save_checkpoint(run.checkpoint_path, run.model, run.optimizer, run.scheduler, run.identity, cfg.epochs, epoch,
                     step, run.history, partial, rng, None if run.ema is None else run.ema.module)
+    run.saved_at = (epoch, step)
+    save_adapters(run)
+
+
+def save_adapters(run: Run) -> None:
+    """The adapter (and with --model-ema the EMA's) of the run's weights now, from the main process."""
+    cfg = run.cfg
+    if not run.d.main:
+        return
     if run.gift_model is not None:
         run.gift_model.save_adapter(os.path.join(cfg.output, "adapter"), run=run.run_info)
         if run.ema is not None:
@@ -364,15 +451,18 @@ def train_one_epoch(run: Run, epoch: int, first_step: int = 0) -> None:
         start = time.perf_counter()
         run.optimizer.zero_grad(set_to_none=True)  # no gradients alive in forward, as `gift plan` counts
         loss_sum = accumulate_gradients(run, x.to(d.device), y.to(d.device))
+        finite = step_is_finite(torch.tensor(loss_sum), run.trained_parameters, run.scaler,
+                                f"epoch {epoch + 1}, step {step + 1}")
         with interrupts_held():  # the update, the step count and the RNG to resume from: all or nothing
-            run.scaler.step(run.optimizer)
+            run.scaler.step(run.optimizer)  # float16's scaler skips a step whose gradients are not finite
             run.scaler.update()
             run.scheduler.step()
             if run.ema is not None:
                 run.ema.update(run.model)
             run.partial["step_time"] += time.perf_counter() - start
-            run.partial["loss_sum"] += loss_sum
-            run.partial["count"] += len(y)
+            if finite:
+                run.partial["loss_sum"] += loss_sum
+                run.partial["count"] += len(y)
             run.resume_at, run.resume_rng = (epoch, step + 1), rng_state()
         bar.set_postfix(loss=f"{loss_sum / len(y):.3f}")
 
@@ -416,8 +506,15 @@ def end_epoch(run: Run, epoch: int, evaluated: tuple[dict, dict] | None) -> None
     loss_sum, count = d.all_reduce([run.partial["loss_sum"], run.partial["count"]])
     nan = {"top1": float("nan"), "top5": float("nan")}
     scores, ema_scores = evaluated if evaluated is not None else (nan, {} if run.ema is None else nan)
-    with interrupts_held():
-        run.history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1), "val_top1": scores["top1"],
+    bad = non_finite_tensors(run.model) + ([] if run.ema is None else non_finite_tensors(run.ema.module))
+    if bad:
+        raise Diverged(f"training diverged in epoch {epoch + 1}: {len(bad)} trained tensor(s) are not finite "
+                       f"(e.g. {bad[0]})")
+    with interrupts_held(), disk_full_as_usage_error(f"epoch {epoch + 1}'s files in {cfg.output}",
+                                                     "the files written before are intact: free some space, then "
+                                                     f"{run.resume_hint}"):
+        run.history.append({"epoch": epoch + 1, "train_loss": loss_sum / count if count else float("nan"),
+                            "val_top1": scores["top1"],
                             "val_top5": scores["top5"], "lr": run.scheduler.get_last_lr()[0],
                             "step_time_s": run.partial["step_time"] / run.steps_per_epoch,
                             **{f"val_{k}_ema": ema_scores[k] for k in ("top1", "top5") if k in ema_scores}})
@@ -439,10 +536,17 @@ def summary(run: Run, keep_model: bool) -> dict:
             "history": history, "output": run.cfg.output, "main": run.d.main}
 
 
-def train(run: Run, keep_model: bool = False) -> dict:
+def train(run: Run, keep_model: bool = False, resume_hint: str = RESUME_HINT) -> dict:
     """The epochs of ``run`` (from its checkpoint with ``--resume``), each `train_one_epoch`, `evaluate` and
-    `end_epoch`; Ctrl-C saves a checkpoint that continues from the last whole step. Returns `summary`."""
+    `end_epoch`; Ctrl-C (or SIGTERM) saves a checkpoint that continues from the last whole step, and says
+    ``resume_hint``; a non-finite step stops the run (`Diverged`) with nothing saved. Returns `summary`."""
+    with sigterm_as_interrupt():
+        return _train(run, keep_model, resume_hint)
+
+
+def _train(run: Run, keep_model: bool, resume_hint: str) -> dict:
     cfg, d = run.cfg, run.d
+    run.resume_hint = resume_hint
     if cfg.resume and resume(run):
         return summary(run, keep_model)
     if run.curves_missing:
@@ -461,11 +565,29 @@ def train(run: Run, keep_model: bool = False) -> dict:
                 say(d, f"epoch {epoch + 1}/{cfg.epochs}: train loss {run.history[-1]['train_loss']:.4f}"
                        + (f", {cfg.eval_split} top-1 {evaluated[0]['top1']:.4f}" if evaluated is not None else ""))
             if cfg.stop_after and epoch + 1 - start_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:
-                say(d, f"stopped after {cfg.stop_after} epoch(s) as asked; continue with --resume")
+                say(d, f"stopped after {cfg.stop_after} epoch(s) as asked; {resume_hint}")
                 break
-    except KeyboardInterrupt:
-        save_run(run, *run.resume_at, run.partial, run.resume_rng)
-        say(d, f"\ninterrupted: saved {run.checkpoint_path} (epoch {run.resume_at[0] + 1}, step {run.resume_at[1]}); "
-               f"continue with --resume")
+    except Diverged as e:
+        raise Diverged(f"{e}: stopped before saving it; {kept_state(run)}; lower --lr (now {cfg.lr:g}) and start "
+                       f"again with --overwrite", short=str(e)) from None
+    except KeyboardInterrupt as interrupt:
+        try:
+            with interrupts_held(), disk_full_as_usage_error(f"the interrupted run's checkpoint in {cfg.output}",
+                                                             "the checkpoint before it is intact"):
+                save_run(run, *run.resume_at, run.partial, run.resume_rng)
+        except KeyboardInterrupt:
+            pass  # another Ctrl-C while saving: the save finished all the same
+        word = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+        say(d, f"\n{word}: saved {run.checkpoint_path} (epoch {run.resume_at[0] + 1}, step {run.resume_at[1]}); "
+               f"{resume_hint}")
         raise
     return summary(run, keep_model)
+
+
+def kept_state(run: Run) -> str:
+    """What the run folder holds of ``run`` (its last checkpoint, `Run.saved_at`), in words."""
+    if run.saved_at is None:
+        return f"nothing of this run was saved in {run.cfg.output} (no epoch had finished)"
+    epoch, step = run.saved_at
+    where = f"after epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
+    return f"{run.cfg.output} keeps the last good checkpoint and adapter ({where})"

@@ -51,6 +51,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     err = proc.stderr.strip()
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "frame #" not in err and "Exception raised from" not in err, err  # no C++ stack frames of torch's
     for needle in needles:
         assert needle in err, (needle, err)
     return err
@@ -98,6 +99,12 @@ def test_every_bad_input_is_one_line_and_status_2_before_training(tmp_path):
             ["--top-k", "positive integer"],
         ),
         (["eval", "--adapter", str(tmp_path)], ["gift_config.json", "does not exist"]),
+        ([*fine, "--pretrained-file", str(tmp_path / "nope.safetensors"), *out],
+         ["--pretrained-file", "nope.safetensors' does not exist"]),
+        (["plan", "--device-memory", "0"], ["--device-memory '0' is 0 bytes, too little for a device", "24GiB"]),
+        (["plan", "--device-memory", "24"], ["--device-memory '24' is 24 bytes"]),
+        ([*fine, "--memory", "auto", "--max-memory", "0.5", *out], ["--max-memory '0.5' is 0 bytes"]),
+        (["plan", "--batch-size", str(10 ** 30)], ["Overflow"]),  # torch's own words, without its C++ frames
     ]
     if not torch.cuda.is_available():
         cases.append(([*fine, "--device", "cuda", *out], ["torch sees no CUDA GPU"]))

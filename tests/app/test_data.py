@@ -21,6 +21,7 @@ from gift.app.data import (
     parse_data_spec,
     split_file_name,
 )
+from gift.app.data.images import read_rgb
 from gift.app.errors import DataError
 from tests.helpers import broken_image, fgvc_tree, vtab_tree, write_image
 
@@ -276,3 +277,84 @@ def test_hidden_folders_and_files_are_not_classes(tmp_path):
                  "--output", out]) == 0
     meta = json.load(open(os.path.join(out, "adapter", "gift_config.json")))
     assert meta["run"]["classes"] == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------------------- image modes
+def _save(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_images_of_every_mode_become_the_rgb_their_values_mean(tmp_path):
+    grey = np.array([[0, 1000], [40000, 65535]])
+    cases = {  # file: (image, expected red channel; every channel is equal unless said)
+        "sixteen.png": (Image.fromarray(grey.astype(np.uint16)), [[0, 4], [156, 255]]),  # v / 257
+        "thirtytwo.tiff": (Image.fromarray(grey.astype(np.int32)), [[0, 4], [156, 255]]),  # mode I, 16-bit range
+        "float.tiff": (Image.fromarray(np.array([[0, 0.25], [0.5, 1.0]], np.float32)), [[0, 64], [128, 255]]),
+        "la.png": (Image.fromarray(np.dstack([np.full((2, 2), 77, np.uint8), np.zeros((2, 2), np.uint8)]), "LA"),
+                   [[77, 77], [77, 77]]),  # alpha dropped, not composited
+        "bits.png": (Image.fromarray(np.array([[0, 255], [255, 0]], np.uint8)).convert("1"), [[0, 255], [255, 0]]),
+        "cmyk.jpg": (Image.new("CMYK", (2, 2), (0, 0, 0, 0)), [[255, 255], [255, 255]]),  # no ink: white
+    }
+    palette = Image.new("P", (2, 2))
+    palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    for name, (image, red) in cases.items():
+        image.save(tmp_path / name)
+        rgb = read_rgb(str(tmp_path / name), (2, 2))
+        assert rgb.dtype == np.uint8 and rgb.shape == (2, 2, 3), name
+        assert rgb[..., 0].tolist() == red and (rgb[..., 1] == rgb[..., 0]).all(), (name, rgb[..., 0].tolist())
+    palette.save(tmp_path / "palette.png")
+    assert read_rgb(str(tmp_path / "palette.png"), (2, 2)).tolist() == [[[10, 20, 30], [200, 100, 50]],
+                                                                        [[10, 20, 30], [10, 20, 30]]]
+
+
+def test_images_whose_values_cannot_be_read_as_such_are_refused_in_one_line_before_training(tmp_path):
+    write_image(str(tmp_path / "train" / "a" / "0.png"), 1)
+    _save(str(tmp_path / "train" / "a" / "hdr.tiff"), np.array([[0, 2.5], [0.5, 1.0]], np.float32))
+    with pytest.raises(DataError, match=r"hdr\.tiff.*values in \[0, 2\.5\]: gift reads such images as 0\.\.1"):
+        open_local_split(str(tmp_path), "train", SIZE)
+    os.remove(tmp_path / "train" / "a" / "hdr.tiff")
+    _save(str(tmp_path / "train" / "a" / "wide.tiff"), np.array([[0, 70000], [5, 1]], np.int32))
+    with pytest.raises(DataError, match=r"wide\.tiff.*values in \[0, 70000\]: gift reads such images as 16-bit"):
+        open_local_split(str(tmp_path), "train", SIZE)
+    assert len(open_local_split(str(tmp_path), "train", SIZE, skip_bad_images=True)) == 1
+
+
+def _truncated_jpeg(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, "JPEG")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])  # its header intact: Image.verify() passes it
+
+
+def test_a_truncated_jpeg_is_refused_when_the_split_opens_or_skipped_on_request(tmp_path):
+    for i in range(2):
+        write_image(str(tmp_path / "train" / "a" / f"{i}.jpg"), 10 * i, "JPEG")
+    _truncated_jpeg(str(tmp_path / "train" / "a" / "trunc.jpg"))
+    with pytest.raises(DataError, match=r"cannot read image .*trunc\.jpg.*truncated.*--skip-bad-images"):
+        open_local_split(str(tmp_path), "train", SIZE)
+    ds = open_local_split(str(tmp_path), "train", SIZE, skip_bad_images=True)
+    assert len(ds) == 2 and ds.skipped == [str(tmp_path / "train" / "a" / "trunc.jpg")]
+    splits = fgvc_tree(str(tmp_path / "f"))  # the benchmark formats decode their images as well
+    broken = sorted(splits["val"])[0]
+    _truncated_jpeg(str(tmp_path / "f" / "images" / broken))
+    with pytest.raises(DataError, match=r"val\.json:\d+: cannot read image .*truncated"):
+        open_local_split(f"fgvc-json:{tmp_path / 'f'}", "val", SIZE)
+
+
+def test_split_files_cannot_name_images_outside_the_dataset_folder(tmp_path):
+    root = tmp_path / "cub"
+    splits = fgvc_tree(str(root))
+    write_image(str(tmp_path / "outside" / "secret.png"), 3)
+    for bad in ("../../outside/secret.png", str(tmp_path / "outside" / "secret.png")):
+        train = {**splits["train"], bad: "007"}
+        (root / "train.json").write_text(json.dumps(train, indent=2))
+        with pytest.raises(DataError, match=rf"train\.json:{json_line(train, bad)}: image path .* is outside the "
+                                            r"dataset folder"):
+            open_local_split(f"fgvc-json:{root}", "train", SIZE)
+    folder = vtab_tree(str(tmp_path / "v"), "dtd")
+    with open(os.path.join(folder, "test.txt"), "a") as f:
+        f.write("../../outside/secret.png 1\n")
+    with pytest.raises(DataError, match=r"test\.txt:\d+: image path '\.\./\.\./outside/secret\.png' is outside"):
+        open_local_split(f"vtab1k:{folder}", "test", SIZE)

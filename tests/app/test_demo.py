@@ -1,21 +1,40 @@
 """`gift demo` (gift.app.commands.demo): its verdict comes from its numbers, and what it publishes."""
 import os
 
+import pytest
 from PIL import Image
 
 from tests.helpers import ROOT
 
 
-def test_demo_verdict_is_derived_from_its_numbers_and_fills_the_readme_markers():
-    from gift.app.commands.demo import README_END, README_START, explainer_verdict, readme_with_demo
+def test_demo_sentences_claim_only_what_the_spreads_support_and_fill_the_readme_markers():
+    from gift.app.commands.demo import (
+        README_END,
+        README_START,
+        compare,
+        explainer_verdict,
+        mean_and_spread,
+        method_verdict,
+        readme_with_demo,
+    )
 
-    scores = {"GIFT explainer (adapted outputs)": 0.583, "GIFT explainer (pre-delta outputs)": 0.697,
-              "baseline: CLS-token attention of the frozen model": 0.488, "baseline: random cluster weights": 0.583}
+    assert mean_and_spread([0.5, 0.7]) == pytest.approx((0.6, 2 * 0.1414213562))  # 2 sample standard deviations
+    assert compare((0.60, 0.05), (0.50, 0.05)) == "ties"  # the intervals touch: no claim
+    assert compare((0.61, 0.05), (0.50, 0.05)) == "beats" and compare((0.39, 0.05), (0.50, 0.05)) == "falls below"
+    scores = {"GIFT explainer (adapted outputs)": (0.52, 0.04), "GIFT explainer (pre-delta outputs)": (0.67, 0.03),
+              "baseline: CLS-token attention of the frozen model": (0.50, 0.05),
+              "baseline: random cluster weights": (0.51, 0.02)}
     text = explainer_verdict(scores)
-    assert "ties the random-cluster baseline" in text and "beats the CLS-attention baseline" in text
-    assert "Best in this run: GIFT explainer (pre-delta outputs) (0.697)" in text
-    scores["GIFT explainer (adapted outputs)"] = 0.60
-    assert "beats the random-cluster baseline" in explainer_verdict(scores)
+    assert "ties the random-cluster baseline (0.520 ± 0.040 vs 0.510 ± 0.020)" in text
+    assert "ties the CLS-attention baseline (0.500 ± 0.050)" in text
+    assert "Best: GIFT explainer (pre-delta outputs) (0.670 ± 0.030)." in text
+    scores["GIFT explainer (adapted outputs)"] = (0.64, 0.02)  # now within the pre-delta maps' reach
+    text = explainer_verdict(scores)
+    assert "beats the random-cluster baseline" in text and "beats the CLS-attention baseline" in text
+    assert "No single best: GIFT explainer (pre-delta outputs) (0.670 ± 0.030) ties GIFT explainer (adapted" in text
+    rows = {"gift": {"top1": (0.97, 0.02)}, "linear": {"top1": (0.70, 0.08)}, "lora": {"top1": (0.98, 0.01)}}
+    assert method_verdict(rows) == ("GIFT beats the linear probe (0.970 ± 0.020 vs 0.700 ± 0.080) and ties LoRA "
+                                    "(0.970 ± 0.020 vs 0.980 ± 0.010).")
     readme = f"a\n{README_START}\nold\n{README_END}\nb"
     assert readme_with_demo(readme, "new\n") == f"a\n{README_START}\nnew\n{README_END}\nb"
 

@@ -269,3 +269,109 @@ def test_atomically_written_files_get_the_umask_permissions(tmp_path):
     assert (os.stat(tmp_path / "f.txt").st_mode & 0o777) == 0o640
     for f in ("checkpoint.pt", "metrics.json", "adapter/gift_adapter.safetensors", "adapter/gift_config.json"):
         assert (os.stat(tmp_path / "run" / f).st_mode & 0o777) == 0o640, f
+
+
+# ---------------------------------------------------------------------------------------- nothing lost
+def _safetensors_content(path: str) -> tuple[dict, dict[str, bytes]]:
+    """A safetensors file's metadata and each tensor's dtype, shape and bytes."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return f.metadata(), {k: (t.dtype, tuple(t.shape), t.numpy().tobytes()) for k, t in tensors.items()}
+
+
+def _files(out) -> dict[str, bytes]:
+    """Every file of a run folder and its bytes."""
+    found = {}
+    for root, _, names in os.walk(out):
+        for name in names:
+            found[os.path.relpath(os.path.join(root, name), out)] = open(os.path.join(root, name), "rb").read()
+    return found
+
+
+def test_overwrite_keeps_the_old_run_when_any_later_check_fails(tmp_path, capsys):
+    out = run(tmp_path, "run", "--epochs", "1")
+    kept = _files(out)
+    _write_tree(tmp_path / "tree")
+    jpeg = tmp_path / "tree" / "train" / "a" / "trunc.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    jpeg.write_bytes(jpeg.read_bytes()[:400])
+    for args, needle in ((["--data", str(tmp_path / "dataa")], "does not exist"),
+                         (["--batch-size", "400"], "is larger than the 96 training images"),
+                         (["--pretrained-file", str(tmp_path / "nope.safetensors")], "--pretrained-file"),
+                         (["--data", str(tmp_path / "tree")], "trunc.jpg")):
+        err = _error(capsys, "--output", out, "--overwrite", *args)
+        assert needle in err, err
+        assert _files(out) == kept, args  # not a byte of the old run touched
+
+
+def test_overwrite_removes_every_file_of_the_old_run_and_what_killed_writes_left(tmp_path):
+    out = run(tmp_path, "run", "--epochs", "1", "--model-ema")
+    assert os.path.isdir(os.path.join(out, "adapter_ema"))
+    open(os.path.join(out, ".tmp-abcdcheckpoint.pt"), "wb").write(b"half a checkpoint")
+    open(os.path.join(out, "adapter", ".tmp-efghgift_config.json"), "w").write("{")
+    run(tmp_path, "run", "--epochs", "1", "--overwrite")
+    assert sorted(os.listdir(out)) == ["adapter", "checkpoint.pt", "curves.png", "metrics.csv", "metrics.json"]
+    assert sorted(os.listdir(os.path.join(out, "adapter"))) == ["gift_adapter.safetensors", "gift_config.json"]
+
+
+def test_resume_refuses_other_data_or_another_schedule_with_one_line(tmp_path, capsys):
+    out = run(tmp_path, "r", "--epochs", "2", "--stop-after", "1")
+    err = _error(capsys, "--output", out, "--epochs", "2", "--resume", "--train-size", "64")
+    assert "train_data: checkpoint '96 images, sha256" in err and "vs now '64 images, sha256" in err
+    err = _error(capsys, "--output", out, "--epochs", "2", "--resume", "--data-seed", "5")  # same size, other images
+    assert "train_data: checkpoint '96 images" in err and "vs now '96 images" in err
+    assert "warmup: checkpoint 0.1 vs now 0.5" in _error(capsys, "--output", out, "--resume", "--warmup", "0.5")
+    assert "amp: checkpoint None vs now 'bfloat16'" in _error(capsys, "--output", out, "--resume", "--amp", "bf16")
+    # an image folder with the same class names but other images is other data too
+    _write_tree(tmp_path / "tree", per_class=4)
+    folder = run(tmp_path, "f", "--data", str(tmp_path / "tree"), "--batch-size", "2", "--epochs", "2",
+                 "--stop-after", "1")
+    Image.fromarray(np.full((16, 16, 3), 7, dtype=np.uint8)).save(tmp_path / "tree" / "train" / "a" / "extra.png")
+    err = _error(capsys, "--output", folder, "--data", str(tmp_path / "tree"), "--batch-size", "2", "--epochs", "2",
+                 "--resume")
+    assert "train_data: checkpoint '8 images" in err and "vs now '9 images" in err
+
+
+def test_resume_of_a_finished_run_rewrites_a_lost_or_stale_adapter_and_metrics(tmp_path):
+    out = run(tmp_path, "r", "--epochs", "2")
+    kept = _files(out)
+    os.remove(os.path.join(out, "adapter", "gift_adapter.safetensors"))  # lost
+    with open(os.path.join(out, "metrics.csv"), "w") as f:
+        f.write(kept["metrics.csv"].decode().splitlines()[0] + "\n")  # a row short, as after a kill
+    weights = os.path.join(out, "adapter", "gift_adapter.safetensors")
+    with open(tmp_path / "kept.safetensors", "wb") as f:
+        f.write(kept["adapter/gift_adapter.safetensors"])
+    run(tmp_path, "r", "--epochs", "2", "--resume")
+    now = _files(out)
+    # the same tensors and metadata (safetensors writes its metadata map in no fixed order: not the same bytes)
+    assert _safetensors_content(weights) == _safetensors_content(str(tmp_path / "kept.safetensors"))
+    assert now["metrics.csv"] == kept["metrics.csv"] and now["metrics.json"] == kept["metrics.json"]
+
+
+def _flip_a_bit_inside(path: str, tensor: torch.Tensor) -> None:
+    """Flip the top exponent bit of the middle element of ``tensor``'s bytes where they lie in the file."""
+    data = bytearray(open(path, "rb").read())
+    raw = tensor.contiguous().numpy().tobytes()
+    at = data.find(raw)
+    assert at >= 0 and data.find(raw, at + 1) < 0  # found once: that is the tensor's record
+    data[at + 4 * (tensor.numel() // 2) + 3] ^= 0x40
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_flipped_bit_in_the_checkpoint_or_the_adapter_is_one_line_not_a_nan_model(tmp_path, capsys):
+    out = run(tmp_path, "r", "--epochs", "2", "--stop-after", "1")
+    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    _flip_a_bit_inside(os.path.join(out, "checkpoint.pt"), state["trainable"]["backbone.head.weight"])
+    err = _error(capsys, "--output", out, "--epochs", "2", "--resume")
+    assert "checkpoint.pt' is damaged: its content does not match the checksum" in err
+    tensors = adapter(out)
+    _flip_a_bit_inside(os.path.join(out, "adapter", "gift_adapter.safetensors"), tensors["backbone.head.weight"])
+    for command in (["eval", "--adapter", os.path.join(out, "adapter")],
+                    ["explain", "--adapter", os.path.join(out, "adapter"), "--image", __file__, "--out",
+                     str(tmp_path / "maps")]):
+        capsys.readouterr()
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "gift_adapter.safetensors' is damaged: its tensors do not match" in err

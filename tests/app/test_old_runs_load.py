@@ -54,11 +54,17 @@ def test_gift_eval_scores_an_adapter_written_before(tmp_path):
     assert result["method"] == "gift" and result["num_images"] == 16
 
 
-def test_a_checkpoint_written_before_resumes_where_it_stopped(tmp_path):
+def test_a_checkpoint_written_before_resumes_where_it_stopped(tmp_path, capsys):
     run = str(tmp_path / "run_gift")
     shutil.copytree(os.path.join(FIXTURE, "run_gift"), run)
     before = json.load(open(os.path.join(run, "metrics.json")))
     assert len(before) == 1  # the fixture stopped after epoch 1 of 2
+    # it ran without accumulation, the only way then: resuming it with accumulation is another run
+    assert main(["finetune", *GIFT_RUN, "--epochs", "2", "--output", run, "--resume", "--grad-accum-steps", "2"]) == 2
+    assert "grad_accum_steps: checkpoint None vs now 2" in capsys.readouterr().err
     assert main(["finetune", *GIFT_RUN, "--epochs", "2", "--output", run, "--resume"]) == 0
+    said = capsys.readouterr().out  # what the identity of then did not hold is said, not refused
+    assert ("did not record train_data, warmup, amp, backbone_dtype, model_ema_decay; those are not checked"
+            in said)
     after = json.load(open(os.path.join(run, "metrics.json")))
     assert len(after) == 2 and after[0] == before[0]

@@ -4,13 +4,18 @@ import csv
 import json
 import math
 import os
+import shutil
 
 import pytest
 
 import gift.app.commands.sweep as sweep_module
 from gift.app.cli import main
 from gift.app.commands.sweep import SweepError, SweepGrid, parse_grid, run_grid_search
+from gift.app.divergence import Diverged
+from gift.app.run_folder import FolderInUse, FolderLock
 from tests.helpers import fgvc_tree, vtab_tree
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "pre_layering")
 
 PLAN = SweepGrid(lrs=(1e-3, 1e-4), weight_decays=(0.0, 0.01), search_epochs=1, epochs=2)
 
@@ -188,3 +193,134 @@ def test_finetune_and_eval_on_vtab1k_splits_and_bad_data_is_one_line(tmp_path, c
                  "--output", str(tmp_path / "run2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("gift finetune: error: ") and "test.txt: no such file" in err[0]
+
+
+# ---------------------------------------------------------------------------- divergence and damaged files
+class DivergingTrainer(FakeTrainer):
+    """FakeTrainer, but the points with an lr in ``diverging`` diverge (as finetune does: it raises)."""
+
+    def __init__(self, diverging=(1e30,), **kw):
+        super().__init__(**kw)
+        self.diverging = diverging
+
+    def __call__(self, settings):
+        if settings["lr"] in self.diverging:
+            self.calls.append(dict(settings))
+            raise Diverged("training diverged at epoch 1, step 2 (loss nan): ...", short="epoch 1, step 2 (loss nan)")
+        return super().__call__(settings)
+
+
+def test_a_diverged_point_is_recorded_as_such_and_never_chosen(tmp_path, capsys):
+    plan = SweepGrid(lrs=(1e30, 1e-3), weight_decays=(0.0,), search_epochs=1, epochs=2)
+    out = str(tmp_path / "sweep")
+    result = run_grid_search(plan, out, DivergingTrainer(), quiet=False)
+    said = capsys.readouterr().out
+    assert "lr1e+30_wd0: diverged (epoch 1, step 2 (loss nan)); not a candidate" in said
+    assert "diverged, never chosen: lr1e+30_wd0" in said
+    rows = list(csv.DictReader(open(os.path.join(out, "sweep.csv"))))
+    assert [(r["point"], r["status"], r["top1"]) for r in rows] == [("lr1e+30_wd0", "diverged", ""),
+                                                                    ("lr0.001_wd0", "done", "0.5")]
+    assert (result["lr"], result["search"]["diverged"]) == (1e-3, ["lr1e+30_wd0"])
+    again = DivergingTrainer()  # a re-run does not train the diverged point again
+    assert run_grid_search(plan, out, again, quiet=True) == result and again.calls == []
+    with pytest.raises(SweepError, match="every point of the grid diverged .*lr1e\\+30_wd0, lr0.001_wd0"):
+        run_grid_search(plan, str(tmp_path / "all"), DivergingTrainer(diverging=(1e30, 1e-3)), quiet=True)
+
+
+def test_a_real_sweep_with_a_diverging_learning_rate_picks_the_healthy_point(tmp_path):
+    out = str(tmp_path / "sweep")
+    assert main(["sweep", *MICRO, "--train-size", "16", "--val-size", "8", "--rank", "4", "--num-clusters", "4",
+                 "--lr", "1e30,1e-3", "--weight-decay", "0", "--search-epochs", "1", "--epochs", "1",
+                 "--final-train-split", "train", "--final-eval-split", "val", "--output", out]) == 0
+    rows = {r["point"]: r for r in csv.DictReader(open(os.path.join(out, "sweep.csv")))}
+    assert rows["lr1e+30_wd0"]["status"] == "diverged" and rows["lr0.001_wd0"]["status"] == "done"
+    result = json.load(open(os.path.join(out, "final", "eval.json")))
+    assert result["lr"] == 1e-3 and result["search"]["diverged"] == ["lr1e+30_wd0"]
+
+
+def test_damaged_control_files_are_remade_or_refused_in_one_line(tmp_path, capsys):
+    out = str(tmp_path / "sweep")
+    first = run_grid_search(PLAN, out, FakeTrainer(), quiet=True)
+    csv_path = os.path.join(out, "sweep.csv")
+    lines = open(csv_path).read().splitlines()
+    open(csv_path, "w").write("\n".join(lines[:-1] + ["lr0.0001_wd0.01,0.0001,0.01,1,,,,"]) + "\n")  # cut short
+    os.remove(os.path.join(out, "final", "eval.json"))
+    open(os.path.join(out, "final", "eval.json"), "w").write('{"method": "gi')
+    trainer = FakeTrainer()
+    assert run_grid_search(PLAN, out, trainer, quiet=False) == first
+    said = capsys.readouterr().out
+    assert "1 damaged row(s)" in said and "eval.json is damaged (JSONDecodeError); making it again" in said
+    assert [(c["lr"], c["weight_decay"], c["eval_split"]) for c in trainer.calls] == [(1e-4, 0.01, "val"),
+                                                                                      (1e-4, 0.01, "test")]
+    assert open(csv_path).read().splitlines()[-1].endswith(",done")
+    open(os.path.join(out, "sweep.json"), "w").write("")
+    with pytest.raises(SweepError, match="sweep.json \\(the sweep's settings\\) is damaged .*delete that file"):
+        run_grid_search(PLAN, out, FakeTrainer(), quiet=True)
+
+
+def test_a_point_whose_checkpoint_cannot_be_read_names_the_way_out(tmp_path, capsys):
+    sweep = ["sweep", *MICRO, "--train-size", "16", "--val-size", "8", "--rank", "4", "--num-clusters", "4",
+             "--lr", "1e-3", "--weight-decay", "0", "--search-epochs", "1", "--epochs", "1", "--final-train-split",
+             "train", "--final-eval-split", "val", "--output", str(tmp_path / "s")]
+    point = tmp_path / "s" / "points" / "lr0.001_wd0"
+    os.makedirs(point)
+    (point / "checkpoint.pt").write_bytes(b"")
+    capsys.readouterr()
+    assert main(sweep) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume: cannot read" in err
+    assert f"to train that point again, delete {point}" in err
+
+
+def test_ctrl_c_in_a_sweep_says_to_rerun_the_sweep_not_resume(tmp_path, monkeypatch, capsys):
+    import gift.app.train as train_module
+
+    sweep = ["sweep", *MICRO, "--train-size", "16", "--val-size", "8", "--rank", "4", "--num-clusters", "4",
+             "--lr", "1e-3", "--weight-decay", "0", "--search-epochs", "2", "--epochs", "1", "--final-train-split",
+             "train", "--final-eval-split", "val", "--output", str(tmp_path / "s")]
+    real, calls = train_module.batch_of, {"n": 0}
+
+    def interrupt(dataset, indices):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(dataset, indices)
+
+    monkeypatch.setattr(train_module, "batch_of", interrupt)
+    assert main(sweep) == 130
+    said = capsys.readouterr().out
+    assert "interrupted: saved" in said and "re-run the same gift sweep command to continue" in said
+    assert "--resume" not in said
+
+
+def test_a_second_sweep_on_a_folder_in_use_is_refused(tmp_path):
+    out = str(tmp_path / "sweep")
+    os.makedirs(out)
+    with FolderLock(out):
+        with pytest.raises(FolderInUse, match="is in use by another gift run"):
+            run_grid_search(PLAN, out, FakeTrainer(), quiet=True)
+
+
+def test_a_sweep_folder_written_before_with_amp_bf16_is_resumed_not_refused(tmp_path, monkeypatch, capsys):
+    """The pre-layering fixture recorded ``"amp": "bf16"`` (the spelling then); now it is ``bfloat16``."""
+    out = tmp_path / "sweep_bf16"
+    shutil.copytree(os.path.join(FIXTURE, "sweep_bf16"), out)
+    sweep = ["sweep", *MICRO[:2], "--quiet", "--device", "cpu", "--train-size", "32", "--val-size", "16",
+             "--batch-size", "16", "--rank", "4", "--num-clusters", "4", "--lr", "1e-3", "--weight-decay", "0",
+             "--search-epochs", "1", "--epochs", "1", "--final-train-split", "train", "--final-eval-split", "val",
+             "--output", str(out)]
+    before = json.load(open(out / "final" / "eval.json"))
+    real, calls = sweep_module.finetune, []
+    monkeypatch.setattr(sweep_module, "finetune", lambda cfg, **kw: calls.append(cfg) or real(cfg, **kw))
+    for amp in ("bf16", "bfloat16"):
+        assert main([*sweep, "--amp", amp]) == 0 and calls == []  # nothing to train: the same sweep, done
+    assert json.load(open(out / "sweep.json"))["amp"] == "bfloat16"
+    os.remove(out / "final" / "eval.json")  # made again from the old final checkpoint, which resumes
+    capsys.readouterr()
+    assert main([*sweep, "--amp", "bf16"]) == 0 and len(calls) == 1
+    assert "was written by an older gift that did not record train_data, warmup, amp" in capsys.readouterr().out
+    after = json.load(open(out / "final" / "eval.json"))
+    assert after["top1"] == before["top1"] and after["lr"] == before["lr"]
+    capsys.readouterr()
+    assert main([*sweep, "--amp", "bf16", "--num-clusters", "8"]) == 2  # a real difference is still refused
+    assert "holds another sweep (num_clusters: 4 there vs 8 now)" in capsys.readouterr().err

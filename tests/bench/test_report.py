@@ -1,4 +1,6 @@
 """bench/report.py: the bench's tables and the README section from its rows."""
+import os
+
 from bench import report
 
 
@@ -50,3 +52,21 @@ def test_report_states_the_accumulation_and_eval_targets():
     assert "within 0.02 of LoRA r=64's: met" in report.target_lines(rows)[2]
     md = report.markdown(rows)
     assert "**train_step_accumulated**" in md and "**eval_forward**" in md and "| x merged |" in md
+
+
+def test_without_matplotlib_the_tables_are_written_and_one_line_says_how_to_get_the_chart(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    rows = [{"kernel": "train_step", "x": "vit_base_patch16_224 b8", "provider": "fast_torch", "mode": "step",
+             "metric": "ratio_vs_floor", "value": 1.02, "device": "cpu", "dtype": "float32", "torch": "2",
+             "triton": "3"}]
+    out = tmp_path / "results" / "cpu"
+    said = report.write_all(rows, str(out))
+    assert said == report.CHART_NEEDS and "pip install 'gift[plots]'" in said and len(said.splitlines()) == 1
+    assert sorted(os.listdir(out)) == ["results.csv", "results.md"]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{report.START}\nold\n{report.END}\n")
+    report.update_readme(str(tmp_path / "results"), str(readme))
+    assert "#### `cpu`" in readme.read_text() and "results.png" not in readme.read_text()  # no link to a missing chart

@@ -15,43 +15,8 @@ from gift.testing import (
     twin_models,
     zero_gradient_names,
 )
-from gift_kernels import lowrank_residual_linear, lowrank_residual_linear_reference
 from gift_kernels.testing import assert_agree
 from tests.helpers import ToyViT, tiny_hf_vit, tiny_timm_vit
-
-
-# ---------------------------------------------------------------- the residual op
-@pytest.mark.parametrize("bias", [True, False])
-def test_lowrank_residual_gradcheck(bias):
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
-    w, b = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, dtype=torch.float64) if bias else None
-    psi = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
-    tokens = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, p, t: lowrank_residual_linear(x, w, b, p, t), (x, psi, tokens))
-
-
-def test_lowrank_residual_matches_dense_reference_and_its_autograd():
-    torch.manual_seed(0)
-    x = torch.randn(4, 9, 13, dtype=torch.float64, requires_grad=True)
-    w, b = torch.randn(11, 13, dtype=torch.float64), torch.randn(11, dtype=torch.float64)
-    psi = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
-    tokens = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
-    got, want = lowrank_residual_linear(x, w, b, psi, tokens), lowrank_residual_linear_reference(x, w, b, psi, tokens)
-    g = torch.randn_like(got)
-    grads_got = torch.autograd.grad(got, (x, psi, tokens), g)
-    grads_want = torch.autograd.grad(want, (x, psi, tokens), g)
-    assert_agree({"y": got, "dx": grads_got[0], "dpsi": grads_got[1], "dT": grads_got[2]},
-                 {"y": want, "dx": grads_want[0], "dpsi": grads_want[1], "dT": grads_want[2]}, torch.float64)
-
-
-def test_lowrank_residual_refuses_trainable_weight_and_mixed_dtypes():
-    x, psi, t = torch.randn(2, 4), torch.randn(4, 2), torch.randn(3, 2)
-    with pytest.raises(ValueError, match="treats W and b as frozen"):
-        lowrank_residual_linear(x, torch.randn(3, 4, requires_grad=True), None, psi, t)
-    with pytest.raises(TypeError, match="needs one dtype"):
-        lowrank_residual_linear(x, torch.randn(3, 4, dtype=torch.float64), None, psi, t)
-
 
 # ---------------------------------------------------------------- agreement with the reference
 RAGGED = {

@@ -22,12 +22,13 @@ def load_adapter_cli(adapter: str, pretrained_file: str | None):
 
 
 def run(args) -> int:
-    check_output_folder(args.out, kind="--out")
+    check_output_folder(args.out, kind="--out", create=False)  # created once all else succeeded
     model = load_adapter_cli(args.adapter, args.pretrained_file)
     config = data_config(model.backbone)
     raw, images = load_images(args.image, tuple(config.input_size[-2:]), config.mean, config.std)
     with library_errors("--layers"), torch.no_grad():
         result = explain(model, images, layers=args.layers, pre_delta=args.pre_delta)
+    check_output_folder(args.out, kind="--out")
     written = write_pngs(raw, result, args.out, args.image, args.top_k)
     print(f"wrote {len(written)} PNG files to {args.out}:")
     for path in written:

@@ -13,11 +13,11 @@ import json
 import torch
 
 from ...config import MEMORY_MODES
-from ...plan import DoesNotFit, choose_memory_mode, default_memory_budget, parse_bytes, plan_fitting, plan_training
+from ...plan import DoesNotFit, choose_memory_mode, default_memory_budget, plan_fitting, plan_training
 from ..errors import LIBRARY_ERRORS, UsageError, library_errors
 from ..options import add_arguments as add_options
 from ..options import check_ranges, from_namespace
-from ..run_config import FinetuneConfig, check_extras, training_setup
+from ..run_config import FinetuneConfig, check_extras, memory_size, training_setup
 
 FINETUNE_FLAGS = ("model", "method", "gift_rank", "lora_rank", "block", "num_clusters", "cluster_activation", "amp",
                   "backbone_dtype", "batch_size", "grad_accum_steps", "drop_path", "model_ema")
@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size {options.batch_size} does not split into --grad-accum-steps "
                          f"{options.grad_accum_steps} equal micro-batches")
     with library_errors(types=LIBRARY_ERRORS + (ImportError,)):  # an extra that is there but does not import
-        device_memory = device_memory_default() if args.device_memory is None else parse_bytes(args.device_memory)
+        device_memory = (device_memory_default() if args.device_memory is None
+                         else memory_size(args.device_memory, "--device-memory"))
         setup = training_setup(options, args.img_size, args.num_classes)
         auto = None
         if args.memory == "auto":

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 from torch.utils.data import Dataset
@@ -47,6 +48,7 @@ __all__ = [
     "SyntheticShapes",
     "VTAB1kImages",
     "absolute_data_spec",
+    "data_fingerprint",
     "has_format",
     "load_images",
     "make_shapes",
@@ -117,3 +119,23 @@ def open_train_val(data: str, image_size: int, mean, std, embedded: EmbeddedSpec
         raise DataError(f"{train_split}/ and {eval_split}/ of {data!r} have different class folders: "
                         f"{classes} vs {val_classes}")
     return train, val, classes, skipped_train + skipped_val
+
+
+def data_fingerprint(dataset: Dataset) -> str:
+    """What a training split is, as one string that resume compares: its number of images and a SHA-256
+    of its content. The embedded dataset: its images and labels. Image files: each file's path under the
+    dataset folder (so a moved copy is the same data), its label and its size in bytes (every file
+    read again would take as long as an epoch)."""
+    digest = hashlib.sha256()
+    if isinstance(dataset, SyntheticShapes):
+        digest.update(b"embedded;" + dataset.task.encode())
+        digest.update(dataset.images.contiguous().numpy())
+        digest.update(dataset.labels.contiguous().numpy())
+    elif isinstance(dataset, ImageFolderDataset):
+        root = getattr(dataset, "root", None)
+        for path, label in dataset.files:
+            name = os.path.relpath(path, root) if root else os.path.abspath(path)
+            digest.update(f"{name}\t{label}\t{os.path.getsize(path)}\n".encode())
+    else:
+        raise TypeError(f"no fingerprint for a {type(dataset).__name__}")
+    return f"{len(dataset)} images, sha256 {digest.hexdigest()[:16]}"

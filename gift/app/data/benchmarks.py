@@ -44,6 +44,16 @@ def _require_file(path: str, what: str) -> None:
         raise DataError(f"{path}: no such file ({what})")
 
 
+def _check_relative(listed: list[tuple[str, int, str]], root: str) -> None:
+    """`DataError` for a listed image path that is absolute or leaves the dataset folder (``..``): split files
+    name images inside ``root`` only."""
+    for rel, _, where in listed:
+        normal = os.path.normpath(rel.replace("\\", "/"))
+        if os.path.isabs(rel) or os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep):
+            raise DataError(f"{where}: image path {rel!r} is outside the dataset folder {root}: paths in a split "
+                            f"file must be relative to it, without '..'")
+
+
 def _pick_image_root(root: str, candidates: tuple[str, ...], listed: list[tuple[str, int, str]]) -> str:
     """The first of ``root/<candidate>`` under which the first listed image that exists under any of them lies
     (so missing images, skipped with --skip-bad-images, do not hide the root). ``listed``: [(relative path, label,
@@ -77,6 +87,7 @@ class FGVCJsonImages(LabelledImages):
         entries = []
         for part in (("train", "val") if split == "trainval" else (split,)):
             listed = train if part == "train" else self._load(root, part)
+            _check_relative(listed, root)
             if not entries and listed:
                 self.image_root = _pick_image_root(root, self.IMAGE_DIRS, listed)
             for rel, cid, where in listed:
@@ -139,6 +150,7 @@ class VTAB1kImages(LabelledImages):
             raise DataError(f"{root}: no such VTAB-1k task folder (expected DIR/TASK with train800.txt, ...)")
         task = os.path.basename(os.path.normpath(root))
         listed = self._load(root, split)
+        _check_relative(listed, root)
         if task in VTAB1K_TASKS:
             num_classes = VTAB1K_TASKS[task][1]
         else:  # another task in the same layout: the classes are those its split files use

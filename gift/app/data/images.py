@@ -3,6 +3,12 @@ image resized to ``image_size`` x ``image_size`` (bilinear, no augmentation: the
 VTAB-1k protocol). `LabelledImages` is what every local format shares; `ImageFolderImages` is the
 one ImageFolder (``DIR/<split>/<class>/<image>``; hidden entries such as ``.ipynb_checkpoints`` are
 neither classes nor images). Bad input raises `DataError` naming the file.
+
+Images of every mode become 8-bit RGB (`rgb_image`): 16-bit and 32-bit integer images are scaled from
+0..65535, float images from 0..1 (others are refused in one line), palette, grey, alpha and CMYK ones
+converted as Pillow converts them. Every image is decoded once when a split is opened (JPEGs at 1/8
+scale, which still reads all of their data), so that a truncated file stops the run, or is skipped with
+``--skip-bad-images``, before training starts.
 """
 from __future__ import annotations
 
@@ -15,6 +21,10 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .spec import split_file_name
+
+#: Pillow's modes of one channel of more than 8 bits: integers read as 0..65535, floats as 0..1
+HIGH_DEPTH_INTEGER = ("I", "I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I;32", "I;32S", "I;32L", "I;32B")
+HIGH_DEPTH_FLOAT = ("F", "F;32F", "F;32BF", "F;64F")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -33,7 +43,6 @@ def scan_image_folder(root: str, skip_bad_images: bool = False) -> ScanResult:
     Raises `DataError` for a missing or empty folder, a class folder with no images, or (unless
     ``skip_bad_images``) an unreadable image, naming it.
     """
-    from PIL import Image
 
     if not os.path.isdir(root):
         raise DataError(f"data folder {root!r} does not exist")
@@ -48,26 +57,59 @@ def scan_image_folder(root: str, skip_bad_images: bool = False) -> ScanResult:
             raise DataError(f"class folder {folder!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         for f in images:
             path = os.path.join(folder, f)
-            try:
-                with Image.open(path) as im:
-                    im.verify()
-            except Exception as e:  # PIL raises many types for broken files
+            problem = _unreadable(path)
+            if problem:
                 if not skip_bad_images:
-                    raise DataError(f"cannot read image {path!r} ({type(e).__name__}: {e}); "
-                                    f"fix or remove it, or pass --skip-bad-images") from None
+                    raise DataError(f"cannot read image {path!r} ({problem}); "
+                                    f"fix or remove it, or pass --skip-bad-images")
                 skipped.append(path)
                 continue
             files.append((path, label))
     return ScanResult(files, classes, skipped)
 
 
+def rgb_image(im):
+    """The Pillow image ``im`` as an 8-bit RGB one. One channel of more than 8 bits is scaled: integers
+    (16-bit PNG/TIFF, Pillow's ``I;16`` and ``I``) from 0..65535, floats (``F``) from 0..1; values outside
+    those ranges, and modes Pillow cannot convert, raise ``ValueError`` saying what to do."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode in HIGH_DEPTH_INTEGER or mode in HIGH_DEPTH_FLOAT:
+        a = np.asarray(im)
+        if a.ndim != 2:
+            raise ValueError(f"a {mode} image of shape {a.shape}: expected one channel")
+        if mode in HIGH_DEPTH_FLOAT:
+            lo, hi = (float(a.min()), float(a.max())) if np.isfinite(a).all() else (float("nan"), float("nan"))
+            if not (0.0 <= lo and hi <= 1.0):
+                raise ValueError(f"a floating-point image (mode {mode}) with values in [{lo:g}, {hi:g}]: gift reads "
+                                 f"such images as 0..1; scale it to 0..1 or save it with 8 or 16 bits")
+            grey = a.astype(np.float64) * 255.0
+        else:
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi > 65535:
+                raise ValueError(f"an integer image (mode {mode}) with values in [{lo}, {hi}]: gift reads such images "
+                                 f"as 16-bit (0..65535); save it with 8 or 16 bits")
+            grey = a.astype(np.float64) / 257.0  # 65535 -> 255
+        return Image.fromarray(np.rint(grey).astype(np.uint8), "L").convert("RGB")
+    if mode == "RGB":
+        return im
+    try:
+        return im.convert("RGB")
+    except ValueError:  # e.g. "La" (premultiplied alpha)
+        try:
+            return im.convert("RGBA").convert("RGB")
+        except ValueError:
+            raise ValueError(f"Pillow cannot convert an image of mode {mode!r} to RGB; save it as RGB") from None
+
+
 def read_rgb(path: str, size: tuple[int, int]) -> np.ndarray:
-    """The image file ``path`` as RGB, resized (bilinear) to ``size`` (H, W): ``(H, W, 3)`` uint8. PIL's
-    errors pass through."""
+    """The image file ``path`` as RGB (`rgb_image`), resized (bilinear) to ``size`` (H, W): ``(H, W, 3)``
+    uint8. PIL's errors pass through."""
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+        im = rgb_image(im).resize((size[1], size[0]), Image.BILINEAR)
         return np.asarray(im, dtype=np.uint8).copy()
 
 
@@ -161,7 +203,9 @@ class LabelledImages(ImageFolderDataset):
 
 
 def _unreadable(path: str) -> str | None:
-    """None when ``path`` opens as an image, else why not."""
+    """None when ``path`` is an image that decodes to RGB (`rgb_image`), else why not. PNGs are checked
+    through their checksums (``verify``), JPEGs decoded at 1/8 scale (all of their data, a fraction of the
+    work), other formats decoded."""
     from PIL import Image
 
     if not os.path.isfile(path):
@@ -169,9 +213,23 @@ def _unreadable(path: str) -> str | None:
     try:
         with Image.open(path) as im:
             im.verify()
+        with Image.open(path) as im:
+            if im.format == "PNG" and im.mode not in HIGH_DEPTH_INTEGER + HIGH_DEPTH_FLOAT:
+                _check_convertible(im.mode)
+                return None
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            rgb_image(im).load()
     except Exception as e:  # PIL raises many types for broken files
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def _check_convertible(mode: str) -> None:
+    """``ValueError`` when an image of ``mode`` cannot become RGB (`rgb_image` on a 1x1 image of it)."""
+    from PIL import Image
+
+    rgb_image(Image.new(mode, (1, 1)))
 
 
 class ImageFolderImages(LabelledImages):

@@ -1,0 +1,292 @@
+"""Fault injection on a tiny run: a kill at each atomic write of the last epoch, a full disk (ENOSPC
+injected where the disk reports it, and the free-space check before training), a non-finite step, two
+runs on one folder, SIGTERM. After each, either `--resume` gives exactly the uninterrupted run, or the
+run stopped with one line and kept its last good files."""
+import collections
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gift.app.train as train_module
+import gift_kernels.files
+from gift.app.cli import main
+from gift.app.divergence import MIN_LOSS_SCALE, Diverged, step_is_finite
+from gift.app.run_folder import LOCK_FILE, FolderInUse, FolderLock, is_disk_full
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = ["--train-size", "32", "--val-size", "16", "--batch-size", "16", "--quiet", "--rank", "4", "--num-clusters",
+        "4", "--drop-path", "0.1", "--epochs", "2"]
+
+
+def finetune(out, *extra) -> int:
+    return main(["finetune", *TINY, "--output", str(out), *extra])
+
+
+def one_error_line(capsys) -> str:
+    """The one line of stderr (besides the random-initialisation warning every tiny run prints)."""
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(a whole 2-epoch run, the same run stopped after epoch 1) as folders."""
+    root = tmp_path_factory.mktemp("reference")
+    assert finetune(root / "whole") == 0
+    assert finetune(root / "half", "--stop-after", "1") == 0
+    return root / "whole", root / "half"
+
+
+def assert_same_run(a, b) -> None:
+    """Two run folders hold the same run: adapter tensors, its config, the checkpoint's weights and the
+    metrics (but the step times), and no temporary file is left."""
+    ta, tb = (load_file(os.path.join(o, "adapter", "gift_adapter.safetensors")) for o in (a, b))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    ca, cb = (json.load(open(os.path.join(o, "adapter", "gift_config.json"))) for o in (a, b))
+    assert ca == cb
+    sa, sb = (torch.load(os.path.join(o, "checkpoint.pt"), weights_only=False) for o in (a, b))
+    assert (sa["epoch"], sa["step_in_epoch"]) == (sb["epoch"], sb["step_in_epoch"])
+    assert all(torch.equal(sa["trainable"][k], sb["trainable"][k]) for k in sa["trainable"])
+    ma, mb = ([{k: v for k, v in row.items() if k != "step_time_s"} for row in json.load(open(o / "metrics.json"))]
+              for o in (a, b))
+    assert ma == mb
+    lines = [open(os.path.join(o, "metrics.csv")).read().splitlines() for o in (a, b)]
+    assert [line.rsplit(",", 1)[0] for line in lines[0]] == [line.rsplit(",", 1)[0] for line in lines[1]]
+    for root, _, files in os.walk(b):
+        assert not [f for f in files if f.startswith(gift_kernels.files.TMP_PREFIX)], (root, files)
+
+
+class SimulatedKill(BaseException):
+    """A SIGKILL at an exact point: nothing after it runs and no ``except Exception`` of gift catches it."""
+
+
+def written_files(monkeypatch, run) -> list[str]:
+    """The files atomic writes renamed into place while ``run()`` ran, in order."""
+    real, names = os.replace, []
+
+    def record(src, dst):
+        if os.path.basename(src).startswith(gift_kernels.files.TMP_PREFIX):
+            names.append(os.path.relpath(dst, os.path.dirname(os.path.dirname(dst))))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", record)
+    run()
+    monkeypatch.setattr(os, "replace", real)
+    return names
+
+
+def test_a_kill_at_any_atomic_write_of_the_last_epoch_resumes_to_the_uninterrupted_run(
+        tmp_path, monkeypatch, reference):
+    whole, half = reference
+    probe = tmp_path / "probe"
+    shutil.copytree(half, probe)
+    writes = written_files(monkeypatch, lambda: finetune(probe, "--resume"))
+    # the resume rewrites epoch 1's adapter and metrics, then epoch 2 writes checkpoint, adapter, metrics, curves
+    assert writes.count("probe/checkpoint.pt") == 1 and writes.count("adapter/gift_adapter.safetensors") == 2
+    real = os.replace
+    # a kill after write i leaves what a kill before write i + 1 does: "mid" (the temp file written, not
+    # renamed) at every write and "after" at the last one reach every state a kill can leave
+    kills = [(i, "mid") for i in range(len(writes))] + [(len(writes) - 1, "after")]
+    for index, phase in kills:
+        name = writes[index]
+        out = tmp_path / f"kill{index}_{phase}"
+        shutil.copytree(half, out)
+        count = {"n": 0}
+
+        def kill(src, dst, index=index, phase=phase):
+            if not os.path.basename(src).startswith(gift_kernels.files.TMP_PREFIX):
+                return real(src, dst)
+            count["n"] += 1
+            if count["n"] - 1 != index:
+                return real(src, dst)
+            if phase == "mid":  # a real kill leaves the temp file behind
+                os.link(src, os.path.join(os.path.dirname(src), gift_kernels.files.TMP_PREFIX + "killed"))
+                raise SimulatedKill
+            real(src, dst)
+            raise SimulatedKill
+
+        monkeypatch.setattr(os, "replace", kill)
+        with pytest.raises(SimulatedKill):
+            finetune(out, "--resume")
+        monkeypatch.setattr(os, "replace", real)
+        assert finetune(out, "--resume") == 0, (name, phase)
+        assert_same_run(whole, out)
+
+
+def test_a_full_disk_while_saving_is_one_line_and_loses_nothing_written(tmp_path, monkeypatch, capsys, reference):
+    whole, half = reference
+    real = gift_kernels.files._fsync_path
+    for target in ("checkpoint.pt", "gift_adapter.safetensors"):  # the disk fills before / after the checkpoint
+        out = tmp_path / target
+        shutil.copytree(half, out)
+        before = torch.load(out / "checkpoint.pt", weights_only=False)
+        seen = {"n": 0}
+
+        def full(path, target=target):
+            if os.path.basename(path).startswith(gift_kernels.files.TMP_PREFIX) and path.endswith(target):
+                seen["n"] += 1
+                if seen["n"] == (2 if target.endswith("safetensors") else 1):  # epoch 2's, not the resume's
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(path)
+
+        monkeypatch.setattr(gift_kernels.files, "_fsync_path", full)
+        capsys.readouterr()
+        assert finetune(out, "--resume") == 2
+        err = one_error_line(capsys)
+        assert "no space left on device while writing epoch 2's files" in err and "--resume" in err, err
+        after = torch.load(out / "checkpoint.pt", weights_only=False)  # whole: the old one, or epoch 2's
+        assert after["epoch"] == (1 if target == "checkpoint.pt" else 2) and before["epoch"] == 1
+        monkeypatch.setattr(gift_kernels.files, "_fsync_path", real)
+        assert finetune(out, "--resume") == 0  # space freed: the same run as without the full disk
+        assert_same_run(whole, out)
+
+
+def test_too_little_free_space_is_refused_before_training_and_before_overwrite(tmp_path, monkeypatch, capsys,
+                                                                              reference):
+    whole, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(whole, out)
+    epochs = []
+    monkeypatch.setattr(train_module, "train_one_epoch", lambda *a, **k: epochs.append(a))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr("gift.app.run_folder.shutil.disk_usage", lambda path: usage(10 ** 12, 10 ** 12, 1000))
+    capsys.readouterr()
+    assert finetune(out, "--overwrite") == 2
+    err = one_error_line(capsys)
+    assert "0.0 MiB free on its file system, but an epoch writes about" in err and "checkpoint.pt" in err
+    assert epochs == [] and os.path.isfile(out / "checkpoint.pt")  # nothing computed, the old run kept
+    assert_same_run(whole, out)
+
+
+def test_disk_full_is_recognised_in_every_form_the_writers_report_it():
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    wrapped = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 46592 vs 46484")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert is_disk_full(wrapped)
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied")) and not is_disk_full(ValueError("x"))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_checkpoint_written_to_a_full_device_raises_enospc():
+    """The checkpoint goes through Python's file object, so a full disk is an OSError (torch.save to a path
+    raises an unrelated-looking stream error instead)."""
+    with pytest.raises(OSError) as raised, open("/dev/full", "wb") as f:
+        torch.save({"w": torch.zeros(100_000)}, f)
+    assert raised.value.errno == errno.ENOSPC
+
+
+def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys,
+                                                                             reference):
+    whole, half = reference
+    out = tmp_path / "run"
+    shutil.copytree(half, out)
+    calls = {"n": 0}
+    real_loss = torch.nn.functional.cross_entropy
+
+    class OverflowingLoss:
+        def __getattr__(self, name):
+            return getattr(torch.nn.functional, name)
+
+        def cross_entropy(self, *args, **kwargs):  # the second step of epoch 2 overflows
+            calls["n"] += 1
+            loss = real_loss(*args, **kwargs)
+            return loss * float("inf") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(train_module, "F", OverflowingLoss())
+    capsys.readouterr()
+    assert finetune(out, "--resume") == 2
+    err = one_error_line(capsys)
+    assert "training diverged at epoch 2, step 2 (loss inf)" in err and "stopped before saving it" in err
+    assert "keeps the last good checkpoint and adapter (after epoch 1)" in err and "lower --lr" in err
+    assert_same_run(half, out)  # nothing of the diverged epoch was written
+    monkeypatch.setattr(train_module, "F", torch.nn.functional)
+    assert finetune(out, "--resume") == 0
+    assert_same_run(whole, out)
+    capsys.readouterr()
+    assert finetune(tmp_path / "huge", "--lr", "1e30") == 2  # NaN from the start: nothing saved at all
+    err = one_error_line(capsys)
+    assert "training diverged at epoch 1" in err and "nothing of this run was saved" in err
+    assert not os.path.exists(tmp_path / "huge" / "checkpoint.pt")
+
+
+def test_under_the_loss_scaler_a_non_finite_step_is_skipped_as_torch_amp_does():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=4.0)
+    loss = (weight * torch.tensor([1.0, float("inf"), 1.0])).sum()
+    scaler.scale(loss).backward()
+    assert step_is_finite(loss, [weight], scaler, "epoch 1, step 1") is False
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.equal(weight.detach(), torch.ones(3)) and scaler.get_scale() == 2.0  # skipped, scale halved
+    scaler.update(MIN_LOSS_SCALE / 2)
+    with pytest.raises(Diverged, match="at loss scale 0.25"):
+        step_is_finite(loss, [weight], scaler, "epoch 1, step 2")
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    with pytest.raises(Diverged, match="training diverged at epoch 1, step 3 \\(non-finite gradients\\)"):
+        step_is_finite(torch.tensor(1.0), [weight], off, "epoch 1, step 3")
+
+
+def test_a_folder_lock_is_exclusive_and_a_dead_owners_lock_is_taken_over(tmp_path, capsys):
+    with FolderLock(str(tmp_path)) as held:
+        owner = json.load(open(tmp_path / LOCK_FILE))
+        assert owner["pid"] == os.getpid() and held.recovered is None
+        with pytest.raises(FolderInUse, match=f"is in use by another gift run \\(pid {os.getpid()} on host"):
+            FolderLock(str(tmp_path)).acquire()
+    assert not os.path.exists(tmp_path / LOCK_FILE)  # released and removed
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 2 ** 22 + 1, "host": "gone", "started": "then"}))  # a SIGKILL's
+    assert finetune(out, "--epochs", "1") == 0
+    assert f"took over the lock of {out} from a run that ended without releasing it (pid {2 ** 22 + 1}" in \
+        capsys.readouterr().out
+    assert not os.path.exists(out / LOCK_FILE)
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_sigterm_saves_like_ctrl_c(tmp_path, capsys):
+    """A real second process: it holds the folder, a run started meanwhile is refused in one line; SIGTERM
+    (what a scheduler sends) then saves mid-epoch, and --resume gives the uninterrupted run."""
+    args = [*TINY[:-1], "4"]
+    whole = tmp_path / "whole"
+    assert main(["finetune", *args, "--output", str(whole)]) == 0
+    out = tmp_path / "shared"
+    # the child computes as this process does (same thread count), so that its result is comparable bit for bit
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    loud = [a for a in args if a != "--quiet"]
+    log = open(tmp_path / "child.err", "w+")
+    child = subprocess.Popen([sys.executable, "-m", "gift", "finetune", *loud, "--output", str(out)], cwd=ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        for line in child.stdout:  # the first epoch's line: the child holds the lock and is training
+            if line.startswith("epoch 1/4"):
+                break
+        assert os.path.isfile(out / LOCK_FILE) and child.poll() is None
+        capsys.readouterr()
+        assert main(["finetune", *args, "--output", str(out), "--overwrite"]) == 2
+        err = one_error_line(capsys)
+        assert f"is in use by another gift run (pid {child.pid} on host" in err
+        child.send_signal(signal.SIGTERM)
+        stdout, _ = child.communicate()
+    finally:
+        if child.poll() is None:
+            child.kill()
+        log.seek(0)
+        stderr = log.read()
+        log.close()
+    assert child.returncode == 143, stderr[-2000:]
+    assert "terminated (SIGTERM): saved" in stdout and "continue with --resume" in stdout
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] >= 1 and not os.path.exists(out / LOCK_FILE)
+    assert main(["finetune", *args, "--output", str(out), "--resume"]) == 0
+    assert_same_run(whole, out)
