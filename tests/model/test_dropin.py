@@ -3,6 +3,7 @@ heads and ``modules_to_save`` trained and saved, timm attributes passed through,
 deployables in one dtype, merged state dicts, PEFT's conveniences, bounded explain maps, per-stage targets."""
 import copy
 import io
+import re
 from contextlib import redirect_stdout
 
 import pytest
@@ -246,3 +247,16 @@ def test_per_stage_targets_each_get_a_generator():
     model = FastGIFT(backbone, GIFTConfig(rank=8, num_clusters=5, target_modules=(
         "layers.0.blocks.*.attn.proj", "layers.1.blocks.*.attn.proj")))
     assert len(model.hypernets) == 2
+
+
+def test_timm_swin_trains_with_one_generator_per_stage():
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=24, depths=(2, 2), num_heads=(1, 2),
+                             img_size=56, window_size=7, num_classes=3)
+    stages = ("layers.0.blocks.*.attn.proj", "layers.1.blocks.*.attn.proj")
+    with pytest.raises(ValueError, match=re.escape(repr(stages)[:-1])):
+        FastGIFT(swin, CFG)
+    model = FastGIFT(swin, GIFTConfig(rank=8, num_clusters=5, target_modules=stages))
+    assert [(len(g), g.in_features) for g in model.target_groups] == [(2, 24), (2, 48)]
+    model(torch.randn(2, 3, 56, 56)).sum().backward()
+    assert all(p.grad is not None for p in model.gift_parameters())
