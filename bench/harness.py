@@ -26,9 +26,11 @@ from gift.targets import find_targets, freeze_all_but_classifier
 from gift.testing import model_disagreements, outputs_and_grads, randomize_gift_, zero_gradient_names
 from gift_kernels.testing import relative_errors
 
+COMPILED = "+compile"  # a provider's name with this suffix: the same provider, its model under torch.compile
 PROVIDERS = ("floor", "lora", "reference", "naive_merged", "fast_torch", "fast_torch+mlp", "fast_torch+block",
-             "fast_triton")
-RATIO_BASELINES = ("floor", "lora", "naive_merged", "reference")  # every provider's time is divided by each
+             "fast_triton", "floor+compile", "lora+compile", "reference+compile", "fast_torch+compile")
+# every provider's time is divided by each
+RATIO_BASELINES = ("floor", "lora", "naive_merged", "reference", "lora+compile")
 ACCUMULATION_PROVIDERS = ("floor", "lora", "fast_torch", "fast_triton")  # one optimizer step of micro-batches
 EVAL_PROVIDERS = ("merged", "lora", "fast_torch", "fast_triton")  # one inference forward
 
@@ -140,6 +142,28 @@ class Provider:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     gift_model: gift.GIFTReference | gift.FastGIFT | None = None
+    compile_s: float | None = None  # a compiled provider: seconds of its first step (`compile_first_step`)
+
+    @property
+    def compiled(self) -> bool:
+        return self.name.endswith(COMPILED)
+
+    def compile_first_step(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None,
+                           sync: Callable[[], None] = lambda: None) -> float:
+        """Run a compiled provider's first step (where torch.compile compiles), before any timed one; its
+        seconds are kept in ``compile_s``, a column of their own, never in a step's time. The trained weights and the
+        optimizer are put back as they were, so that the provider still holds the weights the others hold."""
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        kept = [p.detach().clone() for p in trained]
+        start = time.perf_counter()
+        self.step(x, y, dtype)
+        sync()
+        self.compile_s = time.perf_counter() - start
+        with torch.no_grad():
+            for p, k in zip(trained, kept):
+                p.copy_(k)
+        self.optimizer.state.clear()
+        return self.compile_s
 
     def step(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None,
              micro_batches: int = 1) -> torch.Tensor:
@@ -230,6 +254,9 @@ def naive_merged(backbone: nn.Module, config: gift.GIFTConfig) -> gift.GIFTRefer
 def build_provider(name: str, backbone: nn.Module, rank: int, gift_state: dict | None = None) -> Provider:
     """One provider around a private copy of ``backbone``. ``gift_state`` loads the same GIFT weights
     into every GIFT provider so their outputs and gradients can be compared."""
+    if name.endswith(COMPILED):  # the eager provider, its model compiled (graph breaks allowed, as users run it)
+        eager = build_provider(name[:-len(COMPILED)], backbone, rank, gift_state)
+        return Provider(name, torch.compile(eager.model), eager.optimizer, gift_model=eager.gift_model)
     backbone = copy.deepcopy(backbone)
     config = gift_config(rank)
     if name == "floor":
@@ -294,7 +321,7 @@ def agreement(provider: Provider, exact: dict, baseline: dict, x: torch.Tensor, 
     """Max relative error (each tensor at its own scale) of the provider's logits and of its GIFT and head
     gradients against the float64 reference; ``ok``: no `gift.testing.model_disagreements` with the
     reference in ``dtype`` as baseline."""
-    got = outputs_and_grads(provider.model, x, y, dtype)
+    got = {k.replace("_orig_mod.", ""): v for k, v in outputs_and_grads(provider.model, x, y, dtype).items()}
     zero = [n for n in zero_gradient_names(provider.gift_model) if n in exact]
     errs = relative_errors(got, exact, zero)
     bad = model_disagreements(got, exact, baseline, provider.gift_model, dtype)

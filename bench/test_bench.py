@@ -18,6 +18,7 @@ import gift.timm_models  # noqa: F401  (registers gift's small timm models, for 
 import gift_kernels
 from bench.harness import (
     ACCUMULATION_PROVIDERS,
+    COMPILED,
     EVAL_PROVIDERS,
     PROVIDERS,
     RATIO_BASELINES,
@@ -86,6 +87,7 @@ def _ratio_metrics(ratios: dict, provider: str) -> dict:
 
 
 def _unavailable_reason(name: str, device: torch.device) -> str | None:
+    name = name.removesuffix(COMPILED)
     if name == "fast_triton":
         if device.type != "cuda":
             return "Triton kernels are timed on CUDA only (on CPU they run under the interpreter, for tests)"
@@ -138,6 +140,9 @@ def measure_model(name: str, batch: int, rounds: int, cfg: dict) -> dict:
             skipped[p] = reason
             continue
         providers[p] = build_provider(p, backbone, RANK, state)
+    for prov in providers.values():  # compiled first, at the timed shape: no compile inside a timed step
+        if prov.compiled:
+            prov.compile_first_step(x, y, dtype, _sync(device))
 
     # agreement first, while every GIFT provider holds the same weights
     x_small, y_small = x[:2], y[:2]
@@ -147,7 +152,8 @@ def measure_model(name: str, batch: int, rounds: int, cfg: dict) -> dict:
     agree = {p: agreement(prov, exact, baseline, x_small, y_small, dtype)
              for p, prov in providers.items() if prov.gift_model is not None and p != "reference"}
 
-    saved = {p: saved_bytes_of_step(prov, x, y, dtype) for p, prov in providers.items()}
+    # saved tensors are counted eagerly (saved-tensor hooks and torch.compile do not mix): compiled ones have none
+    saved = {p: saved_bytes_of_step(prov, x, y, dtype) for p, prov in providers.items() if not prov.compiled}
     peak = (
         {p: cuda_step_peak_bytes(prov, x, y, dtype) for p, prov in providers.items()} if device.type == "cuda" else {}
     )
@@ -172,10 +178,14 @@ def test_train_step(benchmark, bench_config, model_index, provider):
     prov: Provider = m["providers"][provider]
     label = f"{name} b{batch}"
     metrics = {"time_ms_p50": 1e3 * statistics.median(m["times"][provider]), "rounds": m["rounds"],
-               **_ratio_metrics(m["ratios"], provider), "saved_mib": m["saved"][provider] / 2**20}
-    for base in ("lora", "floor"):
-        if base in m["saved"]:
-            metrics[f"saved_vs_{base}"] = m["saved"][provider] / m["saved"][base]
+               **_ratio_metrics(m["ratios"], provider)}
+    if prov.compile_s is not None:
+        metrics["compile_s"] = prov.compile_s
+    if provider in m["saved"]:
+        metrics["saved_mib"] = m["saved"][provider] / 2**20
+        for base in ("lora", "floor"):
+            if base in m["saved"]:
+                metrics[f"saved_vs_{base}"] = m["saved"][provider] / m["saved"][base]
     if provider in m["peak"]:
         metrics["cuda_step_peak_mib"] = m["peak"][provider] / 2**20
     if provider == "reference":  # its float64-vs-bench-dtype error: what the others are allowed beyond the table

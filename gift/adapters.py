@@ -7,17 +7,32 @@ import os
 
 import torch.nn as nn
 
-from .backbones import rebuild_backbone
+from .backbones import check_weights, rebuild_backbone
 from .fast import FastGIFT
 from .lora import LORA_CONFIG, load_lora_adapter
 from .wrapper import ADAPTER_CONFIG, GIFTModelBase
 
 
-def load_gift_adapter(directory: str, pretrained_file: str | None = None, **fast_kwargs) -> FastGIFT:
+def load_gift_adapter(directory: str, pretrained_file: str | None = None, backbone: nn.Module | None = None,
+                      **fast_kwargs) -> FastGIFT:
     """A `FastGIFT` on exactly the backbone the adapter in ``directory`` was trained on, with the adapter
-    loaded. Raises as `rebuild_backbone` does, and ``ValueError`` when the adapter does not fit that backbone."""
+    loaded: any adapter `save_adapter` wrote, from ``gift finetune`` or from a backbone built in Python (rebuilt
+    from what it records: the timm name, the constructor arguments it could read back, the local weights file
+    and a digest of the frozen weights, `gift.backbones.recorded_identity`).
+
+    ``backbone``: the backbone to load the adapter on, where the adapter cannot rebuild it (the error says
+    what it does not know); checked against the recorded weights digest when there is one.
+    Raises as `rebuild_backbone` does, and ``ValueError`` when the adapter does not fit that backbone."""
     meta = GIFTModelBase.read_adapter_config(directory)
-    backbone = rebuild_backbone(meta.get("run", {}).get("backbone"), pretrained_file)
+    identity = meta.get("run", {}).get("backbone")
+    if backbone is None:
+        backbone, what = rebuild_backbone(identity, pretrained_file), "the rebuilt backbone"
+    else:
+        what = f"the given {type(backbone).__name__}"
+    if isinstance(identity, dict):
+        held = tuple(GIFTModelBase.adapter_saved_modules(meta))
+        frozen = {k: v for k, v in backbone.state_dict().items() if not any(k.startswith(m + ".") for m in held)}
+        check_weights(identity, frozen, what)
     return FastGIFT.from_adapter(backbone, directory, **fast_kwargs)
 
 

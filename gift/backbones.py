@@ -23,7 +23,7 @@ from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg
 
 from . import timm_models  # noqa: F401  (registers the gift_* models with timm)
-from .files import file_sha256, read_state_dict
+from .files import content_sha256, file_sha256, read_state_dict
 from .targets import classifier_name
 
 IDENTITY_FORMAT = "gift-backbone-v1"
@@ -72,26 +72,27 @@ def hub_weights_name(name: str) -> str:
 
 
 def create_backbone(name: str, num_classes: int, drop_path: float = 0.0, pretrained_file: str | None = None,
-                    pretrained: bool = False) -> nn.Module:
-    """``timm.create_model(name, num_classes=..., drop_path_rate=...)`` with weights from a local file
-    (``pretrained_file``, `load_pretrained_file`), from timm's hub (``pretrained``), or random (the
+                    pretrained: bool = False, **model_kwargs) -> nn.Module:
+    """``timm.create_model(name, num_classes=..., drop_path_rate=..., **model_kwargs)`` with weights from a local
+    file (``pretrained_file``, `load_pretrained_file`), from timm's hub (``pretrained``), or random (the
     current torch RNG)."""
     check_model_name(name)
     if pretrained and pretrained_file:
         raise ValueError("give either pretrained=True (timm's hub) or a pretrained file, not both")
     if pretrained_file:
-        return load_pretrained_file(name, num_classes, drop_path, pretrained_file)
+        return load_pretrained_file(name, num_classes, drop_path, pretrained_file, **model_kwargs)
     if pretrained:
         try:
-            return timm.create_model(name, pretrained=True, num_classes=num_classes, drop_path_rate=drop_path)
+            return timm.create_model(name, pretrained=True, num_classes=num_classes, drop_path_rate=drop_path,
+                                     **model_kwargs)
         except Exception as e:  # huggingface_hub / urllib raise many types when offline
             raise PretrainedUnavailable(
                 f"could not get the pretrained weights of {name} from timm's hub ({type(e).__name__}); timm wanted "
                 f"{hub_weights_name(name)}: fetch it where you are online and pass --pretrained-file FILE") from None
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **model_kwargs)
 
 
-def load_pretrained_file(name: str, num_classes: int, drop_path: float, path: str) -> nn.Module:
+def load_pretrained_file(name: str, num_classes: int, drop_path: float, path: str, **model_kwargs) -> nn.Module:
     """The timm model ``name`` with the weights of the local state dict ``path``: read by
     `gift.files.read_state_dict` (``state_dict`` / ``model`` unwrapped; an EMA copy beside them is not
     taken), the keys the model does not have dropped, then loaded by timm's loader
@@ -103,7 +104,7 @@ def load_pretrained_file(name: str, num_classes: int, drop_path: float, path: st
     """
     state = read_state_dict(path, what="pretrained file", unwrap=("state_dict", "model"))
     with torch.device("meta"):
-        own = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        own = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
     own_state = own.state_dict()
     head = classifier_name(own)
     head_keys = {k for k in own_state if head is not None and k.startswith(head + ".")}
@@ -120,12 +121,13 @@ def load_pretrained_file(name: str, num_classes: int, drop_path: float, path: st
     overlay = dict(state_dict=state, num_classes=file_head.shape[0] if file_head is not None else -1)
     try:
         model = timm.create_model(name, pretrained=True, num_classes=num_classes, drop_path_rate=drop_path,
-                                  pretrained_cfg_overlay=overlay)
+                                  pretrained_cfg_overlay=overlay, **model_kwargs)
     except RuntimeError as e:  # torch's load_state_dict: a classifier weight and bias of different sizes
         details = "; ".join(line.strip() for line in str(e).splitlines()[1:6] if line.strip())
         raise ValueError(f"pretrained file {path!r} does not fit {type(own).__name__} ({details}); "
                          f"is it for another model or size?") from None
     model.pretrained_cfg.pop("state_dict", None)  # the config outlives the load: keep no second copy of the weights
+    model.pretrained_cfg["file"] = os.path.abspath(path)  # where the weights came from, as timm's file overlay says
     return model
 
 
@@ -171,24 +173,120 @@ def backbone_identity(name: str, num_classes: int, drop_path: float, seed: int, 
 
 def seeded_backbone(identity: dict[str, Any], pretrained_file: str | None = None) -> nn.Module:
     """`create_backbone` as the identity says, right after ``torch.manual_seed(identity['init_seed'])``
-    (the caller's RNG is left as it is; the caller's own RNG state must not matter)."""
-    kwargs = identity["kwargs"]
+    (the caller's RNG is left as it is; the caller's own RNG state must not matter); an identity recorded from a
+    backbone built in Python (`recorded_identity`) has no seed: its weights are checked by their digest instead."""
+    kwargs = dict(identity["kwargs"])
+    num_classes, drop_path = kwargs.pop("num_classes"), kwargs.pop("drop_path_rate")
+    if isinstance(kwargs.get("img_size"), list):
+        kwargs["img_size"] = tuple(kwargs["img_size"])
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(identity["init_seed"])
-        return create_backbone(identity["timm_name"], kwargs["num_classes"], kwargs["drop_path_rate"],
-                               pretrained_file, identity["pretrained"] == "hub")
+        if identity["init_seed"] is not None:
+            torch.manual_seed(identity["init_seed"])
+        return create_backbone(identity["timm_name"], num_classes, drop_path, pretrained_file,
+                               identity["pretrained"] == "hub", **kwargs)
+
+
+# what `recorded_identity` reads back from a timm model: the constructor arguments its attributes keep
+RECORDED_ATTRIBUTES = ("img_size", "global_pool", "dynamic_img_size")
+
+
+def weights_digest(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> str | None:
+    """`gift.files.content_sha256` of the tensors of ``state`` (floating tensors cast to ``dtype`` when given), or
+    None when one is not a plain tensor (a quantized weight)."""
+    if any(type(t) is not torch.Tensor and not isinstance(t, nn.Parameter) for t in state.values()):
+        return None
+    cast = {k: t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
+            for k, t in state.items()}
+    return content_sha256(cast)
+
+
+def frozen_dtype(state: dict[str, torch.Tensor]) -> str | None:
+    """The dtype of the floating tensors of ``state`` when they share one (``"float32"``), else None."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    return str(dtypes.pop()).replace("torch.", "") if len(dtypes) == 1 else None
+
+
+def recorded_identity(backbone: nn.Module, frozen_state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The identity of a backbone built in Python (no ``run`` given to ``save_adapter``), as far as it can be read
+    back: the timm model name and the constructor arguments its attributes keep (`RECORDED_ATTRIBUTES`, checked by
+    building the model on the meta device: the same parameter names and shapes), the local file its weights came
+    from (timm's ``pretrained_cfg["file"]``, as ``pretrained_cfg_overlay=dict(file=...)`` or `create_backbone`
+    leave it) with its SHA-256, and a digest of ``frozen_state`` (what the adapter does not hold). Where the backbone
+    cannot be rebuilt, ``pretrained`` is ``"unknown"`` and ``missing`` says what is not known."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture")
+    dtype = frozen_dtype(frozen_state)
+    identity: dict[str, Any] = {"format": IDENTITY_FORMAT, "timm_name": name, "init_seed": None,
+                                "weights_dtype": dtype, "weights_sha256": weights_digest(frozen_state)}
+    if not isinstance(name, str) or not timm.is_model(name):
+        return {**identity, "pretrained": "unknown",
+                "missing": f"the model: {type(backbone).__name__} is not a timm model gift can build by name"}
+    kwargs: dict[str, Any] = {"num_classes": int(getattr(backbone, "num_classes", 0)), "drop_path_rate": 0.0}
+    patch_embed = getattr(backbone, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+        kwargs["img_size"] = list(patch_embed.img_size)
+    if isinstance(getattr(backbone, "global_pool", None), str):
+        kwargs["global_pool"] = backbone.global_pool
+    if getattr(backbone, "dynamic_img_size", False) is True:
+        kwargs["dynamic_img_size"] = True
+    identity["kwargs"] = kwargs
+    rebuilt_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items() if k != "drop_path_rate"}
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in timm.create_model(name, **rebuilt_kwargs).state_dict().items()}
+    except Exception as e:  # timm raises many types for arguments a model does not take
+        shapes = {"": (type(e).__name__,)}
+    own = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
+    if shapes != own:
+        return {**identity, "pretrained": "unknown",
+                "missing": f"its constructor arguments: timm.create_model({name!r}, {_call_text(rebuilt_kwargs)}) "
+                           f"has other parameters than this backbone, which was built with arguments gift cannot "
+                           f"read back"}
+    path = cfg.get("file")
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return {**identity, "pretrained": "unknown",
+                "missing": f"where its weights came from: {name} was not loaded from a local file (timm's "
+                           f"pretrained_cfg_overlay=dict(file=...)), so its weights may be timm's hub weights, "
+                           f"random or changed in Python"}
+    return {**identity, "pretrained": "file", "pretrained_file": os.path.basename(path),
+            "pretrained_path": os.path.abspath(path), "pretrained_sha256": file_sha256(path)}
+
+
+def _call_text(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def check_weights(identity: dict[str, Any], frozen_state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise ``ValueError`` when ``frozen_state`` (of ``what``, e.g. "the rebuilt backbone") is not the one whose
+    digest ``identity`` records (cast to the recorded dtype first); nothing to check when none is recorded."""
+    want = identity.get("weights_sha256")
+    if want is None:
+        return
+    dtype = identity.get("weights_dtype")
+    got = weights_digest(frozen_state, getattr(torch, dtype) if dtype else None)
+    if got is not None and got != want:
+        raise ValueError(f"{what} does not have the frozen weights the adapter was trained on (weights digest "
+                         f"{got[:12]}... vs {want[:12]}... recorded): another file, other weights or another model")
 
 
 def rebuild_backbone(identity: dict[str, Any], pretrained_file: str | None = None) -> nn.Module:
     """Exactly the backbone ``identity`` describes. A pretrained file is taken from ``pretrained_file``
-    or else from the recorded path, and must have the recorded SHA-256.
+    or else from the recorded path, and must have the recorded SHA-256 (the weights digest of an identity recorded
+    from a backbone built in Python is checked by the caller, `check_weights`, on what the adapter does not hold).
 
     Raises ``FileNotFoundError`` naming the file when it is nowhere to be found, ``ValueError`` when
-    the given file is another one, `PretrainedUnavailable` when timm's hub cannot be reached.
+    the given file is another one or the identity says what it does not know (a backbone built in Python from
+    other than a local file: pass it yourself), `PretrainedUnavailable` when timm's hub cannot be reached.
     """
     if not isinstance(identity, dict) or identity.get("format") != IDENTITY_FORMAT:
-        raise ValueError("the adapter records no backbone identity (written by an older gift); "
-                         "retrain it, or build the backbone yourself and use FastGIFT.from_adapter")
+        raise ValueError("the adapter records no backbone identity (save_adapter() was given a run record without "
+                         "one, or an older gift wrote it): pass the backbone it was trained on, "
+                         "load_gift_adapter(directory, backbone=...) or FastGIFT.from_adapter(backbone, directory)")
+    if identity["pretrained"] == "unknown":
+        raise ValueError(f"the adapter's backbone ({identity.get('timm_name') or 'not a timm model'}) was built in "
+                         f"Python and cannot be rebuilt: the adapter does not know {identity['missing']}. Pass the "
+                         f"backbone it was trained on: load_gift_adapter(directory, backbone=...) or "
+                         f"FastGIFT.from_adapter(backbone, directory)")
     if identity["pretrained"] != "file":
         if pretrained_file:
             raise ValueError(f"the adapter was trained on a {identity['pretrained']} backbone "

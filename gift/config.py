@@ -32,7 +32,12 @@ class GIFTConfig:
         num_heads: attention heads of PaCa; must divide ``rank``.
         mlp_ratio: FFN hidden width is ``round(mlp_ratio * rank)``.
         cluster_activation: ``"sigmoid"`` (sigmoid, then / N) or ``"softmax"`` over the N tokens.
-        target_modules: module-name suffixes of the adapted ``nn.Linear`` layers (PEFT-style).
+        target_modules: module-name suffixes of the adapted ``nn.Linear`` layers (PEFT-style), one generator per
+            entry, shared by the layers it matches; ``*`` stands for one module name, so that a pattern can pick
+            one stage of a hierarchical model (``"layers.0.blocks.*.attn.proj"``).
+        modules_to_save: module-name suffixes of the backbone modules that train whole and are saved with the
+            adapter (PEFT's ``modules_to_save``, e.g. ``("lm_head",)``); None: the classifier head (timm's
+            ``get_classifier()``, a Hugging Face ``classifier`` or ``score``), ``()``: none.
         in_projection_bias / out_projection_bias: biases on phi / psi.
         dtype: compute dtype of the generator ("float32", "float64", "bfloat16", "float16").
     """
@@ -45,6 +50,7 @@ class GIFTConfig:
     mlp_ratio: float = 2.0
     cluster_activation: str = "sigmoid"
     target_modules: tuple[str, ...] = field(default_factory=lambda: ("attn.proj",))
+    modules_to_save: tuple[str, ...] | None = None
     in_projection_bias: bool = False
     out_projection_bias: bool = False
     dtype: str = "float32"
@@ -53,6 +59,13 @@ class GIFTConfig:
         if isinstance(self.target_modules, str):
             self.target_modules = (self.target_modules,)
         self.target_modules = tuple(self.target_modules)
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = (self.modules_to_save,)
+        if self.modules_to_save is not None:
+            self.modules_to_save = tuple(self.modules_to_save)
+            if not all(isinstance(m, str) and m for m in self.modules_to_save):
+                raise ValueError(f"GIFTConfig.modules_to_save must be module-name suffixes (or None for the "
+                                 f"classifier head), got {self.modules_to_save!r}.")
         for name in ("rank", "num_blocks", "num_clusters", "num_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -92,7 +105,13 @@ class GIFTConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["target_modules"] = list(self.target_modules)
+        d["modules_to_save"] = None if self.modules_to_save is None else list(self.modules_to_save)
         return d
+
+    def same_generator(self, other: "GIFTConfig") -> bool:
+        """Whether ``other`` makes the same generators (every field but ``modules_to_save``, which names what else
+        an adapter holds)."""
+        return dataclasses.replace(self, modules_to_save=None) == dataclasses.replace(other, modules_to_save=None)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GIFTConfig":

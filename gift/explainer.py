@@ -54,16 +54,23 @@ def min_max(maps: torch.Tensor) -> torch.Tensor:
 
 
 def explain(model: GIFTModelBase, images: torch.Tensor, layers=None, pre_delta: bool = False, key: str | None = None,
-            block_index: int = 0, clusters: torch.Tensor | None = None, *, block: int | None = None) -> ClusterMaps:
+            block_index: int = 0, clusters: torch.Tensor | None = None, *, block: int | None = None,
+            size: int | tuple[int, int] | str | None = None) -> ClusterMaps:
     """Cluster maps of ``images`` (B, 3, H, W) for the requested target layers, from one forward pass.
+
+    Memory: each requested layer keeps its maps only, (B, M, h, w) at ``size``, made while the forward runs (its
+    layer output is dropped right after); ask for the layers and the size you need (``layers=[-1],
+    size="grid"`` holds B x M x the patch grid).
 
     Args:
         model: a `GIFTReference` or `FastGIFT` (not merged).
-        layers: indices into the target layers of ``key`` (default: all).
+        layers: indices into the target layers of ``key`` (default: all; negative ones count from the end).
         pre_delta: use the frozen output x W^T + b instead of the adapted one.
         key: target key (default: the first, e.g. ``attn:proj``).
         block_index: which PaCa block of the generator gives the clusters (``block``: its old name).
         clusters: override C (L, d_out, M), e.g. for a baseline.
+        size: the maps' (h, w) (an int: square): default the image size (H, W); ``"grid"``: the patch grid,
+            not upsampled.
     """
     if not isinstance(model, GIFTModelBase):
         raise TypeError(
@@ -74,21 +81,24 @@ def explain(model: GIFTModelBase, images: torch.Tensor, layers=None, pre_delta: 
     group = model.target_group(key)
     L = len(group)
     layers = list(range(L)) if layers is None else [int(i) for i in layers]
-    bad = [i for i in layers if not 0 <= i < L]
+    bad = [i for i in layers if not -L <= i < L]
     if bad:
         raise IndexError(f"layer index {bad[0]} is out of range: {group.key} has layers 0..{L - 1}.")
+    layers = list(dict.fromkeys(i % L for i in layers))
     backbone = model.backbone
     grid = patch_grid(backbone, tuple(images.shape[-2:]))
+    out_size = _map_size(size, tuple(images.shape[-2:]), grid)
     prefix = _prefix_tokens(backbone)
+    result = ClusterMaps(grid=grid)
     with torch.no_grad():
         c = model.cluster_assignments(group.key, block_index_argument(block_index, block)) if clusters is None \
             else clusters
-        outputs: dict[int, torch.Tensor] = {}
         handles = []
 
         def capture(index):
             def hook(module, args, output):
-                outputs[index] = (F.linear(args[0], module.weight, module.bias) if pre_delta else output).detach()
+                y = F.linear(args[0], module.weight, module.bias) if pre_delta else output
+                result.maps[index] = _cluster_maps(y.detach(), c[index], grid, prefix, out_size, group.names[index])
             return hook
 
         try:
@@ -98,23 +108,40 @@ def explain(model: GIFTModelBase, images: torch.Tensor, layers=None, pre_delta: 
         finally:
             for h in handles:
                 h.remove()
-    result = ClusterMaps(grid=grid)
-    for i in layers:
-        y = outputs[i]
-        if y.dim() != 3:
-            raise ValueError(f"target layer {group.names[i]} output is {tuple(y.shape)}; expected (B, tokens, d_out).")
-        patches = y[:, prefix:prefix + grid[0] * grid[1]].float()                   # (B, P, d_out)
-        if patches.shape[1] != grid[0] * grid[1]:
-            raise ValueError(
-                f"layer {group.names[i]} has {y.shape[1]} tokens; "
-                f"expected {prefix} prefix + {grid[0] * grid[1]} patches."
-            )
-        maps = patches @ c[i].to(patches.dtype)                                       # (B, P, M)
-        maps = maps.transpose(1, 2).reshape(maps.shape[0], -1, *grid)                # (B, M, h, w)
-        maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        result.maps[i] = min_max(maps)
-        result.segmentation[i] = result.maps[i].argmax(1)
+    result.maps = {i: result.maps[i] for i in layers}
+    result.segmentation = {i: result.maps[i].argmax(1) for i in layers}
     return result
+
+
+def _map_size(size, image_hw: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int] | None:
+    """The (h, w) maps are resized to; None: the patch grid (no resize)."""
+    if size is None:
+        return image_hw
+    if size == "grid":
+        return None
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return (size, size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+        return tuple(size)
+    raise ValueError(f"size={size!r}: give (h, w), an int, 'grid' (the {grid[0]}x{grid[1]} patch grid) or None "
+                     f"(the image size).")
+
+
+def _cluster_maps(y: torch.Tensor, clusters: torch.Tensor, grid: tuple[int, int], prefix: int,
+                  size: tuple[int, int] | None, name: str) -> torch.Tensor:
+    """One layer's min-max normalised maps ``(B, M, h, w)`` from its output ``y`` (B, tokens, d_out) and its
+    clusters (d_out, M)."""
+    if y.dim() != 3:
+        raise ValueError(f"target layer {name} output is {tuple(y.shape)}; expected (B, tokens, d_out).")
+    patches = y[:, prefix:prefix + grid[0] * grid[1]].float()                   # (B, P, d_out)
+    if patches.shape[1] != grid[0] * grid[1]:
+        raise ValueError(f"layer {name} has {y.shape[1]} tokens; expected {prefix} prefix + {grid[0] * grid[1]} "
+                         f"patches.")
+    maps = patches @ clusters.to(patches.dtype)                                   # (B, P, M)
+    maps = maps.transpose(1, 2).reshape(maps.shape[0], -1, *grid)                # (B, M, h, w)
+    if size is not None and tuple(size) != tuple(grid):
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return min_max(maps)
 
 
 # ------------------------------------------------------------------------------------------ quality

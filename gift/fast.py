@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gift_kernels import PacaParams, l2_mlp_residual, lowrank_residual_linear, paca_attention
+from gift_kernels import PacaParams, l2_mlp_residual, lowrank_residual_linear, paca_attention, triton_available
 
 from .config import MEMORY_MODES, GIFTConfig
 from .generator import Hypernet, PaCa
 from .predict import choose_memory_mode, default_memory_budget, plan_model
-from .recompute import apply_memory_mode, check_memory_mode, refuse_reentrant_checkpointing, undo_memory_mode
+from .recompute import (
+    apply_memory_mode,
+    check_memory_mode,
+    refuse_hf_reentrant_without_input_grads,
+    refuse_reentrant_checkpointing,
+    undo_memory_mode,
+)
 from .residuals import GeneratedResiduals
 from .targets import TargetGroup, replace_module
 from .wrapper import GIFTModelBase
@@ -57,7 +62,11 @@ class GIFTLinear(nn.Linear):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = self.residuals.lookup(self.key, self.layer)
+        traced = self.residuals.traced if torch.compiler.is_compiling() else None
+        if traced is not None:  # a compiled wrapper's forward made the pairs in its graph
+            residual = traced.get(self.key)
+        else:
+            residual = self.residuals.lookup(self.key, self.layer)
         if residual is None:
             return F.linear(x, self.weight, self.bias)
         psi, tokens = residual
@@ -115,6 +124,12 @@ def run_hypernet(hypernet: Hypernet, tokens: torch.Tensor, backend: str | None =
     return tokens
 
 
+def settle_backend_cache() -> None:
+    """Fill the kernels' dispatch caches that are set lazily (whether Triton imports), so that a compiled forward
+    does not trace their first fill and compile again at the second call."""
+    triton_available()
+
+
 class FastGIFT(GIFTModelBase):
     """GIFT on a frozen ``backbone``: same constructor, attributes and checkpoints as `GIFTReference`.
 
@@ -150,6 +165,7 @@ class FastGIFT(GIFTModelBase):
                  backbone_dtype: torch.dtype | None = None, backend: str | None = None,
                  memory_budget: int | str | None = None, recompute_generator: bool | None = None):
         super().__init__(backbone, config)
+        settle_backend_cache()
         self.backend = backend
         if memory not in MEMORY_MODES + ("auto",):
             raise ValueError(f"memory={memory!r} is unknown; choose one of {MEMORY_MODES + ('auto',)}.")
@@ -178,6 +194,9 @@ class FastGIFT(GIFTModelBase):
         self._unmerged_weights: list[torch.Tensor] | None = None  # while merged: each target's W before merge
         self._merged_signature: dict[str, int] | None = None  # while merged: GIFT parameter versions per key
         self._unloaded = False
+        self._merge_after_load = False
+        self.register_state_dict_post_hook(_unmerged_target_weights)
+        self.register_load_state_dict_pre_hook(_unmerge_before_load)
         self.register_load_state_dict_post_hook(_forget_residuals)
 
     @property
@@ -255,11 +274,6 @@ class FastGIFT(GIFTModelBase):
             tokens = self.generator_tokens(key)
         return self.make_psi(key), self._fold(key, tokens)
 
-    def residual_parameters(self, key: str) -> Iterator[nn.Parameter]:
-        """The GIFT parameters the residuals of ``key`` are made of (phi, the hyper-Transformer, psi)."""
-        for container in (self.in_projections, self.hypernets, self.out_projections):
-            yield from container[key].parameters()
-
     def target_weights(self, key: str) -> list[torch.Tensor]:
         """The frozen ``(d_out, d_in)`` weights of the L layers of ``key``."""
         return [m.weight for m in self.target_group(key).modules]
@@ -276,20 +290,49 @@ class FastGIFT(GIFTModelBase):
         return (tokens @ self.make_psi(key).t()).to(group.modules[layer].weight.dtype)
 
     # ------------------------------------------------------------------ calls
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's output with every target adapted (as ``self.backbone(x)``), under autocast in
-        ``backbone_dtype`` when the weights are stored in it; the first training forward settles ``memory="auto"``."""
-        if self.memory_pending and torch.is_grad_enabled():
-            amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-            accumulation = self.residuals.accumulation
-            self.choose_memory(x.shape, amp=amp, accumulation=accumulation.micro_batches if accumulation else 1)
-        if torch.is_grad_enabled() and getattr(self.backbone, "grad_checkpointing", False) is True:
-            refuse_reentrant_checkpointing()
-        self.residuals.begin_pass()
+    def forward(self, *args, **kwargs):
+        """The backbone's own output for ``self.backbone(*args, **kwargs)`` (a tensor for timm; a Hugging Face
+        ``ModelOutput``, with its ``loss`` when ``labels`` are given: ``model(**batch)``) with every target adapted,
+        under autocast in ``backbone_dtype`` when the weights are stored in it. The first training forward settles
+        ``memory="auto"``. Under ``torch.compile`` the generator runs inside the compiled graph, once per call
+        (``model.residuals.traced``): training compiles with ``fullgraph=True`` in every memory
+        mode; a merged model, and one inside `accumulate`, take their layers' pairs outside the graph (a graph
+        break per layer), as ``memory="auto"`` does until its first training forward has settled it."""
+        if self._unloaded and not self.merged:
+            raise RuntimeError("unload() handed the backbone over: run it (or wrap a fresh backbone) instead.")
+        x = _first_tensor(args, kwargs)
+        device_type = (x.device if x is not None else self._backbone_device()).type
+        if torch.is_grad_enabled():
+            if self.memory_pending and x is not None:
+                self._settle_memory(tuple(x.shape), device_type)
+            if getattr(self.backbone, "grad_checkpointing", False) is True:
+                refuse_reentrant_checkpointing()
+            if not torch.compiler.is_compiling():
+                refuse_hf_reentrant_without_input_grads(self.backbone)
+        pairs = None
+        if torch.compiler.is_compiling() and not (self.merged or self.residuals.accumulating):
+            pairs = {} if self.residuals.disabled else {g.key: self.make_residuals(g.key) for g in self.target_groups}
+        else:
+            self.residuals.begin_pass()  # excluded from compiled graphs
+        if pairs is None:
+            return self._run_backbone(device_type, args, kwargs)
+        self.residuals.traced = pairs
+        try:
+            return self._run_backbone(device_type, args, kwargs)
+        finally:
+            self.residuals.traced = None
+
+    def _run_backbone(self, device_type: str, args: tuple, kwargs: dict):
         if self.backbone_dtype is not None:
-            with torch.autocast(device_type=x.device.type, dtype=self.backbone_dtype):
-                return self.backbone(x)
-        return self.backbone(x)
+            with torch.autocast(device_type=device_type, dtype=self.backbone_dtype):
+                return self.backbone(*args, **kwargs)
+        return self.backbone(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _settle_memory(self, input_shape: tuple[int, ...], device_type: str) -> None:
+        amp = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        accumulation = self.residuals.accumulation
+        self.choose_memory(input_shape, amp=amp, accumulation=accumulation.micro_batches if accumulation else 1)
 
     @contextlib.contextmanager
     def accumulate(self, micro_batches: int):
@@ -353,6 +396,8 @@ class FastGIFT(GIFTModelBase):
         """
         if self.merged:
             raise RuntimeError("FastGIFT is already merged; call unmerge() first.")
+        if self._unloaded:
+            raise RuntimeError("unload() handed the backbone over; wrap a fresh backbone to merge.")
         if self.residuals.accumulating:
             raise RuntimeError("merge() inside FastGIFT.accumulate(); merge after training.")
         merged_weights = []
@@ -393,18 +438,86 @@ class FastGIFT(GIFTModelBase):
         self.copy_gift_state(state)
         self.merge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge, then return the plain backbone (targets back to ``nn.Linear``) for deployment. It shares its
-        weights with this model, which can no longer `unmerge` (the kept unmerged weights are dropped)."""
+    def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """Merge, then return the plain backbone (targets back to ``nn.Linear``) for deployment, with every
+        floating parameter and buffer in one dtype: ``dtype``, else the target weights' (so a ``backbone_dtype``
+        backbone's head, kept in float32 for training, is cast to it: the deployable then takes inputs of that dtype,
+        as ``model.half()`` does). A ``dtype`` wider than the stored weights' is applied before merging (the
+        residuals are added in it). The backbone shares its weights with this model, which can no longer `unmerge`
+        (the kept unmerged weights are dropped)."""
+        if self._unloaded:
+            raise RuntimeError("merge_and_unload() or unload() already handed the backbone over.")
+        stored = self.target_groups[0].modules[0].weight.dtype
+        if dtype is not None and torch.promote_types(stored, dtype) != stored:
+            self._cast_backbone(torch.promote_types(stored, dtype))
         self.merge()
+        self._cast_backbone(dtype or stored)
+        return self._hand_over()
+
+    def unload(self) -> nn.Module:
+        """Return the plain backbone without merging (PEFT's ``unload()``): the targets back to ``nn.Linear`` with
+        their pretrained weights (a merged model is unmerged first), the modules trained whole (the head) as
+        trained, the memory mode undone. This model can no longer run."""
+        if self._unloaded:
+            raise RuntimeError("merge_and_unload() or unload() already handed the backbone over.")
+        if self.merged:
+            self.unmerge()
+        return self._hand_over()
+
+    def _hand_over(self) -> nn.Module:
         self.set_memory("none")
         for group in self.target_groups:
             for name, module in zip(group.names, group.modules):
                 replace_module(self.backbone, name, module.unwrap())
         self._unmerged_weights, self._unloaded = None, True
+        self.residuals.reset()
         return self.backbone
+
+    @torch.no_grad()
+    def _cast_backbone(self, dtype: torch.dtype) -> None:
+        """Every floating parameter and buffer of the backbone in ``dtype``, in place (the Parameter objects kept;
+        quantized weights, tensor subclasses, left as they are)."""
+        for module in self.backbone.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if type(p) is nn.Parameter and p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+            for name, b in module.named_buffers(recurse=False):
+                if type(b) is torch.Tensor and b.is_floating_point() and b.dtype != dtype:
+                    module._buffers[name] = b.to(dtype)
+        self.residuals.reset()
+
+
+def _first_tensor(args, kwargs):
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _unmerged_target_weights(model: FastGIFT, state: dict, prefix: str, local_metadata) -> None:
+    """`state_dict` post-hook: a merged model's state holds the target weights `merge` found (W, not W + dW), so that
+    loading it, into a merged model or an unmerged one, applies the adapter once."""
+    if model._unmerged_weights is None or model._unloaded:
+        return
+    modules = [(name, m) for group in model.target_groups for name, m in zip(group.names, group.modules)]
+    for (name, module), weight in zip(modules, model._unmerged_weights):
+        key = f"{prefix}backbone.{name}.weight"
+        if key in state:
+            state[key] = weight.to(module.weight.device)
+
+
+def _unmerge_before_load(model: FastGIFT, state: dict, prefix: str, *args) -> None:
+    """`load_state_dict` pre-hook: a merged model is unmerged, loads the state (which holds unmerged target weights,
+    `_unmerged_target_weights`) and is merged again with the loaded adapter (`_forget_residuals`)."""
+    if model.merged and not model._unloaded:
+        model.unmerge()
+        model._merge_after_load = True
 
 
 def _forget_residuals(model: FastGIFT, incompatible_keys) -> None:
-    """`load_state_dict` post-hook: a load with ``assign=True`` puts new parameter objects in place."""
+    """`load_state_dict` post-hook: a load with ``assign=True`` puts new parameter objects in place; a model merged
+    before the load (`_unmerge_before_load`) is merged again."""
     model.residuals.reset()
+    if model._merge_after_load:
+        model._merge_after_load = False
+        model.merge()

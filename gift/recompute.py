@@ -82,6 +82,29 @@ def refuse_reentrant_checkpointing() -> None:
                          "the generator's gradients); call timm.layers.set_reentrant_ckpt(False).")
 
 
+def hf_reentrant_checkpointing(backbone: nn.Module) -> bool:
+    """Whether a Hugging Face model checkpoints some layer reentrantly (``gradient_checkpointing_enable(
+    gradient_checkpointing_kwargs={"use_reentrant": True})``: each layer's ``_gradient_checkpointing_func``)."""
+    if not hasattr(backbone, "supports_gradient_checkpointing"):  # not a transformers PreTrainedModel
+        return False
+    for module in backbone.modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if module.__dict__.get("gradient_checkpointing") is True and func is not None:
+            if getattr(func, "keywords", {}).get("use_reentrant") is True:
+                return True
+    return False
+
+
+def refuse_hf_reentrant_without_input_grads(backbone: nn.Module) -> None:
+    """Raise when a Hugging Face model checkpoints reentrantly and its input embeddings' output does not require a
+    gradient: a reentrant checkpoint whose inputs need no gradient never runs its backward, so the recomputed layers
+    would not reach the generator (no error, no gradient). ``enable_input_require_grads()`` (PEFT's recipe) fixes it."""
+    if hf_reentrant_checkpointing(backbone) and not (getattr(backbone, "_require_grads_hooks", None)
+                                                     or getattr(backbone, "_require_grads_hook", None)):
+        raise ValueError(f"{type(backbone).__name__} checkpoints its layers reentrantly (use_reentrant=True) and its "
+                         f"input embeddings need no gradient, so the checkpointed layers would never reach the "
+                         f"generator; call backbone.enable_input_require_grads() (as PEFT does), or enable "
+                         f"checkpointing with gradient_checkpointing_kwargs={{'use_reentrant': False}}.")
 
 
 def vit_blocks(backbone: nn.Module) -> nn.Module:

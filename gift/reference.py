@@ -31,7 +31,7 @@ class _ResidualHook:
 class GIFTReference(GIFTModelBase):
     """GIFT on a frozen ``backbone`` (any ``nn.Module``; timm ViTs by default), per the spec.
 
-    ``forward(x)`` returns the backbone's output with every target linear layer adapted.
+    ``forward(*args, **kwargs)`` returns the backbone's output with every target linear layer adapted.
     Trainable: the generators (``gift_parameters()``) and the classifier head.
     """
 
@@ -57,8 +57,9 @@ class GIFTReference(GIFTModelBase):
             delta = self.out_projections[key](self.generator_tokens(key, layer))
         return delta.to(weight.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+    def forward(self, *args, **kwargs):
+        """The backbone's own output for ``self.backbone(*args, **kwargs)``, every target adapted."""
+        return self.backbone(*args, **kwargs)
 
     def remove_hooks(self) -> nn.Module:
         """Detach GIFT from the backbone (its residuals stop being added) and return the backbone."""

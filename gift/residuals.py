@@ -361,6 +361,7 @@ class GeneratedResiduals:
         self._local = threading.local()  # .training: {key: _Entry} of this thread's passes with gradient
         self._latest: dict[str, _Entry] = {}  # the latest training entry of any thread (a backward on a device thread)
         self.accumulation: Accumulation | None = None
+        self.traced: dict | None = None  # under torch.compile: the pairs FastGIFT.forward made in its graph
 
     # copies start empty, bound to the copy of the model
     def __deepcopy__(self, memo) -> "GeneratedResiduals":
@@ -435,6 +436,7 @@ class GeneratedResiduals:
                 return accumulation.lookup(key, layer)
         return self._lookup_training(key, layer, in_backward)
 
+    @torch.compiler.disable
     def begin_pass(self) -> None:
         """A forward pass with gradient begins (the wrapper's forward): each key's pair is made here, outside any
         block that ``memory="mlp"/"block"`` recomputes, for the layers of this pass to share. Nothing to do in a

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import OrderedDict
 from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
+from .backbones import recorded_identity
 from .config import GIFTConfig
 from .files import atomic_write, atomic_write_json, content_sha256, read_state_dict
 from .generator import Hypernet, l2_normalize
-from .targets import TargetGroup, classifier_name, find_targets
+from .targets import TargetGroup, find_targets, saved_modules
 
 GIFT_PREFIXES = ("in_projections.", "hypernets.", "out_projections.")
 ADAPTER_WEIGHTS = "gift_adapter.safetensors"
@@ -47,15 +49,31 @@ def refuse_adapted_backbone(backbone: nn.Module) -> None:
             )
 
 
+class SharedStates(dict):
+    """A dict of CPU tensors or state dicts, never changed in place, that a copy of the model shares (so a deepcopy,
+    also one under ``FakeTensorMode``, copies no tensor)."""
+
+    def __deepcopy__(self, memo) -> "SharedStates":
+        return SharedStates((k, dict(v) if isinstance(v, dict) else v) for k, v in self.items())
+
+
 class GIFTModelBase(nn.Module):
     """Freezes ``backbone``, finds its targets and holds one generator per target key.
 
     Attributes:
-        backbone: the wrapped model (frozen but for its classifier head).
+        backbone: the wrapped model (frozen but for the modules it trains whole).
         config: the ``GIFTConfig``.
         in_projections / hypernets / out_projections: ``nn.ModuleDict`` keyed by target key
             (``attn:proj``), holding phi (r x d_in), the hyper-Transformer and psi (d_in x r).
         target_groups: list of ``TargetGroup``, in ``config.target_modules`` order.
+        saved_module_names: the backbone modules that train whole and are saved with the adapter
+            (``config.modules_to_save``; by default the classifier head); ``head_name``: the first of them, or None.
+        active_adapter: the name of the adapter the parameters hold (``"default"``); see `add_adapter`.
+
+    An attribute the wrapper lacks is the backbone's, as PEFT's ``PeftModel`` forwards it to its base model:
+    timm's ``pretrained_cfg``, ``default_cfg``, ``num_classes``, ``get_classifier``, ``reset_classifier``,
+    ``set_grad_checkpointing``, ``forward_features``, ``forward_head`` (so ``timm.data.resolve_data_config({},
+    model=wrapper)`` reads the backbone's mean and std), a Hugging Face model's ``generate``.
     """
 
     def __init__(self, backbone: nn.Module, config: GIFTConfig | None = None):
@@ -70,25 +88,49 @@ class GIFTModelBase(nn.Module):
         self.config = config
         self.target_groups = find_targets(backbone, config.target_modules)
         refuse_adapted_backbone(backbone)
+        self.saved_module_names = saved_modules(backbone, config.modules_to_save, self.target_groups)
         self.backbone = backbone
         self.backbone.requires_grad_(False)
-        self.head_name = classifier_name(backbone)
-        if self.head_name is not None:
-            self.backbone.get_submodule(self.head_name).requires_grad_(True)
+        self.head_name = self.saved_module_names[0] if self.saved_module_names else None
+        for name in self.saved_module_names:
+            self.backbone.get_submodule(name).requires_grad_(True)
+        self.in_projections, self.hypernets, self.out_projections = self._new_generators()
+        # named adapters: the inactive ones' states (on the CPU); the active one lives in the parameters
+        self.active_adapter = "default"
+        self._adapter_states = SharedStates(default=None)
+        saved = {k: v for k, v in self.state_dict().items() if self._is_saved_module_key(k)}
+        real = all(type(v) in (torch.Tensor, nn.Parameter) and not v.is_meta for v in saved.values())
+        # what `add_adapter` starts the modules trained whole from (none for a model on meta or fake tensors)
+        self._initial_saved_state = SharedStates((k, v.detach().to("cpu", copy=True)) for k, v in saved.items()) \
+            if real else None
 
-        self.in_projections = nn.ModuleDict()
-        self.hypernets = nn.ModuleDict()
-        self.out_projections = nn.ModuleDict()
+    def _new_generators(self) -> tuple[nn.ModuleDict, nn.ModuleDict, nn.ModuleDict]:
+        """Freshly initialised phi, hyper-Transformers and psi (zero) for every target key, on the backbone's device
+        in the config's dtype."""
+        config = self.config
+        in_projections, hypernets, out_projections = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         for group in self.target_groups:
-            self.in_projections[group.key] = nn.Linear(group.in_features, config.rank, bias=config.in_projection_bias)
-            self.hypernets[group.key] = Hypernet(config)
+            in_projections[group.key] = nn.Linear(group.in_features, config.rank, bias=config.in_projection_bias)
+            hypernets[group.key] = Hypernet(config)
             out_projection = nn.Linear(config.rank, group.in_features, bias=config.out_projection_bias)
             nn.init.zeros_(out_projection.weight)
             if out_projection.bias is not None:
                 nn.init.zeros_(out_projection.bias)
-            self.out_projections[group.key] = out_projection
-        for container in (self.in_projections, self.hypernets, self.out_projections):
+            out_projections[group.key] = out_projection
+        for container in (in_projections, hypernets, out_projections):
             container.to(device=self._backbone_device(), dtype=config.torch_dtype)
+        return in_projections, hypernets, out_projections
+
+    def __getattr__(self, name: str):
+        """The backbone's attribute where the wrapper has none (PEFT's ``PeftModel.__getattr__``); dunder names and
+        ``backbone`` itself stay the wrapper's (copy and pickle look for them)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            backbone = self.__dict__.get("_modules", {}).get("backbone")
+            if backbone is None or name.startswith("__"):
+                raise
+            return getattr(backbone, name)
 
     @property
     def merged(self) -> bool:
@@ -107,8 +149,13 @@ class GIFTModelBase(nn.Module):
             yield from container.parameters()
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
-        if self.head_name is not None:
-            yield from self.backbone.get_submodule(self.head_name).parameters()
+        """The parameters of the modules trained whole (`saved_module_names`: the classifier head by default)."""
+        seen = set()
+        for name in self.saved_module_names:
+            for p in self.backbone.get_submodule(name).parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
 
     def num_gift_parameters(self) -> int:
         return sum(p.numel() for p in self.gift_parameters())
@@ -118,19 +165,40 @@ class GIFTModelBase(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def parameter_table(self) -> str:
-        """A small text table: trainable parameters per group and their share of the backbone."""
+        """A small text table: trainable parameters per group and their share of the backbone. The rows add up to
+        the trainable total (parameters made trainable by hand, outside the adapter, in a row of their own)."""
         backbone_total = sum(p.numel() for p in self.backbone.parameters())
         rows = [(f"generator {g.key} ({len(g)} layers {g.out_features}x{g.in_features})",
-                 sum(p.numel() for c in (self.in_projections, self.hypernets, self.out_projections)
-                     for p in c[g.key].parameters())) for g in self.target_groups]
-        rows.append((f"head {self.head_name}", sum(p.numel() for p in self.head_parameters())))
+                 sum(p.numel() for p in self.residual_parameters(g.key))) for g in self.target_groups]
+        if not self.saved_module_names:
+            rows.append(("head None", 0))
+        for name in self.saved_module_names:
+            rows.append((f"head {name}" if name == self.head_name else f"saved {name}",
+                         sum(p.numel() for p in self.backbone.get_submodule(name).parameters())))
+        counted = {id(p) for p in self.gift_parameters()} | {id(p) for p in self.head_parameters()}
+        other = sum(p.numel() for p in self.parameters() if p.requires_grad and id(p) not in counted)
+        if other:
+            rows.append(("other trainable (not saved with the adapter)", other))
         rows.append(("trainable total", self.num_trainable_parameters()))
+        frozen = sum(p.numel() for p in self.backbone.parameters() if not p.requires_grad)
         width = max(len(r[0]) for r in rows)
         lines = [
             f"{name:<{width}}  {count:>12,}  {100.0 * count / max(backbone_total, 1):8.4f}%" for name, count in rows
         ]
-        lines.append(f"{'backbone (frozen)':<{width}}  {backbone_total:>12,}")
+        lines.append(f"{'backbone (frozen)':<{width}}  {frozen:>12,}")
         return "\n".join(lines)
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's one line: ``trainable params: N || all params: M || trainable%: P``."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = self.num_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100.0 * trainable / max(total, 1):.4f}")
+
+    def residual_parameters(self, key: str) -> Iterator[nn.Parameter]:
+        """The GIFT parameters the residuals of ``key`` are made of (phi, the hyper-Transformer, psi)."""
+        for container in (self.in_projections, self.hypernets, self.out_projections):
+            yield from container[key].parameters()
 
     # ------------------------------------------------------------------ the generator
     def target_group(self, key: str | None = None) -> TargetGroup:
@@ -173,13 +241,15 @@ class GIFTModelBase(nn.Module):
         return blocks[block].attn.cluster_assignment(l2_normalize(tokens), divide_by_n=False)
 
     # ------------------------------------------------------------------ checkpoints
+    def _is_saved_module_key(self, key: str) -> bool:
+        return any(key.startswith(f"backbone.{name}.") for name in self.saved_module_names)
+
     def _is_gift_key(self, key: str) -> bool:
-        return key.startswith(GIFT_PREFIXES) or (
-            self.head_name is not None and key.startswith(f"backbone.{self.head_name}.")
-        )
+        return key.startswith(GIFT_PREFIXES) or self._is_saved_module_key(key)
 
     def gift_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
-        """GIFT parameters and the head, in the authors' key layout (GIFT_SPEC.md section 5)."""
+        """GIFT parameters and the modules trained whole (the head), in the authors' key layout (GIFT_SPEC.md
+        section 5)."""
         return OrderedDict((k, v) for k, v in self.state_dict().items() if self._is_gift_key(k))
 
     def load_gift_state_dict(self, obj: Any) -> None:
@@ -229,19 +299,44 @@ class GIFTModelBase(nn.Module):
     def _target_shapes(self) -> dict[str, list[int]]:
         return {g.key: [len(g), g.out_features, g.in_features] for g in self.target_groups}
 
-    def save_adapter(self, directory: str | os.PathLike, run: dict | None = None) -> None:
-        """Write ``gift_adapter.safetensors`` (GIFT weights and the head, with the `content_sha256` of its
-        tensors in the file's metadata) and ``gift_config.json``, each atomically (temp file, then rename).
-        The frozen backbone is never written; ``run`` (e.g. the timm model name and the local pretrained
-        file) is kept in the JSON for tools like ``gift explain``."""
+    def frozen_state(self) -> dict[str, torch.Tensor] | None:
+        """The backbone's state that an adapter does not hold (everything but the modules trained whole), as the
+        backbone had it before any merge; None when that is not at hand (merged)."""
+        if self.merged:
+            return None
+        return {k: v for k, v in self.backbone.state_dict().items() if not self._is_saved_module_key("backbone." + k)}
+
+    def save_adapter(self, directory: str | os.PathLike, run: dict | None = None,
+                     adapter_name: str | None = None) -> None:
+        """Write ``gift_adapter.safetensors`` (GIFT weights and the modules trained whole, `saved_module_names`,
+        with the `content_sha256` of its tensors in the file's metadata) and ``gift_config.json``, each atomically
+        (temp file, then rename). The frozen backbone is never written; ``run`` (e.g. the timm model name and the
+        local pretrained file) is kept in the JSON for tools like ``gift explain``. Without a backbone identity in
+        ``run`` (a backbone built in Python), the one `gift.backbones.recorded_identity` reads back from the backbone
+        is recorded, for `load_gift_adapter`. ``adapter_name``: another of `adapter_names` than the active one."""
         from safetensors.torch import save_file
 
+        state = self._adapter_state(adapter_name)
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        unsaved = sorted(trainable - set(state))
+        if unsaved:
+            warnings.warn(f"parameters {unsaved[:5]}{' ...' if len(unsaved) > 5 else ''} are trainable but not part "
+                          f"of the adapter, so save_adapter() leaves them out; name their modules in "
+                          f"GIFTConfig(modules_to_save=...) to save them.", stacklevel=2)
+        run = dict(run or {})
+        if "backbone" not in run:
+            frozen = self.frozen_state()
+            identity = recorded_identity(self.backbone, frozen if frozen is not None else {})
+            if frozen is None:
+                identity["weights_sha256"] = None
+            run["backbone"] = identity
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.gift_state_dict().items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         checksum = {"format": "pt", WEIGHTS_CHECKSUM: content_sha256(tensors)}
         meta = {"format": "gift-adapter-v1", "config": self.config.to_dict(), "targets": self._target_shapes(),
-                "head": self.head_name, "backbone_class": type(self.backbone).__name__, "run": run or {}}
+                "head": self.head_name, "modules_to_save": list(self.saved_module_names),
+                "backbone_class": type(self.backbone).__name__, "run": run}
         atomic_write(os.path.join(directory, ADAPTER_WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata=checksum))
         atomic_write_json(os.path.join(directory, ADAPTER_CONFIG), meta, sort_keys=True)
 
@@ -282,25 +377,107 @@ class GIFTModelBase(nn.Module):
                              f"writes it again from its checkpoint.pt with --resume)")
         return tensors
 
-    def load_adapter(self, directory: str | os.PathLike) -> None:
-        """Restore what `save_adapter` wrote. Raises ``ValueError`` when the adapter was made for another
-        backbone shape or another GIFT config, naming both."""
+    @staticmethod
+    def adapter_config(meta: dict) -> GIFTConfig:
+        """The `GIFTConfig` an adapter's ``gift_config.json`` (``meta``) was saved with; for one written before
+        ``modules_to_save`` existed, the modules it holds (its head, or none) named in ``modules_to_save``."""
+        config = dict(meta["config"])
+        if "modules_to_save" not in config:
+            config["modules_to_save"] = [meta["head"]] if meta.get("head") else []
+        return GIFTConfig.from_dict(config)
+
+    @staticmethod
+    def adapter_saved_modules(meta: dict) -> list[str]:
+        """The names of the modules an adapter holds whole (``modules_to_save``; its head before that existed)."""
+        if "modules_to_save" in meta:
+            return list(meta["modules_to_save"])
+        return [meta["head"]] if meta.get("head") else []
+
+    def _checked_adapter(self, directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         meta = self.read_adapter_config(directory)
-        saved = GIFTConfig.from_dict(meta["config"])
-        if saved != self.config:
+        saved = self.adapter_config(meta)
+        if not saved.same_generator(self.config):
             raise ValueError(f"Adapter in {os.fspath(directory)!r} was saved with {saved}, but this model has "
-                             f"{self.config}. Build the model with GIFTConfig.from_dict(<gift_config.json>['config']).")
+                             f"{self.config}. Build the model with GIFTModelBase.adapter_config(<gift_config.json>) "
+                             f"(FastGIFT.from_adapter does).")
         if meta["targets"] != self._target_shapes():
             raise ValueError(f"Adapter in {os.fspath(directory)!r} is for targets {meta['targets']} (layers, out, in) "
                              f"but this backbone has {self._target_shapes()}: wrong backbone model.")
-        self.load_gift_state_dict(self.read_adapter_weights(directory))
+        held = self.adapter_saved_modules(meta)
+        if held != list(self.saved_module_names):
+            raise ValueError(f"Adapter in {os.fspath(directory)!r} holds the modules {held} whole, but this model "
+                             f"trains {list(self.saved_module_names)}; build it with "
+                             f"GIFTConfig(modules_to_save={tuple(held)!r}).")
+        return self.checked_gift_state(self.read_adapter_weights(directory))
+
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Restore what `save_adapter` wrote, into the active adapter, or (``adapter_name``: a new name) as another
+        named adapter, not activated (PEFT's ``load_adapter(..., adapter_name)``; `set_adapter` activates it).
+        Raises ``ValueError`` when the adapter was made for another backbone shape, another GIFT config or other
+        saved modules, naming both; nothing is loaded then."""
+        state = self._checked_adapter(directory)
+        if adapter_name is None or adapter_name == self.active_adapter:
+            self.load_gift_state_dict(state)
+            return
+        if adapter_name in self._adapter_states:
+            raise ValueError(f"an adapter named {adapter_name!r} exists; delete_adapter({adapter_name!r}) first.")
+        self._adapter_states[adapter_name] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     @classmethod
     def from_adapter(cls, backbone: nn.Module, directory: str | os.PathLike, **kwargs):
         """Build this wrapper around ``backbone`` with the saved config and load the saved weights."""
-        model = cls(backbone, GIFTConfig.from_dict(cls.read_adapter_config(directory)["config"]), **kwargs)
+        model = cls(backbone, cls.adapter_config(cls.read_adapter_config(directory)), **kwargs)
         model.load_adapter(directory)
         return model
+
+    # ------------------------------------------------------------------ named adapters (PEFT-style)
+    @property
+    def adapter_names(self) -> list[str]:
+        """The names of the adapters this model holds; the parameters hold `active_adapter`'s."""
+        return list(self._adapter_states)
+
+    def _adapter_state(self, adapter_name: str | None) -> dict[str, torch.Tensor]:
+        if adapter_name is None or adapter_name == self.active_adapter:
+            return self.gift_state_dict()
+        if adapter_name not in self._adapter_states:
+            raise KeyError(f"no adapter named {adapter_name!r}; this model has {self.adapter_names}.")
+        return self._adapter_states[adapter_name]
+
+    def add_adapter(self, adapter_name: str) -> None:
+        """Add a new adapter of this model's config, initialised as a new model's (phi and the hyper-Transformer
+        random, psi zero) with the modules trained whole as they were when the backbone was wrapped; not
+        activated (`set_adapter`). One config for all adapters of a model: a GIFT model of another config is
+        another model."""
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}.")
+        if adapter_name in self._adapter_states:
+            raise ValueError(f"an adapter named {adapter_name!r} exists; delete_adapter({adapter_name!r}) first.")
+        if self._initial_saved_state is None:
+            raise RuntimeError("this model was built on meta or fake tensors: it has no weights to start an adapter "
+                               "from.")
+        state = dict(self._initial_saved_state)
+        for prefix, container in zip(GIFT_PREFIXES, self._new_generators()):
+            state.update({prefix + k: v.detach().to("cpu") for k, v in container.state_dict().items()})
+        self._adapter_states[adapter_name] = {k: state[k] for k in self.gift_state_dict()}
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter: its weights go into the parameters (a merged model merges it,
+        as `load_gift_state_dict` does), the active one's are kept under its name."""
+        if adapter_name == self.active_adapter:
+            return
+        state = self._adapter_state(adapter_name)
+        current = {k: v.detach().to("cpu", copy=True) for k, v in self.gift_state_dict().items()}
+        self.load_gift_state_dict(state)
+        self._adapter_states[self.active_adapter] = current
+        self._adapter_states[adapter_name] = None
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Forget the adapter ``adapter_name`` (not the active one: `set_adapter` to another first)."""
+        if adapter_name == self.active_adapter:
+            raise ValueError(f"{adapter_name!r} is the active adapter; set_adapter() to another before deleting it.")
+        self._adapter_state(adapter_name)  # KeyError naming the adapters for an unknown name
+        del self._adapter_states[adapter_name]
 
     def extra_repr(self) -> str:
         groups = ", ".join(f"{g.key}: {len(g)}x({g.out_features}x{g.in_features})" for g in self.target_groups)

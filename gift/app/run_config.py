@@ -82,6 +82,8 @@ class FinetuneConfig:
     backbone_dtype: str | None = option(None, "storage of the frozen backbone weights (GIFT; nf4: 4-bit linear "
                                               "weights, pip install 'gift[nf4]')",
                                         choices=BACKBONE_DTYPES, type=expand_alias)
+    compile: bool = option(False, "torch.compile the training forward (timm's --torchcompile); the first step "
+                                  "compiles", also_flags=("--torchcompile",))
     seed: int = option(0, "seed of the initialisation, the order of the samples and drop-path", min=0)
     epochs: int = option(10, "epochs (with --resume: a larger number extends a finished run)", min=1)
     batch_size: int = option(64, "the global batch of an optimizer step (split over torchrun processes and "

@@ -337,7 +337,8 @@ class Run:
 def start_run(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict, train_set, val_set, classes,
               steps_per_epoch: int) -> Run:
     """The `Run` of ``model`` before its first step: on its device (DDP over the processes), AdamW, the
-    warm-up-then-cosine schedule, the gradient scaler (float16), the EMA copy (``--model-ema``)."""
+    warm-up-then-cosine schedule, the gradient scaler (float16), the EMA copy (``--model-ema``); the module trained
+    through is compiled with ``--compile``."""
     curves_missing = curves_unavailable()
     model.to(d.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -346,6 +347,8 @@ def start_run(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict
         train_module = nn.parallel.DistributedDataParallel(
             model, device_ids=[d.device.index] if d.device.type == "cuda" else None
         )
+    if cfg.compile:
+        train_module = torch.compile(train_module)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
     total = steps_per_epoch * cfg.epochs

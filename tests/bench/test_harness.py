@@ -203,3 +203,26 @@ def test_generator_runs_tell_cached_eval_forwards_from_fresh_ones():
         assert torch.equal(fast.eval_forward(x), first)
     assert runs.take() == 3 * len(fast.gift_model.target_groups)
     assert GeneratorRuns(build_provider("lora", backbone, rank=8)).take() == 0
+
+
+def test_a_compiled_provider_compiles_outside_its_steps_and_keeps_the_shared_weights():
+    """``fast_torch+compile``: its first step (the compile) is timed apart and undone, so that it agrees with
+    the float64 reference on the weights every provider holds; its steps then train."""
+    from bench.harness import agreement
+    from tests.helpers import ToyViT
+
+    torch.manual_seed(0)
+    backbone = ToyViT()
+    state = random_gift_state(backbone, rank=8)
+    ref = build_provider("reference", backbone, rank=8, gift_state=state)
+    compiled = build_provider("fast_torch+compile", backbone, rank=8, gift_state=state)
+    x, y = torch.randn(2, 5, 12), torch.tensor([0, 2])
+    before = {n: p.detach().clone() for n, p in compiled.gift_model.named_parameters() if p.requires_grad}
+    assert compiled.compiled and not ref.compiled
+    assert compiled.compile_first_step(x, y) > 0 and compiled.compile_s is not None
+    assert all(torch.equal(p, before[n]) for n, p in compiled.gift_model.named_parameters() if p.requires_grad)
+    exact, baseline = model_exact_and_baseline(ref.model, x, y)
+    result = agreement(compiled, exact, baseline, x, y)
+    assert result["ok"], result["why"]
+    compiled.step(x, y)
+    assert any(not torch.equal(p, before[n]) for n, p in compiled.gift_model.named_parameters() if p.requires_grad)
