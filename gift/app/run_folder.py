@@ -1,6 +1,6 @@
 """A run folder and what keeps it whole: the lock that lets one run own it at a time (`FolderLock`),
-the files a run writes (`RUN_FILES`), replacing an old run only once the new one has passed every
-check (`remove_run`), what a crash mid-write leaves behind (`remove_orphans`), the space an epoch's
+the files a run writes (`RUN_FILES`), replacing an old run only once the new one has saved a
+checkpoint (`set_aside_run`), what a crash mid-write leaves behind (`remove_orphans`), the space an epoch's
 files need (`check_free_space`) and a full disk as one line (`disk_full_as_usage_error`)."""
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ RUN_FILES = (CHECKPOINT, "metrics.csv", "metrics.json", "curves.png", "adapter",
 #: the folders of a run that atomic writes write into (where their temporary files may be left)
 WRITE_FOLDERS = ("", "adapter", "adapter_ema")
 LOCK_FILE = ".gift.lock"
+#: where ``--overwrite`` keeps the run it replaces until the new run's first checkpoint is saved
+REPLACED = ".gift-replaced"
 
 
 class FolderInUse(UsageError):
@@ -126,11 +128,47 @@ def held_run_files(folder: str) -> list[str]:
     return [f for f in RUN_FILES if os.path.exists(os.path.join(folder, f))]
 
 
-def remove_run(folder: str) -> None:
-    """Remove the run in ``folder`` (its `RUN_FILES` and temporary files; the lock stays)."""
+def set_aside_run(folder: str) -> None:
+    """Move the run in ``folder`` (its `RUN_FILES`) into ``folder/.gift-replaced`` (`REPLACED`) and remove
+    its temporary files: ``--overwrite`` keeps the old run there until the new one has saved a checkpoint
+    (`drop_replaced`), and puts it back when the new one fails before that (`restore_replaced`)."""
+    aside = os.path.join(folder, REPLACED)
+    _remove(aside)
+    os.mkdir(aside)
+    for f in held_run_files(folder):
+        os.replace(os.path.join(folder, f), os.path.join(aside, f))
+    remove_orphans(folder)
+
+
+def restore_replaced(folder: str) -> bool:
+    """Put the run that `set_aside_run` moved aside back in ``folder`` (removing what the new run left
+    there); False when there is none."""
+    aside = os.path.join(folder, REPLACED)
+    if not os.path.isdir(aside):
+        return False
     for f in held_run_files(folder):
         _remove(os.path.join(folder, f))
     remove_orphans(folder)
+    for f in os.listdir(aside):
+        os.replace(os.path.join(aside, f), os.path.join(folder, f))
+    os.rmdir(aside)
+    return True
+
+
+def drop_replaced(folder: str) -> None:
+    """Remove the run that `set_aside_run` moved aside (the new run has saved its first checkpoint)."""
+    _remove(os.path.join(folder, REPLACED))
+
+
+def settle_replaced(folder: str) -> bool:
+    """What a ``--overwrite`` run killed before `drop_replaced` or `restore_replaced` left: the old run is
+    dropped when the new one saved a checkpoint, else put back (then True). Call with the folder locked."""
+    if not os.path.isdir(os.path.join(folder, REPLACED)):
+        return False
+    if os.path.isfile(os.path.join(folder, CHECKPOINT)):
+        drop_replaced(folder)
+        return False
+    return restore_replaced(folder)
 
 
 def remove_orphans(folder: str) -> list[str]:

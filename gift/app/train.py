@@ -46,8 +46,11 @@ from .run_folder import (
     epoch_write_bytes,
     folder_lock,
     held_run_files,
+    drop_replaced,
     remove_orphans,
-    remove_run,
+    restore_replaced,
+    set_aside_run,
+    settle_replaced,
 )
 from .runtime import Dist, accuracy, batch_of, init_distributed
 
@@ -217,17 +220,20 @@ def take_run_folder(cfg: FinetuneConfig, d: Dist, held: contextlib.ExitStack) ->
     if lock is not None and lock.recovered:
         say(d, f"note: took over the lock of {cfg.output} from a run that ended without releasing it "
                f"({describe_owner(lock.recovered)})")
+    if d.main and settle_replaced(cfg.output):
+        say(d, f"note: put back the run in {cfg.output} that an interrupted --overwrite run had set aside")
     check_run_folder(cfg)
 
 
 def prepare_output(cfg: FinetuneConfig, d: Dist, trainable_bytes: int) -> None:
     """Once every other check has passed (main process, folder locked): room for an epoch's files, then
-    the old run removed with --overwrite, else what a killed write left behind."""
+    the old run set aside with --overwrite (removed once this run saves a checkpoint, put back if it fails
+    before: `gift.app.run_folder.set_aside_run`), else what a killed write left behind removed."""
     if not d.main:
         return
     check_free_space(cfg.output, epoch_write_bytes(trainable_bytes, cfg.model_ema))
     if cfg.overwrite:
-        remove_run(cfg.output)
+        set_aside_run(cfg.output)
     else:
         remove_orphans(cfg.output)
 
@@ -284,10 +290,16 @@ def finetune(cfg: FinetuneConfig, keep_model: bool = False, resume_hint: str = R
             if reason:
                 say(d, reason)
             model, gift_model = build_model(cfg, backbone, memory)
-        prepare_output(cfg, d, sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad))
-        run = start_run(cfg, d, model, gift_model, identity, train_set, val_set, classes, steps_per_epoch)
-        run.grad_accum_steps = accumulation
-        return train(run, keep_model, resume_hint)
+        run = None
+        try:
+            prepare_output(cfg, d, sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad))
+            run = start_run(cfg, d, model, gift_model, identity, train_set, val_set, classes, steps_per_epoch)
+            run.grad_accum_steps = accumulation
+            return train(run, keep_model, resume_hint)
+        except BaseException:
+            if d.main and (run is None or run.saved_at is None):
+                restore_replaced(cfg.output)  # --overwrite: the old run back, as this one saved nothing
+            raise
 
 
 @dataclass
@@ -416,6 +428,7 @@ def save_run(run: Run, epoch: int, step: int, partial: dict, rng: dict) -> None:
     save_checkpoint(run.checkpoint_path, run.model, run.optimizer, run.scheduler, run.identity, cfg.epochs, epoch,
                     step, run.history, partial, rng, None if run.ema is None else run.ema.module)
     run.saved_at = (epoch, step)
+    drop_replaced(cfg.output)  # --overwrite: this run's checkpoint now replaces the old run
     save_adapters(run)
 
 
@@ -565,9 +578,12 @@ def _train(run: Run, keep_model: bool, resume_hint: str) -> dict:
                 say(d, f"stopped after {cfg.stop_after} epoch(s) as asked; {resume_hint}")
                 break
     except Diverged as e:
-        raise Diverged(f"{e}: stopped before saving it; {kept_state(run)}; lower --lr (now {cfg.lr:g}) and start "
-                       f"again with --overwrite", short=str(e)) from None
+        raise diverged_stop(run, f"{e}: stopped before saving it", short=str(e)) from None
     except KeyboardInterrupt as interrupt:
+        bad = non_finite_tensors(run.model) + ([] if run.ema is None else non_finite_tensors(run.ema.module))
+        if bad:  # the last step made a weight non-finite: saving it would replace the last good checkpoint
+            raise diverged_stop(run, f"interrupted after training diverged: {len(bad)} trained tensor(s) are not "
+                                     f"finite (e.g. {bad[0]}); not saved") from None
         try:
             with interrupts_held(), disk_full_as_usage_error(f"the interrupted run's checkpoint in {cfg.output}",
                                                              "the checkpoint before it is intact"):
@@ -581,10 +597,25 @@ def _train(run: Run, keep_model: bool, resume_hint: str) -> dict:
     return summary(run, keep_model)
 
 
-def kept_state(run: Run) -> str:
-    """What the run folder holds of ``run`` (its last checkpoint, `Run.saved_at`), in words."""
+def diverged_stop(run: Run, what: str, short: str | None = None) -> Diverged:
+    """The `Diverged` that stops ``run``: ``what`` happened, what its folder keeps (`kept_state`; with
+    --overwrite and nothing saved, the old run is put back first) and what to do; ``short``: `Diverged.short`."""
+    cfg = run.cfg
+    restored = run.d.main and run.saved_at is None and restore_replaced(cfg.output)
     if run.saved_at is None:
-        return f"nothing of this run was saved in {run.cfg.output} (no epoch had finished)"
+        todo = f"lower --lr (now {cfg.lr:g}) and run again" + (" with --overwrite" if restored else "")
+    else:  # the learning rate is part of the run: the kept checkpoint cannot continue with another
+        todo = (f"lower --lr (now {cfg.lr:g}) and start again in another --output (--overwrite would replace the "
+                f"kept checkpoint)")
+    return Diverged(f"{what}; {kept_state(run, restored)}; {todo}", short=short or what)
+
+
+def kept_state(run: Run, restored: bool = False) -> str:
+    """What the run folder holds of ``run`` (its last checkpoint, `Run.saved_at`), in words; ``restored``:
+    the run that --overwrite was replacing is back."""
+    if run.saved_at is None:
+        back = f"; the run it was to replace is back in {run.cfg.output}" if restored else ""
+        return f"nothing of this run was saved in {run.cfg.output} (no epoch had finished){back}"
     epoch, step = run.saved_at
     where = f"after epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
     return f"{run.cfg.output} keeps the last good checkpoint and adapter ({where})"

@@ -290,3 +290,76 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_sigterm_saves_like_ctrl_
     assert state["epoch"] >= 1 and not os.path.exists(out / LOCK_FILE)
     assert main(["finetune", *args, "--output", str(out), "--resume"]) == 0
     assert_same_run(whole, out)
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_saves_a_checkpoint(tmp_path, monkeypatch, capsys, reference):
+    """--overwrite sets the old run aside: a new run that diverges (or crashes, or is killed) before its
+    first checkpoint puts it back; one that saves a checkpoint replaces it."""
+    whole, half = reference
+    out = tmp_path / "run"
+    shutil.copytree(whole, out)
+    capsys.readouterr()
+    assert finetune(out, "--overwrite", "--lr", "1e30") == 2  # NaN from the first step
+    err = one_error_line(capsys)
+    assert "nothing of this run was saved" in err and f"the run it was to replace is back in {out}" in err, err
+    assert_same_run(whole, out)
+    assert not os.path.exists(out / ".gift-replaced")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("injected crash in the first step")
+
+    monkeypatch.setattr(train_module, "accumulate_gradients", crash)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        finetune(out, "--overwrite")
+    assert_same_run(whole, out)
+
+    def kill(*args, **kwargs):
+        raise SimulatedKill
+
+    monkeypatch.setattr(train_module, "accumulate_gradients", kill)
+    monkeypatch.setattr(train_module, "restore_replaced", lambda folder: False)  # a SIGKILL runs no handler
+    with pytest.raises(SimulatedKill):  # the old run is left aside, the next run puts it back
+        finetune(out, "--overwrite")
+    assert os.path.isdir(out / ".gift-replaced") and not os.path.exists(out / "checkpoint.pt")
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert finetune(out, "--resume") == 0
+    assert "put back the run" in capsys.readouterr().out
+    assert_same_run(whole, out)
+    assert finetune(out, "--overwrite", "--stop-after", "1") == 0  # a checkpoint saved: the old run is gone
+    assert not os.path.exists(out / ".gift-replaced")
+    assert_same_run(half, out)
+
+
+def test_an_interrupt_after_a_step_that_made_a_weight_non_finite_saves_nothing(tmp_path, monkeypatch, capsys,
+                                                                              reference):
+    """Finite loss and gradients, but the update overflows a weight; Ctrl-C arrives before the next step's
+    check: the interrupt's checkpoint would hold the infinity, so none is written."""
+    _, half = reference
+    out = tmp_path / "run"
+    shutil.copytree(half, out)
+    real_step, real_accumulate = torch.amp.GradScaler.step, train_module.accumulate_gradients
+    calls = {"step": 0, "accumulate": 0}
+
+    def overflowing_step(self, optimizer, *args, **kwargs):
+        result = real_step(self, optimizer, *args, **kwargs)
+        calls["step"] += 1
+        if calls["step"] == 1:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return result
+
+    def interrupted(run, x, y):
+        calls["accumulate"] += 1
+        if calls["accumulate"] == 2:
+            raise KeyboardInterrupt
+        return real_accumulate(run, x, y)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "step", overflowing_step)
+    monkeypatch.setattr(train_module, "accumulate_gradients", interrupted)
+    capsys.readouterr()
+    assert finetune(out, "--resume") == 2
+    err = one_error_line(capsys)
+    assert "interrupted after training diverged: 1 trained tensor(s) are not finite" in err, err
+    assert "keeps the last good checkpoint and adapter (after epoch 1)" in err and "another --output" in err
+    assert_same_run(half, out)
