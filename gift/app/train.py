@@ -32,7 +32,7 @@ from ..fast import FastGIFT
 from ..files import atomic_write, atomic_write_json, atomic_write_text, content_sha256
 from ..lora import save_lora_adapter
 from ..plan import wrap_for_training
-from .data import absolute_data_spec, data_fingerprint, open_train_val
+from .data import absolute_data_spec, data_content_fingerprint, data_fingerprint, open_train_val
 from .divergence import Diverged, non_finite_tensors, step_is_finite
 from .errors import UsageError, check_output_folder, library_errors
 from .interrupts import Terminated, interrupts_held, sigterm_as_interrupt
@@ -88,9 +88,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict, train_data: str | None = None) -> dict:
+def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict, train_data: str | None = None,
+                 train_content: str | None = None) -> dict:
     """What a checkpoint must agree on to be resumed: every setting that changes the trained weights (the
-    number of epochs may grow). ``train_data``: `gift.app.data.data_fingerprint` of the training split."""
+    number of epochs may grow). ``train_data``: `gift.app.data.data_fingerprint` of the training split;
+    ``train_content``: its `gift.app.data.data_content_fingerprint`."""
     frozen = {k: v for k, v in backbone.items() if k != "pretrained_path"}
     return {
         "model": cfg.model,
@@ -108,6 +110,7 @@ def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict, train_da
         "seed": cfg.seed,
         "backbone": frozen,
         "train_data": train_data,
+        "train_content": train_content,
         "warmup": cfg.warmup,
         "amp": cfg.amp,
         "backbone_dtype": cfg.backbone_dtype,
@@ -363,15 +366,15 @@ def start_run(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, max(1, round(total * cfg.warmup))))
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "float16")
-    train_data = data_fingerprint(train_set)
+    train_data, train_content = data_fingerprint(train_set), data_content_fingerprint(train_set)
     run_info = {"model": cfg.model, "method": cfg.method, "num_classes": len(classes), "classes": list(classes),
                 "trainable_parameters": sum(p.numel() for p in params),
                 "backbone": backbone_id, "amp": cfg.amp,
                 "data": {"data": absolute_data_spec(cfg.data), "train_split": cfg.train_split,
                          "eval_split": cfg.eval_split, "train_data": train_data, **asdict(cfg.embedded)}}
     return Run(cfg, d, model, gift_model, train_module, optimizer, scheduler, scaler, ema,
-               run_identity(cfg, len(classes), backbone_id, train_data), run_info, train_set, val_set, steps_per_epoch,
-               run_info["trainable_parameters"], curves_missing)
+               run_identity(cfg, len(classes), backbone_id, train_data, train_content), run_info, train_set, val_set,
+               steps_per_epoch, run_info["trainable_parameters"], curves_missing)
 
 
 def resume(run: Run) -> bool:

@@ -326,12 +326,24 @@ def test_resume_refuses_other_data_or_another_schedule_with_one_line(tmp_path, c
     assert "amp: checkpoint None vs now 'bfloat16'" in _error(capsys, "--output", out, "--resume", "--amp", "bf16")
     # an image folder with the same class names but other images is other data too
     _write_tree(tmp_path / "tree", per_class=4)
+    first = tmp_path / "tree" / "train" / "a" / "0.png"
+    Image.open(first).save(first, compress_level=0)  # uncompressed: its size does not depend on its pixels
     folder = run(tmp_path, "f", "--data", str(tmp_path / "tree"), "--batch-size", "2", "--epochs", "2",
                  "--stop-after", "1")
     Image.fromarray(np.full((16, 16, 3), 7, dtype=np.uint8)).save(tmp_path / "tree" / "train" / "a" / "extra.png")
     err = _error(capsys, "--output", folder, "--data", str(tmp_path / "tree"), "--batch-size", "2", "--epochs", "2",
                  "--resume")
     assert "train_data: checkpoint '8 images" in err and "vs now '9 images" in err
+    os.remove(tmp_path / "tree" / "train" / "a" / "extra.png")
+    # the same names and byte sizes, other pixels: other data (the content is hashed)
+    pixels = np.asarray(Image.open(first)).copy()
+    pixels[0, 0] ^= 1
+    size = first.stat().st_size
+    Image.fromarray(pixels).save(first, compress_level=0)
+    assert first.stat().st_size == size  # else the test would not test what it says
+    err = _error(capsys, "--output", folder, "--data", str(tmp_path / "tree"), "--batch-size", "2", "--epochs", "2",
+                 "--resume")
+    assert "train_content: checkpoint '8 images" in err and "vs now '8 images" in err, err
 
 
 def test_resume_of_a_finished_run_rewrites_a_lost_or_stale_adapter_and_metrics(tmp_path):
