@@ -143,13 +143,15 @@ def identity_differences(saved: dict, now: dict) -> tuple[dict, list[str]]:
 
 
 def save_checkpoint(path: str, model, optimizer, scheduler, identity, epochs, epoch, step_in_epoch, history,
-                    partial, rng, ema=None) -> None:
+                    partial, rng, ema=None, scaler: torch.amp.GradScaler | None = None) -> None:
     """Everything `resume` needs; ``rng`` is the RNG state to continue from (that before the next step);
-    ``ema``: the `--model-ema` model (its trained weights are kept)."""
+    ``ema``: the `--model-ema` model (its trained weights are kept); ``scaler``: float16's loss scaler (its
+    scale and growth counter; None when disabled)."""
     state = {"format": "gift-finetune-v2", "identity": identity, "epochs": epochs, "epoch": epoch,
              "step_in_epoch": step_in_epoch, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": rng, "history": history, "partial": partial,
-             "ema": None if ema is None else trainable_state(ema)}
+             "ema": None if ema is None else trainable_state(ema),
+             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
     state["sha256"] = content_sha256(state)  # of everything else: a flipped bit is found on resume
 
     def write(tmp):
@@ -378,7 +380,7 @@ def start_run(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict
 
 
 def resume(run: Run) -> bool:
-    """Load the run's checkpoint into it (trainable weights, EMA, optimizer, schedule, RNG) and rewrite
+    """Load the run's checkpoint into it (trainable weights, EMA, optimizer, schedule, loss scale, RNG) and rewrite
     the adapter(s) and metrics from it (a run killed between its checkpoint and those files, or whose
     adapter was lost, is whole again); True when the run had already done all its epochs. Raises
     `UsageError` for a checkpoint of another run, a damaged one or one with non-finite weights."""
@@ -405,6 +407,7 @@ def resume(run: Run) -> bool:
                     p.copy_(state["ema"][n])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    restore_scaler(run.scaler, state)
     set_rng_state(state["rng"])
     with disk_full_as_usage_error(f"the adapter and metrics in {cfg.output}", "its checkpoint is intact: free some "
                                   "space, then run the same command again"):
@@ -416,10 +419,18 @@ def resume(run: Run) -> bool:
                f"pass --epochs N > {cfg.epochs} to extend it")
         return True
     if cfg.epochs != state["epochs"]:
-        say(d, f"extending the run from {state['epochs']} to {cfg.epochs} epochs: the learning-rate schedule "
+        change = "extending" if cfg.epochs > state["epochs"] else "shortening"
+        say(d, f"{change} the run from {state['epochs']} to {cfg.epochs} epochs: the learning-rate schedule "
                f"now spans {cfg.epochs} epochs")
     say(d, f"resumed from {run.checkpoint_path} at epoch {start_epoch + 1}, step {start_step}")
     return False
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """Float16's loss scale and growth counter as the checkpoint ``state`` saved them (a checkpoint of a
+    gift before they were saved has none: the scaler starts afresh, as it did then)."""
+    if scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
 
 
 def save_run(run: Run, epoch: int, step: int, partial: dict, rng: dict) -> None:
@@ -429,7 +440,7 @@ def save_run(run: Run, epoch: int, step: int, partial: dict, rng: dict) -> None:
     if not run.d.main:
         return
     save_checkpoint(run.checkpoint_path, run.model, run.optimizer, run.scheduler, run.identity, cfg.epochs, epoch,
-                    step, run.history, partial, rng, None if run.ema is None else run.ema.module)
+                    step, run.history, partial, rng, None if run.ema is None else run.ema.module, run.scaler)
     run.saved_at = (epoch, step)
     drop_replaced(cfg.output)  # --overwrite: this run's checkpoint now replaces the old run
     save_adapters(run)

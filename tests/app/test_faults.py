@@ -238,6 +238,28 @@ def test_under_the_loss_scaler_a_non_finite_step_is_skipped_as_torch_amp_does():
         step_is_finite(torch.tensor(1.0), [weight], off, "epoch 1, step 3")
 
 
+def test_the_loss_scale_and_its_growth_counter_are_checkpointed(tmp_path):
+    """Resume continues float16's scaler where it was (not afresh at 2**16), so it is bit-identical."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=4)
+    for overflow in (True, False, False):  # one skipped step (scale halved), then two that count to growth
+        optimizer.zero_grad()
+        scaler.scale(model(torch.ones(1, 3)).sum() * (float("inf") if overflow else 1.0)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    path = str(tmp_path / "checkpoint.pt")
+    train_module.save_checkpoint(path, model, optimizer, scheduler, {"k": 1}, 1, 0, 1, [], {}, {}, scaler=scaler)
+    state = train_module.load_checkpoint(path, {"k": 1})
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=4)
+    train_module.restore_scaler(fresh, state)
+    assert fresh.get_scale() == scaler.get_scale() == 2.0 ** 15
+    assert fresh.state_dict() == scaler.state_dict() and fresh.state_dict()["_growth_tracker"] == 2
+    train_module.restore_scaler(fresh, {"scaler": None})  # a checkpoint of an older gift: left as it is
+    assert fresh.get_scale() == 2.0 ** 15
+
+
 def test_a_folder_lock_is_exclusive_and_a_dead_owners_lock_is_taken_over(tmp_path, capsys):
     with FolderLock(str(tmp_path)) as held:
         owner = json.load(open(tmp_path / LOCK_FILE))
