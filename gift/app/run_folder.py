@@ -80,8 +80,18 @@ class FolderLock:
         self.recovered = previous or None
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "command": " ".join(sys.argv)[:300]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        except OSError as e:  # a full disk: nothing of this run is left, the lock file neither
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            os.close(fd)  # drops the lock
+            if is_disk_full(e):
+                raise DiskFull(f"{self.kind} {self.folder!r}: no space left on its file system, not even for "
+                               f"the lock file {LOCK_FILE}; free some space or choose another {self.kind}") from None
+            raise UsageError(f"{self.kind} {self.folder!r}: cannot write {self.path!r} ({e.strerror}); choose a "
+                             f"folder this user can write") from None
         self.fd = fd
 
     def release(self) -> None:

@@ -385,3 +385,16 @@ def test_an_interrupt_after_a_step_that_made_a_weight_non_finite_saves_nothing(t
     assert "interrupted after training diverged: 1 trained tensor(s) are not finite" in err, err
     assert "keeps the last good checkpoint and adapter (after epoch 1)" in err and "another --output" in err
     assert_same_run(half, out)
+
+
+def test_a_disk_too_full_for_the_lock_file_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert finetune(out) == 2
+    err = one_error_line(capsys)
+    assert "no space left on its file system, not even for the lock file .gift.lock" in err, err
+    assert os.listdir(out) == []
