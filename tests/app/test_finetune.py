@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 import gift.app.train as finetune_module
 from gift.adapters import load_gift_adapter
 from gift.app.cli import main
+from gift.app.commands.eval import load_adapter_model
 from gift.app.data import SyntheticShapes, make_shapes
 from gift.files import atomic_write
 from gift_kernels.testing import relative_errors
@@ -379,7 +381,10 @@ def test_a_flipped_bit_in_the_checkpoint_or_the_adapter_is_one_line_not_a_nan_mo
     err = _error(capsys, "--output", out, "--epochs", "2", "--resume")
     assert "checkpoint.pt' is damaged: its content does not match the checksum" in err
     tensors = adapter(out)
+    model = load_adapter_model(os.path.join(out, "adapter"))[0]
     _flip_a_bit_inside(os.path.join(out, "adapter", "gift_adapter.safetensors"), tensors["backbone.head.weight"])
+    with pytest.raises(ValueError, match="gift_adapter.safetensors' is damaged: its tensors do not match"):
+        model.load_gift_state_dict(os.path.join(out, "adapter", "gift_adapter.safetensors"))  # the library call too
     for command in (["eval", "--adapter", os.path.join(out, "adapter")],
                     ["explain", "--adapter", os.path.join(out, "adapter"), "--image", __file__, "--out",
                      str(tmp_path / "maps")]):
