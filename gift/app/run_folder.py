@@ -226,9 +226,15 @@ def check_free_space(folder: str, needed: dict[str, int], kind: str = "--output"
     largest = max(needed.values())
     required = max(largest, sum(needed.values()) - sum(existing.values()) + largest)
     if free < required:
-        parts = ", ".join(f"{name} {b / MIB:.1f} MiB" for name, b in needed.items())
-        raise DiskFull(f"{kind} {folder!r}: {free / MIB:.1f} MiB free on its file system, but an epoch writes "
-                       f"about {required / MIB:.1f} MiB ({parts}); free some space or choose another {kind}")
+        parts = " + ".join(f"{name} {b / MIB:.1f}" for name, b in needed.items())
+        given_back = sum(existing.values())
+        if required == largest:
+            how = f"the largest file, {largest / MIB:.1f} MiB, beside the one it replaces"
+        else:
+            how = (f"{parts}" + (f" - {given_back / MIB:.1f} the files there give back" if given_back else "")
+                   + f" + {largest / MIB:.1f} for the largest beside the one it replaces, in MiB")
+        raise DiskFull(f"{kind} {folder!r}: {free / MIB:.1f} MiB free on its file system, but an epoch needs "
+                       f"about {required / MIB:.1f} MiB ({how}); free some space or choose another {kind}")
 
 
 def _size(path: str) -> int:

@@ -19,7 +19,7 @@ import gift.app.train as train_module
 import gift_kernels.files
 from gift.app.cli import main
 from gift.app.divergence import MIN_LOSS_SCALE, Diverged, step_is_finite
-from gift.app.run_folder import LOCK_FILE, FolderInUse, FolderLock, is_disk_full
+from gift.app.run_folder import LOCK_FILE, MIB, DiskFull, FolderInUse, FolderLock, check_free_space, is_disk_full
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--train-size", "32", "--val-size", "16", "--batch-size", "16", "--quiet", "--rank", "4", "--num-clusters",
@@ -163,7 +163,7 @@ def test_too_little_free_space_is_refused_before_training_and_before_overwrite(t
     capsys.readouterr()
     assert finetune(out, "--overwrite") == 2
     err = one_error_line(capsys)
-    assert "0.0 MiB free on its file system, but an epoch writes about" in err and "checkpoint.pt" in err
+    assert "0.0 MiB free on its file system, but an epoch needs about" in err and "checkpoint.pt" in err
     assert epochs == [] and os.path.isfile(out / "checkpoint.pt")  # nothing computed, the old run kept
     assert_same_run(whole, out)
 
@@ -398,3 +398,17 @@ def test_a_disk_too_full_for_the_lock_file_is_one_line_and_leaves_nothing(tmp_pa
     err = one_error_line(capsys)
     assert "no space left on its file system, not even for the lock file .gift.lock" in err, err
     assert os.listdir(out) == []
+
+
+def test_the_free_space_message_adds_up(tmp_path, monkeypatch):
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr("gift.app.run_folder.shutil.disk_usage", lambda path: usage(10 ** 12, 10 ** 12, MIB))
+    needed = {"checkpoint.pt": 3 * MIB, "adapter": 2 * MIB, "metrics": MIB}
+    with pytest.raises(DiskFull) as empty:
+        check_free_space(str(tmp_path), needed)
+    assert "needs about 9.0 MiB (checkpoint.pt 3.0 + adapter 2.0 + metrics 1.0 + 3.0 for the largest" in str(empty.value)
+    (tmp_path / "checkpoint.pt").write_bytes(b"x" * (2 * MIB))  # replaced: its space comes back
+    with pytest.raises(DiskFull) as replacing:
+        check_free_space(str(tmp_path), needed)
+    assert ("needs about 7.0 MiB (checkpoint.pt 3.0 + adapter 2.0 + metrics 1.0 - 2.0 the files there give back "
+            "+ 3.0 for the largest") in str(replacing.value)
