@@ -17,7 +17,7 @@ from ..files import TMP_PREFIX
 from .errors import UsageError
 
 CHECKPOINT = "checkpoint.pt"
-#: what `gift finetune` writes into its folder (``--overwrite`` removes exactly these)
+#: what `gift finetune` writes into its folder (``--overwrite`` sets exactly these aside)
 RUN_FILES = (CHECKPOINT, "metrics.csv", "metrics.json", "curves.png", "adapter", "adapter_ema", "eval.json")
 #: the folders of a run that atomic writes write into (where their temporary files may be left)
 WRITE_FOLDERS = ("", "adapter", "adapter_ema")

@@ -256,7 +256,7 @@ def finetune(cfg: FinetuneConfig, keep_model: bool = False, resume_hint: str = R
     how to continue, in the line a Ctrl-C prints (`gift sweep` continues by re-running itself).
 
     Raises `UsageError` / `DataError` for bad input, before any training step (and before --overwrite
-    removes anything); `gift.app.run_folder.FolderInUse` while another run owns the folder;
+    sets the old run aside); `gift.app.run_folder.FolderInUse` while another run owns the folder;
     `gift.app.divergence.Diverged` at a non-finite step; `gift.app.run_folder.DiskFull`."""
     cfg.validate()
     with library_errors():
@@ -524,13 +524,18 @@ def evaluate(run: Run, epoch: int) -> tuple[dict, dict] | None:
     return scores, ema_scores
 
 
+def non_finite_weights(run: Run) -> list[str]:
+    """The trained tensors of the run's model (and EMA model) that hold a NaN or an infinity."""
+    return non_finite_tensors(run.model) + ([] if run.ema is None else non_finite_tensors(run.ema.module))
+
+
 def end_epoch(run: Run, epoch: int, evaluated: tuple[dict, dict] | None) -> None:
     """The epoch's line of the history, then the checkpoint and the metrics files: all or nothing."""
     cfg, d = run.cfg, run.d
     loss_sum, count = d.all_reduce([run.partial["loss_sum"], run.partial["count"]])
     nan = {"top1": float("nan"), "top5": float("nan")}
     scores, ema_scores = evaluated if evaluated is not None else (nan, {} if run.ema is None else nan)
-    bad = non_finite_tensors(run.model) + ([] if run.ema is None else non_finite_tensors(run.ema.module))
+    bad = non_finite_weights(run)
     if bad:
         raise Diverged(f"training diverged in epoch {epoch + 1}: {len(bad)} trained tensor(s) are not finite "
                        f"(e.g. {bad[0]})")
@@ -594,7 +599,7 @@ def _train(run: Run, keep_model: bool, resume_hint: str) -> dict:
     except Diverged as e:
         raise diverged_stop(run, f"{e}: stopped before saving it", short=str(e)) from None
     except KeyboardInterrupt as interrupt:
-        bad = non_finite_tensors(run.model) + ([] if run.ema is None else non_finite_tensors(run.ema.module))
+        bad = non_finite_weights(run)
         if bad:  # the last step made a weight non-finite: saving it would replace the last good checkpoint
             raise diverged_stop(run, f"interrupted after training diverged: {len(bad)} trained tensor(s) are not "
                                      f"finite (e.g. {bad[0]}); not saved") from None

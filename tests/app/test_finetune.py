@@ -248,7 +248,7 @@ def test_bad_inputs_give_one_line_and_status_2(tmp_path, capsys):
     torch.save({"patch_embed.proj.weight": torch.zeros(7, 3, 4, 4)}, tmp_path / "wrong.pth")
     err = _error(capsys, "--pretrained-file", str(tmp_path / "wrong.pth"), *out)
     assert "does not fit VisionTransformer" in err and "patch_embed.proj.weight" in err
-    assert "--batch-size must be >= 1, got 0" in _error(capsys, "--batch-size", "0", *out)
+    assert "--batch-size must be >= 1 and <= 2147483647, got 0" in _error(capsys, "--batch-size", "0", *out)
 
 
 def test_resume_from_another_model_or_config_is_refused(tmp_path, capsys):
