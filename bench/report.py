@@ -217,8 +217,9 @@ CHART_NEEDS = ("results.png not drawn: matplotlib is not installed (pip install 
 
 
 def write_all(rows, out_dir: str) -> str | None:
-    """results.csv, results.md and (with matplotlib) results.png in ``out_dir``, each atomically; returns
-    the one line saying how to get the chart when matplotlib is missing, else None."""
+    """results.csv, results.md and (with matplotlib) results.png in ``out_dir``, each atomically (a chart
+    not drawn now is removed, not left from earlier results); returns the one line saying how to get the
+    chart when matplotlib is missing, else None."""
     os.makedirs(out_dir, exist_ok=True)
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=COLUMNS)
@@ -227,11 +228,15 @@ def write_all(rows, out_dir: str) -> str | None:
         writer.writerow({k: r.get(k) for k in COLUMNS})
     atomic_write_text(os.path.join(out_dir, "results.csv"), text.getvalue())
     atomic_write_text(os.path.join(out_dir, "results.md"), markdown(rows) + "\n")
+    chart = os.path.join(out_dir, "results.png")
+    drawn = any(r["kernel"] == "train_step" for r in rows) and importlib.util.find_spec("matplotlib") is not None
+    if not drawn and os.path.exists(chart):
+        os.remove(chart)  # a chart of earlier results would be shown under these tables
     if not any(r["kernel"] == "train_step" for r in rows):
         return None
-    if importlib.util.find_spec("matplotlib") is None:
+    if not drawn:
         return CHART_NEEDS
-    bar_chart(rows, os.path.join(out_dir, "results.png"))
+    bar_chart(rows, chart)
     return None
 
 

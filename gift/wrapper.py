@@ -256,14 +256,16 @@ class GIFTModelBase(nn.Module):
         """Load GIFT weights and the head from a state dict, a ``{"state_dict": ...}`` checkpoint or a path
         (``.pth``/``.pth.tar``/``.safetensors``). Other backbone keys in a full checkpoint are ignored.
 
-        Raises ``KeyError`` listing missing/unexpected GIFT keys, ``ValueError`` listing shape mismatches;
-        nothing is loaded then.
+        Raises ``KeyError`` listing missing/unexpected GIFT keys, ``ValueError`` listing shape mismatches
+        (or for a ``gift_adapter.safetensors`` whose tensors fail its checksum); nothing is loaded then.
         """
         self.copy_gift_state(self.checked_gift_state(obj))
 
     def checked_gift_state(self, obj: Any) -> dict[str, torch.Tensor]:
         """The GIFT weights and head of ``obj`` (as `load_gift_state_dict` takes it), checked against this model
         (raising as `load_gift_state_dict` says), by key of `gift_state_dict`; nothing is loaded."""
+        if isinstance(obj, (str, os.PathLike)) and os.path.basename(os.fspath(obj)) == ADAPTER_WEIGHTS:
+            obj = self.read_adapter_weights(os.path.dirname(os.fspath(obj)))  # checked against its checksum
         given = read_state_dict(obj, what="GIFT checkpoint", trust_pickles=True)
         own = self.gift_state_dict()
         given_gift = {k: v for k, v in given.items() if self._is_gift_key(k) or k.startswith(GIFT_PREFIXES)}

@@ -93,11 +93,14 @@ def from_namespace(cls, args: argparse.Namespace, **extra):
 
 
 def _range_text(meta: dict) -> str:
+    def number(bound) -> str:  # integers in full (2147483647, not 2.14748e+09)
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
     parts = []
     if meta["min"] is not None:
-        parts.append(f"{'>' if meta['min_open'] else '>='} {meta['min']:g}")
+        parts.append(f"{'>' if meta['min_open'] else '>='} {number(meta['min'])}")
     if meta["max"] is not None:
-        parts.append(f"{'<' if meta['max_open'] else '<='} {meta['max']:g}")
+        parts.append(f"{'<' if meta['max_open'] else '<='} {number(meta['max'])}")
     return " and ".join(parts)
 
 

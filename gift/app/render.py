@@ -40,7 +40,7 @@ def _save_png(image: np.ndarray, path: str, scale: int = 1) -> None:
 def unique_stems(names) -> list[str]:
     """One file-name stem per image path, unique among ``names``: the base name without its extension,
     with as many parent folders as it takes to tell two files apart (``cat/0.png``, ``dog/0.png`` ->
-    ``cat_0``, ``dog_0``), and ``_2``, ``_3``... for one file given again (or two that differ only in
+    ``cat_0``, ``dog_0``), and ``_2``, ``_3``... (the first not the stem of another file) for one file given again (or two that differ only in
     their extension)."""
     def key(name) -> str:
         return os.path.splitext(os.path.normpath(os.path.abspath(str(name))))[0]
@@ -56,12 +56,15 @@ def unique_stems(names) -> list[str]:
         for i in clashing:
             depth[i] += 1
     of_path = dict(zip(paths, stems))
-    seen: dict[str, int] = {}
-    unique = []
+    taken, unique = set(stems), []  # a suffix never takes the stem of another file (``0_2.png``)
     for name in names:
         stem = of_path[key(name)]
-        seen[stem] = seen.get(stem, 0) + 1
-        unique.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+        if stem in unique:
+            n = 2
+            while f"{stem}_{n}" in taken or f"{stem}_{n}" in unique:
+                n += 1
+            stem = f"{stem}_{n}"
+        unique.append(stem)
     return unique
 
 

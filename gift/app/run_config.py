@@ -32,6 +32,12 @@ def check_extras(options) -> None:
             raise UsageError(problem)
 
 
+#: the largest --batch-size: torch counts elements in 64 bits, so a batch of activations must fit
+LARGEST_BATCH = 2 ** 31 - 1
+#: the largest --lr (times --weight-decay when above 1): AdamW scales float32 weights by it, up to 3.4e38
+LARGEST_LR_STEP = 1e30
+
+
 @dataclass
 class FinetuneConfig:
     """Every setting of one fine-tuning run: default, help text and allowed range, in one place.
@@ -87,7 +93,7 @@ class FinetuneConfig:
     seed: int = option(0, "seed of the initialisation, the order of the samples and drop-path", min=0)
     epochs: int = option(10, "epochs (with --resume: a larger number extends a finished run)", min=1)
     batch_size: int = option(64, "the global batch of an optimizer step (split over torchrun processes and "
-                                 "--grad-accum-steps micro-batches)", min=1)
+                                 "--grad-accum-steps micro-batches)", min=1, max=LARGEST_BATCH)
     lr: float = option(1e-3, "peak learning rate of AdamW", min=0, min_open=True)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0)
     warmup: float = option(0.1, "linear warm-up as a fraction of all steps, then cosine (paper: 10 of 100 epochs)",
@@ -115,6 +121,10 @@ class FinetuneConfig:
             raise UsageError("give either --pretrained (timm's hub) or --pretrained-file (local), not both")
         if self.pretrained_file and not os.path.isfile(self.pretrained_file):
             raise UsageError(f"--pretrained-file {self.pretrained_file!r} does not exist (or is not a file)")
+        if self.lr * max(1.0, self.weight_decay) > LARGEST_LR_STEP:
+            raise UsageError(f"--lr {self.lr:g}" + (f" x --weight-decay {self.weight_decay:g}" if self.weight_decay > 1
+                                                     else "") + f" is beyond {LARGEST_LR_STEP:g}, where AdamW's "
+                             f"float32 update overflows; learning rates of fine-tuning are about 1e-5..1e-2")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in --output and --overwrite replaces it: give one")
         if self.device is not None and not DEVICE_PATTERN.fullmatch(self.device):

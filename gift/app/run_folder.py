@@ -1,6 +1,6 @@
 """A run folder and what keeps it whole: the lock that lets one run own it at a time (`FolderLock`),
-the files a run writes (`RUN_FILES`), replacing an old run only once the new one has passed every
-check (`remove_run`), what a crash mid-write leaves behind (`remove_orphans`), the space an epoch's
+the files a run writes (`RUN_FILES`), replacing an old run only once the new one has saved a
+checkpoint (`set_aside_run`), what a crash mid-write leaves behind (`remove_orphans`), the space an epoch's
 files need (`check_free_space`) and a full disk as one line (`disk_full_as_usage_error`)."""
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from ..files import TMP_PREFIX
 from .errors import UsageError
 
 CHECKPOINT = "checkpoint.pt"
-#: what `gift finetune` writes into its folder (``--overwrite`` removes exactly these)
+#: what `gift finetune` writes into its folder (``--overwrite`` sets exactly these aside)
 RUN_FILES = (CHECKPOINT, "metrics.csv", "metrics.json", "curves.png", "adapter", "adapter_ema", "eval.json")
 #: the folders of a run that atomic writes write into (where their temporary files may be left)
 WRITE_FOLDERS = ("", "adapter", "adapter_ema")
 LOCK_FILE = ".gift.lock"
+#: where ``--overwrite`` keeps the run it replaces until the new run's first checkpoint is saved
+REPLACED = ".gift-replaced"
 
 
 class FolderInUse(UsageError):
@@ -78,8 +80,18 @@ class FolderLock:
         self.recovered = previous or None
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "command": " ".join(sys.argv)[:300]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        except OSError as e:  # a full disk: nothing of this run is left, the lock file neither
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            os.close(fd)  # drops the lock
+            if is_disk_full(e):
+                raise DiskFull(f"{self.kind} {self.folder!r}: no space left on its file system, not even for "
+                               f"the lock file {LOCK_FILE}; free some space or choose another {self.kind}") from None
+            raise UsageError(f"{self.kind} {self.folder!r}: cannot write {self.path!r} ({e.strerror}); choose a "
+                             f"folder this user can write") from None
         self.fd = fd
 
     def release(self) -> None:
@@ -126,11 +138,47 @@ def held_run_files(folder: str) -> list[str]:
     return [f for f in RUN_FILES if os.path.exists(os.path.join(folder, f))]
 
 
-def remove_run(folder: str) -> None:
-    """Remove the run in ``folder`` (its `RUN_FILES` and temporary files; the lock stays)."""
+def set_aside_run(folder: str) -> None:
+    """Move the run in ``folder`` (its `RUN_FILES`) into ``folder/.gift-replaced`` (`REPLACED`) and remove
+    its temporary files: ``--overwrite`` keeps the old run there until the new one has saved a checkpoint
+    (`drop_replaced`), and puts it back when the new one fails before that (`restore_replaced`)."""
+    aside = os.path.join(folder, REPLACED)
+    _remove(aside)
+    os.mkdir(aside)
+    for f in held_run_files(folder):
+        os.replace(os.path.join(folder, f), os.path.join(aside, f))
+    remove_orphans(folder)
+
+
+def restore_replaced(folder: str) -> bool:
+    """Put the run that `set_aside_run` moved aside back in ``folder`` (removing what the new run left
+    there); False when there is none."""
+    aside = os.path.join(folder, REPLACED)
+    if not os.path.isdir(aside):
+        return False
     for f in held_run_files(folder):
         _remove(os.path.join(folder, f))
     remove_orphans(folder)
+    for f in os.listdir(aside):
+        os.replace(os.path.join(aside, f), os.path.join(folder, f))
+    os.rmdir(aside)
+    return True
+
+
+def drop_replaced(folder: str) -> None:
+    """Remove the run that `set_aside_run` moved aside (the new run has saved its first checkpoint)."""
+    _remove(os.path.join(folder, REPLACED))
+
+
+def settle_replaced(folder: str) -> bool:
+    """What a ``--overwrite`` run killed before `drop_replaced` or `restore_replaced` left: the old run is
+    dropped when the new one saved a checkpoint, else put back (then True). Call with the folder locked."""
+    if not os.path.isdir(os.path.join(folder, REPLACED)):
+        return False
+    if os.path.isfile(os.path.join(folder, CHECKPOINT)):
+        drop_replaced(folder)
+        return False
+    return restore_replaced(folder)
 
 
 def remove_orphans(folder: str) -> list[str]:
@@ -178,9 +226,15 @@ def check_free_space(folder: str, needed: dict[str, int], kind: str = "--output"
     largest = max(needed.values())
     required = max(largest, sum(needed.values()) - sum(existing.values()) + largest)
     if free < required:
-        parts = ", ".join(f"{name} {b / MIB:.1f} MiB" for name, b in needed.items())
-        raise DiskFull(f"{kind} {folder!r}: {free / MIB:.1f} MiB free on its file system, but an epoch writes "
-                       f"about {required / MIB:.1f} MiB ({parts}); free some space or choose another {kind}")
+        parts = " + ".join(f"{name} {b / MIB:.1f}" for name, b in needed.items())
+        given_back = sum(existing.values())
+        if required == largest:
+            how = f"the largest file, {largest / MIB:.1f} MiB, beside the one it replaces"
+        else:
+            how = (f"{parts}" + (f" - {given_back / MIB:.1f} the files there give back" if given_back else "")
+                   + f" + {largest / MIB:.1f} for the largest beside the one it replaces, in MiB")
+        raise DiskFull(f"{kind} {folder!r}: {free / MIB:.1f} MiB free on its file system, but an epoch needs "
+                       f"about {required / MIB:.1f} MiB ({how}); free some space or choose another {kind}")
 
 
 def _size(path: str) -> int:

@@ -32,7 +32,7 @@ from ..fast import FastGIFT
 from ..files import atomic_write, atomic_write_json, atomic_write_text, content_sha256
 from ..lora import save_lora_adapter
 from ..plan import wrap_for_training
-from .data import absolute_data_spec, data_fingerprint, open_train_val
+from .data import absolute_data_spec, data_content_fingerprint, data_fingerprint, open_train_val
 from .divergence import Diverged, non_finite_tensors, step_is_finite
 from .errors import UsageError, check_output_folder, library_errors
 from .interrupts import Terminated, interrupts_held, sigterm_as_interrupt
@@ -46,8 +46,11 @@ from .run_folder import (
     epoch_write_bytes,
     folder_lock,
     held_run_files,
+    drop_replaced,
     remove_orphans,
-    remove_run,
+    restore_replaced,
+    set_aside_run,
+    settle_replaced,
 )
 from .runtime import Dist, accuracy, batch_of, init_distributed
 
@@ -85,9 +88,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict, train_data: str | None = None) -> dict:
+def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict, train_data: str | None = None,
+                 train_content: str | None = None) -> dict:
     """What a checkpoint must agree on to be resumed: every setting that changes the trained weights (the
-    number of epochs may grow). ``train_data``: `gift.app.data.data_fingerprint` of the training split."""
+    number of epochs may grow). ``train_data``: `gift.app.data.data_fingerprint` of the training split;
+    ``train_content``: its `gift.app.data.data_content_fingerprint`."""
     frozen = {k: v for k, v in backbone.items() if k != "pretrained_path"}
     return {
         "model": cfg.model,
@@ -105,6 +110,7 @@ def run_identity(cfg: FinetuneConfig, num_classes: int, backbone: dict, train_da
         "seed": cfg.seed,
         "backbone": frozen,
         "train_data": train_data,
+        "train_content": train_content,
         "warmup": cfg.warmup,
         "amp": cfg.amp,
         "backbone_dtype": cfg.backbone_dtype,
@@ -137,13 +143,15 @@ def identity_differences(saved: dict, now: dict) -> tuple[dict, list[str]]:
 
 
 def save_checkpoint(path: str, model, optimizer, scheduler, identity, epochs, epoch, step_in_epoch, history,
-                    partial, rng, ema=None) -> None:
+                    partial, rng, ema=None, scaler: torch.amp.GradScaler | None = None) -> None:
     """Everything `resume` needs; ``rng`` is the RNG state to continue from (that before the next step);
-    ``ema``: the `--model-ema` model (its trained weights are kept)."""
+    ``ema``: the `--model-ema` model (its trained weights are kept); ``scaler``: float16's loss scaler (its
+    scale and growth counter; None when disabled)."""
     state = {"format": "gift-finetune-v2", "identity": identity, "epochs": epochs, "epoch": epoch,
              "step_in_epoch": step_in_epoch, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": rng, "history": history, "partial": partial,
-             "ema": None if ema is None else trainable_state(ema)}
+             "ema": None if ema is None else trainable_state(ema),
+             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
     state["sha256"] = content_sha256(state)  # of everything else: a flipped bit is found on resume
 
     def write(tmp):
@@ -217,17 +225,20 @@ def take_run_folder(cfg: FinetuneConfig, d: Dist, held: contextlib.ExitStack) ->
     if lock is not None and lock.recovered:
         say(d, f"note: took over the lock of {cfg.output} from a run that ended without releasing it "
                f"({describe_owner(lock.recovered)})")
+    if d.main and settle_replaced(cfg.output):
+        say(d, f"note: put back the run in {cfg.output} that an interrupted --overwrite run had set aside")
     check_run_folder(cfg)
 
 
 def prepare_output(cfg: FinetuneConfig, d: Dist, trainable_bytes: int) -> None:
     """Once every other check has passed (main process, folder locked): room for an epoch's files, then
-    the old run removed with --overwrite, else what a killed write left behind."""
+    the old run set aside with --overwrite (removed once this run saves a checkpoint, put back if it fails
+    before: `gift.app.run_folder.set_aside_run`), else what a killed write left behind removed."""
     if not d.main:
         return
     check_free_space(cfg.output, epoch_write_bytes(trainable_bytes, cfg.model_ema))
     if cfg.overwrite:
-        remove_run(cfg.output)
+        set_aside_run(cfg.output)
     else:
         remove_orphans(cfg.output)
 
@@ -245,7 +256,7 @@ def finetune(cfg: FinetuneConfig, keep_model: bool = False, resume_hint: str = R
     how to continue, in the line a Ctrl-C prints (`gift sweep` continues by re-running itself).
 
     Raises `UsageError` / `DataError` for bad input, before any training step (and before --overwrite
-    removes anything); `gift.app.run_folder.FolderInUse` while another run owns the folder;
+    sets the old run aside); `gift.app.run_folder.FolderInUse` while another run owns the folder;
     `gift.app.divergence.Diverged` at a non-finite step; `gift.app.run_folder.DiskFull`."""
     cfg.validate()
     with library_errors():
@@ -284,10 +295,16 @@ def finetune(cfg: FinetuneConfig, keep_model: bool = False, resume_hint: str = R
             if reason:
                 say(d, reason)
             model, gift_model = build_model(cfg, backbone, memory)
-        prepare_output(cfg, d, sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad))
-        run = start_run(cfg, d, model, gift_model, identity, train_set, val_set, classes, steps_per_epoch)
-        run.grad_accum_steps = accumulation
-        return train(run, keep_model, resume_hint)
+        run = None
+        try:
+            prepare_output(cfg, d, sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad))
+            run = start_run(cfg, d, model, gift_model, identity, train_set, val_set, classes, steps_per_epoch)
+            run.grad_accum_steps = accumulation
+            return train(run, keep_model, resume_hint)
+        except BaseException:
+            if d.main and (run is None or run.saved_at is None):
+                restore_replaced(cfg.output)  # --overwrite: the old run back, as this one saved nothing
+            raise
 
 
 @dataclass
@@ -354,19 +371,19 @@ def start_run(cfg: FinetuneConfig, d: Dist, model, gift_model, backbone_id: dict
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, max(1, round(total * cfg.warmup))))
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "float16")
-    train_data = data_fingerprint(train_set)
+    train_data, train_content = data_fingerprint(train_set), data_content_fingerprint(train_set)
     run_info = {"model": cfg.model, "method": cfg.method, "num_classes": len(classes), "classes": list(classes),
                 "trainable_parameters": sum(p.numel() for p in params),
                 "backbone": backbone_id, "amp": cfg.amp,
                 "data": {"data": absolute_data_spec(cfg.data), "train_split": cfg.train_split,
                          "eval_split": cfg.eval_split, "train_data": train_data, **asdict(cfg.embedded)}}
     return Run(cfg, d, model, gift_model, train_module, optimizer, scheduler, scaler, ema,
-               run_identity(cfg, len(classes), backbone_id, train_data), run_info, train_set, val_set, steps_per_epoch,
-               run_info["trainable_parameters"], curves_missing)
+               run_identity(cfg, len(classes), backbone_id, train_data, train_content), run_info, train_set, val_set,
+               steps_per_epoch, run_info["trainable_parameters"], curves_missing)
 
 
 def resume(run: Run) -> bool:
-    """Load the run's checkpoint into it (trainable weights, EMA, optimizer, schedule, RNG) and rewrite
+    """Load the run's checkpoint into it (trainable weights, EMA, optimizer, schedule, loss scale, RNG) and rewrite
     the adapter(s) and metrics from it (a run killed between its checkpoint and those files, or whose
     adapter was lost, is whole again); True when the run had already done all its epochs. Raises
     `UsageError` for a checkpoint of another run, a damaged one or one with non-finite weights."""
@@ -393,6 +410,7 @@ def resume(run: Run) -> bool:
                     p.copy_(state["ema"][n])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    restore_scaler(run.scaler, state)
     set_rng_state(state["rng"])
     with disk_full_as_usage_error(f"the adapter and metrics in {cfg.output}", "its checkpoint is intact: free some "
                                   "space, then run the same command again"):
@@ -404,10 +422,18 @@ def resume(run: Run) -> bool:
                f"pass --epochs N > {cfg.epochs} to extend it")
         return True
     if cfg.epochs != state["epochs"]:
-        say(d, f"extending the run from {state['epochs']} to {cfg.epochs} epochs: the learning-rate schedule "
+        change = "extending" if cfg.epochs > state["epochs"] else "shortening"
+        say(d, f"{change} the run from {state['epochs']} to {cfg.epochs} epochs: the learning-rate schedule "
                f"now spans {cfg.epochs} epochs")
     say(d, f"resumed from {run.checkpoint_path} at epoch {start_epoch + 1}, step {start_step}")
     return False
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """Float16's loss scale and growth counter as the checkpoint ``state`` saved them (a checkpoint of a
+    gift before they were saved has none: the scaler starts afresh, as it did then)."""
+    if scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
 
 
 def save_run(run: Run, epoch: int, step: int, partial: dict, rng: dict) -> None:
@@ -417,8 +443,9 @@ def save_run(run: Run, epoch: int, step: int, partial: dict, rng: dict) -> None:
     if not run.d.main:
         return
     save_checkpoint(run.checkpoint_path, run.model, run.optimizer, run.scheduler, run.identity, cfg.epochs, epoch,
-                    step, run.history, partial, rng, None if run.ema is None else run.ema.module)
+                    step, run.history, partial, rng, None if run.ema is None else run.ema.module, run.scaler)
     run.saved_at = (epoch, step)
+    drop_replaced(cfg.output)  # --overwrite: this run's checkpoint now replaces the old run
     save_adapters(run)
 
 
@@ -500,13 +527,18 @@ def evaluate(run: Run, epoch: int) -> tuple[dict, dict] | None:
     return scores, ema_scores
 
 
+def non_finite_weights(run: Run) -> list[str]:
+    """The trained tensors of the run's model (and EMA model) that hold a NaN or an infinity."""
+    return non_finite_tensors(run.model) + ([] if run.ema is None else non_finite_tensors(run.ema.module))
+
+
 def end_epoch(run: Run, epoch: int, evaluated: tuple[dict, dict] | None) -> None:
     """The epoch's line of the history, then the checkpoint and the metrics files: all or nothing."""
     cfg, d = run.cfg, run.d
     loss_sum, count = d.all_reduce([run.partial["loss_sum"], run.partial["count"]])
     nan = {"top1": float("nan"), "top5": float("nan")}
     scores, ema_scores = evaluated if evaluated is not None else (nan, {} if run.ema is None else nan)
-    bad = non_finite_tensors(run.model) + ([] if run.ema is None else non_finite_tensors(run.ema.module))
+    bad = non_finite_weights(run)
     if bad:
         raise Diverged(f"training diverged in epoch {epoch + 1}: {len(bad)} trained tensor(s) are not finite "
                        f"(e.g. {bad[0]})")
@@ -568,9 +600,12 @@ def _train(run: Run, keep_model: bool, resume_hint: str) -> dict:
                 say(d, f"stopped after {cfg.stop_after} epoch(s) as asked; {resume_hint}")
                 break
     except Diverged as e:
-        raise Diverged(f"{e}: stopped before saving it; {kept_state(run)}; lower --lr (now {cfg.lr:g}) and start "
-                       f"again with --overwrite", short=str(e)) from None
+        raise diverged_stop(run, f"{e}: stopped before saving it", short=str(e)) from None
     except KeyboardInterrupt as interrupt:
+        bad = non_finite_weights(run)
+        if bad:  # the last step made a weight non-finite: saving it would replace the last good checkpoint
+            raise diverged_stop(run, f"interrupted after training diverged: {len(bad)} trained tensor(s) are not "
+                                     f"finite (e.g. {bad[0]}); not saved") from None
         try:
             with interrupts_held(), disk_full_as_usage_error(f"the interrupted run's checkpoint in {cfg.output}",
                                                              "the checkpoint before it is intact"):
@@ -584,10 +619,25 @@ def _train(run: Run, keep_model: bool, resume_hint: str) -> dict:
     return summary(run, keep_model)
 
 
-def kept_state(run: Run) -> str:
-    """What the run folder holds of ``run`` (its last checkpoint, `Run.saved_at`), in words."""
+def diverged_stop(run: Run, what: str, short: str | None = None) -> Diverged:
+    """The `Diverged` that stops ``run``: ``what`` happened, what its folder keeps (`kept_state`; with
+    --overwrite and nothing saved, the old run is put back first) and what to do; ``short``: `Diverged.short`."""
+    cfg = run.cfg
+    restored = run.d.main and run.saved_at is None and restore_replaced(cfg.output)
     if run.saved_at is None:
-        return f"nothing of this run was saved in {run.cfg.output} (no epoch had finished)"
+        todo = f"lower --lr (now {cfg.lr:g}) and run again" + (" with --overwrite" if restored else "")
+    else:  # the learning rate is part of the run: the kept checkpoint cannot continue with another
+        todo = (f"lower --lr (now {cfg.lr:g}) and start again in another --output (--overwrite would replace the "
+                f"kept checkpoint)")
+    return Diverged(f"{what}; {kept_state(run, restored)}; {todo}", short=short or what)
+
+
+def kept_state(run: Run, restored: bool = False) -> str:
+    """What the run folder holds of ``run`` (its last checkpoint, `Run.saved_at`), in words; ``restored``:
+    the run that --overwrite was replacing is back."""
+    if run.saved_at is None:
+        back = f"; the run it was to replace is back in {run.cfg.output}" if restored else ""
+        return f"nothing of this run was saved in {run.cfg.output} (no epoch had finished){back}"
     epoch, step = run.saved_at
     where = f"after epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
     return f"{run.cfg.output} keeps the last good checkpoint and adapter ({where})"

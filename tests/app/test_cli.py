@@ -104,7 +104,9 @@ def test_every_bad_input_is_one_line_and_status_2_before_training(tmp_path):
         (["plan", "--device-memory", "0"], ["--device-memory '0' is 0 bytes, too little for a device", "24GiB"]),
         (["plan", "--device-memory", "24"], ["--device-memory '24' is 24 bytes"]),
         ([*fine, "--memory", "auto", "--max-memory", "0.5", *out], ["--max-memory '0.5' is 0 bytes"]),
-        (["plan", "--batch-size", str(10 ** 30)], ["Overflow"]),  # torch's own words, without its C++ frames
+        (["plan", "--batch-size", str(10 ** 30)], ["--batch-size must be", "2147483647", str(10 ** 30)]),
+        ([*fine, "--lr", "1e39", *out], ["--lr 1e+39 is beyond 1e+30, where AdamW's float32 update overflows"]),
+        ([*fine, "--lr", "1e20", "--weight-decay", "1e18", *out], ["--lr 1e+20 x --weight-decay 1e+18 is beyond"]),
     ]
     if not torch.cuda.is_available():
         cases.append(([*fine, "--device", "cuda", *out], ["torch sees no CUDA GPU"]))

@@ -319,6 +319,36 @@ def test_images_whose_values_cannot_be_read_as_such_are_refused_in_one_line_befo
     with pytest.raises(DataError, match=r"wide\.tiff.*values in \[0, 70000\]: gift reads such images as 16-bit"):
         open_local_split(str(tmp_path), "train", SIZE)
     assert len(open_local_split(str(tmp_path), "train", SIZE, skip_bad_images=True)) == 1
+    os.remove(tmp_path / "train" / "a" / "wide.tiff")
+    # 8-bit values in a 32-bit integer image, 12-bit values in a 16-bit PNG: read as 0..65535 they were black
+    for name, values in (("eight.tiff", np.array([[0, 200], [255, 9]], np.int32)),
+                         ("twelve.png", np.array([[0, 4095], [2000, 9]], np.uint16))):
+        _save(str(tmp_path / "train" / "a" / name), values)
+        hi = int(values.max())
+        with pytest.raises(DataError, match=rf"{name}.*values in \[0, {hi}\]: .*would be almost black"):
+            open_local_split(str(tmp_path), "train", SIZE)
+        os.remove(tmp_path / "train" / "a" / name)
+
+
+def test_a_png_whose_compressed_data_is_damaged_under_valid_checksums_is_refused_before_training(tmp_path):
+    import struct
+    import zlib
+
+    write_image(str(tmp_path / "train" / "a" / "0.png"), 1)
+    path = tmp_path / "train" / "a" / "idat.png"
+    _save(str(path), np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    raw = path.read_bytes()
+    at = raw.index(b"IDAT")
+    length = struct.unpack(">I", raw[at - 4:at])[0]
+    data = bytearray(raw[at + 4:at + 4 + length])
+    data[length // 2] ^= 0xFF  # damaged before its CRC was computed: verify() passes it
+    crc = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(data)) & 0xFFFFFFFF)
+    path.write_bytes(raw[:at + 4] + bytes(data) + crc + raw[at + 8 + length:])
+    with Image.open(path) as im:
+        im.verify()
+    with pytest.raises(DataError, match=r"cannot read image .*idat\.png"):
+        open_local_split(str(tmp_path), "train", SIZE)
+    assert len(open_local_split(str(tmp_path), "train", SIZE, skip_bad_images=True)) == 1
 
 
 def _truncated_jpeg(path):

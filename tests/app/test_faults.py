@@ -19,7 +19,7 @@ import gift.app.train as train_module
 import gift_kernels.files
 from gift.app.cli import main
 from gift.app.divergence import MIN_LOSS_SCALE, Diverged, step_is_finite
-from gift.app.run_folder import LOCK_FILE, FolderInUse, FolderLock, is_disk_full
+from gift.app.run_folder import LOCK_FILE, MIB, DiskFull, FolderInUse, FolderLock, check_free_space, is_disk_full
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--train-size", "32", "--val-size", "16", "--batch-size", "16", "--quiet", "--rank", "4", "--num-clusters",
@@ -163,7 +163,7 @@ def test_too_little_free_space_is_refused_before_training_and_before_overwrite(t
     capsys.readouterr()
     assert finetune(out, "--overwrite") == 2
     err = one_error_line(capsys)
-    assert "0.0 MiB free on its file system, but an epoch writes about" in err and "checkpoint.pt" in err
+    assert "0.0 MiB free on its file system, but an epoch needs about" in err and "checkpoint.pt" in err
     assert epochs == [] and os.path.isfile(out / "checkpoint.pt")  # nothing computed, the old run kept
     assert_same_run(whole, out)
 
@@ -238,6 +238,28 @@ def test_under_the_loss_scaler_a_non_finite_step_is_skipped_as_torch_amp_does():
         step_is_finite(torch.tensor(1.0), [weight], off, "epoch 1, step 3")
 
 
+def test_the_loss_scale_and_its_growth_counter_are_checkpointed(tmp_path):
+    """Resume continues float16's scaler where it was (not afresh at 2**16), so it is bit-identical."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=4)
+    for overflow in (True, False, False):  # one skipped step (scale halved), then two that count to growth
+        optimizer.zero_grad()
+        scaler.scale(model(torch.ones(1, 3)).sum() * (float("inf") if overflow else 1.0)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    path = str(tmp_path / "checkpoint.pt")
+    train_module.save_checkpoint(path, model, optimizer, scheduler, {"k": 1}, 1, 0, 1, [], {}, {}, scaler=scaler)
+    state = train_module.load_checkpoint(path, {"k": 1})
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=4)
+    train_module.restore_scaler(fresh, state)
+    assert fresh.get_scale() == scaler.get_scale() == 2.0 ** 15
+    assert fresh.state_dict() == scaler.state_dict() and fresh.state_dict()["_growth_tracker"] == 2
+    train_module.restore_scaler(fresh, {"scaler": None})  # a checkpoint of an older gift: left as it is
+    assert fresh.get_scale() == 2.0 ** 15
+
+
 def test_a_folder_lock_is_exclusive_and_a_dead_owners_lock_is_taken_over(tmp_path, capsys):
     with FolderLock(str(tmp_path)) as held:
         owner = json.load(open(tmp_path / LOCK_FILE))
@@ -290,3 +312,103 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_sigterm_saves_like_ctrl_
     assert state["epoch"] >= 1 and not os.path.exists(out / LOCK_FILE)
     assert main(["finetune", *args, "--output", str(out), "--resume"]) == 0
     assert_same_run(whole, out)
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_saves_a_checkpoint(tmp_path, monkeypatch, capsys, reference):
+    """--overwrite sets the old run aside: a new run that diverges (or crashes, or is killed) before its
+    first checkpoint puts it back; one that saves a checkpoint replaces it."""
+    whole, half = reference
+    out = tmp_path / "run"
+    shutil.copytree(whole, out)
+    capsys.readouterr()
+    assert finetune(out, "--overwrite", "--lr", "1e30") == 2  # NaN from the first step
+    err = one_error_line(capsys)
+    assert "nothing of this run was saved" in err and f"the run it was to replace is back in {out}" in err, err
+    assert_same_run(whole, out)
+    assert not os.path.exists(out / ".gift-replaced")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("injected crash in the first step")
+
+    monkeypatch.setattr(train_module, "accumulate_gradients", crash)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        finetune(out, "--overwrite")
+    assert_same_run(whole, out)
+
+    def kill(*args, **kwargs):
+        raise SimulatedKill
+
+    monkeypatch.setattr(train_module, "accumulate_gradients", kill)
+    monkeypatch.setattr(train_module, "restore_replaced", lambda folder: False)  # a SIGKILL runs no handler
+    with pytest.raises(SimulatedKill):  # the old run is left aside, the next run puts it back
+        finetune(out, "--overwrite")
+    assert os.path.isdir(out / ".gift-replaced") and not os.path.exists(out / "checkpoint.pt")
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert finetune(out, "--resume") == 0
+    assert "put back the run" in capsys.readouterr().out
+    assert_same_run(whole, out)
+    assert finetune(out, "--overwrite", "--stop-after", "1") == 0  # a checkpoint saved: the old run is gone
+    assert not os.path.exists(out / ".gift-replaced")
+    assert_same_run(half, out)
+
+
+def test_an_interrupt_after_a_step_that_made_a_weight_non_finite_saves_nothing(tmp_path, monkeypatch, capsys,
+                                                                              reference):
+    """Finite loss and gradients, but the update overflows a weight; Ctrl-C arrives before the next step's
+    check: the interrupt's checkpoint would hold the infinity, so none is written."""
+    _, half = reference
+    out = tmp_path / "run"
+    shutil.copytree(half, out)
+    real_step, real_accumulate = torch.amp.GradScaler.step, train_module.accumulate_gradients
+    calls = {"step": 0, "accumulate": 0}
+
+    def overflowing_step(self, optimizer, *args, **kwargs):
+        result = real_step(self, optimizer, *args, **kwargs)
+        calls["step"] += 1
+        if calls["step"] == 1:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return result
+
+    def interrupted(run, x, y):
+        calls["accumulate"] += 1
+        if calls["accumulate"] == 2:
+            raise KeyboardInterrupt
+        return real_accumulate(run, x, y)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "step", overflowing_step)
+    monkeypatch.setattr(train_module, "accumulate_gradients", interrupted)
+    capsys.readouterr()
+    assert finetune(out, "--resume") == 2
+    err = one_error_line(capsys)
+    assert "interrupted after training diverged: 1 trained tensor(s) are not finite" in err, err
+    assert "keeps the last good checkpoint and adapter (after epoch 1)" in err and "another --output" in err
+    assert_same_run(half, out)
+
+
+def test_a_disk_too_full_for_the_lock_file_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert finetune(out) == 2
+    err = one_error_line(capsys)
+    assert "no space left on its file system, not even for the lock file .gift.lock" in err, err
+    assert os.listdir(out) == []
+
+
+def test_the_free_space_message_adds_up(tmp_path, monkeypatch):
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr("gift.app.run_folder.shutil.disk_usage", lambda path: usage(10 ** 12, 10 ** 12, MIB))
+    needed = {"checkpoint.pt": 3 * MIB, "adapter": 2 * MIB, "metrics": MIB}
+    with pytest.raises(DiskFull) as empty:
+        check_free_space(str(tmp_path), needed)
+    assert "needs about 9.0 MiB (checkpoint.pt 3.0 + adapter 2.0 + metrics 1.0 + 3.0 for the largest" in str(empty.value)
+    (tmp_path / "checkpoint.pt").write_bytes(b"x" * (2 * MIB))  # replaced: its space comes back
+    with pytest.raises(DiskFull) as replacing:
+        check_free_space(str(tmp_path), needed)
+    assert ("needs about 7.0 MiB (checkpoint.pt 3.0 + adapter 2.0 + metrics 1.0 - 2.0 the files there give back "
+            "+ 3.0 for the largest") in str(replacing.value)

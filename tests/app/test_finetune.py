@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 import gift.app.train as finetune_module
 from gift.adapters import load_gift_adapter
 from gift.app.cli import main
+from gift.app.commands.eval import load_adapter_model
 from gift.app.data import SyntheticShapes, make_shapes
 from gift.files import atomic_write
 from gift_kernels.testing import relative_errors
@@ -246,7 +248,7 @@ def test_bad_inputs_give_one_line_and_status_2(tmp_path, capsys):
     torch.save({"patch_embed.proj.weight": torch.zeros(7, 3, 4, 4)}, tmp_path / "wrong.pth")
     err = _error(capsys, "--pretrained-file", str(tmp_path / "wrong.pth"), *out)
     assert "does not fit VisionTransformer" in err and "patch_embed.proj.weight" in err
-    assert "--batch-size must be >= 1, got 0" in _error(capsys, "--batch-size", "0", *out)
+    assert "--batch-size must be >= 1 and <= 2147483647, got 0" in _error(capsys, "--batch-size", "0", *out)
 
 
 def test_resume_from_another_model_or_config_is_refused(tmp_path, capsys):
@@ -326,12 +328,24 @@ def test_resume_refuses_other_data_or_another_schedule_with_one_line(tmp_path, c
     assert "amp: checkpoint None vs now 'bfloat16'" in _error(capsys, "--output", out, "--resume", "--amp", "bf16")
     # an image folder with the same class names but other images is other data too
     _write_tree(tmp_path / "tree", per_class=4)
+    first = tmp_path / "tree" / "train" / "a" / "0.png"
+    Image.open(first).save(first, compress_level=0)  # uncompressed: its size does not depend on its pixels
     folder = run(tmp_path, "f", "--data", str(tmp_path / "tree"), "--batch-size", "2", "--epochs", "2",
                  "--stop-after", "1")
     Image.fromarray(np.full((16, 16, 3), 7, dtype=np.uint8)).save(tmp_path / "tree" / "train" / "a" / "extra.png")
     err = _error(capsys, "--output", folder, "--data", str(tmp_path / "tree"), "--batch-size", "2", "--epochs", "2",
                  "--resume")
     assert "train_data: checkpoint '8 images" in err and "vs now '9 images" in err
+    os.remove(tmp_path / "tree" / "train" / "a" / "extra.png")
+    # the same names and byte sizes, other pixels: other data (the content is hashed)
+    pixels = np.asarray(Image.open(first)).copy()
+    pixels[0, 0] ^= 1
+    size = first.stat().st_size
+    Image.fromarray(pixels).save(first, compress_level=0)
+    assert first.stat().st_size == size  # else the test would not test what it says
+    err = _error(capsys, "--output", folder, "--data", str(tmp_path / "tree"), "--batch-size", "2", "--epochs", "2",
+                 "--resume")
+    assert "train_content: checkpoint '8 images" in err and "vs now '8 images" in err, err
 
 
 def test_resume_of_a_finished_run_rewrites_a_lost_or_stale_adapter_and_metrics(tmp_path):
@@ -367,7 +381,10 @@ def test_a_flipped_bit_in_the_checkpoint_or_the_adapter_is_one_line_not_a_nan_mo
     err = _error(capsys, "--output", out, "--epochs", "2", "--resume")
     assert "checkpoint.pt' is damaged: its content does not match the checksum" in err
     tensors = adapter(out)
+    model = load_adapter_model(os.path.join(out, "adapter"))[0]
     _flip_a_bit_inside(os.path.join(out, "adapter", "gift_adapter.safetensors"), tensors["backbone.head.weight"])
+    with pytest.raises(ValueError, match="gift_adapter.safetensors' is damaged: its tensors do not match"):
+        model.load_gift_state_dict(os.path.join(out, "adapter", "gift_adapter.safetensors"))  # the library call too
     for command in (["eval", "--adapter", os.path.join(out, "adapter")],
                     ["explain", "--adapter", os.path.join(out, "adapter"), "--image", __file__, "--out",
                      str(tmp_path / "maps")]):

@@ -64,7 +64,7 @@ def test_a_checkpoint_written_before_resumes_where_it_stopped(tmp_path, capsys):
     assert "grad_accum_steps: checkpoint None vs now 2" in capsys.readouterr().err
     assert main(["finetune", *GIFT_RUN, "--epochs", "2", "--output", run, "--resume"]) == 0
     said = capsys.readouterr().out  # what the identity of then did not hold is said, not refused
-    assert ("did not record train_data, warmup, amp, backbone_dtype, model_ema_decay; those are not checked"
-            in said)
+    assert ("did not record train_data, train_content, warmup, amp, backbone_dtype, model_ema_decay; those are not "
+            "checked" in said)
     after = json.load(open(os.path.join(run, "metrics.json")))
     assert len(after) == 2 and after[0] == before[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gift.app.render import curves_unavailable, heat, palette, write_curves, write_pngs
+from gift.app.render import curves_unavailable, heat, palette, unique_stems, write_curves, write_pngs
 from gift.explainer import ClusterMaps
 
 
@@ -35,3 +35,10 @@ def test_training_curves_are_a_png(tmp_path):
     write_curves(str(tmp_path / "curves.png"), [{"epoch": 1, "train_loss": 1.0, "val_top1": 0.5},
                                                  {"epoch": 2, "train_loss": 0.5, "val_top1": 0.75}])
     assert Image.open(tmp_path / "curves.png").format == "PNG"
+
+
+def test_unique_stems_never_give_two_images_one_stem():
+    assert unique_stems(["cat/0.png", "dog/0.png"]) == ["cat_0", "dog_0"]
+    # a file given twice gets a suffix, which must not be the stem of another file given
+    assert unique_stems(["d/0.png", "d/0.png", "d/0_2.png"]) == ["0", "0_3", "0_2"]
+    assert unique_stems(["d/0_2.png", "d/0.png", "d/0.png", "d/0.jpg"]) == ["0_2", "0", "0_3", "0_4"]

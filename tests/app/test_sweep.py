@@ -253,6 +253,26 @@ def test_damaged_control_files_are_remade_or_refused_in_one_line(tmp_path, capsy
     assert [(c["lr"], c["weight_decay"], c["eval_split"]) for c in trainer.calls] == [(1e-4, 0.01, "val"),
                                                                                       (1e-4, 0.01, "test")]
     assert open(csv_path).read().splitlines()[-1].endswith(",done")
+    eval_path = os.path.join(out, "final", "eval.json")
+    json.dump({**json.load(open(eval_path)), "top1": float("nan")}, open(eval_path, "w"))  # NaN: no result
+    trainer = FakeTrainer()
+    assert run_grid_search(PLAN, out, trainer, quiet=False) == first
+    assert "eval.json is damaged (ValueError); making it again" in capsys.readouterr().out
+    assert [c["eval_split"] for c in trainer.calls] == ["test"]
+    # a sweep.csv of a gift before the status column: a NaN point is done, and never chosen
+    rows = list(csv.DictReader(open(csv_path)))
+    fields = [f for f in rows[0] if f != "status"]
+    best = max(rows, key=lambda r: float(r["top1"]))
+    best["top1"] = "nan"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.remove(eval_path)
+    trainer = FakeTrainer()
+    result = run_grid_search(PLAN, out, trainer, quiet=True)
+    assert (result["lr"], result["weight_decay"]) != (float(best["lr"]), float(best["weight_decay"]))
+    assert best["point"] in result["search"]["diverged"] and [c["eval_split"] for c in trainer.calls] == ["test"]
     open(os.path.join(out, "sweep.json"), "w").write("")
     with pytest.raises(SweepError, match="sweep.json \\(the sweep's settings\\) is damaged .*delete that file"):
         run_grid_search(PLAN, out, FakeTrainer(), quiet=True)
@@ -318,7 +338,7 @@ def test_a_sweep_folder_written_before_with_amp_bf16_is_resumed_not_refused(tmp_
     os.remove(out / "final" / "eval.json")  # made again from the old final checkpoint, which resumes
     capsys.readouterr()
     assert main([*sweep, "--amp", "bf16"]) == 0 and len(calls) == 1
-    assert "was written by an older gift that did not record train_data, warmup, amp" in capsys.readouterr().out
+    assert "was written by an older gift that did not record train_data, train_content, warmup, amp" in capsys.readouterr().out
     after = json.load(open(out / "final" / "eval.json"))
     assert after["top1"] == before["top1"] and after["lr"] == before["lr"]
     capsys.readouterr()

@@ -63,3 +63,7 @@ def test_existing_runs_are_kept_unless_asked_and_resume_extends_a_finished_run(t
     assert "--epochs 1 is fewer than the 2 epoch(s)" in capsys.readouterr().err
     assert main(["finetune", *TINY, "--epochs", "1", "--output", out, "--overwrite"]) == 0
     assert len(json.load(open(os.path.join(out, "metrics.json")))) == 1
+    assert main(["finetune", *TINY, "--epochs", "3", "--output", out, "--overwrite", "--stop-after", "1"]) == 0
+    capsys.readouterr()
+    assert main(["finetune", *TINY, "--epochs", "2", "--output", out, "--resume"]) == 0  # fewer, not done yet
+    assert "shortening the run from 3 to 2 epochs" in capsys.readouterr().out

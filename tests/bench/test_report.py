@@ -63,6 +63,8 @@ def test_without_matplotlib_the_tables_are_written_and_one_line_says_how_to_get_
              "metric": "ratio_vs_floor", "value": 1.02, "device": "cpu", "dtype": "float32", "torch": "2",
              "triton": "3"}]
     out = tmp_path / "results" / "cpu"
+    out.mkdir(parents=True)
+    (out / "results.png").write_bytes(b"the chart of an earlier bench run")  # stale: it must not stay
     said = report.write_all(rows, str(out))
     assert said == report.CHART_NEEDS and "pip install 'gift[plots]'" in said and len(said.splitlines()) == 1
     assert sorted(os.listdir(out)) == ["results.csv", "results.md"]

@@ -315,7 +315,8 @@ def _read_result(path: str, quiet: bool) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             result = json.load(f)
-        float(result["top1"])
+        if not math.isfinite(float(result["top1"])):  # a NaN score is no result, whatever wrote it
+            raise ValueError(f"top1 {result['top1']}")
         return result
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         if not quiet:

@@ -48,6 +48,7 @@ __all__ = [
     "SyntheticShapes",
     "VTAB1kImages",
     "absolute_data_spec",
+    "data_content_fingerprint",
     "data_fingerprint",
     "has_format",
     "load_images",
@@ -138,4 +139,17 @@ def data_fingerprint(dataset: Dataset) -> str:
             digest.update(f"{name}\t{label}\t{os.path.getsize(path)}\n".encode())
     else:
         raise TypeError(f"no fingerprint for a {type(dataset).__name__}")
+    return f"{len(dataset)} images, sha256 {digest.hexdigest()[:16]}"
+
+
+def data_content_fingerprint(dataset: Dataset) -> str:
+    """`data_fingerprint` of what the images are: image files by a SHA-256 of each file's bytes and its
+    label (in the split's order), so other images of the same names and sizes are other data; the
+    embedded dataset as `data_fingerprint` (which already hashes its pixels)."""
+    if not isinstance(dataset, ImageFolderDataset):
+        return data_fingerprint(dataset)
+    digest = hashlib.sha256()
+    for path, label in dataset.files:
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest() + f"\t{label}\n".encode())
     return f"{len(dataset)} images, sha256 {digest.hexdigest()[:16]}"

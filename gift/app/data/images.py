@@ -25,6 +25,9 @@ from .spec import split_file_name
 #: Pillow's modes of one channel of more than 8 bits: integers read as 0..65535, floats as 0..1
 HIGH_DEPTH_INTEGER = ("I", "I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I;32", "I;32S", "I;32L", "I;32B")
 HIGH_DEPTH_FLOAT = ("F", "F;32F", "F;32BF", "F;64F")
+#: an integer image of more than 8 bits whose largest value is below this holds 8- or 12-bit values (or is
+#: nearly black): read as 0..65535 it would be dark, so it is refused rather than guessed
+FEWEST_16_BIT_MAX = 4096
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -71,7 +74,8 @@ def scan_image_folder(root: str, skip_bad_images: bool = False) -> ScanResult:
 def rgb_image(im):
     """The Pillow image ``im`` as an 8-bit RGB one. One channel of more than 8 bits is scaled: integers
     (16-bit PNG/TIFF, Pillow's ``I;16`` and ``I``) from 0..65535, floats (``F``) from 0..1; values outside
-    those ranges, and modes Pillow cannot convert, raise ``ValueError`` saying what to do."""
+    those ranges, integers all below `FEWEST_16_BIT_MAX` (8- or 12-bit data in a wider mode) and modes
+    Pillow cannot convert raise ``ValueError`` saying what to do."""
     from PIL import Image
 
     mode = im.mode
@@ -90,6 +94,10 @@ def rgb_image(im):
             if lo < 0 or hi > 65535:
                 raise ValueError(f"an integer image (mode {mode}) with values in [{lo}, {hi}]: gift reads such images "
                                  f"as 16-bit (0..65535); save it with 8 or 16 bits")
+            if hi < FEWEST_16_BIT_MAX:
+                raise ValueError(f"an integer image (mode {mode}) with values in [{lo}, {hi}]: gift reads such images "
+                                 f"as 16-bit (0..65535), where these would be almost black; if it holds 8- or 12-bit "
+                                 f"values, save it with 8 bits or scale it to 0..65535")
             grey = a.astype(np.float64) / 257.0  # 65535 -> 255
         return Image.fromarray(np.rint(grey).astype(np.uint8), "L").convert("RGB")
     if mode == "RGB":
@@ -203,9 +211,9 @@ class LabelledImages(ImageFolderDataset):
 
 
 def _unreadable(path: str) -> str | None:
-    """None when ``path`` is an image that decodes to RGB (`rgb_image`), else why not. PNGs are checked
-    through their checksums (``verify``), JPEGs decoded at 1/8 scale (all of their data, a fraction of the
-    work), other formats decoded."""
+    """None when ``path`` is an image that decodes to RGB (`rgb_image`), else why not: every image is
+    checked (``verify``: a PNG's checksums) and decoded, JPEGs at 1/8 scale (all of their data, a fraction
+    of the work)."""
     from PIL import Image
 
     if not os.path.isfile(path):
@@ -214,22 +222,12 @@ def _unreadable(path: str) -> str | None:
         with Image.open(path) as im:
             im.verify()
         with Image.open(path) as im:
-            if im.format == "PNG" and im.mode not in HIGH_DEPTH_INTEGER + HIGH_DEPTH_FLOAT:
-                _check_convertible(im.mode)
-                return None
             if im.format == "JPEG":
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
             rgb_image(im).load()
     except Exception as e:  # PIL raises many types for broken files
         return f"{type(e).__name__}: {e}"
     return None
-
-
-def _check_convertible(mode: str) -> None:
-    """``ValueError`` when an image of ``mode`` cannot become RGB (`rgb_image` on a 1x1 image of it)."""
-    from PIL import Image
-
-    rgb_image(Image.new(mode, (1, 1)))
 
 
 class ImageFolderImages(LabelledImages):
