@@ -40,8 +40,8 @@ def _save_png(image: np.ndarray, path: str, scale: int = 1) -> None:
 def unique_stems(names) -> list[str]:
     """One file-name stem per image path, unique among ``names``: the base name without its extension,
     with as many parent folders as it takes to tell two files apart (``cat/0.png``, ``dog/0.png`` ->
-    ``cat_0``, ``dog_0``), and ``_2``, ``_3``... (the first not the stem of another file) for one file given again (or two that differ only in
-    their extension)."""
+    ``cat_0``, ``dog_0``), and ``_2``, ``_3``... (the first not the stem of another file) for one file given
+    again (or two that differ only in their extension)."""
     def key(name) -> str:
         return os.path.splitext(os.path.normpath(os.path.abspath(str(name))))[0]
 

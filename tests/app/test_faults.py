@@ -406,7 +406,8 @@ def test_the_free_space_message_adds_up(tmp_path, monkeypatch):
     needed = {"checkpoint.pt": 3 * MIB, "adapter": 2 * MIB, "metrics": MIB}
     with pytest.raises(DiskFull) as empty:
         check_free_space(str(tmp_path), needed)
-    assert "needs about 9.0 MiB (checkpoint.pt 3.0 + adapter 2.0 + metrics 1.0 + 3.0 for the largest" in str(empty.value)
+    assert ("needs about 9.0 MiB (checkpoint.pt 3.0 + adapter 2.0 + metrics 1.0 + 3.0 for the largest"
+            in str(empty.value))
     (tmp_path / "checkpoint.pt").write_bytes(b"x" * (2 * MIB))  # replaced: its space comes back
     with pytest.raises(DiskFull) as replacing:
         check_free_space(str(tmp_path), needed)

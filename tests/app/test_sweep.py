@@ -338,7 +338,8 @@ def test_a_sweep_folder_written_before_with_amp_bf16_is_resumed_not_refused(tmp_
     os.remove(out / "final" / "eval.json")  # made again from the old final checkpoint, which resumes
     capsys.readouterr()
     assert main([*sweep, "--amp", "bf16"]) == 0 and len(calls) == 1
-    assert "was written by an older gift that did not record train_data, train_content, warmup, amp" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "was written by an older gift that did not record train_data, train_content, warmup, amp" in said
     after = json.load(open(out / "final" / "eval.json"))
     assert after["top1"] == before["top1"] and after["lr"] == before["lr"]
     capsys.readouterr()
