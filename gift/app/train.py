@@ -494,6 +494,13 @@ def train_one_epoch(run: Run, epoch: int, first_step: int = 0) -> None:
         bar.set_postfix(loss=f"{loss_sum / len(y):.3f}")
 
 
+def data_parallel_of(module: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The `DistributedDataParallel` that ``module`` is, or that ``torch.compile`` wrapped into ``module``; else None
+    (its ``no_sync()`` is what skips the gradient all-reduce of a micro-batch)."""
+    module = getattr(module, "_orig_mod", module)
+    return module if isinstance(module, nn.parallel.DistributedDataParallel) else None
+
+
 def accumulate_gradients(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
     """Forward and backward of one optimizer step's batch ``(x (B, 3, H, W), y (B,))`` of this process, as
     ``run.grad_accum_steps`` micro-batches (GIFT: inside `FastGIFT.accumulate`, one generator pass for all;
@@ -503,10 +510,10 @@ def accumulate_gradients(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
     k = run.grad_accum_steps
     accumulating = run.gift_model.accumulate(k) if run.gift_model is not None and k > 1 else contextlib.nullcontext()
     total = torch.zeros((), dtype=torch.float64, device=x.device)
+    ddp = data_parallel_of(run.train_module)
     with accumulating:
         for i, (xb, yb) in enumerate(zip(x.tensor_split(k), y.tensor_split(k))):
-            unsynced = i < k - 1 and isinstance(run.train_module, nn.parallel.DistributedDataParallel)
-            with run.train_module.no_sync() if unsynced else contextlib.nullcontext():
+            with ddp.no_sync() if ddp is not None and i < k - 1 else contextlib.nullcontext():
                 with autocast_for(run.d.device, run.cfg.amp):
                     losses = F.cross_entropy(run.train_module(xb).float(), yb, reduction="none")
                 loss = losses.sum() / len(y)

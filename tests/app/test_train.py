@@ -67,3 +67,19 @@ def test_existing_runs_are_kept_unless_asked_and_resume_extends_a_finished_run(t
     capsys.readouterr()
     assert main(["finetune", *TINY, "--epochs", "2", "--output", out, "--resume"]) == 0  # fewer, not done yet
     assert "shortening the run from 3 to 2 epochs" in capsys.readouterr().out
+
+
+def test_accumulation_skips_the_all_reduce_of_a_compiled_data_parallel_module(tmp_path):
+    """``--compile`` wraps the DDP module: its micro-batches but the last still run under DDP's ``no_sync()``."""
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    from gift.app.train import data_parallel_of
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(nn.Linear(3, 2))
+        assert data_parallel_of(ddp) is ddp and data_parallel_of(torch.compile(ddp)) is ddp  # compiles lazily
+        assert data_parallel_of(torch.compile(nn.Linear(3, 2))) is None and data_parallel_of(nn.Linear(3, 2)) is None
+    finally:
+        dist.destroy_process_group()
