@@ -153,17 +153,26 @@ class Provider:
         """Run a compiled provider's first step (where torch.compile compiles), before any timed one; its
         seconds are kept in ``compile_s``, a column of their own, never in a step's time. The trained weights and the
         optimizer are put back as they were, so that the provider still holds the weights the others hold."""
-        trained = [p for p in self.model.parameters() if p.requires_grad]
-        kept = [p.detach().clone() for p in trained]
+        restore = self.snapshot()
         start = time.perf_counter()
         self.step(x, y, dtype)
         sync()
         self.compile_s = time.perf_counter() - start
-        with torch.no_grad():
-            for p, k in zip(trained, kept):
-                p.copy_(k)
-        self.optimizer.state.clear()
+        restore()
         return self.compile_s
+
+    def snapshot(self) -> Callable[[], None]:
+        """A function that puts the trained weights back as they are now and empties the optimizer's state."""
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        kept = [p.detach().clone() for p in trained]
+
+        def restore() -> None:
+            with torch.no_grad():
+                for p, k in zip(trained, kept):
+                    p.copy_(k)
+            self.optimizer.state.clear()
+
+        return restore
 
     def step(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None,
              micro_batches: int = 1) -> torch.Tensor:
@@ -224,9 +233,10 @@ def first_target_module(backbone: nn.Module, target_modules: tuple[str, ...]) ->
 
 
 def _restart_backward_here(module: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook of the floor: the layer's input becomes a fresh leaf that needs a gradient, so
-    backward runs down to this input and nothing below it (as for an adapter at this layer)."""
-    return (args[0].detach().requires_grad_(True), *args[1:])
+    """Forward pre-hook of the floor: the layer's input plus a zero scalar that needs a gradient (and that no
+    optimizer steps), so backward runs down to this input and nothing below it, as for an adapter at this layer.
+    (Not a fresh leaf of the input: ``requires_grad_`` on an intermediate breaks a ``torch.compile`` graph.)"""
+    return (args[0] + module.floor_gate.to(args[0].dtype), *args[1:])
 
 
 class _MergedLinearForward:
@@ -261,8 +271,11 @@ def build_provider(name: str, backbone: nn.Module, rank: int, gift_state: dict |
     config = gift_config(rank)
     if name == "floor":
         freeze_all_but_classifier(backbone)
-        first_target_module(backbone, config.target_modules).register_forward_pre_hook(_restart_backward_here)
-        return Provider(name, backbone, torch.optim.AdamW(_trainable(backbone), lr=1e-4))
+        optimizer = torch.optim.AdamW(_trainable(backbone), lr=1e-4)
+        first = first_target_module(backbone, config.target_modules)
+        first.floor_gate = nn.Parameter(torch.zeros((), device=first.weight.device))
+        first.register_forward_pre_hook(_restart_backward_here)
+        return Provider(name, backbone, optimizer)
     if name == "lora":
         model = lora_model(backbone, rank, config.target_modules)
         return Provider(name, model, torch.optim.AdamW(_trainable(model), lr=1e-4))
