@@ -391,6 +391,20 @@ def residual_triton_unsupported(M: int, K: int, N: int, R: int) -> str | None:
     return None
 
 
+def paca_triton_index_unsupported(L: int, N: int, r: int, heads: int) -> str | None:
+    """Why the Triton PaCa kernels refuse tokens (L, N, r) with ``heads`` heads (None: they take them): a tensor of
+    ``INDEX_LIMIT`` (2^31) elements or more (the tokens, or the backward's per-head (L h, N, r) buffer), or one
+    layer's ``N x r`` past the 32-bit offsets the kernels use inside a layer."""
+    sizes = {"one layer's tokens (N x r)": N * r, "the tokens (L x N x r)": L * N * r,
+             "the backward's per-head buffer (L x heads x N x r)": L * heads * N * r}
+    big = {k: v for k, v in sizes.items() if v >= INDEX_LIMIT}
+    if big:
+        name, size = max(big.items(), key=lambda kv: kv[1])
+        return (f"the Triton PaCa kernels take tensors of fewer than 2^31 elements, and {name} has {size} "
+                f"(L {L}, N {N}, r {r}, heads {heads}); split the layers or tokens into smaller calls")
+    return None
+
+
 def residual_launch(M: int, N: int, K: int, R: int, dtype: torch.dtype, props: DeviceProps) -> ResidualLaunch:
     if props.interpreter:
         return ResidualLaunch(INTERPRETER_BLOCK, INTERPRETER_BLOCK, INTERPRETER_BLOCK, RESIDUAL_BLOCK_R, 4, 1, 1)
