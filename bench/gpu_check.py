@@ -13,7 +13,10 @@ and pytest-benchmark.
    its blocks); then the ViT-H bench rows (bf16, into OUT_DIR/bench).
 
 Every step has a timeout and the whole run a deadline (`DEADLINE_S`): a step that fails, times out or finds no
-time left is recorded and the next one runs. Everything lands in OUT_DIR/summary.json (one record per step:
+time left is recorded and the next one runs. The sanitizer runs are ``reserved``: their timeouts are kept back
+from the steps before them, so that they run inside the deadline even if every earlier step times out. A pytest
+step whose selected tests all skip is recorded as "skipped".
+Everything lands in OUT_DIR/summary.json (one record per step:
 command, status, return code, seconds, pytest counts, the log's tail; the device, versions and auto's verdicts),
 with kernels.json (the verdicts), bench/ (the bench's results) and logs.tar.gz (every log and junit file) beside
 it: few files, as a lent machine hands back at most 8. ``--dry-run`` prints the plan and runs nothing;
@@ -54,6 +57,7 @@ class Step:
     warm: bool | list[str] = True
     main: bool = True
     needs: str | None = None     # an executable that must exist, else the step is skipped
+    reserved: bool = False       # its timeout is kept back from every earlier step: it runs even if they time out
 
     def warm_argv(self) -> list[str] | None:
         return None if self.warm is False else (list(self.argv) if self.warm is True else list(self.warm))
@@ -81,10 +85,11 @@ def plan(out: Path) -> list[Step]:
         Step("dispatch_verdicts_vit_h", [*cases, "verdicts", str(out)], 150,
              warm=[*cases, "verdicts", str(out / "scratch" / "warm-verdicts")]),
         _pytest("fast_gift_triton_vs_reference", 90, "tests/model/test_gpu.py"),
+        # reserved: their timeouts (which fit the window after a full warm-up) are kept back from the steps above
         Step("memcheck", [sanitizer, "--tool", "memcheck", "--error-exitcode", "9", "--print-limit", "20",
-                          *cases, "sanitize"], 120, env=no_caching, warm=False, needs=sanitizer),
+                          *cases, "sanitize"], 90, env=no_caching, warm=False, needs=sanitizer, reserved=True),
         Step("racecheck", [sanitizer, "--tool", "racecheck", "--error-exitcode", "9", "--print-limit", "20",
-                           *cases, "sanitize"], 150, env=no_caching, warm=False, needs=sanitizer),
+                           *cases, "sanitize"], 120, env=no_caching, warm=False, needs=sanitizer, reserved=True),
         _pytest("bench_vit_h_bf16", 200, *bench, "--bench-out", str(out / "bench"),
                 env={"GIFT_BENCH_MODELS": "vit_huge_patch14_224:8"},
                 warm=[*pytest, *bench, "--bench-rounds", "1", "--bench-out", str(out / "scratch" / "warm-bench")]),
@@ -128,9 +133,14 @@ def _tail(path: Path) -> str:
 
 
 def _record(step: Step, argv: list[str], status: str, rc, seconds: float, log: Path, junit: Path | None) -> dict:
-    return {"name": step.name, "command": shlex.join(argv), "timeout_s": step.timeout_s, "status": status, "rc": rc,
-            "seconds": round(seconds, 1), "log": str(log.name), "tail": _tail(log),
-            "pytest": _pytest_counts(junit) if junit else None}
+    """One step's record; a pytest step that passed with every selected test skipped is "skipped": it checked
+    nothing."""
+    counts = _pytest_counts(junit) if junit else None
+    record = {"name": step.name, "command": shlex.join(argv), "timeout_s": step.timeout_s, "status": status, "rc": rc,
+              "seconds": round(seconds, 1), "log": str(log.name), "tail": _tail(log), "pytest": counts}
+    if status == "passed" and counts and counts["skipped"] >= counts["tests"]:
+        record |= {"status": "skipped", "why": f"all {counts['tests']} selected tests skipped"}
+    return record
 
 
 def _status(rc) -> str:
@@ -208,8 +218,10 @@ def run(steps: list[Step], out: Path, deadline_s: float = DEADLINE_S, warm_s: fl
                "device": device if device is not None else _device()}
     summary["warm_up"] = warm_up(steps, out, min(warm_s, deadline_s / 2)) if warm_s > 0 else []
     summary["steps"] = []
-    for step in (s for s in steps if s.main):
-        left = deadline_s - RESERVE_S - (time.monotonic() - start)
+    main = [s for s in steps if s.main]
+    for i, step in enumerate(main):
+        kept_back = sum(s.timeout_s for s in main[i + 1:] if s.reserved)    # for the reserved steps still to come
+        left = deadline_s - RESERVE_S - kept_back - (time.monotonic() - start)
         summary["steps"].append(run_step(step, out, left))
         _write(out, summary)
     verdicts = out / "kernels.json"
@@ -240,7 +252,7 @@ def dry_run(steps: list[Step], out: Path) -> None:
         print(f"{phase}:")
         for step, argv in chosen:
             env = " ".join(f"{k}={v}" for k, v in step.env.items())
-            needs = f"; needs {step.needs}" if step.needs else ""
+            needs = (f"; needs {step.needs}" if step.needs else "") + ("; reserved" if step.reserved else "")
             print(f"  {step.name} [timeout {step.timeout_s} s{needs}]: {env + ' ' if env else ''}{shlex.join(argv)}")
 
 

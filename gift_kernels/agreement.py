@@ -54,8 +54,9 @@ PaCa's d_q_w it is 10-40% off, and twice that lets any 1% error through.)
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Collection, Mapping, Sequence
+from typing import Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +159,18 @@ def assert_agree(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torc
     bad = disagreements(actual, expected, dtype, baseline, zero_by_construction, baseline_factor, floors)
     if bad:
         raise AssertionError(f"{len(bad)} of {len(expected)} tensors disagree in {dtype}:\n  " + "\n  ".join(bad))
+
+
+@contextlib.contextmanager
+def full_precision_matmul() -> Iterator[None]:
+    """Within the block, fp32 matmuls of torch run in IEEE fp32 (``torch.set_float32_matmul_precision("highest")``:
+    no TF32 on CUDA, whose error would widen a baseline's slack ~1000x); the caller's setting is restored after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def rounded_to(inputs: Sequence[torch.Tensor | None], dtype: torch.dtype) -> list[torch.Tensor | None]:

@@ -378,17 +378,32 @@ class ResidualLaunch:
 INDEX_LIMIT = 2 ** 31            # elements: a tensor this large or larger is not handed to the Triton kernels
 
 
+def _index_limit_reason(kernels: str, sizes: dict[str, int], shape: str) -> str | None:
+    """The refusal naming the largest of ``sizes`` (elements by tensor name) at ``INDEX_LIMIT`` or more, else None."""
+    big = {k: v for k, v in sizes.items() if v >= INDEX_LIMIT}
+    if not big:
+        return None
+    name, size = max(big.items(), key=lambda kv: kv[1])
+    return f"the Triton {kernels} take{'s' if kernels.endswith('GEMM') else ''} tensors of fewer than 2^31 " \
+           f"elements, and {name} has {size} ({shape})"
+
+
 def residual_triton_unsupported(M: int, K: int, N: int, R: int) -> str | None:
     """Why the Triton residual GEMM ``(M, K) @ (K, N) + (M, R) @ (N, R)^T`` refuses these sizes (None: it takes
     them): an operand or the output of ``INDEX_LIMIT`` (2^31) elements or more. Its offsets are 64-bit, but no
     test reaches that size, so such calls take the torch path."""
-    sizes = {"x": M * K, "the output": M * N, "W": K * N, "x psi": M * R}
-    big = {k: v for k, v in sizes.items() if v >= INDEX_LIMIT}
-    if big:
-        name, size = max(big.items(), key=lambda kv: kv[1])
-        return (f"the Triton residual GEMM takes tensors of fewer than 2^31 elements, and {name} has {size} "
-                f"({M} rows, d_in {K}, d_out {N}, r {R})")
-    return None
+    return _index_limit_reason("residual GEMM", {"x": M * K, "the output": M * N, "W": K * N, "x psi": M * R},
+                               f"{M} rows, d_in {K}, d_out {N}, r {R}")
+
+
+def paca_triton_index_unsupported(L: int, N: int, r: int, heads: int) -> str | None:
+    """Why the Triton PaCa kernels refuse tokens (L, N, r) with ``heads`` heads (None: they take them): a tensor of
+    ``INDEX_LIMIT`` (2^31) elements or more (the tokens, or the backward's per-head (L h, N, r) buffer), or one
+    layer's ``N x r`` past the 32-bit offsets the kernels use inside a layer."""
+    sizes = {"one layer's tokens (N x r)": N * r, "the tokens (L x N x r)": L * N * r,
+             "the backward's per-head buffer (L x heads x N x r)": L * heads * N * r}
+    reason = _index_limit_reason("PaCa kernels", sizes, f"L {L}, N {N}, r {r}, heads {heads}")
+    return reason and reason + "; split the layers or tokens into smaller calls"
 
 
 def residual_launch(M: int, N: int, K: int, R: int, dtype: torch.dtype, props: DeviceProps) -> ResidualLaunch:

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .agreement import disagreements, paca_error_floors, paca_own_work, paca_zero_gradients
+from .agreement import disagreements, full_precision_matmul, paca_error_floors, paca_own_work, paca_zero_gradients
 from .dispatch import resolve_backend, verified_choice
-from .launch import device_props, paca_triton_unsupported
+from .launch import device_props, paca_triton_index_unsupported, paca_triton_unsupported
 from .paca_math import EPS, PacaParams, cluster_side, cluster_side_backward, l2, l2_backward
 
 
@@ -105,13 +105,14 @@ def first_use_check(t: torch.Tensor, params: PacaParams, num_heads: int, activat
     """None if the Triton kernels agree with the torch path on these inputs, forward and backward (a seeded random
     output gradient); else how they disagree. The rule is the tests': the Triton results against the float64 torch
     path, the fp32 torch path rounded to t's dtype as the baseline, own work and rounding floors included
-    (`agreement`). An exception of the Triton kernels propagates (`dispatch.verified_choice` reports it)."""
+    (`agreement`), torch's fp32 matmuls at full precision (`agreement.full_precision_matmul`). An exception of the
+    Triton kernels propagates (`dispatch.verified_choice` reports it)."""
     from .paca_triton import PacaAttentionTriton  # Triton is optional: imported once it is to be checked
 
     dtype = t.dtype
     gen = torch.Generator(t.device).manual_seed(0)
     grad = torch.randn(t.shape, generator=gen, device=t.device, dtype=torch.float32).to(dtype)
-    with torch.autocast(t.device.type, enabled=False):
+    with torch.autocast(t.device.type, enabled=False), full_precision_matmul():
         got = _outputs_and_grads(PacaAttentionTriton.apply, t, params, num_heads, activation, grad, dtype)
         exact = _outputs_and_grads(PacaAttentionTorch.apply, t, params, num_heads, activation, grad, torch.float64)
         baseline = {k: v.to(dtype) for k, v in _outputs_and_grads(PacaAttentionTorch.apply, t, params, num_heads,
@@ -149,7 +150,8 @@ def paca_attention(t: torch.Tensor, params: PacaParams, num_heads: int, activati
     dtypes = {t.dtype} | {p.dtype for p in params}
     if len(dtypes) != 1:
         raise TypeError(f"paca_attention needs one dtype for tokens and parameters, got {sorted(map(str, dtypes))}.")
-    unsupported = paca_triton_unsupported(params.cluster_w.shape[0], t.shape[-1], t.dtype, device_props(t.device))
+    unsupported = (paca_triton_index_unsupported(*t.shape, num_heads)
+                   or paca_triton_unsupported(params.cluster_w.shape[0], t.shape[-1], t.dtype, device_props(t.device)))
     auto = functools.partial(_verified_backend, t, params, num_heads, activation)
     if resolve_backend(t.device, t.dtype, backend, "paca_attention", unsupported, auto=auto) == "triton":
         from .paca_triton import PacaAttentionTriton  # imported once chosen: Triton is optional

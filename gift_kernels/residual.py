@@ -14,16 +14,17 @@ its first use per shape bucket, dtype and device against the float64 torch path,
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .agreement import disagreements, residual_error_floors, residual_own_work
+from .agreement import disagreements, full_precision_matmul, residual_error_floors, residual_own_work
 from .dispatch import resolve_backend, verified_choice
-from .launch import residual_triton_unsupported
+from .launch import device_props, residual_launch, residual_triton_unsupported
 
-FIRST_USE_ROWS = 4096  # rows of x the first-use check compares on (the tiles do not depend on the row count)
+FIRST_USE_ROWS = 4096  # rows of x the first-use check compares on at least, if the call has them (plus rows % BLOCK_M)
 
 
 def lowrank_residual_linear_reference(x, weight, bias, psi, tokens):
@@ -80,19 +81,47 @@ def _outputs_and_grads(matmul_lowrank, x, weight, bias, psi, tokens, grad, dtype
     return {"output": out.detach(), "dx": dx, "dpsi": dpsi, "dT": dt}
 
 
+def first_use_rows(rows: int, block_m: int) -> int:
+    """How many of a call's ``rows`` the first-use check compares on: all of them up to ``FIRST_USE_ROWS +
+    block_m``, else ``FIRST_USE_ROWS`` plus ``rows % block_m``, so that the check runs the kernel's specialisation of
+    the call (``EVEN_M``: whether the last row tile is masked, and the same partial tile)."""
+    if rows <= FIRST_USE_ROWS + block_m:
+        return rows
+    return FIRST_USE_ROWS - FIRST_USE_ROWS % block_m + rows % block_m
+
+
+def first_use_operands(x, weight, psi, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random ``(psi, T)`` of the call's shapes, dtypes and device for the first-use check, scaled so that the
+    low-rank term ``(x psi) T^T`` is as large as ``x W^T``: the call's own psi is zero at the start of GIFT training
+    (and T may be too), and a check on those would see nothing of the kernel's low-rank work."""
+    gen = torch.Generator(x.device).manual_seed(1)
+    d_out, d_in, r = weight.shape[0], weight.shape[1], psi.shape[1]
+    w_scale = weight.detach().float().std().item() if weight.numel() > 1 else 0.0
+    w_scale = w_scale if math.isfinite(w_scale) and w_scale > 0 else 1.0
+    rand_psi = torch.randn(d_in, r, generator=gen, device=x.device) / math.sqrt(d_in)
+    rand_tokens = torch.randn(d_out, r, generator=gen, device=x.device) * (w_scale * math.sqrt(d_in / r))
+    return rand_psi.to(psi.dtype), rand_tokens.to(tokens.dtype)
+
+
 def first_use_check(x, weight, bias, psi, tokens) -> str | None:
-    """None if the Triton GEMM agrees with the torch path on the first `FIRST_USE_ROWS` rows of x, forward and
-    backward (a seeded random output gradient); else how they disagree. The rule is the tests': the Triton
-    results against the float64 torch path, the fp32 one rounded to each result's dtype as the baseline, own work
-    and rounding floors included (`agreement`). An exception of the kernel propagates (`dispatch.verified_choice`
-    reports it)."""
+    """None if the Triton GEMM agrees with the torch path, forward and backward (a seeded random output gradient),
+    on `first_use_rows` of x's rows with seeded random psi and T (`first_use_operands`): inputs on which every term
+    of the kernel shows, whatever the call's values, with the call's shapes (its ``rows % BLOCK_M``), dtypes and
+    device; else how they disagree. The rule is the tests': the Triton results against the float64 torch path, the
+    fp32 one rounded to each result's dtype as the baseline, own work and rounding floors included (`agreement`),
+    all with torch's fp32 matmuls at full precision (`agreement.full_precision_matmul`). An exception of the kernel
+    propagates (`dispatch.verified_choice` reports it)."""
     from .residual_triton import matmul_lowrank_epilogue  # Triton is optional: imported once it is to be checked
 
-    x = x.detach().reshape(-1, x.shape[-1])[:FIRST_USE_ROWS]
+    x = x.detach().reshape(-1, x.shape[-1])
+    block_m = residual_launch(x.shape[0], weight.shape[0], x.shape[1], psi.shape[1], x.dtype,
+                              device_props(x.device)).block_m
+    x = x[:first_use_rows(x.shape[0], block_m)]
+    psi, tokens = first_use_operands(x, weight, psi, tokens)
     gen = torch.Generator(x.device).manual_seed(0)
     grad = torch.randn(x.shape[0], weight.shape[0], generator=gen, device=x.device, dtype=torch.float32).to(x.dtype)
     inputs = (x, weight, bias, psi, tokens, grad)
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False), full_precision_matmul():
         got = _outputs_and_grads(matmul_lowrank_epilogue, *inputs, None)
         exact = _outputs_and_grads(matmul_lowrank_torch, *inputs, torch.float64)
         baseline = {k: v.to(got[k].dtype) for k, v in
@@ -117,12 +146,14 @@ def _timed_candidates(x, weight, bias, psi, tokens) -> dict:
 
 def _verified_backend(x, weight, bias, psi, tokens) -> str:
     """What ``auto`` runs where Triton may: the verdict of `dispatch.verified_choice` (`first_use_check`, then the
-    faster of the two forward GEMMs) per shape bucket (rows rounded up to a power of two), dtypes and bias; fp32
-    also by ``torch.get_float32_matmul_precision()``, which sets cuBLAS's speed. The key is built from shapes
-    alone: nothing is computed before the lookup."""
-    rows = 1 << max(0, x.numel() // x.shape[-1] - 1).bit_length()
-    key = (f"rows<={rows} d_in={x.shape[-1]} d_out={weight.shape[0]} r={psi.shape[1]} {x.dtype} gift={psi.dtype} "
-           f"bias={bias is not None}")
+    faster of the two forward GEMMs) per shape bucket (rows rounded up to a power of two, and whether they fill
+    whole row tiles: ``EVEN_M``, the kernel's specialisation the check runs), dtypes and bias; fp32 also by
+    ``torch.get_float32_matmul_precision()``, which sets cuBLAS's speed. The key is built from shapes alone:
+    nothing is computed before the lookup."""
+    rows = x.numel() // x.shape[-1]
+    block_m = residual_launch(rows, weight.shape[0], x.shape[-1], psi.shape[1], x.dtype, device_props(x.device)).block_m
+    key = (f"rows<={1 << max(0, rows - 1).bit_length()} d_in={x.shape[-1]} d_out={weight.shape[0]} r={psi.shape[1]} "
+           f"{x.dtype} gift={psi.dtype} bias={bias is not None} even_m={rows % block_m == 0}")
     if x.dtype == torch.float32:
         key += f" matmul={torch.get_float32_matmul_precision()}"
     args = (x, weight, bias, psi, tokens)

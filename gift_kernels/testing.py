@@ -43,15 +43,20 @@ from .residual import lowrank_residual_linear, lowrank_residual_linear_reference
 SHARP_QK_GAIN = 8.0  # `paca_case(sharp=True)`: query and key weights near this times the identity
 
 
-def paca_case(shape, seed: int = 0, sharp: bool = False):
+def paca_case(shape, seed: int = 0, sharp: bool = False, head_offset: float = 0.0):
     """Random float64 inputs for `paca_attention` at ``shape = (L, N, M, r, heads)``:
     ``(t (L, N, r), params (list of the 10 PacaParams fields), grad (L, N, r))``.
 
     ``sharp``: tokens near M random directions, a sigmoid assignment (weights 8 x the directions, bias -4) that
     picks each direction's tokens out, query and key weights near ``SHARP_QK_GAIN`` x the identity and no value
     or output bias: every token attends mostly to its own cluster, so the output and gradients depend on the
-    attention probabilities themselves, not on their near-uniform mean (the default case's)."""
-    L, N, M, r, _ = shape
+    attention probabilities themselves, not on their near-uniform mean (the default case's).
+
+    ``head_offset`` (needs 2+ heads): head 1's logits shifted by about this much for every cluster (its first query
+    and key coordinate get bias ``c`` with ``scale c^2 = head_offset`` and that key row no weights), so its
+    probabilities stay as they are and its log-sum-exp lies ``head_offset`` above head 0's: ``exp(logits - lse)``
+    with another head's lse over- or underflows in fp32 past ~88."""
+    L, N, M, r, heads = shape
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*s, scale=1.0):
@@ -69,6 +74,13 @@ def paca_case(shape, seed: int = 0, sharp: bool = False):
         for i in (2, 4):                                                          # q_w, k_w
             params[i] = SHARP_QK_GAIN * torch.eye(r, dtype=torch.float64) + rnd(r, r, scale=0.1 * r ** -0.5)
         params[7], params[9] = torch.zeros(r, dtype=torch.float64), torch.zeros(r, dtype=torch.float64)
+    if head_offset:
+        if heads < 2:
+            raise ValueError(f"paca_case: head_offset shifts head 1's logits and needs 2+ heads, got {heads}.")
+        first = r // heads                                                    # head 1's first coordinate
+        c = (head_offset * math.sqrt(r // heads)) ** 0.5
+        params[3][first], params[5][first] = c, c                             # q_b, k_b
+        params[4][first] = 0.0                                                # k_w's row: keys' coordinate is c
     return t, params, rnd(L, N, r)
 
 
@@ -110,18 +122,18 @@ def paca_saved_state_reference(t, p: PacaParams, heads: int, activation: str = "
 
 
 def check_paca_saved_state(shape, dtype: torch.dtype, activation: str = "sigmoid", seed: int = 0, device="cpu",
-                           sharp: bool = False) -> dict[str, torch.Tensor]:
+                           sharp: bool = False, head_offset: float = 0.0) -> dict[str, torch.Tensor]:
     """The Triton PaCa forward's saved state (`PACA_SAVED_STATE`; fp32 whatever ``dtype``) on the inputs of
-    ``paca_case(shape, seed, sharp)`` against `paca_saved_state_reference` in float64 on the inputs as ``dtype``
-    sees them, with the fp32 reference as the baseline, every tensor at its own scale. The log-sum-exps are also
-    compared less ``log M`` (``lse_minus_log_m``; ``lse_c_minus_log_n``): ``log M`` is most of their size when the
-    attention is near uniform, and the rest is the kernel's work. Their floor is the rounding of the logits'
-    operands in ``dtype`` (``2 x storage_unit(dtype) x max(|U| |Kq|^T + |cq|)``, which bounds the error of a
-    log-sum-exp of them) plus its fp32 accumulation. Raises ``AssertionError`` on disagreement; returns the state.
-    Needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)."""
+    ``paca_case(shape, seed, sharp, head_offset)`` against `paca_saved_state_reference` in float64 on the inputs as
+    ``dtype`` sees them, with the fp32 reference as the baseline, every tensor at its own scale. The log-sum-exps are
+    also compared less ``log M`` (``lse_minus_log_m``; ``lse_c_minus_log_n``): ``log M`` is most of their size when the
+    attention is near uniform, and the rest is the kernel's work. Their floor is the rounding of the logits' operands in
+    ``dtype`` (``2 x storage_unit(dtype) x max(|U| |Kq|^T + |cq|)``, which bounds the error of a log-sum-exp of them)
+    plus its fp32 accumulation. Raises ``AssertionError`` on disagreement; returns the state. Needs Triton (CUDA, or
+    TRITON_INTERPRET=1 on CPU)."""
     from .paca_triton import paca_triton_forward  # Triton is optional: imported when this check runs
 
-    t, params, _ = paca_case(shape, seed, sharp)
+    t, params, _ = paca_case(shape, seed, sharp, head_offset)
     L, N, M, r, heads = shape
     rounded = rounded_to([t, *params], dtype)
     p = PacaParams(*rounded[1:])
@@ -203,12 +215,12 @@ class Agreement:
 
 
 def paca_agreement(shape, dtype: torch.dtype, backend: str, activation: str = "sigmoid", seed: int = 0,
-                   device="cpu", sharp: bool = False) -> Agreement:
-    """`paca_attention` on ``paca_case(shape, seed, sharp)`` (``shape = (L, N, M, r, heads)``) in ``dtype`` on
-    ``backend``/``device`` against the float64 reference (`exact_and_baseline`: rounded inputs, fp32 baseline),
-    every tensor and PaCa's own work (`paca_own_work`) at its own scale, with the rounding floors of
+                   device="cpu", sharp: bool = False, head_offset: float = 0.0) -> Agreement:
+    """`paca_attention` on ``paca_case(shape, seed, sharp, head_offset)`` (``shape = (L, N, M, r, heads)``) in
+    ``dtype`` on ``backend``/``device`` against the float64 reference (`exact_and_baseline`: rounded inputs, fp32
+    baseline), every tensor and PaCa's own work (`paca_own_work`) at its own scale, with the rounding floors of
     `paca_error_floors`."""
-    t, params, grad = paca_case(shape, seed, sharp)
+    t, params, grad = paca_case(shape, seed, sharp, head_offset)
     heads = shape[4]
 
     def run(inputs, run_dtype, run_backend="reference", run_device="cpu"):
@@ -247,11 +259,11 @@ def residual_agreement(shape, dtype: torch.dtype, backend: str, bias: bool = Tru
 
 
 def check_paca(shape, dtype: torch.dtype, backend: str, activation: str = "sigmoid", seed: int = 0,
-               device="cpu", sharp: bool = False
+               device="cpu", sharp: bool = False, head_offset: float = 0.0
                ) -> tuple[dict[str, torch.Tensor], Callable[[], dict[str, torch.Tensor]]]:
     """`paca_agreement`, raising ``AssertionError`` on disagreement; returns the results and a function that reruns
     the op (both without the own-work keys)."""
-    agreement = paca_agreement(shape, dtype, backend, activation, seed, device, sharp)
+    agreement = paca_agreement(shape, dtype, backend, activation, seed, device, sharp, head_offset)
     agreement.raise_if_bad(dtype)
     return agreement.got, agreement.rerun
 

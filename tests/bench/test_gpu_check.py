@@ -34,6 +34,11 @@ def test_the_plan_fits_the_window():
     steps = gpu_check.plan(Path("/tmp/out"))
     assert gpu_check.DEADLINE_S < 8 * 60 and gpu_check.WARM_S <= gpu_check.DEADLINE_S / 2
     assert all(0 < s.timeout_s < gpu_check.DEADLINE_S for s in steps)
+    # the sanitizers run inside the window even after a full warm-up and every earlier step timing out
+    reserved = [s for s in steps if s.main and s.reserved]
+    assert {s.name for s in reserved} == {"memcheck", "racecheck"}
+    warm_at_most = min(gpu_check.WARM_S, gpu_check.DEADLINE_S / 2)
+    assert sum(s.timeout_s for s in reserved) <= gpu_check.DEADLINE_S - warm_at_most - gpu_check.RESERVE_S
     assert {s.name for s in steps if s.main} - {s.name for s in steps if s.warm_argv() is not None} == \
         {"memcheck", "racecheck"}
 
@@ -79,3 +84,24 @@ def test_steps_past_the_deadline_are_skipped_and_recorded(tmp_path):
     assert summary["status"] == {"passes": "skipped", "fails": "skipped"}
     assert all(s["why"] == "no time left before the deadline" for s in summary["steps"])
     assert (out / "logs" / "passes.log").exists()
+
+
+def test_a_reserved_step_runs_after_earlier_steps_time_out(tmp_path):
+    py = sys.executable
+    steps = [gpu_check.Step("hangs", [py, "-c", "import time; time.sleep(120)"], 100, warm=False),
+             gpu_check.Step("reserved", [py, "-c", "print('ran')"], 10, warm=False, reserved=True)]
+    deadline = gpu_check.RESERVE_S + 10 + 8           # 8 s for the hanging step, 10 kept back for the reserved one
+    summary = gpu_check.run(steps, tmp_path / "out", deadline_s=deadline, warm_s=0, device={"device": "none"})
+    assert summary["status"] == {"hangs": "timed_out", "reserved": "passed"}
+    assert summary["steps"][0]["seconds"] < 10
+
+
+def test_a_pytest_step_whose_tests_all_skip_is_skipped(tmp_path):
+    test_file = tmp_path / "test_skips.py"
+    test_file.write_text("import pytest\n\n\ndef test_a():\n    pytest.skip('no GPU')\n\n\n"
+                         "def test_b():\n    pytest.skip('no GPU')\n")
+    step = gpu_check.Step("all_skip", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file)],
+                          120, pytest=True, warm=False)
+    summary = gpu_check.run([step], tmp_path / "out", deadline_s=200, warm_s=0, device={"device": "none"})
+    record, = summary["steps"]
+    assert (record["status"], record["rc"], record["why"]) == ("skipped", 0, "all 2 selected tests skipped")

@@ -335,7 +335,8 @@ def test_residual_auto_checks_times_and_caches_the_faster_agreeing_backend(auto_
     assert timed == ["matmul_lowrank_torch", "matmul_lowrank_epilogue"]
     (entry, value), = json.loads(dispatch.choices_path().read_text()).items()
     assert entry == (f"{dispatch.device_identity(auto_on)} | lowrank_residual_linear | rows<=64 d_in=24 d_out=40 r=8 "
-                     f"torch.float32 gift=torch.float32 bias=True matmul={torch.get_float32_matmul_precision()} | "
+                     f"torch.float32 gift=torch.float32 bias=True even_m=False "
+                     f"matmul={torch.get_float32_matmul_precision()} | "
                      f"{dispatch.code_version()}")
     assert value == {"backend": "triton", "reason": None, "seconds": {"torch": 5.0, "triton": 4.0}}
     assert _same(got, _residual_call(auto_on, "triton"))
@@ -385,3 +386,86 @@ def test_auto_with_a_failing_kernel_gives_the_torch_path_and_one_warning(auto_on
     torch_path = call(auto_on, "torch")
     assert _same(first, torch_path) and _same(second, torch_path)
     assert list(dispatch._DECIDED.values()) == ["torch"]
+
+
+def _residual_auto_then_torch(device, x, w, b, psi, tokens):
+    """Output and gradients of ``auto`` on the call, and of the torch path, with the warnings auto gave."""
+    def run(backend=None):
+        leaves = [v.detach().to(device, torch.float32).requires_grad_(True) for v in (x, psi, tokens)]
+        out = gift_kernels.lowrank_residual_linear(leaves[0], w.to(device, torch.float32),
+                                                   b.to(device, torch.float32), leaves[1], leaves[2],
+                                                   backend=backend)
+        gen = torch.Generator(device).manual_seed(3)
+        return [out.detach(), *torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=gen,
+                                                                            device=device))]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = run()
+    return got, run("torch"), [c for c in caught if issubclass(c.category, RuntimeWarning)]
+
+
+# the epilogue's low-rank dot at half weight; and the masked store that never writes the last row
+HALF_LOWRANK = Edit("_matmul_lowrank_epilogue", RESIDUAL_DOT, RESIDUAL_DOT.replace("+= ", "+= 0.5 * "))
+MASKED_STORE = "tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))"
+LAST_ROW_UNWRITTEN = Edit("_matmul_lowrank_epilogue", MASKED_STORE,
+                          MASKED_STORE.replace("offs_m[:, None] < M)", "offs_m[:, None] < M - 1)"))
+
+
+def test_residual_first_use_check_sees_the_low_rank_term_when_psi_is_zero(auto_on, monkeypatch):
+    """GIFT starts from psi = 0 (its out-projection is zero-initialised): x psi = 0 hides the epilogue's low-rank
+    work from a check on the call's own operands."""
+    rt = pytest.importorskip("gift_kernels.residual_triton")
+    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer", lambda fn: 1.0)
+    x, w, b, _, tokens, _ = residual_case(RESIDUAL_SHAPE)
+    psi = torch.zeros_like(residual_case(RESIDUAL_SHAPE)[3])
+    with mutated(rt, [HALF_LOWRANK]):
+        got, torch_path, caught = _residual_auto_then_torch(auto_on, x, w, b, psi, tokens)
+        assert list(dispatch._DECIDED.values()) == ["torch"] and len(caught) == 1, [str(c.message) for c in caught]
+        assert "disagrees with the float64 torch path" in str(caught[0].message)
+        assert _same(got, torch_path)
+        psi_later = residual_case(RESIDUAL_SHAPE)[3]      # after an optimizer step: the torch path still
+        got, torch_path, caught = _residual_auto_then_torch(auto_on, x, w, b, psi_later, tokens)
+    assert _same(got, torch_path) and caught == []
+
+
+def test_residual_first_use_check_runs_the_calls_masked_row_tile(auto_on, monkeypatch):
+    """A call whose rows do not fill whole row tiles (and d_in, d_out that do) takes the masked kernel (EVEN_M
+    false) only for them; the check must compare that specialisation, also when the call has more than
+    `residual.FIRST_USE_ROWS` rows."""
+    rt = pytest.importorskip("gift_kernels.residual_triton")
+    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer", lambda fn: 1.0)
+    monkeypatch.setattr(residual, "FIRST_USE_ROWS", 32)       # keeps the interpreter quick; the rule is the same
+    x, w, b, psi, tokens, _ = residual_case((70, 32, 32, 8))  # rows 140 > FIRST_USE_ROWS + BLOCK_M, 140 % 16 != 0
+    with mutated(rt, [LAST_ROW_UNWRITTEN]):
+        got, torch_path, caught = _residual_auto_then_torch(auto_on, x, w, b, psi, tokens)
+    assert list(dispatch._DECIDED.values()) == ["torch"] and len(caught) == 1, [str(c.message) for c in caught]
+    assert _same(got, torch_path)
+
+
+@pytest.mark.parametrize("rows, block_m, checked", [(20, 16, 20), (4096 + 16, 16, 4112), (10_000, 16, 4096),
+                                                    (10_007, 16, 4103), (12_608, 128, 4096 + 12_608 % 128)])
+def test_first_use_rows_keep_the_calls_partial_row_tile(rows, block_m, checked):
+    assert residual.first_use_rows(rows, block_m) == checked
+    assert checked % block_m == rows % block_m and checked <= rows
+
+
+def test_residual_first_use_check_runs_torch_at_full_fp32_precision(auto_on, monkeypatch):
+    """TF32 in the check's fp32 baseline would widen its slack ~1000x: the check runs torch's fp32 matmuls at
+    "highest" and gives the caller's setting back."""
+    seen = []
+    real = residual._outputs_and_grads
+
+    def spy(*args):
+        seen.append(torch.get_float32_matmul_precision())
+        return real(*args)
+
+    monkeypatch.setattr(residual, "_outputs_and_grads", spy)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        x, w, b, psi, tokens, _ = (v.to(auto_on, torch.float32) for v in residual_case(RESIDUAL_SHAPE))
+        assert residual.first_use_check(x, w, b, psi, tokens) is None
+        assert seen == ["highest"] * 3 and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -7,13 +7,14 @@ wrote one block past N before the fix). The ViT-H shape L=32, N=1280, r=64, M=64
 the smaller shape L=9, N=449, M=16, r=16, heads=4 has the same property for 80, 108 and 132 SMs and runs in
 fp32, fp16 and bf16 (the PaCa dots take fp32 operands, so the interpreter runs bf16 faithfully).
 """
+import functools
 import itertools
 
 import pytest
 import torch
 
 import gift_kernels
-from gift_kernels import PacaParams, lowrank_residual_linear, paca_attention
+from gift_kernels import PacaParams, dispatch, lowrank_residual_linear, paca, paca_attention, residual
 from gift_kernels.dispatch import TRITON_DTYPES
 from gift_kernels.launch import (
     ARCH_PROPS,
@@ -26,6 +27,7 @@ from gift_kernels.launch import (
     emulate_device,
     paca_launch,
     paca_shared_bytes,
+    paca_triton_index_unsupported,
     paca_triton_unsupported,
     residual_launch,
     residual_triton_unsupported,
@@ -223,7 +225,23 @@ def test_paca_default_shape_fits_every_compile_checked_gpu_in_every_dtype_and_sm
 # ---------------------------------------------------------------- tensors past 2^31 elements: torch, not Triton
 
 
-def test_residual_guard_refuses_tensors_of_2_31_elements_and_auto_takes_torch():
+def _meta_as_cuda(monkeypatch, op_module) -> list:
+    """Makes ``auto`` treat meta tensors as CUDA ones where Triton may run, with ``op_module._verified_backend``
+    answering "triton" (and recording that it was asked): only an op's own guard can then send a call to torch.
+    Proves itself: an unguarded call reaches that answer."""
+    monkeypatch.setattr(dispatch, "auto_runs_triton_on", lambda device: True)
+    monkeypatch.setattr(dispatch, "_why_not_triton", lambda device, dtype: None)
+    asked = []
+    monkeypatch.setattr(op_module, "_verified_backend", lambda *args: asked.append(args) or "triton")
+    meta = torch.device("meta")
+    auto = functools.partial(op_module._verified_backend, "probe")
+    assert dispatch.resolve_backend(meta, torch.bfloat16, "auto", unsupported=None, auto=auto) == "triton"
+    assert asked == [("probe",)]
+    asked.clear()
+    return asked
+
+
+def test_residual_guard_refuses_tensors_of_2_31_elements_and_auto_takes_torch(monkeypatch):
     """No allocation: the sizes alone (and meta tensors, which hold no memory)."""
     assert residual_triton_unsupported(87_680, 1408, 6144, 64) is None            # ViT-g/14, 518 px, batch 64, fc1
     reason = residual_triton_unsupported(4 * 87_680, 1408, 6144, 64)              # batch 256: the output passes 2^31
@@ -237,9 +255,34 @@ def test_residual_guard_refuses_tensors_of_2_31_elements_and_auto_takes_torch():
     with pytest.raises(RuntimeError, match="triton was asked for, but the Triton residual GEMM takes tensors of fewer "
                                            "than 2\\^31 elements, and the output has 2154823680"):
         lowrank_residual_linear(x, w, b, psi, tokens, backend="triton")
+    asked = _meta_as_cuda(monkeypatch, residual)
     assert lowrank_residual_linear(x, w, b, psi, tokens, backend="auto").shape == (350_720, 6144)   # torch on meta
+    assert asked == []                                      # the guard answered: auto's choice was never asked for
     if gift_kernels.triton_available("cpu"):
         from gift_kernels.residual_triton import matmul_lowrank_epilogue
 
         with pytest.raises(ValueError, match="matmul_lowrank_epilogue: the Triton residual GEMM takes tensors"):
             matmul_lowrank_epilogue(x, w.t(), torch.empty(350_720, 64, **meta), tokens, b)
+
+
+def test_paca_guard_refuses_tensors_of_2_31_elements_and_auto_takes_torch(monkeypatch):
+    """No allocation: the sizes alone, and meta tensors (which hold no memory) through `paca_attention`."""
+    assert paca_triton_index_unsupported(12, 1025, 64, 1) is None                  # ViT-H/14-sized: far below
+    reason = paca_triton_index_unsupported(1, INDEX_LIMIT // 64, 64, 1)              # one layer's N x r = 2^31
+    assert reason is not None and "one layer's tokens (N x r) has 2147483648" in reason
+    assert paca_triton_index_unsupported(1, INDEX_LIMIT // 64 - 1, 64, 1) is None
+    reason = paca_triton_index_unsupported(32, INDEX_LIMIT // (32 * 64), 64, 1)      # all L layers together
+    assert reason is not None and "the tokens (L x N x r) has 2147483648" in reason
+    reason = paca_triton_index_unsupported(8, INDEX_LIMIT // (8 * 4 * 64), 64, 4)    # the per-head buffer alone
+    assert reason is not None and "per-head buffer (L x heads x N x r) has 2147483648" in reason
+    meta = dict(device="meta", dtype=torch.float16)
+    L, N, M, r, heads = 16, INDEX_LIMIT // (16 * 64), 8, 64, 1
+    t = torch.empty(L, N, r, **meta)
+    params = PacaParams(torch.empty(M, r, **meta), torch.empty(M, **meta),
+                        *(x for _ in range(4) for x in (torch.empty(r, r, **meta), torch.empty(r, **meta))))
+    with pytest.raises(RuntimeError, match="triton was asked for, but the Triton PaCa kernels take tensors of fewer "
+                                           "than 2\\^31 elements, and the tokens"):
+        paca_attention(t, params, heads, backend="triton")
+    asked = _meta_as_cuda(monkeypatch, paca)
+    assert paca_attention(t, params, heads, backend="auto").shape == (L, N, r)      # the torch path, on meta
+    assert asked == []

@@ -87,6 +87,22 @@ def test_paca_attention_with_sharp_attention_matches_float64_reference(shape, de
     check_paca(shape, dtype, backend, device=device, sharp=True)
 
 
+# heads whose logits lie far apart (`paca_case(head_offset=...)`): head 1's log-sum-exp ~120 above head 0's, so a
+# backward that reads another head's lse overflows (or underflows) its exp in fp32
+HEAD_OFFSET, HEAD_OFFSET_SHAPE = 120.0, (2, 37, 8, 16, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_paca_attention_with_heads_far_apart_matches_float64_reference(device, backend, dtype, runnable):
+    runnable(device, backend, dtype)
+    check_paca(HEAD_OFFSET_SHAPE, dtype, backend, device=device, head_offset=HEAD_OFFSET)
+    if backend == "triton":
+        lse = check_paca_saved_state(HEAD_OFFSET_SHAPE, dtype, device=device, head_offset=HEAD_OFFSET)["lse"]
+        assert lse[:, 1].min() - lse[:, 0].max() > 100        # the case is what it claims: fp32 exp(100) > 2^128
+
+
 def test_paca_attention_fp16_triton_at_ragged_two_head_shape_seed_0_matches_float64_reference():
     """Was a strict xfail at about 1.2x the old gate (d_q_w, d_q_b, d_k_w: gradients whose terms cancel by
     construction, then judged by their own size); with their rounding floors (`paca_error_floors`) it passes."""
@@ -114,6 +130,7 @@ def test_paca_triton_saved_state_matches_float64_reference(shape, sharp, activat
 # ------------------------------------------------------------------ mutated kernels the checks must reject
 ATTN_FWD_PROBS = "e = tl.exp(logits - row_max[:, None])"
 ATTN_BWD_PROBS = "a = tl.exp(_head_logits(u, kq, cq, offs_m, M, F32_DOT, EVEN_M) - lse[:, None])"
+ATTN_BWD_LSE = "lse = tl.load(LSE + layer_head.to(tl.int64) * N + offs_n"
 ATTN_FWD_LSE = "lse_ptrs = LSE + (layer * H + j).to(tl.int64) * N + offs_n"
 KERNEL_MUTATIONS = {   # attention softened (temperature 2) or sharpened (1/2) in either direction; the lse 2% off
     "fwd-softened": Edit("_paca_attn_fwd", ATTN_FWD_PROBS, "e = tl.exp(0.5 * (logits - row_max[:, None]))"),
@@ -122,10 +139,14 @@ KERNEL_MUTATIONS = {   # attention softened (temperature 2) or sharpened (1/2) i
     "bwd-sharpened": Edit("_paca_attn_bwd", ATTN_BWD_PROBS, ATTN_BWD_PROBS.replace("tl.exp(", "tl.exp(2.0 * (") + ")"),
     "lse-scaled": Edit("_paca_attn_fwd", ATTN_FWD_LSE, ATTN_FWD_LSE + "\n        row_max, row_sum = 1.02 * row_max, "
                                                                     "tl.exp(1.02 * tl.log(row_sum))"),
+    # the backward reads head 0's lse for every head: renormalised away unless the exp over- or underflows
+    "bwd-lse-of-head-0": Edit("_paca_attn_bwd", ATTN_BWD_LSE, ATTN_BWD_LSE.replace("layer_head.to", "(layer * H).to")),
 }
 # the cases the mutations must fail: the op tests' and the sharp ones. A temperature is invisible with one cluster
 # (a softmax over one is 1) or one token (every cluster token is then the same, so the attention is uniform)
-MUTATION_CASES = [(s, False) for s in PACA_SHAPES] + [(s, True) for s in SHARP_SHAPES]
+MUTATION_CASES = [(s, False, 0.0) for s in PACA_SHAPES] + [(s, True, 0.0) for s in SHARP_SHAPES]
+# mutations whose cases are instead the far-apart heads' alone: no other case can show them (renormalisation)
+HEAD_OFFSET_MUTATIONS = {"bwd-lse-of-head-0"}
 # (mutation, shape) that no fp16 check at the gate can see: on these random inputs the attention is near uniform
 # (largest probability 0.202 of 5 clusters; at M = 64 with fp32 dots, too), and the mutation moves no result by
 # TOLERANCES[float16] of its scale
@@ -137,10 +158,10 @@ def _paca_triton():
     return pytest.importorskip("gift_kernels.paca_triton")          # Triton is optional
 
 
-def _checks_reject(shape, sharp, dtype) -> bool:
+def _checks_reject(shape, sharp, head_offset, dtype) -> bool:
     """Whether the saved-state check or the op check (own work included) raises on this case; the cheap one first."""
-    for check in (lambda: check_paca_saved_state(shape, dtype, sharp=sharp),
-                  lambda: check_paca(shape, dtype, "triton", sharp=sharp)):
+    for check in (lambda: check_paca_saved_state(shape, dtype, sharp=sharp, head_offset=head_offset),
+                  lambda: check_paca(shape, dtype, "triton", sharp=sharp, head_offset=head_offset)):
         try:
             check()
         except AssertionError:
@@ -152,14 +173,17 @@ def _checks_reject(shape, sharp, dtype) -> bool:
 @pytest.mark.parametrize("mutation", sorted(KERNEL_MUTATIONS))
 def test_paca_kernel_mutations_fail_the_checks(mutation, dtype):
     """Every mutation fails every case with more than one cluster and token (the lse scaling every case), in fp32
-    and fp16; the real kernels pass them all (test_paca_attention_matches_float64_reference and the tests above)."""
+    and fp16 (those of HEAD_OFFSET_MUTATIONS: the far-apart heads' case); the real kernels pass them all
+    (test_paca_attention_matches_float64_reference and the tests above)."""
     skip_unless_runnable("cpu", "triton", dtype)
     edit = KERNEL_MUTATIONS[mutation]
-    cases = [(s, sharp) for s, sharp in MUTATION_CASES if mutation == "lse-scaled" or (s[1] > 1 and s[2] > 1)
-             if dtype == torch.float32 or sharp or (mutation, s) not in BELOW_FP16_RESOLUTION]
+    cases = [case for case in MUTATION_CASES if mutation == "lse-scaled" or (case[0][1] > 1 and case[0][2] > 1)
+             if dtype == torch.float32 or case[1] or (mutation, case[0]) not in BELOW_FP16_RESOLUTION]
+    if mutation in HEAD_OFFSET_MUTATIONS:
+        cases = [(HEAD_OFFSET_SHAPE, False, HEAD_OFFSET)]
     with mutated(_paca_triton(), [edit]):
-        unseen = [(s, sharp) for s, sharp in cases if not _checks_reject(s, sharp, dtype)]
-    assert not unseen, f"{mutation} passed the checks at (shape, sharp) {unseen}"
+        unseen = [case for case in cases if not _checks_reject(*case, dtype)]
+    assert not unseen, f"{mutation} passed the checks at (shape, sharp, head offset) {unseen}"
 
 
 def test_mutations_left_out_in_fp16_move_no_result_by_the_fp16_tolerance():
@@ -176,6 +200,15 @@ def test_mutations_left_out_in_fp16_move_no_result_by_the_fp16_tolerance():
         scales = scales_of(exact, paca_zero_gradients(shape[2], shape[1]))
         moved = max((wrong[k].double() - real[k].double()).abs().max().item() / scales[k] for k in real)
         assert TOLERANCES[torch.float32] < moved < TOLERANCES[torch.float16], (mutation, shape, moved)
+
+
+def test_another_heads_lse_is_invisible_without_far_apart_heads():
+    """Why HEAD_OFFSET_MUTATIONS get the far-apart heads' case: on the same shape without the offset the backward
+    renormalises the wrong lse away and every check passes."""
+    skip_unless_runnable("cpu", "triton", torch.float32)
+    with mutated(_paca_triton(), [KERNEL_MUTATIONS["bwd-lse-of-head-0"]]):
+        check_paca_saved_state(HEAD_OFFSET_SHAPE, torch.float32)
+        check_paca(HEAD_OFFSET_SHAPE, torch.float32, "triton")
 
 
 def test_a_temperature_is_invisible_with_one_cluster_or_one_token():
