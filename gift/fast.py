@@ -82,6 +82,13 @@ class GIFTLinear(nn.Linear):
         return super().extra_repr() + f", gift={self.key}[{self.layer}]"
 
 
+def weight_tokens(phi_weight: torch.Tensor, phi_bias: torch.Tensor | None, weights) -> torch.Tensor:
+    """``T0 = W_l phi^T (+ b)``: ``(L, d_out, r)`` from L frozen ``(d_out, d_in)`` weights and phi ``(r, d_in)``,
+    each weight cast to phi's dtype while it is multiplied (`WeightTokens` without its backward)."""
+    tokens = torch.stack([w.to(phi_weight.dtype) @ phi_weight.t() for w in weights])
+    return tokens if phi_bias is None else tokens + phi_bias
+
+
 class WeightTokens(torch.autograd.Function):
     """The generator's input tokens of all L layers of a key, ``T0 = W_l phi^T (+ b)``: ``(L, d_out, r)`` from
     the frozen ``(d_out, d_in)`` weights and phi ``(r, d_in)``. Each weight is cast to phi's dtype only while it
@@ -92,8 +99,7 @@ class WeightTokens(torch.autograd.Function):
     def forward(ctx, phi_weight, phi_bias, *weights):
         ctx.save_for_backward(phi_weight, *weights)
         ctx.has_bias = phi_bias is not None
-        tokens = torch.stack([w.to(phi_weight.dtype) @ phi_weight.t() for w in weights])
-        return tokens if phi_bias is None else tokens + phi_bias
+        return weight_tokens(phi_weight, phi_bias, weights)
 
     @staticmethod
     def backward(ctx, grad):
@@ -246,7 +252,10 @@ class FastGIFT(GIFTModelBase):
         (`WeightTokens`: no cast copy of the weights kept for backward)."""
         group = self.target_group(key)
         phi = self.in_projections[group.key]
-        return WeightTokens.apply(phi.weight, phi.bias, *(m.weight for m in group.modules))
+        weights = [m.weight for m in group.modules]
+        if not torch.is_grad_enabled():  # nothing to save; and dynamo cannot trace the Function's forward here
+            return weight_tokens(phi.weight, phi.bias, weights)
+        return WeightTokens.apply(phi.weight, phi.bias, *weights)
 
     def generator_tokens(self, key: str) -> torch.Tensor:
         """T = Hypernet(W phi^T) for all L layers of ``key`` at once: ``(L, d_out, r)``, generator dtype."""
