@@ -12,6 +12,7 @@ residual, FastGIFT
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 
 import torch
@@ -309,7 +310,7 @@ class FastGIFT(GIFTModelBase):
         break per layer), as ``memory="auto"`` does until its first training forward has settled it."""
         if self._unloaded and not self.merged:
             raise RuntimeError("unload() handed the backbone over: run it (or wrap a fresh backbone) instead.")
-        x = _first_tensor(args, kwargs)
+        x = _backbone_input(self.backbone, args, kwargs)
         device_type = (x.device if x is not None else self._backbone_device()).type
         if torch.is_grad_enabled():
             if self.memory_pending and x is not None:
@@ -496,11 +497,18 @@ class FastGIFT(GIFTModelBase):
         self.residuals.reset()
 
 
-def _first_tensor(args, kwargs):
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
+def _backbone_input(backbone: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The input of ``backbone(*args, **kwargs)``: the first positional argument, else the keyword the backbone
+    names its input (a Hugging Face model's ``main_input_name``: ``pixel_values``, ``input_ids``; else its forward's
+    first parameter); None when that is not a tensor (``labels`` and other tensors are never taken for it)."""
+    if args:
+        value = args[0]
+    else:
+        name = getattr(backbone, "main_input_name", None)
+        if not isinstance(name, str):
+            name = next(iter(inspect.signature(backbone.forward).parameters), None)
+        value = kwargs.get(name)
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _unmerged_target_weights(model: FastGIFT, state: dict, prefix: str, local_metadata) -> None:
