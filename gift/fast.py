@@ -20,7 +20,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gift_kernels import PacaParams, l2_mlp_residual, lowrank_residual_linear, paca_attention, triton_available
+from gift_kernels import (
+    PacaParams,
+    l2_mlp_residual,
+    l2_mlp_residual_reference,
+    lowrank_residual_linear,
+    lowrank_residual_linear_reference,
+    paca_attention,
+    paca_attention_reference,
+    triton_available,
+)
 
 from .config import MEMORY_MODES, GIFTConfig
 from .generator import Hypernet, PaCa
@@ -32,7 +41,7 @@ from .recompute import (
     refuse_reentrant_checkpointing,
     undo_memory_mode,
 )
-from .residuals import GeneratedResiduals
+from .residuals import GeneratedResiduals, in_functorch_transform
 from .targets import TargetGroup, replace_module
 from .wrapper import GIFTModelBase
 
@@ -77,6 +86,9 @@ class GIFTLinear(nn.Linear):
             dtype = self.weight.dtype
         weight, bias = self.weight.to(dtype), (None if self.bias is None else self.bias.to(dtype))
         with torch.autocast(device_type=x.device.type, enabled=False):
+            if in_functorch_transform():
+                return lowrank_residual_linear_reference(x.to(dtype), weight, bias, psi.to(dtype),
+                                                         tokens[self.layer].to(dtype))
             return lowrank_residual_linear(x.to(dtype), weight, bias, psi, tokens[self.layer], backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -122,12 +134,18 @@ def paca_params(attn: PaCa) -> PacaParams:
 def run_hypernet(hypernet: Hypernet, tokens: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """`Hypernet.forward` for tokens ``(L, N, r)``, each half of each block as one op with a
     hand-written backward (few saved tensors)."""
+    plain = in_functorch_transform()
     for block in hypernet.blocks:
         attn = block.attn
-        tokens = paca_attention(tokens, paca_params(attn), attn.num_heads, attn.cluster_activation, backend=backend)
+        if plain:
+            tokens = paca_attention_reference(tokens, paca_params(attn), attn.num_heads, attn.cluster_activation)
+        else:
+            tokens = paca_attention(tokens, paca_params(attn), attn.num_heads, attn.cluster_activation,
+                                    backend=backend)
         if block.mlp is not None:
             mlp = block.mlp
-            tokens = l2_mlp_residual(tokens, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+            mlp_op = l2_mlp_residual_reference if plain else l2_mlp_residual
+            tokens = mlp_op(tokens, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
     return tokens
 
 
@@ -254,7 +272,8 @@ class FastGIFT(GIFTModelBase):
         group = self.target_group(key)
         phi = self.in_projections[group.key]
         weights = [m.weight for m in group.modules]
-        if not torch.is_grad_enabled():  # nothing to save; and dynamo cannot trace the Function's forward here
+        if not torch.is_grad_enabled() or in_functorch_transform():  # nothing to save, or a transform differentiates
+            # the plain product (dynamo cannot trace the Function's forward without grad; torch.func cannot take it)
             return weight_tokens(phi.weight, phi.bias, weights)
         return WeightTokens.apply(phi.weight, phi.bias, *weights)
 
