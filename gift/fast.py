@@ -39,6 +39,7 @@ from .recompute import (
     check_memory_mode,
     refuse_hf_reentrant_without_input_grads,
     refuse_reentrant_checkpointing,
+    supported_memory_modes,
     undo_memory_mode,
 )
 from .residuals import GeneratedResiduals, in_functorch_transform
@@ -243,6 +244,11 @@ class FastGIFT(GIFTModelBase):
         self.memory, self._key_hook_handles = "none", []
         self._key_hook_handles = apply_memory_mode(self.backbone, memory)
         self.memory = memory
+
+    @property
+    def supported_memory_modes(self) -> tuple[str, ...]:
+        """The memory modes the backbone can take, fastest first (``"mlp"`` and ``"block"`` need timm's blocks)."""
+        return supported_memory_modes(self.backbone)
 
     @property
     def generator_recomputed(self) -> bool:

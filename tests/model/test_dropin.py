@@ -76,10 +76,8 @@ def test_hugging_face_memory_auto_plans_the_modes_it_can_take_on_pixel_values(la
 
 
 def test_memory_modes_a_backbone_can_take():
-    from gift.recompute import supported_memory_modes
-
-    assert supported_memory_modes(tiny_hf_vit()) == ("none",)
-    assert supported_memory_modes(tiny_timm_vit()) == gift.config.MEMORY_MODES
+    assert FastGIFT(tiny_hf_vit(), HF_CFG).supported_memory_modes == ("none",)
+    assert FastGIFT(tiny_timm_vit(), CFG).supported_memory_modes == gift.config.MEMORY_MODES
 
 
 # ---------------------------------------------------------------- heads and modules_to_save
