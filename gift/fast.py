@@ -12,6 +12,7 @@ residual, FastGIFT
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 
 import torch
@@ -19,7 +20,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gift_kernels import PacaParams, l2_mlp_residual, lowrank_residual_linear, paca_attention, triton_available
+from gift_kernels import (
+    PacaParams,
+    l2_mlp_residual,
+    l2_mlp_residual_reference,
+    lowrank_residual_linear,
+    lowrank_residual_linear_reference,
+    paca_attention,
+    paca_attention_reference,
+    triton_available,
+)
 
 from .config import MEMORY_MODES, GIFTConfig
 from .generator import Hypernet, PaCa
@@ -29,9 +39,10 @@ from .recompute import (
     check_memory_mode,
     refuse_hf_reentrant_without_input_grads,
     refuse_reentrant_checkpointing,
+    supported_memory_modes,
     undo_memory_mode,
 )
-from .residuals import GeneratedResiduals
+from .residuals import GeneratedResiduals, in_functorch_transform
 from .targets import TargetGroup, replace_module
 from .wrapper import GIFTModelBase
 
@@ -76,10 +87,20 @@ class GIFTLinear(nn.Linear):
             dtype = self.weight.dtype
         weight, bias = self.weight.to(dtype), (None if self.bias is None else self.bias.to(dtype))
         with torch.autocast(device_type=x.device.type, enabled=False):
+            if in_functorch_transform():
+                return lowrank_residual_linear_reference(x.to(dtype), weight, bias, psi.to(dtype),
+                                                         tokens[self.layer].to(dtype))
             return lowrank_residual_linear(x.to(dtype), weight, bias, psi, tokens[self.layer], backend=self.backend)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gift={self.key}[{self.layer}]"
+
+
+def weight_tokens(phi_weight: torch.Tensor, phi_bias: torch.Tensor | None, weights) -> torch.Tensor:
+    """``T0 = W_l phi^T (+ b)``: ``(L, d_out, r)`` from L frozen ``(d_out, d_in)`` weights and phi ``(r, d_in)``,
+    each weight cast to phi's dtype while it is multiplied (`WeightTokens` without its backward)."""
+    tokens = torch.stack([w.to(phi_weight.dtype) @ phi_weight.t() for w in weights])
+    return tokens if phi_bias is None else tokens + phi_bias
 
 
 class WeightTokens(torch.autograd.Function):
@@ -92,8 +113,7 @@ class WeightTokens(torch.autograd.Function):
     def forward(ctx, phi_weight, phi_bias, *weights):
         ctx.save_for_backward(phi_weight, *weights)
         ctx.has_bias = phi_bias is not None
-        tokens = torch.stack([w.to(phi_weight.dtype) @ phi_weight.t() for w in weights])
-        return tokens if phi_bias is None else tokens + phi_bias
+        return weight_tokens(phi_weight, phi_bias, weights)
 
     @staticmethod
     def backward(ctx, grad):
@@ -115,12 +135,18 @@ def paca_params(attn: PaCa) -> PacaParams:
 def run_hypernet(hypernet: Hypernet, tokens: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """`Hypernet.forward` for tokens ``(L, N, r)``, each half of each block as one op with a
     hand-written backward (few saved tensors)."""
+    plain = in_functorch_transform()
     for block in hypernet.blocks:
         attn = block.attn
-        tokens = paca_attention(tokens, paca_params(attn), attn.num_heads, attn.cluster_activation, backend=backend)
+        if plain:
+            tokens = paca_attention_reference(tokens, paca_params(attn), attn.num_heads, attn.cluster_activation)
+        else:
+            tokens = paca_attention(tokens, paca_params(attn), attn.num_heads, attn.cluster_activation,
+                                    backend=backend)
         if block.mlp is not None:
             mlp = block.mlp
-            tokens = l2_mlp_residual(tokens, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+            mlp_op = l2_mlp_residual_reference if plain else l2_mlp_residual
+            tokens = mlp_op(tokens, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
     return tokens
 
 
@@ -220,6 +246,11 @@ class FastGIFT(GIFTModelBase):
         self.memory = memory
 
     @property
+    def supported_memory_modes(self) -> tuple[str, ...]:
+        """The memory modes the backbone can take, fastest first (``"mlp"`` and ``"block"`` need timm's blocks)."""
+        return supported_memory_modes(self.backbone)
+
+    @property
     def generator_recomputed(self) -> bool:
         """Whether the generator's forward runs again in its backward (``recompute_generator``, default:
         ``memory == "block"``)."""
@@ -246,7 +277,11 @@ class FastGIFT(GIFTModelBase):
         (`WeightTokens`: no cast copy of the weights kept for backward)."""
         group = self.target_group(key)
         phi = self.in_projections[group.key]
-        return WeightTokens.apply(phi.weight, phi.bias, *(m.weight for m in group.modules))
+        weights = [m.weight for m in group.modules]
+        if not torch.is_grad_enabled() or in_functorch_transform():  # nothing to save, or a transform differentiates
+            # the plain product (dynamo cannot trace the Function's forward without grad; torch.func cannot take it)
+            return weight_tokens(phi.weight, phi.bias, weights)
+        return WeightTokens.apply(phi.weight, phi.bias, *weights)
 
     def generator_tokens(self, key: str) -> torch.Tensor:
         """T = Hypernet(W phi^T) for all L layers of ``key`` at once: ``(L, d_out, r)``, generator dtype."""
@@ -300,7 +335,7 @@ class FastGIFT(GIFTModelBase):
         break per layer), as ``memory="auto"`` does until its first training forward has settled it."""
         if self._unloaded and not self.merged:
             raise RuntimeError("unload() handed the backbone over: run it (or wrap a fresh backbone) instead.")
-        x = _first_tensor(args, kwargs)
+        x = _backbone_input(self.backbone, args, kwargs)
         device_type = (x.device if x is not None else self._backbone_device()).type
         if torch.is_grad_enabled():
             if self.memory_pending and x is not None:
@@ -487,11 +522,18 @@ class FastGIFT(GIFTModelBase):
         self.residuals.reset()
 
 
-def _first_tensor(args, kwargs):
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
+def _backbone_input(backbone: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The input of ``backbone(*args, **kwargs)``: the first positional argument, else the keyword the backbone
+    names its input (a Hugging Face model's ``main_input_name``: ``pixel_values``, ``input_ids``; else its forward's
+    first parameter); None when that is not a tensor (``labels`` and other tensors are never taken for it)."""
+    if args:
+        value = args[0]
+    else:
+        name = getattr(backbone, "main_input_name", None)
+        if not isinstance(name, str):
+            name = next(iter(inspect.signature(backbone.forward).parameters), None)
+        value = kwargs.get(name)
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _unmerged_target_weights(model: FastGIFT, state: dict, prefix: str, local_metadata) -> None:

@@ -437,9 +437,9 @@ def plan_model(model: nn.Module, input_shape: tuple[int, ...], budget: int | str
                amp: torch.dtype | None = None, accumulation: int = 1) -> Plan:
     """`gift.plan.plan_training` for an existing `FastGIFT` (a fake copy; its weights are not copied) and
     inputs of ``input_shape`` = (B, C, H, W) per micro-batch, ``accumulation`` micro-batches per step: every
-    memory mode, switched with its ``set_memory``."""
+    memory mode its backbone can take (its ``supported_memory_modes``), switched with its ``set_memory``."""
     fake = FakeTrainingModel.copy_of(model, tuple(input_shape[1:]), amp)
     setup = TrainingSetup(model=type(model.backbone).__name__, batch_size=int(input_shape[0]) * accumulation,
                           gift=model.config, grad_accum_steps=accumulation)
-    steps = {m: fake.predict(setup.batch_size, m, accumulation) for m in MEMORY_MODES}
+    steps = {m: fake.predict(setup.batch_size, m, accumulation) for m in model.supported_memory_modes}
     return recommend(Plan(setup, None if budget is None else parse_bytes(budget), steps, fake=fake))

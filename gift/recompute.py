@@ -126,6 +126,18 @@ def check_memory_mode(backbone: nn.Module, memory: str) -> None:
         vit_blocks(backbone)
 
 
+def supported_memory_modes(backbone: nn.Module) -> tuple[str, ...]:
+    """The memory modes `check_memory_mode` lets ``backbone`` take, fastest first (``"none"`` always)."""
+    supported = []
+    for memory in MEMORY_MODES:
+        try:
+            check_memory_mode(backbone, memory)
+        except ValueError:
+            continue
+        supported.append(memory)
+    return tuple(supported)
+
+
 def _move_keys(parent: nn.Module, moves: list[tuple[str, str]]) -> list:
     return [parent.register_state_dict_post_hook(KeysAsBefore(moves, saving=True)),
             parent.register_load_state_dict_pre_hook(KeysAsBefore(moves, saving=False))]

@@ -92,6 +92,20 @@ def _address(t: torch.Tensor, fake: bool) -> int:
     return 0 if fake else t.data_ptr()  # fake tensors (the planner's) have no storage to point at
 
 
+def in_functorch_transform() -> bool:
+    """Whether this runs inside a ``torch.func`` transform (``grad``, ``vmap``, ...): the ops then run as their
+    plain-torch references, which the transform differentiates (it cannot take the kernels' autograd Functions)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _has_storage(t: torch.Tensor) -> bool:
+    try:
+        t.data_ptr()
+    except RuntimeError:  # a torch.func transform's wrapper: no storage to identify it by
+        return False
+    return True
+
+
 def _weight_state(weight: torch.Tensor) -> tuple:
     """(object, storage address, version) of a frozen target weight."""
     return id(weight), _address(weight, isinstance(weight, FakeTensor)), weight._version
@@ -109,7 +123,10 @@ def _unpack_saved(t: torch.Tensor) -> torch.Tensor:
 def generate(model, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``model.make_residuals(key)`` outside any enclosing saved-tensor hooks: the generator's graph belongs to
     no checkpointed block it happens to run in (a bare backbone call whose first target layer is inside one), so
-    that block's recomputation in backward neither runs it again nor finds tensors it did not save."""
+    that block's recomputation in backward neither runs it again nor finds tensors it did not save. Inside a
+    ``torch.func`` transform, which takes no saved-tensor hooks (so none encloses the call), it is the plain call."""
+    if in_functorch_transform():
+        return model.make_residuals(key)
     with torch.autograd.graph.saved_tensors_hooks(_pack_saved, _unpack_saved):
         return model.make_residuals(key)
 
@@ -396,6 +413,15 @@ class GeneratedResiduals:
         return (optimizer_steps(), first.dtype, first.device,
                 tuple((id(p), _address(p, fake), p._version, p.requires_grad) for p in params))
 
+    def cachable(self, key: str) -> bool:
+        """Whether ``key``'s pair may be kept: not inside a ``torch.func`` transform (``grad``, ``vmap``: a pair
+        belongs to that call's wrapped parameters), and every parameter and frozen weight it is made from has storage
+        to identify it by (fake tensors, the planner's, stand for theirs)."""
+        if in_functorch_transform():
+            return False
+        tensors = [*self.model.residual_parameters(key), *self.model.target_weights(key)]
+        return all(isinstance(t, FakeTensor) or _has_storage(t) for t in tensors)
+
     def _make(self, key: str, signature: tuple, weights: list, **state) -> _Entry:
         psi, tokens = generate(self.model, key)
         return _Entry(signature, tuple(map(_weight_state, weights)), psi, tokens, **state)
@@ -423,6 +449,8 @@ class GeneratedResiduals:
         if self.model.merged:
             self.model.check_merged_use(key)
             return None
+        if not self.cachable(key):  # made for this call alone
+            return generate(self.model, key)
         if not torch.is_grad_enabled():
             accumulation = self._accumulation_of_this_call(False)
             if accumulation is not None and not torch.is_inference_mode_enabled():
@@ -452,6 +480,8 @@ class GeneratedResiduals:
             return
         entries = self._training
         for key in keys:
+            if not self.cachable(key):
+                continue
             signature, weights = self.signature(key), self.model.target_weights(key)
             entry = entries.get(key)
             if (entry is None or entry.used or not entry.valid_for_all(signature, weights)

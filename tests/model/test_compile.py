@@ -1,5 +1,7 @@
 """torch.compile of FastGIFT (torch path): fullgraph training in every memory mode, no recompile after the first
 step, and compiled results that agree with the float64 answer. Tiny models only: each compile costs seconds."""
+import copy
+
 import pytest
 import torch
 import torch._dynamo
@@ -70,6 +72,24 @@ def test_compiled_matches_eager():
     got = outputs_and_grads(torch.compile(fast, fullgraph=True), x)
     got = {k.replace("_orig_mod.", ""): v for k, v in got.items()}
     assert_model_agrees(got, exact, worst, fast)
+
+
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_compiled_fullgraph_evaluates_like_eager(grad_mode):
+    """Evaluation through the fullgraph-compiled model, in eval and in train mode (ToyViT has no dropout): the
+    output agrees with the float64 answer as eager's does."""
+    torch.manual_seed(0)
+    _, fast = twin_models(ToyViT(), GIFTConfig(rank=8, num_clusters=5))
+    exact_model = copy.deepcopy(fast).to(torch.float64)
+    x = torch.randn(2, 5, 12)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, fullgraph=True)
+    for training in (False, True):
+        fast.train(training)
+        exact_model.train(training)
+        with grad_mode():
+            got, eager, exact = compiled(x), fast(x), exact_model(x.double())
+        assert_model_agrees({"output": got}, {"output": exact}, {"output": eager}, fast)
 
 
 @pytest.mark.parametrize("flag", ["--compile", "--torchcompile"])

@@ -60,6 +60,26 @@ def test_hugging_face_llama_takes_the_batch_and_returns_its_loss():
     assert all(p.grad is not None for p in model.gift_parameters())
 
 
+@pytest.mark.parametrize("labels_first", [False, True])
+def test_hugging_face_memory_auto_plans_the_modes_it_can_take_on_pixel_values(labels_first):
+    """``memory="auto"`` on a backbone without ``blocks`` plans only ``none``, from ``pixel_values`` in whatever
+    order the batch's keywords come (``labels`` is a tensor too, of another shape)."""
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    plain = hf_model()
+    model = FastGIFT(tiny_hf_vit(), HF_CFG, memory="auto", memory_budget="8GiB")
+    model.load_state_dict(plain.state_dict())
+    batch = dict(labels=y, pixel_values=x) if labels_first else dict(pixel_values=x, labels=y)
+    out = model(**batch)
+    assert model.memory == "none" and not model.memory_pending
+    assert model.memory_reason.startswith("memory=none: predicted peak")
+    torch.testing.assert_close(out.loss, plain(pixel_values=x, labels=y).loss, rtol=0, atol=0)
+
+
+def test_memory_modes_a_backbone_can_take():
+    assert FastGIFT(tiny_hf_vit(), HF_CFG).supported_memory_modes == ("none",)
+    assert FastGIFT(tiny_timm_vit(), CFG).supported_memory_modes == gift.config.MEMORY_MODES
+
+
 # ---------------------------------------------------------------- heads and modules_to_save
 def test_hugging_face_classifier_trains_and_is_saved(tmp_path):
     model = hf_model()

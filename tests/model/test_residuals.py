@@ -871,3 +871,32 @@ def test_the_graph_of_a_forward_without_backward_is_dropped_at_the_next_forward(
         drop()
         gc.collect()
         assert tokens() is None
+
+
+# ---------------------------------------------------------------- torch.func
+def test_torch_func_grad_of_functional_call_generates_for_the_call():
+    """``torch.func.grad`` over ``functional_call`` with parameters other than the model's, after a forward that
+    filled the cache: the residuals come from the call's parameters, and its gradients are plain autograd's on a
+    model holding them (float64, both)."""
+    torch.manual_seed(0)
+    model = randomize_gift_(FastGIFT(ToyViT(), TWO_KEYS).to(torch.float64), seed=2)
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)
+    model(x).sum().backward()  # a training pair cached too
+    model.zero_grad(set_to_none=True)
+    params = {n: p.detach() * (1.5 if p.requires_grad else 1.0) for n, p in model.named_parameters()}
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in plain.named_parameters():
+            p.copy_(params[n])
+    exact = outputs_and_grads(plain, x)
+    weights = torch.linspace(-1, 1, exact["output"].numel(), dtype=torch.float64).reshape(exact["output"].shape)
+
+    def loss(p):
+        out = torch.func.functional_call(model, p, (x,))
+        return (out * weights).sum(), out.detach()
+
+    grads, out = torch.func.grad(loss, has_aux=True)(params)
+    got = {"output": out, **{n: g for n, g in grads.items() if n in exact}}
+    assert_model_agrees(got, exact, None, model)
