@@ -9,6 +9,7 @@ real @triton.jit functions.
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -116,6 +117,10 @@ def test_compile_check_of_the_largest_tiles_on_sm80_and_sm90_and_a_sample_on_sm8
     kernels = {r["kernel"] for r in rows}
     assert {"_paca_cluster_pool", "_paca_cluster_side_fwd", "_paca_attn_fwd", "_paca_attn_bwd",
             "_paca_cluster_side_bwd", "_paca_cluster_bwd", "_sum_rows", "_matmul_lowrank_epilogue"} <= kernels
+    masks = {"_paca_cluster_side_fwd": "MR", "_paca_cluster_side_bwd": "MR", "_matmul_lowrank_epilogue": "MNKR"}
+    for kernel in kernels - {"_sum_rows"}:          # a masked specialisation at the largest tiles of every kernel
+        evens = [re.search(r" even=(\S+)", r["config"]).group(1) for r in rows if r["kernel"] == kernel]
+        assert any(set(masks.get(kernel, "NMR")) - set(e) for e in evens), (kernel, evens)
     for r in rows:
         assert r["error"] is None and r["registers"] > 0 and r["stack_frame_bytes"] == 0, r
         assert r["spill_store_bytes"] == 0 and r["cuobjdump_stack_bytes"] == 0 and r["cuobjdump_local_bytes"] == 0, r
@@ -184,7 +189,6 @@ def test_compile_check_rejects_bad_arguments(tmp_path, args, message):
 
 
 def test_count_prints_the_number_of_compiles_per_arch_and_compiles_nothing(tmp_path):
-    import re
 
     proc, report = _compile_check(tmp_path, "--arch", "sm_80,sm_86", "--count")
     assert proc.returncode == 0 and report is None, proc.stderr[-3000:]
