@@ -33,10 +33,9 @@ PACA_SIDE_BLOCK_M = 16           # cluster rows per program of the cluster-side 
 PACA_STAGES = 2                  # software pipelining of the pooling loop over N-blocks
 PACA_MAX_BLOCK_M = 64            # padded M at most: (rows x 256) tiles spill in every N-row kernel
 PACA_MAX_R = 64                  # padded r at most: the cluster-side kernels' (r x r) weight tiles
-PACA_MASKED_SPILL_TILE = 64      # r masked at 64 (r in 33..63) with M masked too spills on sm_80/sm_90 (compile_check):
-                                 # `_paca_attn_bwd` at 64 x 64 tiles (M in 33..63 but 64: 48-192 B), the cluster-side
-                                 # kernels at (PACA_SIDE_BLOCK_M x 64) tiles (fp32, M % 16 != 0: 36-288 B); those
-                                 # shapes take the torch path on a GPU
+PACA_MASKED_SPILL_TILE = 64      # r masked at 64 (r in 33..63) spills on sm_80 (compile_check): `_paca_attn_bwd` at
+                                 # 64 x 64 (16-192 B), `_paca_cluster_side_bwd` (fp32, 264 B) whatever M; the cluster-
+                                 # side forward with M masked (36-168 B): those shapes take the torch path on a GPU
 PACA_SHARED_MARGIN = 0.10        # the estimated shared memory must fit the device's limit with this much to spare
 PACA_UNCHECKED_MAJORS = (12,)    # compute capabilities whose compile check still finds spills (sm_120: the backward
                                  # at (M, r) = (64, 32)): the torch path there
@@ -315,12 +314,9 @@ def paca_triton_unsupported(M: int, r: int, dtype: torch.dtype = torch.float32,
         return (f"the Triton PaCa kernels do not yet compile without spills for compute capability {major}.x "
                 f"(this GPU: {major}.{minor}; see python -m gift_kernels.dev.compile_check --arch sm_{major}0)")
     tile = PACA_MASKED_SPILL_TILE
-    masked_m = (dot_block(M) == tile and M % tile) or M % PACA_SIDE_BLOCK_M
-    if masked_m and dot_block(r) == tile and r % tile:
-        return (f"the Triton PaCa kernels spill registers when both M and r are masked at their largest tiles "
-                f"(M={M}, r={r}: r pads to {tile}, M is not a multiple of its {PACA_SIDE_BLOCK_M}- or {tile}-row "
-                f"tiles; see python -m gift_kernels.dev.compile_check); r={tile} or M a multiple of "
-                f"{PACA_SIDE_BLOCK_M} (or {tile} for M > 32) avoids it")
+    if dot_block(r) == tile and r % tile:
+        return (f"the Triton PaCa kernels spill registers when r is masked at their largest tiles (M={M}, r={r}: r "
+                f"pads to {tile}; see python -m gift_kernels.dev.compile_check); r={tile} or r <= 32 avoids it")
     need = paca_shared_bytes(paca_launch(1, 1, M, r, 1, dtype, props), props.capability)
     kernel = max(need, key=need.get)
     allowed = int(props.shared_bytes / (1 + PACA_SHARED_MARGIN))
