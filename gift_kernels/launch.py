@@ -33,6 +33,9 @@ PACA_SIDE_BLOCK_M = 16           # cluster rows per program of the cluster-side 
 PACA_STAGES = 2                  # software pipelining of the pooling loop over N-blocks
 PACA_MAX_BLOCK_M = 64            # padded M at most: (rows x 256) tiles spill in every N-row kernel
 PACA_MAX_R = 64                  # padded r at most: the cluster-side kernels' (r x r) weight tiles
+PACA_MASKED_SPILL_TILE = 64      # r masked at 64 (r in 33..63) spills on sm_80 (compile_check): `_paca_attn_bwd` at
+                                 # 64 x 64 (16-192 B), `_paca_cluster_side_bwd` (fp32, 264 B) whatever M; the cluster-
+                                 # side forward with M masked (36-168 B): those shapes take the torch path on a GPU
 PACA_SHARED_MARGIN = 0.10        # the estimated shared memory must fit the device's limit with this much to spare
 PACA_UNCHECKED_MAJORS = (12,)    # compute capabilities whose compile check still finds spills (sm_120: the backward
                                  # at (M, r) = (64, 32)): the torch path there
@@ -268,19 +271,23 @@ PACA_SHARED_FIT = {
     },
 }
 PACA_SIDE_KERNELS = ("_paca_cluster_side_fwd", "_paca_cluster_side_bwd")
+PACA_SHARED_SLACK = 2048         # bytes added to every fitted estimate: off the fitted tiles a compile can exceed
+                                 # the fit (`_paca_cluster_pool` fp16 32 x 64 softmax, sm_80: by 1024 B)
 
 
 def paca_kernel_shared_bytes(kernel: str, block_m: int, block_n: int, block_r: int, capability: tuple[int, int],
                              block_ms: int | None = None) -> int | None:
-    """Estimated shared bytes per block of PaCa ``kernel`` at these tiles (None: not a fitted kernel); the
-    cluster-side kernels read ``block_ms`` (their cluster rows per program) and ignore BLOCK_N/M."""
+    """Estimated shared bytes per block of PaCa ``kernel`` at these tiles, the fit plus ``PACA_SHARED_SLACK`` (None:
+    not a fitted kernel); the cluster-side kernels read ``block_ms`` (their cluster rows per program) and ignore
+    BLOCK_N/M."""
     fit = PACA_SHARED_FIT["mma" if capability[0] in (8, 12) else "any"].get(kernel)
     if fit is None:
         return None
     if kernel in PACA_SIDE_KERNELS:
         block_m, block_n = block_ms or block_m, block_r
     a, b, c = fit
-    return int(PACA_OPERAND_BYTES * (a * block_m * block_r + b * block_n * block_m + c * block_n * block_r))
+    return int(PACA_OPERAND_BYTES * (a * block_m * block_r + b * block_n * block_m + c * block_n * block_r)
+               + PACA_SHARED_SLACK)
 
 
 def paca_shared_bytes(cfg: PacaLaunch, capability: tuple[int, int]) -> dict[str, int]:
@@ -306,6 +313,10 @@ def paca_triton_unsupported(M: int, r: int, dtype: torch.dtype = torch.float32,
         major, minor = props.capability
         return (f"the Triton PaCa kernels do not yet compile without spills for compute capability {major}.x "
                 f"(this GPU: {major}.{minor}; see python -m gift_kernels.dev.compile_check --arch sm_{major}0)")
+    tile = PACA_MASKED_SPILL_TILE
+    if dot_block(r) == tile and r % tile:
+        return (f"the Triton PaCa kernels spill registers when r is masked at their largest tiles (M={M}, r={r}: r "
+                f"pads to {tile}; see python -m gift_kernels.dev.compile_check); r={tile} or r <= 32 avoids it")
     need = paca_shared_bytes(paca_launch(1, 1, M, r, 1, dtype, props), props.capability)
     kernel = max(need, key=need.get)
     allowed = int(props.shared_bytes / (1 + PACA_SHARED_MARGIN))
@@ -319,14 +330,15 @@ def paca_triton_unsupported(M: int, r: int, dtype: torch.dtype = torch.float32,
 
 def _paca_kernel_launches(props: DeviceProps) -> dict[str, KernelLaunch]:
     """Warps and stages of each PaCa kernel (the same for every input dtype: the dots take fp32 operands): 8 warps
-    where the accumulators are (M x r) tiles split between them (pooling, the backward), one stage where a loop
+    where the accumulators are (M x r) tiles split between them (pooling, the backward) and in the cluster-side
+    forward (at 4, its M- and r-masked (16 x 64) tiles spill 48-56 B in fp32 on sm_80), one stage where a loop
     carries no loads to overlap (a head loop) or its buffers would cost registers (compile_check)."""
     if props.interpreter:
         return {k: KernelLaunch(1, 1) for k in PACA_KERNELS}
     cap = MAX_REGISTERS  # named: left to itself, ptxas may cap registers for occupancy and spill a few bytes
     return {
         "_paca_cluster_pool": KernelLaunch(8, PACA_STAGES, cap),
-        "_paca_cluster_side_fwd": KernelLaunch(4, 1, cap),
+        "_paca_cluster_side_fwd": KernelLaunch(8, 1, cap),
         "_paca_attn_fwd": KernelLaunch(4, 1, cap),
         "_paca_attn_bwd": KernelLaunch(8, 1, cap),
         "_paca_cluster_side_bwd": KernelLaunch(8, 1, cap),

@@ -61,6 +61,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTIVATIONS = ("sigmoid", "softmax")
 TOKENS = (197, 256)            # tokens per image: ragged and even row counts of the residual projection
 RAGGED_PACA = (12, 200, 48, 24, 2)      # (L, N, M, r, heads): no length a multiple of its tile (EVEN_* False)
+# masked specialisations at the largest tiles (BLOCK_M 64 or 32, BLOCK_R 64): N = 197 ragged, 768 even; M or r or
+# both masked (both: the torch path, `launch.paca_triton_unsupported`)
+RAGGED_PACA_LARGE = tuple((12, N, M, r, heads) for N in (197, 768) for heads in (1, 2)
+                          for M, r in ((50, 40), (50, 60), (50, 64), (64, 40), (24, 40), (24, 64), (32, 40)))
 RAGGED_RESIDUAL = (197, 200, 136, 24)   # (tokens, d_in, d_out, r): likewise
 BATCH = 8
 
@@ -160,8 +164,8 @@ def shape_table(arch: str = "sm_80"):
         name = TRITON_DTYPE_NAMES[dtype]
         yield (f"paca ViT-{model} L={L} N={N} M={M} r={r} h={heads} {name} {activation}", _paca_launches,
                (L, N, M, r, heads, dtype, activation), paca_triton_unsupported(M, r, dtype, ARCH_PROPS[arch]))
-    for dtype, activation in itertools.product(DTYPES, ACTIVATIONS):
-        L, N, M, r, heads = RAGGED_PACA
+    for (L, N, M, r, heads), dtype, activation in itertools.product(
+            (RAGGED_PACA,) + RAGGED_PACA_LARGE, DTYPES, ACTIVATIONS):
         yield (f"paca ragged L={L} N={N} M={M} r={r} h={heads} {TRITON_DTYPE_NAMES[dtype]} {activation}",
                _paca_launches,
                (L, N, M, r, heads, dtype, activation), paca_triton_unsupported(M, r, dtype, ARCH_PROPS[arch]))
@@ -206,23 +210,26 @@ def sample(specs: list[CompileSpec], k: int | None) -> list[CompileSpec]:
 
 
 def largest(specs: list[CompileSpec]) -> list[CompileSpec]:
-    """Per kernel and operand dtype, the specs with the largest ``BLOCK_M * BLOCK_R`` (where limits bite):
-    one per (BLOCK_M, BLOCK_R, BLOCK_N), the one with the most masks."""
+    """Per kernel, operand dtype and code-changing constexpr (SOFTMAX, DT, F32_DOT...: every one but the tiles and
+    the EVEN_* masks), the specs with the largest ``BLOCK_M * BLOCK_R`` (where limits bite): one per
+    (BLOCK_M, BLOCK_R, BLOCK_N), the one with the most masks."""
     def c(s):
         return dict(s.constexprs)
 
     def tile(s):
         return c(s).get("BLOCK_M", c(s).get("BLOCK_MS", 1)) * c(s).get("BLOCK_R", 1)
 
+    def group(s):
+        code = tuple((k, v) for k, v in s.constexprs if not k.startswith(("BLOCK_", "EVEN_")))
+        return (s.kernel, next(t for _, t in s.signature if t.startswith("*"))) + code
+
     best: dict = {}
     for s in specs:
-        group = (s.kernel, c(s).get("DT"), next(t for _, t in s.signature if t.startswith("*")))
-        best[group] = max(best.get(group, 0), tile(s))
+        best[group(s)] = max(best.get(group(s), 0), tile(s))
     chosen: dict = {}
     for s in specs:
-        group = (s.kernel, c(s).get("DT"), next(t for _, t in s.signature if t.startswith("*")))
-        if tile(s) == best[group]:
-            key = group + (c(s).get("BLOCK_M"), c(s).get("BLOCK_MS"), c(s).get("BLOCK_R"), c(s).get("BLOCK_N"))
+        if tile(s) == best[group(s)]:
+            key = group(s) + (c(s).get("BLOCK_M"), c(s).get("BLOCK_MS"), c(s).get("BLOCK_R"), c(s).get("BLOCK_N"))
             masks = sum(1 for k, v in s.constexprs if k.startswith("EVEN") and not v)
             if key not in chosen or masks > chosen[key][0]:
                 chosen[key] = (masks, s)

@@ -6,8 +6,10 @@ kernel's largest tiles per dtype on sm_80 and sm_90, a spread sample on sm_86); 
 `make bench`. In subprocesses: the test suite runs the kernels under TRITON_INTERPRET=1, the compile check needs
 real @triton.jit functions.
 """
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -115,6 +117,10 @@ def test_compile_check_of_the_largest_tiles_on_sm80_and_sm90_and_a_sample_on_sm8
     kernels = {r["kernel"] for r in rows}
     assert {"_paca_cluster_pool", "_paca_cluster_side_fwd", "_paca_attn_fwd", "_paca_attn_bwd",
             "_paca_cluster_side_bwd", "_paca_cluster_bwd", "_sum_rows", "_matmul_lowrank_epilogue"} <= kernels
+    masks = {"_paca_cluster_side_fwd": "MR", "_paca_cluster_side_bwd": "MR", "_matmul_lowrank_epilogue": "MNKR"}
+    for kernel in kernels - {"_sum_rows"}:          # a masked specialisation at the largest tiles of every kernel
+        evens = [re.search(r" even=(\S+)", r["config"]).group(1) for r in rows if r["kernel"] == kernel]
+        assert any(set(masks.get(kernel, "NMR")) - set(e) for e in evens), (kernel, evens)
     for r in rows:
         assert r["error"] is None and r["registers"] > 0 and r["stack_frame_bytes"] == 0, r
         assert r["spill_store_bytes"] == 0 and r["cuobjdump_stack_bytes"] == 0 and r["cuobjdump_local_bytes"] == 0, r
@@ -126,6 +132,34 @@ def test_compile_check_of_the_largest_tiles_on_sm80_and_sm90_and_a_sample_on_sm8
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(report["results"]) == 8 and report["failures"] == []
     assert "take the torch path" in proc.stdout
+
+
+def test_largest_keeps_each_code_changing_constexpr_and_the_most_masked_spec_of_the_largest_tiles():
+    from gift_kernels.dev.compile_check import CompileSpec, largest
+
+    def spec(block_m, softmax, even_m, even_r):
+        constexprs = (("BLOCK_M", block_m), ("BLOCK_N", 32), ("BLOCK_R", 64), ("EVEN_M", even_m), ("EVEN_N", True),
+                      ("EVEN_R", even_r), ("F32_DOT", "tf32x3"), ("SOFTMAX", softmax))
+        return CompileSpec("_paca_cluster_pool", (("T", "*fp32:D"),), constexprs, 8, 2, f"M={block_m}")
+
+    specs = [spec(bm, sm, em, er) for bm in (32, 64) for sm in (False, True) for em, er in
+             ((True, True), (False, True), (False, False))]
+    chosen = {(dict(s.constexprs)["SOFTMAX"], dict(s.constexprs)["BLOCK_M"], dict(s.constexprs)["EVEN_M"],
+               dict(s.constexprs)["EVEN_R"]) for s in largest(specs)}
+    assert chosen == {(False, 64, False, False), (True, 64, False, False)}, chosen
+    assert len(largest(specs[:3])) == 1 and dict(largest(specs[:3])[0].constexprs)["BLOCK_M"] == 32
+
+
+def test_shape_table_covers_masked_largest_tiles_and_sends_r_masked_at_64_to_torch():
+    from gift_kernels.dev.compile_check import shape_table
+
+    rows = {example: reason for example, _, _, reason in shape_table("sm_80")}
+    for M, r, torch_path in ((50, 40, True), (50, 60, True), (50, 64, False), (64, 40, True), (24, 40, True),
+                             (24, 64, False), (32, 40, True)):
+        for N, h, dtype, act in itertools.product((197, 768), (1, 2), ("fp32", "fp16", "bf16"),
+                                                  ("sigmoid", "softmax")):
+            reason = rows[f"paca ragged L=12 N={N} M={M} r={r} h={h} {dtype} {act}"]
+            assert (reason is not None and "r is masked" in reason) if torch_path else reason is None
 
 
 def test_shape_table_sends_what_overflows_99_kib_of_shared_memory_to_torch_on_sm86():
@@ -155,8 +189,6 @@ def test_compile_check_rejects_bad_arguments(tmp_path, args, message):
 
 
 def test_count_prints_the_number_of_compiles_per_arch_and_compiles_nothing(tmp_path):
-    import re
-
     proc, report = _compile_check(tmp_path, "--arch", "sm_80,sm_86", "--count")
     assert proc.returncode == 0 and report is None, proc.stderr[-3000:]
     found = re.findall(r"(sm_\d+): (\d+) of (\d+) distinct compiles", proc.stdout)

@@ -19,6 +19,7 @@ from gift_kernels.dispatch import TRITON_DTYPES
 from gift_kernels.launch import (
     ARCH_PROPS,
     INDEX_LIMIT,
+    INTERPRETER_PROPS,
     DeviceProps,
     Split,
     best_split,
@@ -286,3 +287,18 @@ def test_paca_guard_refuses_tensors_of_2_31_elements_and_auto_takes_torch(monkey
     asked = _meta_as_cuda(monkeypatch, paca)
     assert paca_attention(t, params, heads, backend="auto").shape == (L, N, r)      # the torch path, on meta
     assert asked == []
+
+
+def test_paca_with_r_masked_at_64_takes_torch_on_a_gpu():
+    """With r masked at 64 (33..63), `_paca_attn_bwd` (sm_80 fp32 M=50, r=40: 192 B of spill stores; M=64, r=40:
+    60 B) and `_paca_cluster_side_bwd` (264 B) spill (compile_check); r=64 or r <= 32 compile clean."""
+    for arch in ("sm_80", "sm_90"):
+        props = ARCH_PROPS[arch]
+        for M, r in ((50, 40), (33, 63), (63, 33), (48, 40), (24, 40), (7, 60), (64, 40), (32, 40), (16, 60)):
+            reason = paca_triton_unsupported(M, r, torch.float32, props)
+            assert reason is not None and "spill registers when r is masked at their largest tiles" in reason
+            assert f"M={M}, r={r}" in reason
+        for M, r in ((50, 64), (50, 16), (50, 32), (24, 64), (48, 24), (64, 64), (64, 16)):
+            assert paca_triton_unsupported(M, r, torch.float32, props) is None, (arch, M, r)
+    assert paca_triton_unsupported(50, 40) is None                   # no device, or the interpreter: no ptxas
+    assert paca_triton_unsupported(50, 40, torch.float32, INTERPRETER_PROPS) is None
