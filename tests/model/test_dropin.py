@@ -142,8 +142,12 @@ def test_timm_attributes_are_the_backbones():
     assert model.num_classes == 4 and model.get_classifier() is backbone.head
     assert model.default_cfg is backbone.default_cfg
     x = torch.randn(1, 3, 32, 32)
+    randomize_gift_(model, scale=0.5, psi_scale=0.5)  # psi no longer zero: the adapted and the plain backbone differ
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x))
+        adapted = model(x)
+        torch.testing.assert_close(model.forward_head(model.forward_features(x)), adapted)
+        with model.disable_adapter():
+            assert (model(x) - adapted).abs().max() > 1e-4
     with pytest.raises(AttributeError):
         model.no_such_attribute
 
