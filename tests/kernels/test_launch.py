@@ -132,11 +132,12 @@ def test_paca_with_gpu_splits_matches_float64_reference(monkeypatch, device, sm_
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 def test_paca_with_gpu_splits_and_heads_matches_float64_reference(monkeypatch, device, dtype, activation):
-    """Both assignments with 2 heads and ragged M, r, N; with 108 SMs the backward splits N (last block ragged)."""
+    """Both assignments with 2 heads and ragged M, r, N (r <= 32: an r masked at 64 takes torch on GPUs); with 108
+    SMs the backward splits N (last block ragged)."""
     monkeypatch.setenv("GIFT_SM_COUNT", "108")
-    cfg = paca_launch(2, 137, 20, 48, 2, dtype, device_props(torch.device("cpu")))
+    cfg = paca_launch(2, 137, 20, 24, 2, dtype, device_props(torch.device("cpu")))
     assert all(s.splits >= 2 for s in cfg.splits().values()) and cfg.n_blocks * cfg.block_n > 137
-    _paca_agrees((2, 137, 20, 48, 2), dtype, device, activation)
+    _paca_agrees((2, 137, 20, 24, 2), dtype, device, activation)
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
