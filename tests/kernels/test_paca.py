@@ -53,27 +53,12 @@ def _shape_id(shape):
     return "L{}-N{}-M{}-r{}-h{}".format(*shape)
 
 
-def _known_16bit_shortfall(shape, device, backend, dtype):
-    """``(reason, strict)`` of a Triton case in 16 bits known to exceed its gate on CPU (the interpreter), else None.
-    CPU only: a GPU's rounding may land on either side."""
-    if backend != "triton" or device != "cpu" or dtype == torch.float32:
-        return None
-    if dtype == torch.bfloat16 and shape == (1, 100, 64, 64, 1):
-        # not strict: the excess (6.4e-6) is a tenth of one bf16 ulp of d_cluster_b (6.1e-5): another CPU may pass
-        return ("known: bf16 Triton d_cluster_b abs 4.874e-4 > 4.810e-4 (1.01x; 4e-2 x scale 1.05e-2 + 2 x baseline's "
-                "3.0e-5): dC = U dP^T cancels (dP is orthogonal to Z) and its operands are bf16"), False
-    return None
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", PACA_SHAPES, ids=_shape_id)
-def test_paca_attention_matches_float64_reference(shape, device, backend, dtype, request, runnable):
+def test_paca_attention_matches_float64_reference(shape, device, backend, dtype, runnable):
     runnable(device, backend, dtype)
-    known = _known_16bit_shortfall(shape, device, backend, dtype)
-    if known:
-        request.applymarker(pytest.mark.xfail(strict=known[1], raises=AssertionError, reason=known[0]))
     got, _ = check_paca(shape, dtype, backend, device=device)
     assert got["output"].dtype == dtype and got["d_cluster_w"].dtype == dtype
 
