@@ -5,16 +5,17 @@ and pytest-benchmark.
 1. Warm: every later step that launches Triton kernels runs once, all at once, as separate processes sharing one
    Triton cache, so the compiles (single-threaded each) run in parallel; their results count too if a later
    step runs out of time.
-2. The cases that matter, one at a time: the ViT-H PaCa shape in fp32/bf16/fp16, the ragged-split PaCa shapes,
-   an even and a ragged residual shape, the self-verifying dispatch on CUDA (injected failures, and auto's
-   verdicts at the ViT-H shapes, into OUT_DIR/kernels.json), FastGIFT with the Triton kernels against the
-   reference; then one ``compute-sanitizer --tool memcheck`` and one ``--tool racecheck`` run on small ragged
-   shapes with ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` (the caching allocator hides out-of-bounds accesses inside
-   its blocks); then the ViT-H bench rows (bf16, into OUT_DIR/bench).
+2. The ``reserved`` steps, short and never crowded out: one ``compute-sanitizer --tool memcheck`` and one
+   ``--tool racecheck`` run on small ragged shapes with ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` (the caching
+   allocator hides out-of-bounds accesses inside its blocks).
+3. The cases that matter, one at a time, in the time the sanitizers left: the ViT-H PaCa shape in
+   fp32/bf16/fp16, the ragged-split PaCa shapes, an even and a ragged residual shape, the self-verifying dispatch
+   on CUDA (injected failures, and auto's verdicts at the ViT-H shapes, into OUT_DIR/kernels.json), FastGIFT with
+   the Triton kernels against the reference; then the ViT-H bench rows (bf16, into OUT_DIR/bench).
 
 Every step has a timeout and the whole run a deadline (`DEADLINE_S`): a step that fails, times out or finds no
-time left is recorded and the next one runs. The sanitizer runs are ``reserved``: their timeouts are kept back
-from the steps before them, so that they run inside the deadline even if every earlier step times out. A pytest
+time left is recorded and the next one runs. The sanitizer runs are ``reserved``: they run first after the warm-up,
+so that no earlier step can leave them without time, and only the time they take is gone. A pytest
 step whose selected tests all skip is recorded as "skipped".
 Everything lands in OUT_DIR/summary.json (one record per step:
 command, status, return code, seconds, pytest counts, the log's tail; the device, versions and auto's verdicts),
@@ -57,7 +58,7 @@ class Step:
     warm: bool | list[str] = True
     main: bool = True
     needs: str | None = None     # an executable that must exist, else the step is skipped
-    reserved: bool = False       # its timeout is kept back from every earlier step: it runs even if they time out
+    reserved: bool = False       # runs right after the warm-up, before every other step
 
     def warm_argv(self) -> list[str] | None:
         return None if self.warm is False else (list(self.argv) if self.warm is True else list(self.warm))
@@ -85,7 +86,7 @@ def plan(out: Path) -> list[Step]:
         Step("dispatch_verdicts_vit_h", [*cases, "verdicts", str(out)], 150,
              warm=[*cases, "verdicts", str(out / "scratch" / "warm-verdicts")]),
         _pytest("fast_gift_triton_vs_reference", 90, "tests/model/test_gpu.py"),
-        # reserved: their timeouts (which fit the window after a full warm-up) are kept back from the steps above
+        # reserved: run right after the warm-up (their timeouts fit the window after a full warm-up)
         Step("memcheck", [sanitizer, "--tool", "memcheck", "--error-exitcode", "9", "--print-limit", "20",
                           *cases, "sanitize"], 90, env=no_caching, warm=False, needs=sanitizer, reserved=True),
         Step("racecheck", [sanitizer, "--tool", "racecheck", "--error-exitcode", "9", "--print-limit", "20",
@@ -162,7 +163,7 @@ def warm_up(steps: list[Step], out: Path, budget_s: float) -> list[dict]:
     records = []
     for step, argv, proc, log, junit in running:
         try:
-            rc = proc.wait(timeout=max(1.0, budget_s - (time.monotonic() - started)))
+            rc = proc.wait(timeout=max(0.01, budget_s - (time.monotonic() - started)))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -218,11 +219,9 @@ def run(steps: list[Step], out: Path, deadline_s: float = DEADLINE_S, warm_s: fl
                "device": device if device is not None else _device()}
     summary["warm_up"] = warm_up(steps, out, min(warm_s, deadline_s / 2)) if warm_s > 0 else []
     summary["steps"] = []
-    main = [s for s in steps if s.main]
-    for i, step in enumerate(main):
-        kept_back = sum(s.timeout_s for s in main[i + 1:] if s.reserved)    # for the reserved steps still to come
-        left = deadline_s - RESERVE_S - kept_back - (time.monotonic() - start)
-        summary["steps"].append(run_step(step, out, left))
+    main = [s for s in steps if s.main and s.reserved] + [s for s in steps if s.main and not s.reserved]
+    for step in main:
+        summary["steps"].append(run_step(step, out, deadline_s - RESERVE_S - (time.monotonic() - start)))
         _write(out, summary)
     verdicts = out / "kernels.json"
     summary["verdicts"] = json.loads(verdicts.read_text()) if verdicts.exists() else None

@@ -7,6 +7,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import torch
+
 from bench import gpu_check
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +36,7 @@ def test_the_plan_fits_the_window():
     steps = gpu_check.plan(Path("/tmp/out"))
     assert gpu_check.DEADLINE_S < 8 * 60 and gpu_check.WARM_S <= gpu_check.DEADLINE_S / 2
     assert all(0 < s.timeout_s < gpu_check.DEADLINE_S for s in steps)
-    # the sanitizers run inside the window even after a full warm-up and every earlier step timing out
+    # the sanitizers (run first after the warm-up) fit the window even after a full warm-up
     reserved = [s for s in steps if s.main and s.reserved]
     assert {s.name for s in reserved} == {"memcheck", "racecheck"}
     warm_at_most = min(gpu_check.WARM_S, gpu_check.DEADLINE_S / 2)
@@ -86,14 +88,32 @@ def test_steps_past_the_deadline_are_skipped_and_recorded(tmp_path):
     assert (out / "logs" / "passes.log").exists()
 
 
-def test_a_reserved_step_runs_after_earlier_steps_time_out(tmp_path):
+def test_the_sanitized_cases_take_the_triton_kernels_on_a_gpu():
+    """The sanitizers run these with the Triton backend forced: a shape the launchers send to torch on GPUs would
+    raise before any kernel launched, and the sanitizers would check nothing."""
+    from bench.gpu_check_cases import SANITIZE_PACA
+    from gift_kernels.launch import ARCH_PROPS, paca_triton_unsupported
+
+    _, _, M, r, _ = SANITIZE_PACA
+    for arch in ("sm_80", "sm_86", "sm_90", "sm_100"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert paca_triton_unsupported(M, r, dtype, ARCH_PROPS[arch]) is None, (arch, dtype)
+
+
+def test_reserved_steps_run_first_and_leave_the_others_what_they_do_not_use(tmp_path):
     py = sys.executable
     steps = [gpu_check.Step("hangs", [py, "-c", "import time; time.sleep(120)"], 100, warm=False),
-             gpu_check.Step("reserved", [py, "-c", "print('ran')"], 10, warm=False, reserved=True)]
-    deadline = gpu_check.RESERVE_S + 10 + 8           # 8 s for the hanging step, 10 kept back for the reserved one
-    summary = gpu_check.run(steps, tmp_path / "out", deadline_s=deadline, warm_s=0, device={"device": "none"})
-    assert summary["status"] == {"hangs": "timed_out", "reserved": "passed"}
-    assert summary["steps"][0]["seconds"] < 10
+             gpu_check.Step("quick", [py, "-c", "print('ran')"], 30, warm=False),
+             gpu_check.Step("reserved", [py, "-c", "print('ran')"], 100, warm=False, reserved=True)]
+    # a deadline far below the reserved step's timeout: only its few seconds of use are gone, not its 100 s
+    summary = gpu_check.run(steps, tmp_path / "out", deadline_s=gpu_check.RESERVE_S + 12, warm_s=0,
+                            device={"device": "none"})
+    assert [s["name"] for s in summary["steps"]] == ["reserved", "hangs", "quick"]
+    assert summary["status"] == {"reserved": "passed", "hangs": "timed_out", "quick": "skipped"}
+    steps = [steps[1], steps[2]]
+    summary = gpu_check.run(steps, tmp_path / "out2", deadline_s=gpu_check.RESERVE_S + 30, warm_s=0,
+                            device={"device": "none"})
+    assert summary["status"] == {"reserved": "passed", "quick": "passed"}
 
 
 def test_a_pytest_step_whose_tests_all_skip_is_skipped(tmp_path):
