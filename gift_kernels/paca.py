@@ -101,14 +101,63 @@ def _outputs_and_grads(apply, t, params, num_heads: int, activation: str, grad: 
     return {"output": out.detach(), **{f"d_{n}": g for n, g in zip(["t", *PacaParams._fields], grads)}}
 
 
+# `first_use_operands`: the cluster assignment's weights (times each cluster's direction) and bias, so that each
+# direction's tokens are picked out; query and key weights near this times the identity (sharp attention); the
+# gap between the odd and the even heads' logits, half of it each way: past fp32 exp's range (~88), so that another
+# head's log-sum-exp over- or underflows the exp, but each half within it (the masked rows' logits are the bias's)
+FIRST_USE_ASSIGNMENT_GAIN, FIRST_USE_ASSIGNMENT_BIAS = 8.0, -4.0
+FIRST_USE_QK_GAIN = 8.0
+FIRST_USE_HEAD_OFFSET = 150.0
+
+
+def first_use_operands(t: torch.Tensor, params: PacaParams, num_heads: int) -> tuple[torch.Tensor, PacaParams]:
+    """Seeded random ``(t (L, N, r), params)`` of the call's shapes, dtype and device for the first-use check, on
+    which every part of the kernels shows whatever the call's values: tokens near M random unit directions (rows of
+    norm ~sqrt(r)), an assignment that picks each direction's tokens out and query and key weights near
+    ``FIRST_USE_QK_GAIN`` x the identity, so that each token attends mostly to its own cluster; and with 2+ heads,
+    the odd heads' logits shifted up and the even heads' down by half ``FIRST_USE_HEAD_OFFSET`` for every cluster
+    (each head's first query coordinate a constant ``c``, its key coordinate ``+-c`` without weights, ``c^2 /
+    sqrt(r / heads)`` the half), so that neighbouring heads' log-sum-exps lie far apart. The call's own values are
+    GIFT's initial ones: near-uniform attention and heads alike, on which a kernel wrong only for sharp attention,
+    or reading another head's log-sum-exp, agrees."""
+    L, N, r = t.shape
+    M, d = params.cluster_w.shape[0], r // num_heads
+    gen = torch.Generator(t.device).manual_seed(2)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, device=t.device) * scale
+
+    directions = F.normalize(rnd(M, r), dim=-1)
+    which = torch.randint(M, (L, N), generator=gen, device=t.device)
+    tokens = (directions[which] + rnd(L, N, r, scale=0.3 / math.sqrt(r))) * math.sqrt(r)
+    eye = torch.eye(r, device=t.device)
+    q_w, k_w = (FIRST_USE_QK_GAIN * eye + rnd(r, r, scale=0.1 / math.sqrt(r)) for _ in range(2))
+    q_b, k_b = rnd(r, scale=0.3), rnd(r, scale=0.3)
+    if num_heads > 1:
+        c = math.sqrt(FIRST_USE_HEAD_OFFSET / 2 * math.sqrt(d))
+        first = torch.arange(0, r, d, device=t.device)                    # each head's first coordinate
+        q_b[first], k_w[first] = c, 0.0
+        k_b[first] = c * (torch.arange(num_heads, device=t.device) % 2 * 2 - 1).float()   # -c even, +c odd heads
+    zeros = torch.zeros(r, device=t.device)
+    synthetic = PacaParams(
+        cluster_w=FIRST_USE_ASSIGNMENT_GAIN * directions,
+        cluster_b=torch.full((M,), FIRST_USE_ASSIGNMENT_BIAS, device=t.device),
+        q_w=q_w, q_b=q_b, k_w=k_w, k_b=k_b, v_w=rnd(r, r, scale=1 / math.sqrt(r)), v_b=zeros,
+        proj_w=rnd(r, r, scale=1 / math.sqrt(r)), proj_b=zeros)
+    return tokens.to(t.dtype), PacaParams(*(x.to(p.dtype) for x, p in zip(synthetic, params)))
+
+
 def first_use_check(t: torch.Tensor, params: PacaParams, num_heads: int, activation: str = "sigmoid") -> str | None:
-    """None if the Triton kernels agree with the torch path on these inputs, forward and backward (a seeded random
-    output gradient); else how they disagree. The rule is the tests': the Triton results against the float64 torch
-    path, the fp32 torch path rounded to t's dtype as the baseline, own work and rounding floors included
-    (`agreement`), torch's fp32 matmuls at full precision (`agreement.full_precision_matmul`). An exception of the
-    Triton kernels propagates (`dispatch.verified_choice` reports it)."""
+    """None if the Triton kernels agree with the torch path, forward and backward (a seeded random output gradient),
+    on inputs of the call's shapes, dtype and device with sharp attention and far-apart heads
+    (`first_use_operands`), so on the kernels' specialisation of the call; else how they disagree. The rule is the
+    tests': the Triton results against the float64 torch path, the fp32 torch path rounded to t's dtype as the
+    baseline, own work and rounding floors included (`agreement`), torch's fp32 matmuls at full precision
+    (`agreement.full_precision_matmul`). An exception of the Triton kernels propagates (`dispatch.verified_choice`
+    reports it)."""
     from .paca_triton import PacaAttentionTriton  # Triton is optional: imported once it is to be checked
 
+    t, params = first_use_operands(t, params, num_heads)
     dtype = t.dtype
     gen = torch.Generator(t.device).manual_seed(0)
     grad = torch.randn(t.shape, generator=gen, device=t.device, dtype=torch.float32).to(dtype)

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gift_kernels
 from gift_kernels import PacaParams, dispatch, residual
-from gift_kernels.testing import available_devices, paca_case, residual_case
+from gift_kernels.testing import available_devices, paca_case, paca_saved_state_reference, residual_case
 from tests.kernels.kernel_mutations import Edit, mutated
 
 
@@ -469,3 +469,78 @@ def test_residual_first_use_check_runs_torch_at_full_fp32_precision(auto_on, mon
         assert seen == ["highest"] * 3 and torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+# the project's own kernel mutations that a check on GIFT's initial near-uniform attention cannot see, with the
+# dtype and shape where the test_paca checks need sharp attention or far-apart heads to see them
+NEAR_UNIFORM_BLIND = [("bwd-lse-of-head-0", torch.float32, (2, 37, 8, 16, 2)),
+                      ("bwd-softened", torch.float16, (1, 100, 64, 64, 1))]
+
+
+@pytest.mark.parametrize("mutation, dtype, shape", NEAR_UNIFORM_BLIND, ids=lambda c: str(c))
+def test_paca_first_use_check_sees_a_kernel_wrong_only_for_sharp_attention_or_far_apart_heads(auto_on, mutation,
+                                                                                               dtype, shape):
+    """A first call with GIFT's initial values (random inputs: near-uniform attention, heads' logits close) must
+    still get the torch path and one warning: the check runs on operands whose attention is sharp and whose heads'
+    logits lie far apart (`paca.first_use_operands`), not on the call's own."""
+    from tests.kernels.test_paca import KERNEL_MUTATIONS
+
+    paca_triton = pytest.importorskip("gift_kernels.paca_triton")
+    t, params, grad = paca_case(shape, seed=2)
+
+    def run(backend=None):
+        leaves = [x.to(auto_on, dtype).requires_grad_(True) for x in (t, *params)]
+        out = gift_kernels.paca_attention(leaves[0], PacaParams(*leaves[1:]), shape[4], backend=backend)
+        return [out.detach(), *torch.autograd.grad(out, leaves, grad.to(auto_on, dtype))]
+
+    with mutated(paca_triton, [KERNEL_MUTATIONS[mutation]]), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = run()
+    assert list(dispatch._DECIDED.values()) == ["torch"], dispatch._DECIDED
+    messages = [str(c.message) for c in caught if str(c.message).startswith("paca_attention:")]
+    assert len(messages) == 1 and "disagrees with the float64 torch path" in messages[0], messages
+    assert _same(got, run("torch"))
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 8, 16, 2), (1, 32, 5, 24, 3), (1, 1, 1, 8, 1)], ids=lambda s: str(s))
+def test_paca_first_use_operands_give_sharp_attention_and_far_apart_heads(shape):
+    """The operands are what `paca.first_use_operands` claims, in the call's shapes, dtype and device: attention
+    mostly on one cluster (the call's own: near uniform), and each odd head's log-sum-exp above every even head's by
+    more than fp32 exp's range (~88)."""
+    from gift_kernels import paca, paca_math
+
+    L, N, M, r, heads = shape
+    t, params, _ = paca_case(shape)
+    t, params = t.half(), PacaParams(*(x.half() for x in params))
+    synthetic_t, synthetic = paca.first_use_operands(t, params, heads)
+    assert synthetic_t.shape == t.shape and synthetic_t.dtype == t.dtype
+    assert all(x.shape == p.shape and x.dtype == p.dtype for x, p in zip(synthetic, params))
+    def logits(t, p):                                                                 # (L, N, heads, M)
+        t, p = t.double(), PacaParams(*(x.double() for x in p))
+        state = paca_saved_state_reference(t, p, heads)
+        return (paca_math.l2(t)[0] @ state["kq"].transpose(-1, -2) + state["cq"][:, None]).unflatten(-1, (heads, M))
+
+    def largest_probability(t, p):                                   # the median over tokens and heads
+        return logits(t, p).softmax(-1).amax(-1).median().item()
+
+    if M > 1:                   # the call's own near uniform (~1/M), the synthetic mostly on one cluster
+        assert largest_probability(t, params) < 0.5 < 0.75 < largest_probability(synthetic_t, synthetic)
+    lse = logits(synthetic_t, synthetic).logsumexp(-1)                                  # (L, N, heads)
+    if heads > 1:
+        assert (lse[..., 1::2].amin(-1) - lse[..., 0::2].amax(-1)).min() > 100
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("dtype", dispatch.TRITON_DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 37, 8, 16, 2), (1, 48, 5, 24, 3), (1, 1, 1, 8, 1), (3, 7, 64, 24, 3)],
+                         ids=lambda s: str(s))
+def test_paca_first_use_check_passes_the_real_kernels(shape, device, dtype, activation, runnable):
+    """No false alarm on the synthetic operands: the real kernels agree, on both sides of every mask (N = 48 a
+    multiple of the interpreter's row tile), with one head and several."""
+    runnable(device, "triton", dtype)
+    from gift_kernels import paca
+
+    t, params, _ = paca_case(shape, seed=2)
+    t, params = t.to(device, dtype), PacaParams(*(x.to(device, dtype) for x in params))
+    assert paca.first_use_check(t, params, shape[4], activation) is None

@@ -75,16 +75,30 @@ def test_paca_attention_with_sharp_attention_matches_float64_reference(shape, de
 # heads whose logits lie far apart (`paca_case(head_offset=...)`): head 1's log-sum-exp ~120 above head 0's, so a
 # backward that reads another head's lse overflows (or underflows) its exp in fp32
 HEAD_OFFSET, HEAD_OFFSET_SHAPE = 120.0, (2, 37, 8, 16, 2)
+# N a multiple of the interpreter's 16-row tiles (launch.INTERPRETER_BLOCK), M and r ragged: the kernels' EVEN_N
+# branches, the ones every ViT takes on a GPU (N = 768, 1280, ...); every other case here has N % 16 != 0
+EVEN_N_SHAPES = [(2, 48, 5, 24, 3), (1, 32, 7, 24, 2)]
+HEAD_OFFSET_SHAPES = [HEAD_OFFSET_SHAPE, EVEN_N_SHAPES[0]]
+
+
+def test_even_n_shapes_take_the_even_n_branch_under_the_interpreter():
+    """The cases are what they claim: the attention's row tile divides N (more than one tile), M and r's do not."""
+    from gift_kernels.launch import INTERPRETER_PROPS, paca_launch
+
+    for L, N, M, r, heads in EVEN_N_SHAPES:
+        cfg = paca_launch(L, N, M, r, heads, torch.float32, INTERPRETER_PROPS)
+        assert N % cfg.block_n == 0 and cfg.n_blocks > 1 and M % cfg.block_m and r % cfg.block_r, (N, M, r, cfg)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_paca_attention_with_heads_far_apart_matches_float64_reference(device, backend, dtype, runnable):
+@pytest.mark.parametrize("shape", HEAD_OFFSET_SHAPES, ids=_shape_id)
+def test_paca_attention_with_heads_far_apart_matches_float64_reference(shape, device, backend, dtype, runnable):
     runnable(device, backend, dtype)
-    check_paca(HEAD_OFFSET_SHAPE, dtype, backend, device=device, head_offset=HEAD_OFFSET)
+    check_paca(shape, dtype, backend, device=device, head_offset=HEAD_OFFSET)
     if backend == "triton":
-        lse = check_paca_saved_state(HEAD_OFFSET_SHAPE, dtype, device=device, head_offset=HEAD_OFFSET)["lse"]
+        lse = check_paca_saved_state(shape, dtype, device=device, head_offset=HEAD_OFFSET)["lse"]
         assert lse[:, 1].min() - lse[:, 0].max() > 100        # the case is what it claims: fp32 exp(100) > 2^128
 
 
@@ -97,7 +111,8 @@ def test_paca_attention_fp16_triton_at_ragged_two_head_shape_seed_0_matches_floa
 
 SAVED_STATE_CASES = ([(shape, False, "sigmoid") for shape in PACA_SHAPES] +
                      [(shape, True, "sigmoid") for shape in SHARP_SHAPES] +
-                     [((3, 197, 5, 24, 3), False, "softmax"), ((1, 100, 64, 64, 1), True, "softmax")])
+                     [((3, 197, 5, 24, 3), False, "softmax"), ((1, 100, 64, 64, 1), True, "softmax")] +
+                     [(EVEN_N_SHAPES[0], False, "sigmoid"), (EVEN_N_SHAPES[1], True, "softmax")])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -117,6 +132,7 @@ ATTN_FWD_PROBS = "e = tl.exp(logits - row_max[:, None])"
 ATTN_BWD_PROBS = "a = tl.exp(_head_logits(u, kq, cq, offs_m, M, F32_DOT, EVEN_M) - lse[:, None])"
 ATTN_BWD_LSE = "lse = tl.load(LSE + layer_head.to(tl.int64) * N + offs_n"
 ATTN_FWD_LSE = "lse_ptrs = LSE + (layer * H + j).to(tl.int64) * N + offs_n"
+ATTN_FWD_EVEN_N_LSE = "if EVEN_N:\n            tl.store(lse_ptrs, row_max + tl.log(row_sum))"
 KERNEL_MUTATIONS = {   # attention softened (temperature 2) or sharpened (1/2) in either direction; the lse 2% off
     "fwd-softened": Edit("_paca_attn_fwd", ATTN_FWD_PROBS, "e = tl.exp(0.5 * (logits - row_max[:, None]))"),
     "fwd-sharpened": Edit("_paca_attn_fwd", ATTN_FWD_PROBS, "e = tl.exp(2.0 * (logits - row_max[:, None]))"),
@@ -126,12 +142,20 @@ KERNEL_MUTATIONS = {   # attention softened (temperature 2) or sharpened (1/2) i
                                                                     "tl.exp(1.02 * tl.log(row_sum))"),
     # the backward reads head 0's lse for every head: renormalised away unless the exp over- or underflows
     "bwd-lse-of-head-0": Edit("_paca_attn_bwd", ATTN_BWD_LSE, ATTN_BWD_LSE.replace("layer_head.to", "(layer * H).to")),
+    # the unmasked (EVEN_N) lse store alone loses the row max: only an N that is a multiple of the tile sees it
+    "attn-fwd-even-n-lse-without-max": Edit("_paca_attn_fwd", ATTN_FWD_EVEN_N_LSE,
+                                            ATTN_FWD_EVEN_N_LSE.replace("row_max + tl.log", "tl.log")),
 }
 # the cases the mutations must fail: the op tests' and the sharp ones. A temperature is invisible with one cluster
 # (a softmax over one is 1) or one token (every cluster token is then the same, so the attention is uniform)
 MUTATION_CASES = [(s, False, 0.0) for s in PACA_SHAPES] + [(s, True, 0.0) for s in SHARP_SHAPES]
-# mutations whose cases are instead the far-apart heads' alone: no other case can show them (renormalisation)
-HEAD_OFFSET_MUTATIONS = {"bwd-lse-of-head-0"}
+# mutations whose cases are instead these alone: the far-apart heads' (no other case can show another head's lse:
+# renormalisation); the EVEN_N shapes' (every other N is masked), with and without far-apart heads
+MUTATION_OWN_CASES = {
+    "bwd-lse-of-head-0": [(s, False, HEAD_OFFSET) for s in HEAD_OFFSET_SHAPES],
+    "attn-fwd-even-n-lse-without-max": ([(s, False, 0.0) for s in EVEN_N_SHAPES] + [(EVEN_N_SHAPES[1], True, 0.0)] +
+                                        [(EVEN_N_SHAPES[0], False, HEAD_OFFSET)]),
+}
 # (mutation, shape) that no fp16 check at the gate can see: on these random inputs the attention is near uniform
 # (largest probability 0.202 of 5 clusters; at M = 64 with fp32 dots, too), and the mutation moves no result by
 # TOLERANCES[float16] of its scale
@@ -158,14 +182,13 @@ def _checks_reject(shape, sharp, head_offset, dtype) -> bool:
 @pytest.mark.parametrize("mutation", sorted(KERNEL_MUTATIONS))
 def test_paca_kernel_mutations_fail_the_checks(mutation, dtype):
     """Every mutation fails every case with more than one cluster and token (the lse scaling every case), in fp32
-    and fp16 (those of HEAD_OFFSET_MUTATIONS: the far-apart heads' case); the real kernels pass them all
+    and fp16 (those of MUTATION_OWN_CASES: their own cases); the real kernels pass them all
     (test_paca_attention_matches_float64_reference and the tests above)."""
     skip_unless_runnable("cpu", "triton", dtype)
     edit = KERNEL_MUTATIONS[mutation]
     cases = [case for case in MUTATION_CASES if mutation == "lse-scaled" or (case[0][1] > 1 and case[0][2] > 1)
              if dtype == torch.float32 or case[1] or (mutation, case[0]) not in BELOW_FP16_RESOLUTION]
-    if mutation in HEAD_OFFSET_MUTATIONS:
-        cases = [(HEAD_OFFSET_SHAPE, False, HEAD_OFFSET)]
+    cases = MUTATION_OWN_CASES.get(mutation, cases)
     with mutated(_paca_triton(), [edit]):
         unseen = [case for case in cases if not _checks_reject(*case, dtype)]
     assert not unseen, f"{mutation} passed the checks at (shape, sharp, head offset) {unseen}"
@@ -188,8 +211,8 @@ def test_mutations_left_out_in_fp16_move_no_result_by_the_fp16_tolerance():
 
 
 def test_another_heads_lse_is_invisible_without_far_apart_heads():
-    """Why HEAD_OFFSET_MUTATIONS get the far-apart heads' case: on the same shape without the offset the backward
-    renormalises the wrong lse away and every check passes."""
+    """Why bwd-lse-of-head-0 gets the far-apart heads' cases (MUTATION_OWN_CASES): on the same shape without the
+    offset the backward renormalises the wrong lse away and every check passes."""
     skip_unless_runnable("cpu", "triton", torch.float32)
     with mutated(_paca_triton(), [KERNEL_MUTATIONS["bwd-lse-of-head-0"]]):
         check_paca_saved_state(HEAD_OFFSET_SHAPE, torch.float32)
