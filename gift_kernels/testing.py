@@ -154,7 +154,7 @@ def check_paca_saved_state(shape, dtype: torch.dtype, activation: str = "sigmoid
 
     u, _ = l2(rounded[0])
     operands = u.abs() @ exact["kq"].abs().transpose(-1, -2) + exact["cq"].abs().unsqueeze(-2)       # (L, N, hM)
-    unit = 2 * storage_unit(dtype) + ROUNDING_FACTOR * accumulation_unit(dtype)
+    unit = 2 * storage_unit(dtype) + ROUNDING_FACTOR * accumulation_unit(dtype, torch.device(device).type)
     floors = {"lse": unit * operands.max().item(), "lse_minus_log_m": unit * operands.max().item()}
     if activation == "softmax":
         logits_c = u.abs() @ p.cluster_w.abs().t() + p.cluster_b.abs()
@@ -233,7 +233,8 @@ def paca_agreement(shape, dtype: torch.dtype, backend: str, activation: str = "s
     rounded = rounded_to(inputs, dtype)
     own = [paca_own_work(r, rounded[0], rounded[-1]) for r in (got, exact, baseline)]
     zero = paca_zero_gradients(shape[2], shape[1], activation)
-    floors = paca_error_floors(rounded[0], rounded[1:-1], rounded[-1], heads, dtype, exact, activation)
+    floors = paca_error_floors(rounded[0], rounded[1:-1], rounded[-1], heads, dtype, exact, activation,
+                               device_type=torch.device(device).type)
     return Agreement(got, {k: v[1] for k, v in relative_errors(own[0], own[1], zero).items()},
                      disagreements(own[0], own[1], dtype, baseline=own[2], zero_by_construction=zero, floors=floors),
                      lambda: run(inputs, dtype, backend, device))
@@ -254,7 +255,8 @@ def residual_agreement(shape, dtype: torch.dtype, backend: str, bias: bool = Tru
     own = [residual_own_work(r, x, w, b, grad) for r in (got, exact, baseline)]
     return Agreement(got, {k: v[1] for k, v in relative_errors(own[0], own[1]).items()},
                      disagreements(own[0], own[1], dtype, baseline=own[2],
-                                   floors=residual_error_floors(x, w, b, psi, tokens, grad, dtype)),
+                                   floors=residual_error_floors(x, w, b, psi, tokens, grad, dtype,
+                                                                torch.device(device).type)),
                      lambda: run(inputs, dtype, backend, device))
 
 

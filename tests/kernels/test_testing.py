@@ -175,3 +175,18 @@ def test_zero_by_construction_degenerate_paca_shapes():
     exact = paca_outputs_and_grads(t, params, grad, 1, torch.float64, "reference")
     largest = max(v.abs().max().item() for v in exact.values())
     assert {k for k, v in exact.items() if v.abs().max().item() <= 1e-12 * largest} == set(paca_zero_gradients(1, 1))
+
+
+def test_fp32_accumulation_unit_is_the_device_s():
+    """The fp32 floors model what ran: IEEE fp32 (2^-24) on CPU (the interpreter, the torch path), tf32x3 (2^-22) in
+    the Triton dots on CUDA; 16-bit inputs accumulate in fp32 everywhere."""
+    from gift_kernels.agreement import accumulation_unit
+
+    assert accumulation_unit(torch.float32, "cpu") == 2.0 ** -24
+    assert accumulation_unit(torch.float32, "cuda") == 2.0 ** -22
+    assert accumulation_unit(torch.float16, "cuda") == accumulation_unit(torch.bfloat16, "cpu") == 2.0 ** -24
+    t, params, grad = paca_case(PACA_SHAPE)
+    exact = paca_outputs_and_grads(t, params, grad, PACA_SHAPE[4], torch.float64, "reference")
+    on_cpu = paca_error_floors(t, params, grad, PACA_SHAPE[4], torch.float32, exact)          # t's device: CPU
+    on_cuda = paca_error_floors(t, params, grad, PACA_SHAPE[4], torch.float32, exact, device_type="cuda")
+    assert on_cuda["d_q_b"] == pytest.approx(4 * on_cpu["d_q_b"])
