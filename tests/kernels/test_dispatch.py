@@ -469,3 +469,47 @@ def test_residual_first_use_check_runs_torch_at_full_fp32_precision(auto_on, mon
         assert seen == ["highest"] * 3 and torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def _checkpointed(call):
+    """``call`` run inside a non-reentrant ``torch.utils.checkpoint`` region (GIFT's memory="mlp"/"block", timm's grad
+    checkpointing): the op's first use, and its first-use check, happen inside it."""
+    def run(device, backend=None):
+        return torch.utils.checkpoint.checkpoint(call, device, backend, use_reentrant=False)
+
+    return run
+
+
+@pytest.mark.parametrize("op", sorted(FAILING))
+def test_a_first_use_inside_a_non_reentrant_checkpoint_is_checked_apart_from_it(auto_on, monkeypatch, op):
+    """The check's own autograd runs inside the caller's checkpoint region: it must neither break the checkpoint
+    (its saved tensors counted, then missing at recomputation) nor be broken by it (a cached failure)."""
+    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer",
+                        lambda fn: 1.0 if fn.func.__name__ == "matmul_lowrank_torch" else 0.5)  # Triton faster
+    call = FAILING[op][3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _checkpointed(call)(auto_on)
+    (record,) = json.loads(dispatch.choices_path().read_text()).values()
+    assert record["backend"] == "triton" and record["reason"] is None, record
+    assert _same(got, call(auto_on, "triton"))
+
+
+class RefusesEveryOp(TorchDispatchMode):
+    """A calling context in which no tensor op runs (what an exotic enclosing mode may do to a first-use check)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        raise RuntimeError(f"{func} is not allowed here")
+
+
+def test_an_exception_of_the_calling_context_is_not_cached_as_the_kernels_verdict(cache):
+    calls = Calls(raises=RuntimeError("aten.mm is not allowed here"), seconds={"torch": 2.0, "triton": 1.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with RefusesEveryOp():
+            assert _choose(calls) == "torch"
+    assert calls.ran == ["verify"] and dispatch._DECIDED == {} and not cache.exists()
+    assert _choose(Calls(seconds={"torch": 2.0, "triton": 1.0})) == "triton"     # checked again, outside it
+    with pytest.warns(RuntimeWarning, match="OutOfResources"):                  # the kernel's own failure: kept
+        assert _choose(Calls(raises=RuntimeError("OutOfResources: shared memory")), "k2") == "torch"
+    assert json.loads(cache.read_text())[_entry("k2")]["backend"] == "torch"
