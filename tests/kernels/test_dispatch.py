@@ -513,3 +513,33 @@ def test_an_exception_of_the_calling_context_is_not_cached_as_the_kernels_verdic
     with pytest.warns(RuntimeWarning, match="OutOfResources"):                  # the kernel's own failure: kept
         assert _choose(Calls(raises=RuntimeError("OutOfResources: shared memory")), "k2") == "torch"
     assert json.loads(cache.read_text())[_entry("k2")]["backend"] == "torch"
+
+
+def _paca_forward(device, backend=None):
+    t, params, _ = paca_case(PACA_SHAPE, seed=2)
+    return gift_kernels.paca_attention(t.to(device, torch.float32), PacaParams(*(p.to(device, torch.float32) for p in
+                                                                                 params)), PACA_SHAPE[4],
+                                       backend=backend)
+
+
+def _residual_forward(device, backend=None):
+    x, w, b, psi, tokens, _ = (v.to(device, torch.float32) for v in residual_case(RESIDUAL_SHAPE))
+    return gift_kernels.lowrank_residual_linear(x, w, b, psi, tokens, backend=backend)
+
+
+@pytest.mark.parametrize("op,forward", [("paca_attention", _paca_forward),
+                                        ("lowrank_residual_linear", _residual_forward)])
+def test_a_first_use_under_inference_mode_is_checked_with_autograd(auto_on, monkeypatch, op, forward):
+    """Inference tensors cannot be saved for backward: the check runs on clones with inference mode off, and the
+    kernels it trusts are what the inference call and later training calls get."""
+    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer",
+                        lambda fn: 1.0 if fn.func.__name__ == "matmul_lowrank_torch" else 0.5)  # Triton faster
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.inference_mode():
+            got = forward(auto_on)
+    (record,) = json.loads(dispatch.choices_path().read_text()).values()
+    assert record["backend"] == "triton" and record["reason"] is None, record
+    assert torch.equal(got, forward(auto_on, "triton"))
+    _new_process()
+    assert _same(FAILING[op][3](auto_on), FAILING[op][3](auto_on, "triton"))   # a training call: the same verdict
