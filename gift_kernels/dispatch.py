@@ -192,10 +192,16 @@ def _save_choices(path: Path, data: dict) -> None:
         pass                                  # a read-only home: the choice still holds for this process
 
 
+# every file a verdict depends on: the kernels and their launch policy, the ops and their first-use checks, the
+# torch paths the kernels are compared with, the agreement rule, and this module
+VERDICT_SOURCES = ("paca_triton.py", "residual_triton.py", "launch.py", "paca.py", "residual.py", "paca_math.py",
+                   "agreement.py", "dispatch.py")
+
+
 @functools.lru_cache(maxsize=None)
 def code_version() -> str:
-    """The gift, Triton, torch and CUDA versions and a hash of the kernel sources (`paca_triton`, `residual_triton`,
-    `launch`): a verdict holds for the code that was verified, also under an editable install."""
+    """The gift, Triton, torch and CUDA versions and a hash of `VERDICT_SOURCES` (the kernels, the checks, the torch
+    paths, the tolerances): a verdict holds for the code that was verified, also under an editable install."""
     try:
         gift_version = importlib.metadata.version("gift")
     except importlib.metadata.PackageNotFoundError:
@@ -208,8 +214,8 @@ def code_version() -> str:
         triton_version = "none"
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in ("paca_triton.py", "residual_triton.py", "launch.py"):
-        digest.update((here / name).read_bytes())
+    for name in VERDICT_SOURCES:
+        digest.update(name.encode() + b"\0" + (here / name).read_bytes())
     return (f"gift {gift_version} triton {triton_version} torch {torch.__version__} cuda {torch.version.cuda} "
             f"kernels {digest.hexdigest()[:12]}")
 

@@ -182,12 +182,16 @@ def test_verdicts_are_keyed_by_the_code_and_the_device(cache, monkeypatch):
     assert len(json.loads(cache.read_text())) == 3
 
 
-def test_the_code_version_changes_with_the_kernel_sources(monkeypatch, tmp_path):
+@pytest.mark.parametrize("edited", ["paca_triton.py", "residual_triton.py", "launch.py", "paca.py", "residual.py",
+                                    "paca_math.py", "agreement.py", "dispatch.py"])
+def test_the_code_version_changes_with_every_file_a_verdict_depends_on(monkeypatch, edited):
+    """The kernels, the first-use checks and their operands, the torch paths, the tolerances and the dispatch."""
+    dispatch.code_version.cache_clear()
     before = dispatch.code_version()
     dispatch.code_version.cache_clear()
     real_read = dispatch.Path.read_bytes
     monkeypatch.setattr(dispatch.Path, "read_bytes", lambda self: real_read(self) + (b"#" if
-                                                                                   self.name == "launch.py" else b""))
+                                                                                   self.name == edited else b""))
     try:
         assert dispatch.code_version() != before
     finally:
