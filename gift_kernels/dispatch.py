@@ -291,10 +291,12 @@ def _keep(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _usable_outside_inference_mode(value):
-    """``value`` with every inference tensor in it (also inside tuples, lists and named tuples) replaced by a clone
-    that autograd may record and save (made with inference mode off); other tensors as they are."""
+    """``value`` with every inference tensor in it (also inside tuples, lists and named tuples) replaced by a copy of
+    the same strides that autograd may record and save (made with inference mode off); other tensors as they are."""
     if isinstance(value, torch.Tensor):
-        return value.clone() if value.is_inference() else value
+        if not value.is_inference():
+            return value
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device).copy_(value)
     if isinstance(value, tuple) and hasattr(value, "_fields"):
         return type(value)(*(_usable_outside_inference_mode(v) for v in value))
     if isinstance(value, (tuple, list)):

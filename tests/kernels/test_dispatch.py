@@ -339,7 +339,7 @@ def test_residual_auto_checks_times_and_caches_the_faster_agreeing_backend(auto_
     assert timed == ["matmul_lowrank_torch", "matmul_lowrank_epilogue"]
     (entry, value), = json.loads(dispatch.choices_path().read_text()).items()
     assert entry == (f"{dispatch.device_identity(auto_on)} | lowrank_residual_linear | rows<=64 d_in=24 d_out=40 r=8 "
-                     f"torch.float32 gift=torch.float32 bias=True even_m=False "
+                     f"torch.float32 gift=torch.float32 bias=True even_m=False x=row-major w=row-major "
                      f"matmul={torch.get_float32_matmul_precision()} | "
                      f"{dispatch.code_version()}")
     assert value == {"backend": "triton", "reason": None, "seconds": {"torch": 5.0, "triton": 4.0}}
@@ -547,3 +547,26 @@ def test_a_first_use_under_inference_mode_is_checked_with_autograd(auto_on, monk
     assert torch.equal(got, forward(auto_on, "triton"))
     _new_process()
     assert _same(FAILING[op][3](auto_on), FAILING[op][3](auto_on, "triton"))   # a training call: the same verdict
+
+
+def test_residual_verdicts_are_kept_per_layout_and_checked_in_the_calls_layout(auto_on, monkeypatch):
+    """A kernel wrong only for a column-major x (A stepped by BLOCK_K elements, not BLOCK_K * stride_ak) is trusted
+    for a row-major x, whose first-use check cannot see it; a column-major x of the same shape has its own verdict,
+    checked on a column-major x, and gets the torch path."""
+    residual_triton = pytest.importorskip("gift_kernels.residual_triton")
+    from gift_kernels.testing import column_major
+
+    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer",
+                        lambda fn: 1.0 if fn.func.__name__ == "matmul_lowrank_torch" else 0.5)  # Triton faster
+    x, w, b, psi, tokens, _ = (v.to(auto_on, torch.float32) for v in residual_case((100, 64, 24, 24)))
+    wrong = Edit("_matmul_lowrank_epilogue", "a_ptrs += BLOCK_K * stride_ak", "a_ptrs += BLOCK_K")
+    with mutated(residual_triton, [wrong]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            gift_kernels.lowrank_residual_linear(x, w, b, psi, tokens)
+        with pytest.warns(RuntimeWarning, match="disagrees with the float64 torch path: output"):
+            got = gift_kernels.lowrank_residual_linear(column_major(x), w, b, psi, tokens)
+    verdicts = {entry.split(" | ")[2].split(" x=")[1].split(" matmul=")[0]: v["backend"] for entry, v in
+                json.loads(dispatch.choices_path().read_text()).items()}
+    assert verdicts == {"row-major w=row-major": "triton", "column-major w=row-major": "torch"}, verdicts
+    assert torch.equal(got, gift_kernels.lowrank_residual_linear(column_major(x), w, b, psi, tokens, backend="torch"))
