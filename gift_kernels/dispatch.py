@@ -192,10 +192,16 @@ def _save_choices(path: Path, data: dict) -> None:
         pass                                  # a read-only home: the choice still holds for this process
 
 
+# every file a verdict depends on: the kernels and their launch policy, the ops and their first-use checks, the
+# torch paths the kernels are compared with, the agreement rule, and this module
+VERDICT_SOURCES = ("paca_triton.py", "residual_triton.py", "launch.py", "paca.py", "residual.py", "paca_math.py",
+                   "agreement.py", "dispatch.py")
+
+
 @functools.lru_cache(maxsize=None)
 def code_version() -> str:
-    """The gift, Triton, torch and CUDA versions and a hash of the kernel sources (`paca_triton`, `residual_triton`,
-    `launch`): a verdict holds for the code that was verified, also under an editable install."""
+    """The gift, Triton, torch and CUDA versions and a hash of `VERDICT_SOURCES` (the kernels, the checks, the torch
+    paths, the tolerances): a verdict holds for the code that was verified, also under an editable install."""
     try:
         gift_version = importlib.metadata.version("gift")
     except importlib.metadata.PackageNotFoundError:
@@ -208,8 +214,8 @@ def code_version() -> str:
         triton_version = "none"
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in ("paca_triton.py", "residual_triton.py", "launch.py"):
-        digest.update((here / name).read_bytes())
+    for name in VERDICT_SOURCES:
+        digest.update(name.encode() + b"\0" + (here / name).read_bytes())
     return (f"gift {gift_version} triton {triton_version} torch {torch.__version__} cuda {torch.version.cuda} "
             f"kernels {digest.hexdigest()[:12]}")
 
@@ -280,6 +286,68 @@ def _warn_torch_path(op: str, entry: str, reason: str, path: Path) -> None:
                       f"Triton).", RuntimeWarning, stacklevel=4)
 
 
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _usable_outside_inference_mode(value):
+    """``value`` with every inference tensor in it (also inside tuples, lists and named tuples) replaced by a copy of
+    the same strides that autograd may record and save (made with inference mode off); other tensors as they are."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_inference():
+            return value
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device).copy_(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_usable_outside_inference_mode(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_usable_outside_inference_mode(v) for v in value)
+    return value
+
+
+def _isolated(fn: Callable[[], object]) -> object:
+    """``fn()`` out of the caller's autograd context, so that a first-use check neither sees nor touches it: inference
+    mode off and grad on (``fn``'s tensor arguments, if it is a ``functools.partial``, cloned where they are inference
+    tensors), and identity saved-tensor hooks innermost, so that an enclosing non-reentrant
+    ``torch.utils.checkpoint`` (or any other pack/unpack hooks) neither counts nor recomputes what the check saves."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        if isinstance(fn, functools.partial):
+            fn = functools.partial(fn.func, *_usable_outside_inference_mode(fn.args),
+                                   **{k: _usable_outside_inference_mode(v) for k, v in fn.keywords.items()})
+        return fn()
+
+
+class _Saves(torch.autograd.Function):
+    """``2 x`` with x saved for backward: the probe of `_context_allows_a_check`."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        return grad * 2 + 0 * x
+
+
+def _context_allows_a_check(device: torch.device) -> str | None:
+    """None if a small autograd round trip (a saved tensor, a backward) runs in `_isolated` on ``device`` here, else
+    why not: then an exception of the first-use check is the calling context's, not the kernel's."""
+    def probe():
+        x = torch.ones(2, device=device, requires_grad=True)
+        torch.autograd.grad(_Saves.apply(x).sum(), x)
+
+    try:
+        _isolated(probe)
+    except Exception as e:  # noqa: BLE001  (whatever the context makes autograd raise)
+        return _reason(e)
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+
+
 def verified_choice(op: str, key: str, device: torch.device, verify: Callable[[], str | None],
                     timed: Callable[[], dict[str, Callable[[], object]]] | None = None,
                     timer: Callable[[Callable[[], object]], float] | None = None, path: Path | None = None) -> str:
@@ -289,7 +357,10 @@ def verified_choice(op: str, key: str, device: torch.device, verify: Callable[[]
     The verdict is looked up first: in this process, then in the JSON cache at ``path`` (default `choices_path`),
     by `device_identity`, op, key and `code_version`. Without one (and not while compiling or capturing a CUDA
     graph, which get the torch path), ``verify()`` runs: ``None`` when the Triton kernels agree with the torch
-    path on this call's inputs, else the reason they do not (an exception it raises counts as the reason too).
+    path on this call's inputs, else the reason they do not (an exception it raises counts as the reason too, unless
+    the calling context is to blame: `_context_allows_a_check`; then this call gets the torch path and nothing is
+    decided). The check and the timing run apart from the caller's autograd context (`_isolated`: an enclosing
+    checkpoint, inference mode or no_grad neither sees them nor changes them).
     If they agree and ``timed`` is given, it returns {backend name: a call of the op}, each is timed with
     ``timer`` (default `cuda_timer`, `cpu_timer` on CPU) and the fastest that ran wins. A torch-path verdict
     warns once per process."""
@@ -309,20 +380,22 @@ def verified_choice(op: str, key: str, device: torch.device, verify: Callable[[]
             _warn_torch_path(op, entry, known["reason"], path)
         return known["backend"]
     try:
-        reason = verify()
+        reason = _isolated(verify)
     except Exception as e:  # noqa: BLE001  (whatever the first use raises, the torch path is the answer)
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        if _context_allows_a_check(device) is not None:
+            return "torch"                    # the calling context's failure, not the kernel's: nothing is decided
+        reason = _reason(e)
     seconds: dict[str, float] = {}
     backend = "torch" if reason else "triton"
     if reason is None and timed:
         timer = timer or (cuda_timer if device.type == "cuda" else cpu_timer)
-        for name, fn in timed().items():
+        for name, fn in _isolated(timed).items():
             try:
-                seconds[name] = float(timer(fn))
+                seconds[name] = float(_isolated(functools.partial(timer, fn)))
             except Exception as e:  # noqa: BLE001
                 seconds[name] = math.inf
                 if name == "triton":
-                    reason = f"timing it raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    reason = f"timing it raised {_reason(e)}"
         backend = min(seconds, key=seconds.get)
     record = {"backend": backend, "reason": reason, "seconds": seconds}
     _DECIDED[entry], data[entry] = backend, record

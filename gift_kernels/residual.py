@@ -144,16 +144,39 @@ def _timed_candidates(x, weight, bias, psi, tokens) -> dict:
             (("torch", matmul_lowrank_torch), ("triton", matmul_lowrank_epilogue))}
 
 
+def _matrix_layout(stride: tuple[int, int], shape: tuple[int, int]) -> str:
+    """``"row-major"`` (unit column stride), ``"column-major"`` (unit row stride) or ``"strided"``; a dim of size 1
+    has no stride to speak of."""
+    if stride[1] == 1 or shape[1] == 1:
+        return "row-major"
+    return "column-major" if stride[0] == 1 or shape[0] == 1 else "strided"
+
+
+def operand_layouts(x, weight) -> str:
+    """How x (as the kernel gets it: ``x.reshape(-1, d_in)``, a copy of which is row-major) and W are stored, from
+    shapes and strides alone: the Triton kernel's loads (and its stride specialisations) differ by layout, so a
+    verdict holds for one layout only."""
+    leading = [(n, st) for n, st in zip(x.shape[:-1], x.stride()[:-1]) if n != 1]
+    x_layout = "row-major"                         # a unit column stride stays one; a copy (by reshape or kernel) too
+    if x.stride(-1) != 1 and x.shape[-1] != 1 and leading:
+        merges = all(leading[i][1] == leading[i + 1][1] * leading[i + 1][0] for i in range(len(leading) - 1))
+        if merges and leading[-1][1] == 1:         # reshape is a view whose rows are adjacent: the kernel keeps it
+            x_layout = "column-major"
+    return f"x={x_layout} w={_matrix_layout(weight.stride(), weight.shape)}"
+
+
 def _verified_backend(x, weight, bias, psi, tokens) -> str:
     """What ``auto`` runs where Triton may: the verdict of `dispatch.verified_choice` (`first_use_check`, then the
     faster of the two forward GEMMs) per shape bucket (rows rounded up to a power of two, and whether they fill
-    whole row tiles: ``EVEN_M``, the kernel's specialisation the check runs), dtypes and bias; fp32 also by
+    whole row tiles: ``EVEN_M``, the kernel's specialisation the check runs), dtypes, bias and the layouts of x and W
+    (`operand_layouts`; the check runs on the call's x and W, so in their layouts); fp32 also by
     ``torch.get_float32_matmul_precision()``, which sets cuBLAS's speed. The key is built from shapes alone:
     nothing is computed before the lookup."""
     rows = x.numel() // x.shape[-1]
     block_m = residual_launch(rows, weight.shape[0], x.shape[-1], psi.shape[1], x.dtype, device_props(x.device)).block_m
     key = (f"rows<={1 << max(0, rows - 1).bit_length()} d_in={x.shape[-1]} d_out={weight.shape[0]} r={psi.shape[1]} "
-           f"{x.dtype} gift={psi.dtype} bias={bias is not None} even_m={rows % block_m == 0}")
+           f"{x.dtype} gift={psi.dtype} bias={bias is not None} even_m={rows % block_m == 0} "
+           f"{operand_layouts(x, weight)}")
     if x.dtype == torch.float32:
         key += f" matmul={torch.get_float32_matmul_precision()}"
     args = (x, weight, bias, psi, tokens)

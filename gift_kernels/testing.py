@@ -240,11 +240,20 @@ def paca_agreement(shape, dtype: torch.dtype, backend: str, activation: str = "s
                      lambda: run(inputs, dtype, backend, device))
 
 
+def column_major(x: torch.Tensor) -> torch.Tensor:
+    """The same values as ``x`` (..., cols), stored column by column as the matrix of its leading dims flattened:
+    ``x.reshape(-1, cols)`` is a view with ``stride(0) == 1``."""
+    return x.reshape(-1, x.shape[-1]).t().contiguous().t().reshape(x.shape)
+
+
 def residual_agreement(shape, dtype: torch.dtype, backend: str, bias: bool = True, device="cpu",
-                       psi_scale: float = RESIDUAL_PSI_SCALE) -> Agreement:
+                       psi_scale: float = RESIDUAL_PSI_SCALE, column_major_x: bool = False,
+                       column_major_weight: bool = False) -> Agreement:
     """`lowrank_residual_linear` at ``shape = (rows, d_in, d_out, r)``, compared like `paca_agreement` (own work:
-    `residual_own_work`, floors: `residual_error_floors`)."""
+    `residual_own_work`, floors: `residual_error_floors`); x and W stored column-major if asked (`column_major`)."""
     inputs = list(residual_case(shape, bias, psi_scale=psi_scale))
+    for i, asked in ((0, column_major_x), (1, column_major_weight)):
+        inputs[i] = column_major(inputs[i]) if asked else inputs[i]
 
     def run(args, run_dtype, run_backend="reference", run_device="cpu"):
         return residual_outputs_and_grads(*args, run_dtype, run_backend, device=run_device)
@@ -271,10 +280,12 @@ def check_paca(shape, dtype: torch.dtype, backend: str, activation: str = "sigmo
 
 
 def check_residual(shape, dtype: torch.dtype, backend: str, bias: bool = True, device="cpu",
-                   psi_scale: float = RESIDUAL_PSI_SCALE) -> tuple[dict[str, torch.Tensor],
-                                                                  Callable[[], dict[str, torch.Tensor]]]:
+                   psi_scale: float = RESIDUAL_PSI_SCALE, column_major_x: bool = False,
+                   column_major_weight: bool = False) -> tuple[dict[str, torch.Tensor],
+                                                               Callable[[], dict[str, torch.Tensor]]]:
     """`residual_agreement`, raising like `check_paca`."""
-    agreement = residual_agreement(shape, dtype, backend, bias, device, psi_scale)
+    agreement = residual_agreement(shape, dtype, backend, bias, device, psi_scale, column_major_x,
+                                   column_major_weight)
     agreement.raise_if_bad(dtype)
     return agreement.got, agreement.rerun
 

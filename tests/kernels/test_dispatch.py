@@ -182,12 +182,16 @@ def test_verdicts_are_keyed_by_the_code_and_the_device(cache, monkeypatch):
     assert len(json.loads(cache.read_text())) == 3
 
 
-def test_the_code_version_changes_with_the_kernel_sources(monkeypatch, tmp_path):
+@pytest.mark.parametrize("edited", ["paca_triton.py", "residual_triton.py", "launch.py", "paca.py", "residual.py",
+                                    "paca_math.py", "agreement.py", "dispatch.py"])
+def test_the_code_version_changes_with_every_file_a_verdict_depends_on(monkeypatch, edited):
+    """The kernels, the first-use checks and their operands, the torch paths, the tolerances and the dispatch."""
+    dispatch.code_version.cache_clear()
     before = dispatch.code_version()
     dispatch.code_version.cache_clear()
     real_read = dispatch.Path.read_bytes
     monkeypatch.setattr(dispatch.Path, "read_bytes", lambda self: real_read(self) + (b"#" if
-                                                                                   self.name == "launch.py" else b""))
+                                                                                   self.name == edited else b""))
     try:
         assert dispatch.code_version() != before
     finally:
@@ -335,7 +339,7 @@ def test_residual_auto_checks_times_and_caches_the_faster_agreeing_backend(auto_
     assert timed == ["matmul_lowrank_torch", "matmul_lowrank_epilogue"]
     (entry, value), = json.loads(dispatch.choices_path().read_text()).items()
     assert entry == (f"{dispatch.device_identity(auto_on)} | lowrank_residual_linear | rows<=64 d_in=24 d_out=40 r=8 "
-                     f"torch.float32 gift=torch.float32 bias=True even_m=False "
+                     f"torch.float32 gift=torch.float32 bias=True even_m=False x=row-major w=row-major "
                      f"matmul={torch.get_float32_matmul_precision()} | "
                      f"{dispatch.code_version()}")
     assert value == {"backend": "triton", "reason": None, "seconds": {"torch": 5.0, "triton": 4.0}}
@@ -544,3 +548,100 @@ def test_paca_first_use_check_passes_the_real_kernels(shape, device, dtype, acti
     t, params, _ = paca_case(shape, seed=2)
     t, params = t.to(device, dtype), PacaParams(*(x.to(device, dtype) for x in params))
     assert paca.first_use_check(t, params, shape[4], activation) is None
+
+
+def _checkpointed(call):
+    """``call`` run inside a non-reentrant ``torch.utils.checkpoint`` region (GIFT's memory="mlp"/"block", timm's grad
+    checkpointing): the op's first use, and its first-use check, happen inside it."""
+    def run(device, backend=None):
+        return torch.utils.checkpoint.checkpoint(call, device, backend, use_reentrant=False)
+
+    return run
+
+
+@pytest.mark.parametrize("op", sorted(FAILING))
+def test_a_first_use_inside_a_non_reentrant_checkpoint_is_checked_apart_from_it(auto_on, monkeypatch, op):
+    """The check's own autograd runs inside the caller's checkpoint region: it must neither break the checkpoint
+    (its saved tensors counted, then missing at recomputation) nor be broken by it (a cached failure)."""
+    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer",
+                        lambda fn: 1.0 if fn.func.__name__ == "matmul_lowrank_torch" else 0.5)  # Triton faster
+    call = FAILING[op][3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _checkpointed(call)(auto_on)
+    (record,) = json.loads(dispatch.choices_path().read_text()).values()
+    assert record["backend"] == "triton" and record["reason"] is None, record
+    assert _same(got, call(auto_on, "triton"))
+
+
+class RefusesEveryOp(TorchDispatchMode):
+    """A calling context in which no tensor op runs (what an exotic enclosing mode may do to a first-use check)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        raise RuntimeError(f"{func} is not allowed here")
+
+
+def test_an_exception_of_the_calling_context_is_not_cached_as_the_kernels_verdict(cache):
+    calls = Calls(raises=RuntimeError("aten.mm is not allowed here"), seconds={"torch": 2.0, "triton": 1.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with RefusesEveryOp():
+            assert _choose(calls) == "torch"
+    assert calls.ran == ["verify"] and dispatch._DECIDED == {} and not cache.exists()
+    assert _choose(Calls(seconds={"torch": 2.0, "triton": 1.0})) == "triton"     # checked again, outside it
+    with pytest.warns(RuntimeWarning, match="OutOfResources"):                  # the kernel's own failure: kept
+        assert _choose(Calls(raises=RuntimeError("OutOfResources: shared memory")), "k2") == "torch"
+    assert json.loads(cache.read_text())[_entry("k2")]["backend"] == "torch"
+
+
+def _paca_forward(device, backend=None):
+    t, params, _ = paca_case(PACA_SHAPE, seed=2)
+    return gift_kernels.paca_attention(t.to(device, torch.float32), PacaParams(*(p.to(device, torch.float32) for p in
+                                                                                 params)), PACA_SHAPE[4],
+                                       backend=backend)
+
+
+def _residual_forward(device, backend=None):
+    x, w, b, psi, tokens, _ = (v.to(device, torch.float32) for v in residual_case(RESIDUAL_SHAPE))
+    return gift_kernels.lowrank_residual_linear(x, w, b, psi, tokens, backend=backend)
+
+
+@pytest.mark.parametrize("op,forward", [("paca_attention", _paca_forward),
+                                        ("lowrank_residual_linear", _residual_forward)])
+def test_a_first_use_under_inference_mode_is_checked_with_autograd(auto_on, monkeypatch, op, forward):
+    """Inference tensors cannot be saved for backward: the check runs on clones with inference mode off, and the
+    kernels it trusts are what the inference call and later training calls get."""
+    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer",
+                        lambda fn: 1.0 if fn.func.__name__ == "matmul_lowrank_torch" else 0.5)  # Triton faster
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.inference_mode():
+            got = forward(auto_on)
+    (record,) = json.loads(dispatch.choices_path().read_text()).values()
+    assert record["backend"] == "triton" and record["reason"] is None, record
+    assert torch.equal(got, forward(auto_on, "triton"))
+    _new_process()
+    assert _same(FAILING[op][3](auto_on), FAILING[op][3](auto_on, "triton"))   # a training call: the same verdict
+
+
+def test_residual_verdicts_are_kept_per_layout_and_checked_in_the_calls_layout(auto_on, monkeypatch):
+    """A kernel wrong only for a column-major x (A stepped by BLOCK_K elements, not BLOCK_K * stride_ak) is trusted
+    for a row-major x, whose first-use check cannot see it; a column-major x of the same shape has its own verdict,
+    checked on a column-major x, and gets the torch path."""
+    residual_triton = pytest.importorskip("gift_kernels.residual_triton")
+    from gift_kernels.testing import column_major
+
+    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer",
+                        lambda fn: 1.0 if fn.func.__name__ == "matmul_lowrank_torch" else 0.5)  # Triton faster
+    x, w, b, psi, tokens, _ = (v.to(auto_on, torch.float32) for v in residual_case((100, 64, 24, 24)))
+    wrong = Edit("_matmul_lowrank_epilogue", "a_ptrs += BLOCK_K * stride_ak", "a_ptrs += BLOCK_K")
+    with mutated(residual_triton, [wrong]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            gift_kernels.lowrank_residual_linear(x, w, b, psi, tokens)
+        with pytest.warns(RuntimeWarning, match="disagrees with the float64 torch path: output"):
+            got = gift_kernels.lowrank_residual_linear(column_major(x), w, b, psi, tokens)
+    verdicts = {entry.split(" | ")[2].split(" x=")[1].split(" matmul=")[0]: v["backend"] for entry, v in
+                json.loads(dispatch.choices_path().read_text()).items()}
+    assert verdicts == {"row-major w=row-major": "triton", "column-major w=row-major": "torch"}, verdicts
+    assert torch.equal(got, gift_kernels.lowrank_residual_linear(column_major(x), w, b, psi, tokens, backend="torch"))

@@ -140,3 +140,37 @@ def test_lowrank_residual_refuses_trainable_weight_and_mixed_dtypes():
         lowrank_residual_linear(x, torch.randn(3, 4, requires_grad=True), None, psi, t)
     with pytest.raises(TypeError, match="needs one dtype"):
         lowrank_residual_linear(x, torch.randn(3, 4, dtype=torch.float64), None, psi, t)
+
+
+# x and W stored column by column: the kernel keeps a column-major x (its loads then step through A by stride_ak, which
+# is 1 for a row-major x) and takes W^T as any strided view
+LAYOUTS = {"x-column-major": (True, False), "weight-column-major": (False, True), "both-column-major": (True, True)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("shape", RESIDUAL_SHAPES, ids=lambda s: "rows{}-in{}-out{}-r{}".format(*s))
+def test_lowrank_residual_with_column_major_operands_matches_float64_reference(shape, layout, dtype):
+    skip_unless_runnable("cpu", "triton", dtype)
+    check_residual(shape, dtype, "triton", bias=shape[0] != 7, column_major_x=LAYOUTS[layout][0],
+                   column_major_weight=LAYOUTS[layout][1])
+
+
+# A advanced by BLOCK_K elements, not BLOCK_K rows of its K stride: right for a row-major x only (stride_ak == 1)
+WRONG_K_STRIDE = Edit("_matmul_lowrank_epilogue", "a_ptrs += BLOCK_K * stride_ak", "a_ptrs += BLOCK_K")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_lowrank_residual_wrong_k_stride_fails_the_column_major_check(dtype):
+    """The mutation passes every row-major case (it is the same kernel there) and fails the column-major one wherever
+    d_in spans more than one K tile."""
+    skip_unless_runnable("cpu", "triton", dtype)
+    residual_triton = pytest.importorskip("gift_kernels.residual_triton")
+    shapes = [s for s in RESIDUAL_SHAPES
+              if s[1] > residual_launch(s[0], s[2], s[1], s[3], dtype, device_props(torch.device("cpu"))).block_k]
+    assert shapes, "no case spans two K tiles"
+    with mutated(residual_triton, [WRONG_K_STRIDE]):
+        for shape in shapes:
+            check_residual(shape, dtype, "triton")                             # row-major: the same kernel
+            with pytest.raises(AssertionError, match=r"\n  output: "):           # x feeds only the forward
+                check_residual(shape, dtype, "triton", column_major_x=True)

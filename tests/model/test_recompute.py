@@ -1,5 +1,7 @@
 """gift.recompute, the memory modes: the same gradients in every mode, timm's own checkpointing where it has it,
 state-dict keys unchanged, reversible, and reentrant checkpointing refused."""
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -98,3 +100,30 @@ def test_memory_block_without_timm_wraps_each_block():
     assert_agree(outputs_and_grads(fast, x), want, torch.float32)
     fast.set_memory("none")
     assert not any(isinstance(m, Recomputed) for m in fast.modules())
+
+
+@pytest.mark.parametrize("memory", ["mlp", "block"])
+def test_a_first_training_step_under_auto_checks_the_kernels_inside_the_checkpointed_blocks(memory, monkeypatch,
+                                                                                             tmp_path):
+    """auto's first-use checks (run on CPU under the interpreter, as on a GPU) happen inside the blocks'
+    non-reentrant checkpoints: the step runs, both kernels are trusted, and the gradients are memory="none"'s."""
+    from gift_kernels import dispatch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(dispatch.AUTO_ON_INTERPRETER_ENV, "1")
+    monkeypatch.setenv("GIFT_BACKEND", "auto")
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(tmp_path / "kernels.json"))
+    for name in ("_CHOICES", "_DECIDED", "_IDENTITIES"):
+        monkeypatch.setattr(dispatch, name, {})
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    monkeypatch.setattr(dispatch, "cpu_timer", lambda fn: 0.5 if fn.func.__name__ == "matmul_lowrank_epilogue" else 1.)
+    cfg = GIFTConfig(rank=8, num_clusters=5, target_modules=("attn.proj", "mlp.fc1"))
+    fast = FastGIFT(tiny_timm_vit(), cfg, memory=memory)
+    randomize_gift_(fast)
+    x = torch.randn(2, 3, 32, 32)
+    got = outputs_and_grads(fast.train(), x)
+    verdicts = {entry.split(" | ")[1]: (v["backend"], v["reason"]) for entry, v in
+                json.loads((tmp_path / "kernels.json").read_text()).items()}
+    assert verdicts == {"paca_attention": ("triton", None), "lowrank_residual_linear": ("triton", None)}, verdicts
+    fast.set_memory("none")
+    assert_model_agrees(outputs_and_grads(fast, x), got, None, fast)
