@@ -262,7 +262,10 @@ _IDENTITIES: dict[tuple, tuple[str, str]] = {}   # (device type, index) -> (devi
 
 
 def _capturing_or_compiling() -> bool:
-    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    """Compiling, capturing a CUDA graph, or under a Python dispatch mode (fake tensors, selective activation
+    checkpointing, a FLOP counter...): a first-use check would run on what that mode makes of it, and be seen by it."""
+    return (torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+            or torch._C._len_torch_dispatch_stack() > 0)
 
 
 def _entry(device: torch.device, op: str, key: str) -> str | None:
@@ -330,11 +333,12 @@ class _Saves(torch.autograd.Function):
         return grad * 2 + 0 * x
 
 
-def _context_allows_a_check(device: torch.device) -> str | None:
-    """None if a small autograd round trip (a saved tensor, a backward) runs in `_isolated` on ``device`` here, else
-    why not: then an exception of the first-use check is the calling context's, not the kernel's."""
+def _context_allows_a_check() -> str | None:
+    """None if a small autograd round trip (a saved tensor, a backward) runs in `_isolated` here, else why not: then
+    an exception of the first-use check is the calling context's, not the kernel's. On CPU: a kernel that faults
+    on a GPU poisons that GPU's context, and the fault must stay the kernel's (cached, warned)."""
     def probe():
-        x = torch.ones(2, device=device, requires_grad=True)
+        x = torch.ones(2, requires_grad=True)
         torch.autograd.grad(_Saves.apply(x).sum(), x)
 
     try:
@@ -354,13 +358,13 @@ def verified_choice(op: str, key: str, device: torch.device, verify: Callable[[]
     """``"triton"`` or ``"torch"`` for ``op`` at ``key`` (its shape bucket and dtype: built from shapes alone, so
     that nothing is computed before the lookup) on ``device``; see the module docstring.
 
-    The verdict is looked up first: in this process, then in the JSON cache at ``path`` (default `choices_path`),
-    by `device_identity`, op, key and `code_version`. Without one (and not while compiling or capturing a CUDA
-    graph, which get the torch path), ``verify()`` runs: ``None`` when the Triton kernels agree with the torch
-    path on this call's inputs, else the reason they do not (an exception it raises counts as the reason too, unless
-    the calling context is to blame: `_context_allows_a_check`; then this call gets the torch path and nothing is
-    decided). The check and the timing run apart from the caller's autograd context (`_isolated`: an enclosing
-    checkpoint, inference mode or no_grad neither sees them nor changes them).
+    The verdict is looked up first: in this process, then in the JSON cache at ``path`` (default `choices_path`), by
+    `device_identity`, op, key and `code_version`. Without one (and not while compiling or capturing a CUDA graph,
+    or under a dispatch mode, which get the torch path), ``verify()`` runs: ``None`` when the Triton kernels agree
+    with the torch path on this call's inputs, else the reason they do not (an exception it raises counts as the
+    reason too, unless the calling context is to blame: `_context_allows_a_check`; then this call gets the torch
+    path and nothing is decided). The check and the timing run apart from the caller's autograd context
+    (`_isolated`: an enclosing checkpoint, inference mode or no_grad neither sees them nor changes them).
     If they agree and ``timed`` is given, it returns {backend name: a call of the op}, each is timed with
     ``timer`` (default `cuda_timer`, `cpu_timer` on CPU) and the fastest that ran wins. A torch-path verdict
     warns once per process."""
@@ -382,7 +386,7 @@ def verified_choice(op: str, key: str, device: torch.device, verify: Callable[[]
     try:
         reason = _isolated(verify)
     except Exception as e:  # noqa: BLE001  (whatever the first use raises, the torch path is the answer)
-        if _context_allows_a_check(device) is not None:
+        if _context_allows_a_check() is not None:
             return "torch"                    # the calling context's failure, not the kernel's: nothing is decided
         reason = _reason(e)
     seconds: dict[str, float] = {}

@@ -58,7 +58,8 @@ class LowRankResidualLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x2, x_psi, weight, psi, tokens = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1])                           # (B, d_out)
+        # (B, d_out), row-major: the layout the first-use check's gradient has (the verdict key holds x's and W's)
+        g = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
         g_tokens = g @ tokens                                              # (B, r)
         grad_x = grad_psi = grad_tokens = None
         if ctx.needs_input_grad[0]:

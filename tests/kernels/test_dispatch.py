@@ -581,17 +581,37 @@ class RefusesEveryOp(TorchDispatchMode):
         raise RuntimeError(f"{func} is not allowed here")
 
 
-def test_an_exception_of_the_calling_context_is_not_cached_as_the_kernels_verdict(cache):
+def test_an_exception_of_the_calling_context_is_not_cached_as_the_kernels_verdict(cache, monkeypatch):
+    assert dispatch._context_allows_a_check() is None                           # a plain context allows the check
+    with RefusesEveryOp():
+        assert "not allowed here" in dispatch._context_allows_a_check()         # the probe can fail
     calls = Calls(raises=RuntimeError("aten.mm is not allowed here"), seconds={"torch": 2.0, "triton": 1.0})
+    probe = dispatch._context_allows_a_check
+    monkeypatch.setattr(dispatch, "_context_allows_a_check", lambda: "RuntimeError: aten.mm is not allowed here")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with RefusesEveryOp():
-            assert _choose(calls) == "torch"
+        assert _choose(calls) == "torch"
     assert calls.ran == ["verify"] and dispatch._DECIDED == {} and not cache.exists()
+    monkeypatch.setattr(dispatch, "_context_allows_a_check", probe)
     assert _choose(Calls(seconds={"torch": 2.0, "triton": 1.0})) == "triton"     # checked again, outside it
     with pytest.warns(RuntimeWarning, match="OutOfResources"):                  # the kernel's own failure: kept
         assert _choose(Calls(raises=RuntimeError("OutOfResources: shared memory")), "k2") == "torch"
     assert json.loads(cache.read_text())[_entry("k2")]["backend"] == "torch"
+
+
+def test_under_a_dispatch_mode_nothing_is_checked_or_decided(cache):
+    """Fake tensors (FastGIFT's memory planning), selective activation checkpointing or a FLOP counter would see the
+    check, or make it run on what they make of it: the torch path, nothing run, nothing cached."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for mode in (RefusesEveryOp(), FlopCounterMode(display=False)):
+        calls = Calls(seconds={"torch": 2.0, "triton": 1.0})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with mode:
+                assert _choose(calls) == "torch"
+        assert calls.ran == [] and dispatch._DECIDED == {} and not cache.exists()
+    assert _choose(Calls(seconds={"torch": 2.0, "triton": 1.0})) == "triton"     # checked outside it
 
 
 def _paca_forward(device, backend=None):
@@ -645,3 +665,33 @@ def test_residual_verdicts_are_kept_per_layout_and_checked_in_the_calls_layout(a
                 json.loads(dispatch.choices_path().read_text()).items()}
     assert verdicts == {"row-major w=row-major": "triton", "column-major w=row-major": "torch"}, verdicts
     assert torch.equal(got, gift_kernels.lowrank_residual_linear(column_major(x), w, b, psi, tokens, backend="torch"))
+
+
+def test_a_column_major_gradient_runs_the_layout_the_residual_check_saw(auto_on, monkeypatch):
+    """The backward feeds its gradient to the same kernel; the key holds x's and W's layouts, the check's gradient is
+    row-major, so the backward makes a column-major one row-major: a kernel wrong only for a column-major A, trusted
+    on row-major operands, still gives the torch path's dx."""
+    residual_triton = pytest.importorskip("gift_kernels.residual_triton")
+    monkeypatch.setattr(dispatch, "cpu_timer" if auto_on.type == "cpu" else "cuda_timer",
+                        lambda fn: 1.0 if fn.func.__name__ == "matmul_lowrank_torch" else 0.5)  # Triton faster
+    # d_out = 64: the backward's K, over one K tile, so that A's K stride is used
+    x, w, b, psi, tokens, _ = (v.to(auto_on, torch.float32) for v in residual_case((100, 24, 64, 24)))
+    rows = x.shape[:-1].numel()
+    weights = torch.randn(64, rows, device=auto_on).t().reshape(*x.shape[:-1], 64)  # column-major rows x 64
+
+    def dx(backend=None):
+        leaf = x.clone().requires_grad_(True)
+        out = gift_kernels.lowrank_residual_linear(leaf, w, b, psi, tokens, backend=backend)
+        out.register_hook(lambda g: strides.append(g.reshape(-1, 64).stride()))
+        return torch.autograd.grad((out * weights).sum(), leaf)[0]           # d out = weights: column-major
+
+    strides = []
+
+    wrong = Edit("_matmul_lowrank_epilogue", "a_ptrs += BLOCK_K * stride_ak", "a_ptrs += BLOCK_K")
+    with mutated(residual_triton, [wrong]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = dx()
+    assert strides[0] == (1, rows)                                              # the case is what it claims
+    assert [v["backend"] for v in json.loads(dispatch.choices_path().read_text()).values()] == ["triton"]
+    torch.testing.assert_close(got, dx(backend="torch"), rtol=1e-5, atol=1e-5)
