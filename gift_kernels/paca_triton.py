@@ -477,10 +477,9 @@ def paca_triton_forward(t: torch.Tensor, p: PacaParams, num_heads: int, activati
     """Launch the forward kernels on contiguous tokens ``t`` (L, N, r) and parameters ``p``.
 
     Returns ``(out, saved, cfg)``: ``out`` (L, N, r) in t's dtype; ``saved``, what `paca_triton_backward` needs:
-    Z (L, M, r), ||P|| (L, M), the assignment's log-sum-exp over N (L, M; softmax, else unused), all fp32, Kq
-    (L, hM, r) in t's dtype (the dots' operand dtype), cq (L, hM) fp32, Vp (L, hM, r) in t's dtype and the
-    attention's log-sum-exp (L, h, N) fp32; ``cfg``, the launch configuration (`launch.paca_launch`), which the
-    backward reuses."""
+    Z (L, M, r), ||P|| (L, M), the assignment's log-sum-exp over N (L, M; softmax, else unused), Kq (L, hM, r),
+    cq (L, hM), Vp (L, hM, r) and the attention's log-sum-exp (L, h, N), all fp32 (the dots' operand dtype);
+    ``cfg``, the launch configuration (`launch.paca_launch`), which the backward reuses."""
     _require_contiguous("paca_triton_forward", t=t, **p._asdict())
     L, N, R = t.shape
     M = p.cluster_w.shape[0]
